@@ -1,0 +1,542 @@
+//! The drone's configuration: defaults, an optional TOML file, and command-line flags, in
+//! that order of precedence (a flag beats the file, the file beats the default).
+//!
+//! Everything here is pure apart from reading the file and the host name, so the layering
+//! rules are unit-tested without a process or a network.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use shared::ids::Secret;
+
+/// Where a drone looks for its queen when told nothing: the queen's own default `listen`
+/// address, so `queen` and `drone` started bare on one machine find each other.
+pub const DEFAULT_QUEEN: &str = "127.0.0.1:8080";
+
+/// How many tasks run at once when not told: enough to keep a small machine busy with
+/// I/O-bound tasks without letting CPU-bound ones thrash it.
+pub const DEFAULT_SLOTS: u32 = 4;
+
+/// How long a gracefully stopping drone waits for its running tasks (30 s): long enough
+/// for typical short jobs to finish, short enough for a deploy or a reboot not to hang.
+pub const DEFAULT_DRAIN_GRACE_MS: u64 = 30_000;
+
+/// How long a task has between SIGTERM and SIGKILL when it is timed out or cancelled
+/// (2 s): time to flush and remove temp files, not time to do more work.
+pub const DEFAULT_KILL_GRACE_MS: u64 = 2_000;
+
+/// How much of each of stdout and stderr an `exec` result keeps (64 KiB). Both fit in one
+/// frame many times over even after JSON escaping, and the queen stores results, so this
+/// bounds what a chatty task costs the database.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// The largest protocol frame either way; the same default as the queen's so an outcome
+/// the drone sends is one the queen accepts.
+pub const DEFAULT_MAX_FRAME_LEN: usize = shared::frame::DEFAULT_MAX_FRAME_LEN;
+
+/// The smallest `max_frame_len` accepted: below this even a hello with a few labels may not
+/// fit, which would make the drone reconnect forever for no visible reason.
+pub const MIN_MAX_FRAME_LEN: usize = 4 * 1024;
+
+/// The drone's name when the host has none we can read.
+pub const FALLBACK_NAME: &str = "drone";
+
+/// Where the kernel publishes the host name on Linux.
+const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
+
+/// The program every `exec` task is started through (see [`crate::supervise`]). On Linux
+/// `/proc/self/exe` names the running drone's own image even if its file was replaced or
+/// deleted by an upgrade, so a running drone never mixes with a newer binary's shim.
+const SELF_EXE: &str = "/proc/self/exe";
+
+/// The environment variable the token may come from, so it need not appear in `ps`.
+pub const TOKEN_ENV: &str = "HIVE_DRONE_TOKEN";
+
+/// How the drone writes its logs (always to stderr).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    #[default]
+    Pretty,
+    /// One JSON object per line, for a log collector.
+    Json,
+}
+
+/// The queen's address as `HOST:PORT`. Kept as text and resolved at each connect, so a
+/// queen that moves behind a DNS name is found again after a reconnect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueenAddr(String);
+
+impl QueenAddr {
+    /// Checks the `HOST:PORT` shape (the host is resolved later, at connect time).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{text}` is not HOST:PORT (no port)"))?;
+        if host.is_empty() {
+            return Err(format!("`{text}` is not HOST:PORT (empty host)"));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 => Ok(QueenAddr(text.to_owned())),
+            _ => Err(format!(
+                "`{text}` is not HOST:PORT (port `{port}` is not a number from 1 to 65535)"
+            )),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for QueenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The command line. Every option is optional so that an unset flag falls through to the
+/// config file and then to the default.
+#[derive(Debug, Default, Parser)]
+#[command(name = "drone", version, about = "Runs tasks leased by a Hive queen.")]
+pub struct Cli {
+    /// The queen's drone-protocol address [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub queen: Option<String>,
+    /// How many tasks to run at once [default: 4].
+    #[arg(long, value_name = "N")]
+    pub slots: Option<u32>,
+    /// The name shown in the queen's drone list [default: the host name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A label tasks can require; repeat for more. Replaces the file's labels when given.
+    #[arg(long = "label", value_name = "LABEL")]
+    pub labels: Vec<String>,
+    /// The shared secret the queen expects, if it has one.
+    #[arg(long, env = TOKEN_ENV, hide_env_values = true, value_parser = parse_secret)]
+    pub token: Option<Secret>,
+    /// A TOML file with any of: queen, slots, name, labels, token, drain_grace_ms,
+    /// kill_grace_ms, max_output_bytes, max_frame_len, log_format.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// How to write logs to stderr [default: pretty].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+fn parse_secret(text: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret(text.to_owned()))
+}
+
+/// The config file: the same keys as the flags plus the tuning knobs. An unknown key is an
+/// error naming it, so a typo (`slot = 8`) is never silently ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_grace_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_grace_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame_len: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+impl FileConfig {
+    /// Parses a config file's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads and parses a config file.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("could not read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Everything the drone needs to run, already validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the queen listens for drones.
+    pub queen: QueenAddr,
+    /// How many tasks this drone runs at once; the queen never leases more.
+    pub slots: u32,
+    /// The name operators see in the queen's drone list.
+    pub name: String,
+    /// Tasks with labels go only to drones that have all of them.
+    pub labels: Vec<String>,
+    /// Sent in every hello; `None` when the queen has no token.
+    pub token: Option<Secret>,
+    /// How long a graceful shutdown waits for running tasks before killing them.
+    pub drain_grace: Duration,
+    /// Time between SIGTERM and SIGKILL for a timed-out or cancelled task.
+    pub kill_grace: Duration,
+    /// Bytes kept of each of an `exec` task's stdout and stderr.
+    pub max_output_bytes: usize,
+    /// The largest frame sent or accepted.
+    pub max_frame_len: usize,
+    /// The program `exec` tasks are started through: this drone binary, run as
+    /// `__supervise`. Tests that drive [`crate::run`] in-process point it at the built
+    /// `drone` binary, because there the current executable is the test harness.
+    pub supervisor: PathBuf,
+    /// How logs are written (used by the binary before it calls [`crate::run`]).
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    /// The defaults every key documents, with the host's name.
+    fn default() -> Self {
+        Config {
+            queen: QueenAddr(DEFAULT_QUEEN.to_owned()),
+            slots: DEFAULT_SLOTS,
+            name: default_name(),
+            labels: Vec::new(),
+            token: None,
+            drain_grace: Duration::from_millis(DEFAULT_DRAIN_GRACE_MS),
+            kill_grace: Duration::from_millis(DEFAULT_KILL_GRACE_MS),
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            supervisor: default_supervisor(),
+            log_format: LogFormat::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Builds the config the binary runs with: the file named by `--config` (if any) under
+    /// the flags.
+    pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => FileConfig::read(path)?,
+            None => FileConfig::default(),
+        };
+        Self::from_layers(file, cli)
+    }
+
+    /// Layers the flags over the file over the defaults, then validates the result.
+    pub fn from_layers(file: FileConfig, cli: &Cli) -> Result<Self, ConfigError> {
+        let defaults = Config::default();
+
+        let queen_text = cli.queen.clone().or(file.queen);
+        let queen = match queen_text {
+            Some(text) => QueenAddr::parse(&text).map_err(|m| invalid("queen", m))?,
+            None => defaults.queen,
+        };
+
+        let slots = cli.slots.or(file.slots).unwrap_or(defaults.slots);
+        if slots == 0 {
+            return Err(invalid("slots", "must be at least 1, got 0"));
+        }
+
+        let name = cli.name.clone().or(file.name).unwrap_or(defaults.name);
+        if name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty"));
+        }
+
+        // Flags replace the file's labels rather than adding to them, so one command line
+        // says exactly which labels a drone has.
+        let labels = if cli.labels.is_empty() {
+            file.labels.unwrap_or_default()
+        } else {
+            cli.labels.clone()
+        };
+        if let Some(bad) = labels.iter().find(|l| l.trim().is_empty()) {
+            return Err(invalid("labels", format!("a label must not be empty, got `{bad}`")));
+        }
+
+        // An empty token (say `HIVE_DRONE_TOKEN=` in a unit file) means "no token", not a
+        // token that is the empty string.
+        let token = cli
+            .token
+            .clone()
+            .or(file.token)
+            .filter(|t| !t.0.is_empty());
+
+        let max_frame_len = file.max_frame_len.unwrap_or(defaults.max_frame_len);
+        if max_frame_len < MIN_MAX_FRAME_LEN {
+            return Err(invalid(
+                "max_frame_len",
+                format!("must be at least {MIN_MAX_FRAME_LEN} bytes, got {max_frame_len}"),
+            ));
+        }
+
+        Ok(Config {
+            queen,
+            slots,
+            name,
+            labels,
+            token,
+            drain_grace: file
+                .drain_grace_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.drain_grace),
+            kill_grace: file
+                .kill_grace_ms
+                .map(Duration::from_millis)
+                .unwrap_or(defaults.kill_grace),
+            max_output_bytes: file.max_output_bytes.unwrap_or(defaults.max_output_bytes),
+            max_frame_len,
+            supervisor: defaults.supervisor,
+            log_format: cli
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(defaults.log_format),
+        })
+    }
+}
+
+/// This host's name: the kernel's, then `$HOSTNAME`, then [`FALLBACK_NAME`].
+pub fn default_name() -> String {
+    let from_kernel = std::fs::read_to_string(HOSTNAME_FILE)
+        .ok()
+        .map(|s| s.trim().to_owned());
+    let from_env = || std::env::var("HOSTNAME").ok().map(|s| s.trim().to_owned());
+    from_kernel
+        .filter(|s| !s.is_empty())
+        .or_else(|| from_env().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| FALLBACK_NAME.to_owned())
+}
+
+/// The drone's own binary, for re-running itself as the `exec` supervisor.
+fn default_supervisor() -> PathBuf {
+    if Path::new(SELF_EXE).exists() {
+        PathBuf::from(SELF_EXE)
+    } else {
+        // Not Linux-like: fall back to the path we were started from; failing that, the
+        // bare name, which spawning will report clearly if it cannot be found.
+        std::env::current_exe().unwrap_or_else(|_| PathBuf::from("drone"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped example, compiled in so the test rebuilds whenever it changes.
+    const EXAMPLE: &str = include_str!("../../config/drone.toml");
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut all = vec!["drone"];
+        all.extend_from_slice(args);
+        match Cli::try_parse_from(all) {
+            Ok(c) => c,
+            Err(e) => panic!("bad test command line: {e}"),
+        }
+    }
+
+    fn file(text: &str) -> FileConfig {
+        match FileConfig::parse(text, Path::new("test.toml")) {
+            Ok(f) => f,
+            Err(e) => panic!("bad test config: {e}"),
+        }
+    }
+
+    fn layers(f: FileConfig, c: &Cli) -> Config {
+        match Config::from_layers(f, c) {
+            Ok(c) => c,
+            Err(e) => panic!("config refused: {e}"),
+        }
+    }
+
+    #[test]
+    fn nothing_given_means_the_documented_defaults() {
+        let c = layers(FileConfig::default(), &Cli::default());
+        assert_eq!(c.queen.as_str(), DEFAULT_QUEEN);
+        assert_eq!(c.slots, DEFAULT_SLOTS);
+        assert_eq!(c.name, default_name());
+        assert!(c.labels.is_empty());
+        assert!(c.token.is_none());
+        assert_eq!(c.drain_grace, Duration::from_millis(DEFAULT_DRAIN_GRACE_MS));
+        assert_eq!(c.kill_grace, Duration::from_millis(DEFAULT_KILL_GRACE_MS));
+        assert_eq!(c.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES);
+        assert_eq!(c.max_frame_len, DEFAULT_MAX_FRAME_LEN);
+        assert_eq!(c.log_format, LogFormat::Pretty);
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let f = file(
+            r#"
+            queen = "queen.example:9000"
+            slots = 8
+            name = "from-file"
+            labels = ["gpu", "ssd"]
+            token = "file-secret"
+            drain_grace_ms = 5000
+            kill_grace_ms = 100
+            max_output_bytes = 10
+            max_frame_len = 65536
+            log_format = "json"
+            "#,
+        );
+        let from_file = layers(f.clone(), &Cli::default());
+        assert_eq!(from_file.queen.as_str(), "queen.example:9000");
+        assert_eq!(from_file.slots, 8);
+        assert_eq!(from_file.name, "from-file");
+        assert_eq!(from_file.labels, vec!["gpu", "ssd"]);
+        assert_eq!(from_file.token, Some(Secret("file-secret".into())));
+        assert_eq!(from_file.drain_grace, Duration::from_millis(5000));
+        assert_eq!(from_file.kill_grace, Duration::from_millis(100));
+        assert_eq!(from_file.max_output_bytes, 10);
+        assert_eq!(from_file.max_frame_len, 65536);
+        assert_eq!(from_file.log_format, LogFormat::Json);
+
+        let flags = cli(&[
+            "--queen",
+            "10.0.0.1:7000",
+            "--slots",
+            "2",
+            "--name",
+            "from-flag",
+            "--label",
+            "arm",
+            "--token",
+            "flag-secret",
+            "--log-format",
+            "pretty",
+        ]);
+        let both = layers(f, &flags);
+        assert_eq!(both.queen.as_str(), "10.0.0.1:7000");
+        assert_eq!(both.slots, 2);
+        assert_eq!(both.name, "from-flag");
+        assert_eq!(both.labels, vec!["arm"], "flag labels replace file labels");
+        assert_eq!(both.token, Some(Secret("flag-secret".into())));
+        assert_eq!(both.log_format, LogFormat::Pretty);
+        // Keys without a flag still come from the file.
+        assert_eq!(both.drain_grace, Duration::from_millis(5000));
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let err = FileConfig::parse("slot = 8\n", Path::new("drone.toml"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("slot"), "{err}");
+        assert!(err.contains("drone.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key_named() {
+        let cases: &[(&str, &str)] = &[
+            ("slots = 0", "slots"),
+            ("queen = \"no-port\"", "queen"),
+            ("queen = \"host:99999\"", "queen"),
+            ("queen = \":8080\"", "queen"),
+            ("name = \"  \"", "name"),
+            ("labels = [\"\"]", "labels"),
+            ("max_frame_len = 10", "max_frame_len"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_layers(file(text), &Cli::default())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(key), "`{text}` gave `{err}`");
+        }
+        // Type errors come from the parser and still point at the key.
+        for text in ["slots = -1", "log_format = \"xml\"", "slots = \"four\""] {
+            let err = FileConfig::parse(text, Path::new("x.toml"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(!err.is_empty(), "`{text}` was accepted");
+        }
+    }
+
+    #[test]
+    fn an_empty_token_means_no_token() {
+        let c = layers(file("token = \"\""), &Cli::default());
+        assert_eq!(c.token, None);
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let c = layers(file("token = \"hunter2\""), &cli(&["--token", "hunter3"]));
+        assert!(!format!("{c:?}").contains("hunter"));
+        assert!(!format!("{:?}", cli(&["--token", "hunter3"])).contains("hunter"));
+    }
+
+    #[test]
+    fn the_example_config_matches_the_defaults() {
+        // Guards against the shipped example drifting from the code: every value it sets
+        // must be the default, and every key the file format knows must be documented in
+        // it (set, or commented out when its default depends on the host).
+        let example = file(EXAMPLE);
+        assert_eq!(
+            layers(example, &Cli::default()),
+            layers(FileConfig::default(), &Cli::default())
+        );
+
+        // A struct literal without `..`: adding a key to FileConfig breaks this until the
+        // key is listed here, and then the check below demands it in the example.
+        let every_key = FileConfig {
+            queen: Some(String::new()),
+            slots: Some(0),
+            name: Some(String::new()),
+            labels: Some(Vec::new()),
+            token: Some(Secret::default()),
+            drain_grace_ms: Some(0),
+            kill_grace_ms: Some(0),
+            max_output_bytes: Some(0),
+            max_frame_len: Some(0),
+            log_format: Some(LogFormat::Pretty),
+        };
+        let table = match toml::Value::try_from(every_key) {
+            Ok(toml::Value::Table(t)) => t,
+            other => panic!("FileConfig did not serialize to a table: {other:?}"),
+        };
+        for key in table.keys() {
+            let documented = EXAMPLE
+                .lines()
+                .map(|l| l.trim_start_matches('#').trim_start())
+                .any(|l| l.starts_with(&format!("{key} =")));
+            assert!(documented, "config/drone.toml does not document `{key}`");
+        }
+    }
+}

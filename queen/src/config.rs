@@ -1,0 +1,372 @@
+//! The queen's configuration: compiled-in defaults, then a TOML file, then environment
+//! variables `HIVE_<SECTION>__<KEY>` (e.g. `HIVE_QUEEN__DATA_DIR`), each layer overriding
+//! the one before. Unknown keys and bad values are errors that name the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use shared::ids::Secret;
+
+/// Where drones connect by default: loopback, so a default queen is never exposed.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where the HTTP API and dashboard listen by default.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8081";
+/// A relative data dir, so `queen` with no config works in any checkout.
+pub const DEFAULT_DATA_DIR: &str = "hive-data";
+/// Enough for 10,000 idle drones plus API clients; each connection costs a few KB.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+/// How often drones must speak: 1 s keeps detection within seconds at negligible cost.
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 1_000;
+/// Five missed heartbeats: tolerant of a GC pause or a busy host, still seconds not minutes.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 5_000;
+/// How long a drone whose connection closed may take to reconnect and keep its tasks.
+/// A killed drone's tasks are requeued after this; 500 ms rides out a connection reset
+/// while keeping dead-drone requeue well under a second.
+pub const DEFAULT_RECONNECT_GRACE_MS: u64 = 500;
+/// Attempts per task unless its spec says otherwise.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// First retry backoff; doubles per attempt up to the max, with jitter.
+pub const DEFAULT_RETRY_BASE_MS: u64 = 1_000;
+/// Backoff ceiling: a failing task is retried at least every five minutes.
+pub const DEFAULT_RETRY_MAX_MS: u64 = 300_000;
+/// Largest task payload accepted (JSON bytes); larger inputs belong in object storage.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// Largest result kept per task; a longer one is truncated and marked so.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024;
+/// Most tasks in one batch submit: one batch is one atomic write and must stay bounded.
+pub const DEFAULT_MAX_BATCH: usize = 10_000;
+/// Largest HTTP request body: a full batch of modest tasks.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// sled page cache. sled may use up to ~10x this in the worst case, so keep it modest.
+pub const DEFAULT_CACHE_CAPACITY_MB: u64 = 64;
+/// Finished tasks are kept this long (7 days) for inspection, then purged.
+pub const DEFAULT_FINISHED_RETENTION_S: u64 = 7 * 24 * 3600;
+/// How often the purge of expired finished tasks runs.
+pub const DEFAULT_PURGE_INTERVAL_MS: u64 = 60_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("config: invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub queen: QueenSection,
+    pub leases: LeaseSection,
+    pub tasks: TaskSection,
+    pub storage: StorageSection,
+    pub auth: AuthSection,
+    pub log: LogSection,
+    pub retention: RetentionSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueenSection {
+    /// Address of the drone protocol listener.
+    pub listen: String,
+    /// Address of the HTTP API, metrics and dashboard.
+    pub http: String,
+    /// Directory holding the sled database and the lock file.
+    pub data_dir: PathBuf,
+    /// Connections (drones) served at once; more wait in the accept queue.
+    pub max_connections: usize,
+    /// Largest drone protocol frame, in bytes.
+    pub max_frame_len: usize,
+}
+
+impl Default for QueenSection {
+    fn default() -> Self {
+        QueenSection {
+            listen: DEFAULT_LISTEN.into(),
+            http: DEFAULT_HTTP.into(),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_frame_len: shared::frame::DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseSection {
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub reconnect_grace_ms: u64,
+}
+
+impl Default for LeaseSection {
+    fn default() -> Self {
+        LeaseSection {
+            heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
+            heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
+            reconnect_grace_ms: DEFAULT_RECONNECT_GRACE_MS,
+        }
+    }
+}
+
+impl LeaseSection {
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+    pub fn reconnect_grace(&self) -> Duration {
+        Duration::from_millis(self.reconnect_grace_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskSection {
+    pub max_attempts: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    pub max_payload_bytes: usize,
+    pub max_result_bytes: usize,
+    pub max_batch: usize,
+    pub max_body_bytes: usize,
+}
+
+impl Default for TaskSection {
+    fn default() -> Self {
+        TaskSection {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            retry_base_ms: DEFAULT_RETRY_BASE_MS,
+            retry_max_ms: DEFAULT_RETRY_MAX_MS,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            max_batch: DEFAULT_MAX_BATCH,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// `false`: each group commit is flushed with sled's flush (survives a killed
+    /// process, not power loss). `true`: also a real fdatasync per group commit.
+    pub sync: bool,
+    pub cache_capacity_mb: u64,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        StorageSection { sync: false, cache_capacity_mb: DEFAULT_CACHE_CAPACITY_MB }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// Shared secret drones send in their hello and API clients send as a bearer token.
+    /// Unset: no authentication (fine on loopback).
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `queen=debug,info`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { format: LogFormat::Pretty, level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSection {
+    /// Finished tasks older than this are purged.
+    pub finished_max_age_s: u64,
+    pub purge_interval_ms: u64,
+}
+
+impl Default for RetentionSection {
+    fn default() -> Self {
+        RetentionSection {
+            finished_max_age_s: DEFAULT_FINISHED_RETENTION_S,
+            purge_interval_ms: DEFAULT_PURGE_INTERVAL_MS,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `path` (if given), then `HIVE_<SECTION>__<KEY>` variables from
+    /// `env`, then validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = path {
+            builder = builder.add_source(
+                config::File::from(path).format(config::FileFormat::Toml).required(true),
+            );
+        }
+        for (name, value) in env {
+            // Only `HIVE_SECTION__KEY` names are ours: `HIVE_TASK_ID` and friends, which
+            // the drone sets for tasks, must not be mistaken for config.
+            let Some(rest) = name.strip_prefix("HIVE_") else { continue };
+            let Some((section, key)) = rest.split_once("__") else { continue };
+            let key_path = format!("{}.{}", section.to_lowercase(), key.to_lowercase());
+            builder = builder.set_override(key_path, value)?;
+        }
+        let cfg: Config = builder.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what types alone cannot: addresses parse, timings make sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid { key, reason: reason.into() }
+        }
+        self.listen_addr()?;
+        self.http_addr()?;
+        if self.queen.data_dir.as_os_str().is_empty() {
+            return Err(invalid("queen.data_dir", "must not be empty"));
+        }
+        if self.queen.max_connections == 0 {
+            return Err(invalid("queen.max_connections", "must be at least 1"));
+        }
+        if self.queen.max_frame_len < 1024 {
+            return Err(invalid("queen.max_frame_len", "must be at least 1024 bytes"));
+        }
+        let l = &self.leases;
+        if l.heartbeat_interval_ms == 0 {
+            return Err(invalid("leases.heartbeat_interval_ms", "must be at least 1"));
+        }
+        if l.heartbeat_timeout_ms <= l.heartbeat_interval_ms {
+            return Err(invalid(
+                "leases.heartbeat_timeout_ms",
+                format!(
+                    "must be greater than leases.heartbeat_interval_ms ({}), got {}",
+                    l.heartbeat_interval_ms, l.heartbeat_timeout_ms
+                ),
+            ));
+        }
+        if self.tasks.max_attempts == 0 {
+            return Err(invalid("tasks.max_attempts", "must be at least 1"));
+        }
+        if self.tasks.retry_base_ms == 0 || self.tasks.retry_max_ms < self.tasks.retry_base_ms {
+            return Err(invalid(
+                "tasks.retry_max_ms",
+                "retry_base_ms must be at least 1 and retry_max_ms at least retry_base_ms",
+            ));
+        }
+        if self.tasks.max_batch == 0 {
+            return Err(invalid("tasks.max_batch", "must be at least 1"));
+        }
+        if self.storage.cache_capacity_mb == 0 {
+            return Err(invalid("storage.cache_capacity_mb", "must be at least 1"));
+        }
+        if self.retention.purge_interval_ms == 0 {
+            return Err(invalid("retention.purge_interval_ms", "must be at least 1"));
+        }
+        if let Some(token) = &self.auth.token {
+            if token.0.is_empty() {
+                return Err(invalid("auth.token", "must not be empty (leave it unset instead)"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        parse_addr("queen.listen", &self.queen.listen)
+    }
+
+    pub fn http_addr(&self) -> Result<SocketAddr, ConfigError> {
+        parse_addr("queen.http", &self.queen.http)
+    }
+}
+
+fn parse_addr(key: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|e| ConfigError::Invalid {
+        key,
+        reason: format!("`{value}` is not an ip:port address ({e})"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hive.toml");
+        std::fs::write(&path, toml).expect("write config");
+        Config::load(Some(&path), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn the_example_config_matches_the_defaults() {
+        // config/hive.toml documents every key with its default; if a default changes
+        // without the example (or the reverse), this fails.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/hive.toml");
+        let cfg = Config::load(Some(&path), []).expect("example config loads");
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn env_overrides_file_and_unrelated_hive_vars_are_ignored() {
+        let cfg = load_str(
+            "[leases]\nheartbeat_timeout_ms = 9000\n",
+            &[
+                ("HIVE_LEASES__HEARTBEAT_TIMEOUT_MS", "7000"),
+                ("HIVE_QUEEN__DATA_DIR", "/tmp/elsewhere"),
+                ("HIVE_TASK_ID", "not-config"),
+                ("HIVE_STORAGE__SYNC", "true"),
+            ],
+        )
+        .expect("loads");
+        assert_eq!(cfg.leases.heartbeat_timeout_ms, 7000);
+        assert_eq!(cfg.queen.data_dir, PathBuf::from("/tmp/elsewhere"));
+        assert!(cfg.storage.sync);
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let err = load_str("[leases]\nheartbeat_timout_ms = 10\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("heartbeat_timout_ms"), "{err}");
+        let err = load_str("", &[("HIVE_LEASES__NOPE", "1")]).unwrap_err().to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_is_an_error_naming_the_key() {
+        let err = load_str("[leases]\nheartbeat_timeout_ms = \"soon\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("heartbeat_timeout_ms"), "{err}");
+        let err = load_str("", &[("HIVE_QUEEN__LISTEN", "nowhere")]).unwrap_err().to_string();
+        assert!(err.contains("queen.listen"), "{err}");
+        let err = load_str("[leases]\nheartbeat_timeout_ms = 500\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("leases.heartbeat_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        assert!(Config::load(Some(Path::new("/nonexistent/hive.toml")), []).is_err());
+    }
+}

@@ -1,0 +1,1167 @@
+//! The scheduler core: one task that owns all in-memory scheduling state (active tasks,
+//! ready queues, timers, drones and their leases) and makes every decision. Connections
+//! and HTTP handlers talk to it through a bounded channel; it talks to disk only through
+//! the store's writer, and sends nothing that depends on a write before that write is
+//! durable. It knows nothing about sockets or HTTP.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use shared::api::{AttemptError, DroneView, Stats, TaskState, TaskView};
+use shared::protocol::{
+    Ack, AckStatus, Assign, CancelTask, DroneMessage, Held, Hello, QueenMessage, Reject, Welcome,
+    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
+};
+use shared::{DroneId, Fence, TaskId};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ready::ReadyQueues;
+use crate::rules::{self, AfterFailure, AfterLostLease, LiveLease, Reattach, RetryPolicy, Verdict};
+use crate::store::{Commit, Mutation, Recovered, StoreReader, StoreWriter};
+use crate::task::{Lease, Task};
+
+/// Requests queued for the core before senders wait (backpressure on drones and clients).
+pub const REQUEST_QUEUE: usize = 8_192;
+/// Requests handled between two dispatch passes: amortizes dispatch under load while
+/// keeping a single pass short.
+const REQUESTS_PER_PASS: usize = 512;
+/// How often timers (scheduled tasks, orphaned leases, attempt deadlines) are checked when
+/// nothing else wakes the core.
+const TICK: Duration = Duration::from_millis(50);
+/// Most expired finished tasks purged per purge pass, so a purge never stalls dispatch.
+const PURGE_BATCH: usize = 1_000;
+/// Most slots a drone may announce.
+pub const MAX_SLOTS: u32 = 10_000;
+
+/// A drone connection as the core sees it: a way to send it messages and to close it.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub id: u64,
+    /// Unbounded because the protocol bounds it: the queen sends a drone at most one
+    /// assign per free slot and one reply per drone message, which the reader bounds.
+    pub tx: mpsc::UnboundedSender<QueenMessage>,
+    pub close: CancellationToken,
+}
+
+impl Conn {
+    fn send(&self, msg: QueenMessage) {
+        // A closed connection is handled by its `Closed` request; nothing to do here.
+        let _ = self.tx.send(msg);
+    }
+}
+
+/// Why a client request was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Filter for the in-memory part of a task listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<TaskState>,
+    pub queue: Option<String>,
+    pub before: Option<TaskId>,
+    pub limit: usize,
+}
+
+impl ListFilter {
+    pub fn matches(&self, t: &Task) -> bool {
+        self.state.is_none_or(|s| s == t.state)
+            && self.queue.as_deref().is_none_or(|q| q == t.queue)
+            && self.before.is_none_or(|b| t.id < b)
+    }
+}
+
+/// What the core is asked to do.
+#[derive(Debug)]
+pub enum Request {
+    /// New tasks (validated), all or nothing. The reply says, per task, its record and
+    /// whether it was created (false: an idempotency key matched an existing task).
+    Submit { tasks: Vec<Task>, reply: oneshot::Sender<Result<Vec<(TaskView, bool)>, CoreError>> },
+    /// A task held in memory (active, or finished and not yet known durable).
+    Get { id: TaskId, reply: oneshot::Sender<Option<TaskView>> },
+    /// In-memory tasks matching the filter, newest first.
+    List { filter: ListFilter, reply: oneshot::Sender<Vec<TaskView>> },
+    Cancel { id: TaskId, reason: String, reply: oneshot::Sender<Result<TaskView, CoreError>> },
+    Drones { reply: oneshot::Sender<Vec<DroneView>> },
+    Stats { reply: oneshot::Sender<Stats> },
+    Hello { hello: Box<Hello>, conn: Conn },
+    Message { conn: u64, msg: DroneMessage },
+    Closed { conn: u64 },
+}
+
+/// A cheap, cloneable way to send requests to the core.
+#[derive(Debug, Clone)]
+pub struct CoreHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl CoreHandle {
+    pub async fn send(&self, req: Request) -> Result<(), CoreError> {
+        self.tx
+            .send(req)
+            .await
+            .map_err(|_| CoreError::Unavailable("the queen is shutting down".into()))
+    }
+
+    /// Sends a request built around a reply channel and waits for the answer.
+    pub async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, CoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        rx.await.map_err(|_| CoreError::Unavailable("the queen is shutting down".into()))
+    }
+}
+
+#[derive(Debug)]
+struct Drone {
+    id: DroneId,
+    name: String,
+    labels: BTreeSet<String>,
+    kinds: HashSet<String>,
+    slots: u32,
+    conn: Conn,
+    leases: HashMap<TaskId, LiveLease>,
+    /// Tasks the drone was told to cancel; they occupy a slot until it stops reporting them.
+    cancelling: HashSet<TaskId>,
+    /// Tasks whose outcome the drone reported; held until acked, but no longer in a slot.
+    reported: HashSet<TaskId>,
+    last_seen: Instant,
+    last_seen_wall: DateTime<Utc>,
+    assigns_sent: u64,
+    draining: bool,
+}
+
+impl Drone {
+    fn free_slots(&self) -> usize {
+        if self.draining {
+            return 0;
+        }
+        (self.slots as usize).saturating_sub(self.leases.len() + self.cancelling.len())
+    }
+}
+
+/// The core's state. See the module docs.
+pub struct Core {
+    cfg: Arc<Config>,
+    writer: StoreWriter,
+    reader: StoreReader,
+    /// Commits built while handling requests, sent to the writer in order after the pass.
+    outgoing: Vec<Commit>,
+    /// Number of commits handed to the writer so far (the writer numbers them alike).
+    commits_made: u64,
+    tasks: HashMap<TaskId, Task>,
+    /// Finished tasks whose commit may not be durable yet, so reads never miss them.
+    recent: HashMap<TaskId, Task>,
+    recent_order: VecDeque<(u64, TaskId)>,
+    ready: ReadyQueues,
+    scheduled: BTreeSet<(DateTime<Utc>, TaskId)>,
+    idem: HashMap<String, TaskId>,
+    /// Blocked task ids by the dependency they wait for.
+    dependents: HashMap<TaskId, Vec<TaskId>>,
+    drones: HashMap<DroneId, Drone>,
+    conn_drone: HashMap<u64, DroneId>,
+    /// Running leases with no connected holder, and when they are given up.
+    orphans: HashMap<TaskId, Instant>,
+    /// Queen-side attempt deadlines: a task past `timeout_ms` plus the heartbeat timeout
+    /// without a report is failed by the queen.
+    attempt_deadlines: BTreeSet<(Instant, TaskId, Fence)>,
+    finished_counts: HashMap<(String, TaskState), u64>,
+    rng: StdRng,
+    retry: RetryPolicy,
+    next_tick: Instant,
+    next_drone_check: Instant,
+    next_purge: Instant,
+    rr: usize,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("tasks", &self.tasks.len())
+            .field("drones", &self.drones.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// Builds the core from what the store recovered. Running tasks become orphans: their
+    /// drones get `heartbeat_timeout` to reconnect and re-attach them (SPEC G5).
+    pub fn new(cfg: Arc<Config>, writer: StoreWriter, reader: StoreReader, recovered: Recovered) -> (Core, CoreHandle, mpsc::Receiver<Request>) {
+        let now = Instant::now();
+        let wall = Utc::now();
+        let retry = RetryPolicy {
+            base: Duration::from_millis(cfg.tasks.retry_base_ms),
+            max: Duration::from_millis(cfg.tasks.retry_max_ms),
+        };
+        let mut core = Core {
+            writer,
+            reader,
+            outgoing: Vec::new(),
+            commits_made: 0,
+            tasks: HashMap::with_capacity(recovered.active.len()),
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
+            ready: ReadyQueues::default(),
+            scheduled: BTreeSet::new(),
+            idem: HashMap::new(),
+            dependents: HashMap::new(),
+            drones: HashMap::new(),
+            conn_drone: HashMap::new(),
+            orphans: HashMap::new(),
+            attempt_deadlines: BTreeSet::new(),
+            finished_counts: recovered.finished_counts.into_iter().collect(),
+            rng: StdRng::from_os_rng(),
+            retry,
+            next_tick: now,
+            next_drone_check: now,
+            next_purge: now,
+            rr: 0,
+            cfg,
+        };
+        let grace = core.cfg.leases.heartbeat_timeout();
+        let mut running = 0usize;
+        for mut task in recovered.active {
+            if let Some(key) = &task.idempotency_key {
+                core.idem.insert(key.clone(), task.id);
+            }
+            for dep in &task.depends_on {
+                if task.state == TaskState::Blocked {
+                    core.dependents.entry(*dep).or_default().push(task.id);
+                }
+            }
+            match task.state {
+                TaskState::Running => {
+                    running += 1;
+                    core.orphans.insert(task.id, now + grace);
+                }
+                TaskState::Pending | TaskState::Scheduled => {
+                    if task.run_at.is_some_and(|at| at > wall) {
+                        task.state = TaskState::Scheduled;
+                    } else {
+                        task.state = TaskState::Pending;
+                        task.run_at = None;
+                    }
+                    core.enqueue(&task);
+                }
+                _ => {}
+            }
+            core.tasks.insert(task.id, task);
+        }
+        // Blocked tasks whose dependencies finished while the queen was down.
+        let blocked: Vec<TaskId> =
+            core.tasks.values().filter(|t| t.state == TaskState::Blocked).map(|t| t.id).collect();
+        for id in blocked {
+            core.reevaluate_blocked(id, wall);
+        }
+        tracing::info!(
+            active = core.tasks.len(),
+            running_awaiting_drones = running,
+            "recovered tasks from the store"
+        );
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        (core, CoreHandle { tx }, rx)
+    }
+
+    /// Serves requests until `shutdown`, then hands every queued commit to the writer.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                req = rx.recv() => {
+                    let Some(req) = req else { break };
+                    self.handle(req);
+                    for _ in 1..REQUESTS_PER_PASS {
+                        match rx.try_recv() {
+                            Ok(req) => self.handle(req),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            let now = Instant::now();
+            if now >= self.next_tick {
+                self.tick(now, Utc::now());
+            }
+            self.dispatch(Utc::now());
+            self.flush_commits().await;
+        }
+        // Close every drone connection; their tasks stay `running` on disk and are
+        // re-attached when the drones reconnect to the next queen.
+        for drone in self.drones.values() {
+            drone.conn.close.cancel();
+        }
+        self.flush_commits().await;
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = self.next_tick;
+        if let Some((at, _)) = self.scheduled.first() {
+            let until = (*at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            wake = wake.min(Instant::now() + until);
+        }
+        wake
+    }
+
+    async fn flush_commits(&mut self) {
+        for commit in std::mem::take(&mut self.outgoing) {
+            self.writer.send(commit).await;
+        }
+    }
+
+    /// Queues mutations as one atomic commit; `after` runs once they are durable.
+    fn commit(&mut self, mutations: Vec<Mutation>, after: Option<crate::store::AfterCommit>) -> u64 {
+        self.outgoing.push(Commit { mutations, after });
+        self.commits_made += 1;
+        self.commits_made
+    }
+
+    fn handle(&mut self, req: Request) {
+        let wall = Utc::now();
+        let now = Instant::now();
+        match req {
+            Request::Submit { tasks, reply } => self.submit(tasks, reply, wall),
+            Request::Get { id, reply } => {
+                let _ = reply.send(self.tasks.get(&id).or_else(|| self.recent.get(&id)).map(Task::view));
+            }
+            Request::List { filter, reply } => {
+                let mut out: Vec<&Task> =
+                    self.tasks.values().chain(self.recent.values()).filter(|t| filter.matches(t)).collect();
+                out.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+                out.truncate(filter.limit);
+                let _ = reply.send(out.into_iter().map(Task::view).collect());
+            }
+            Request::Cancel { id, reason, reply } => self.cancel_request(id, reason, reply, wall),
+            Request::Drones { reply } => {
+                let mut views: Vec<DroneView> = self.drones.values().map(drone_view).collect();
+                views.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+                let _ = reply.send(views);
+            }
+            Request::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+            Request::Hello { hello, conn } => self.hello(*hello, conn, now, wall),
+            Request::Message { conn, msg } => self.drone_message(conn, msg, now, wall),
+            Request::Closed { conn } => {
+                if let Some(drone) = self.conn_drone.get(&conn).copied() {
+                    tracing::info!(drone = %drone, "drone disconnected; its leases wait for it to reconnect");
+                    let grace = self.cfg.leases.reconnect_grace();
+                    self.detach(drone, now + grace);
+                }
+            }
+        }
+    }
+
+    // ----- client requests -------------------------------------------------------------
+
+    fn submit(&mut self, tasks: Vec<Task>, reply: oneshot::Sender<Result<Vec<(TaskView, bool)>, CoreError>>, wall: DateTime<Utc>) {
+        /// What each submitted spec turns out to be.
+        enum Slot {
+            New(Task),
+            /// An idempotency key matched a task the queen already has.
+            Existing(TaskView),
+            /// An idempotency key repeated within this batch: the task at that index.
+            SameAs(usize),
+        }
+        // Decide everything before changing anything: a batch is all or nothing.
+        let mut slots = Vec::with_capacity(tasks.len());
+        let mut batch_keys: HashMap<String, usize> = HashMap::new();
+        for (i, task) in tasks.into_iter().enumerate() {
+            if let Some(key) = &task.idempotency_key {
+                if let Some(&j) = batch_keys.get(key) {
+                    slots.push(Slot::SameAs(j));
+                    continue;
+                }
+                match self.lookup_idempotent(key) {
+                    Ok(Some(view)) => {
+                        slots.push(Slot::Existing(view));
+                        continue;
+                    }
+                    Ok(None) => {
+                        batch_keys.insert(key.clone(), i);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            if let Some(dep) = task.depends_on.iter().find(|d| self.find_state(**d).is_none()) {
+                let _ = reply.send(Err(CoreError::BadRequest(format!("depends_on: unknown task {dep}"))));
+                return;
+            }
+            slots.push(Slot::New(task));
+        }
+
+        let mut mutations = Vec::with_capacity(slots.len() * 2);
+        let mut views: Vec<Option<(TaskView, bool)>> = Vec::with_capacity(slots.len());
+        let mut finished = Vec::new();
+        let mut same_as = Vec::new();
+        for slot in slots {
+            let mut task = match slot {
+                Slot::New(task) => task,
+                Slot::Existing(view) => {
+                    views.push(Some((view, false)));
+                    continue;
+                }
+                Slot::SameAs(j) => {
+                    same_as.push((views.len(), j));
+                    views.push(None);
+                    continue;
+                }
+            };
+            if let Some(key) = &task.idempotency_key {
+                mutations.push(Mutation::Idempotency { key: key.clone(), id: task.id });
+                self.idem.insert(key.clone(), task.id);
+            }
+            if task.state == TaskState::Blocked {
+                self.settle_new_blocked(&mut task, wall);
+            }
+            tracing::debug!(task_id = %task.id, queue = %task.queue, kind = %task.kind, state = %task.state, "task submitted");
+            views.push(Some((task.view(), true)));
+            if task.state.is_terminal() {
+                let count = self.bump_finished(&task);
+                mutations.push(Mutation::finish(&task, count));
+                finished.push(task);
+            } else {
+                mutations.push(Mutation::save(&task));
+                self.enqueue(&task);
+                self.tasks.insert(task.id, task);
+            }
+        }
+        for (i, j) in same_as {
+            views[i] = views.get(j).cloned().flatten().map(|(v, _)| (v, false));
+        }
+        let views: Vec<(TaskView, bool)> = views.into_iter().flatten().collect();
+        let seq = self.commit(
+            mutations,
+            Some(Box::new(move |r| {
+                let _ = reply.send(r.map(|()| views).map_err(|e| CoreError::Unavailable(e.to_string())));
+            })),
+        );
+        for task in finished {
+            self.remember_recent(seq, task);
+        }
+    }
+
+    /// A new task with dependencies: cancelled if one already failed, runnable if all
+    /// succeeded, otherwise blocked and registered with each dependency.
+    fn settle_new_blocked(&mut self, task: &mut Task, wall: DateTime<Utc>) {
+        let states: Vec<(TaskId, TaskState)> =
+            task.depends_on.iter().filter_map(|d| self.find_state(*d).map(|s| (*d, s))).collect();
+        if let Some((dep, st)) =
+            states.iter().find(|(_, s)| matches!(s, TaskState::Failed | TaskState::Cancelled))
+        {
+            task.state = TaskState::Cancelled;
+            task.cancel_reason = Some(format!("dependency {dep} {st}"));
+            task.finished_at = Some(wall);
+        } else if states.iter().all(|(_, s)| *s == TaskState::Succeeded) {
+            task.state = if task.run_at.is_some() { TaskState::Scheduled } else { TaskState::Pending };
+        } else {
+            for dep in &task.depends_on {
+                self.dependents.entry(*dep).or_default().push(task.id);
+            }
+        }
+    }
+
+    fn lookup_idempotent(&self, key: &str) -> Result<Option<TaskView>, CoreError> {
+        if let Some(id) = self.idem.get(key) {
+            if let Some(t) = self.tasks.get(id).or_else(|| self.recent.get(id)) {
+                return Ok(Some(t.view()));
+            }
+        }
+        let id = self.reader.idempotent(key).map_err(|e| CoreError::Unavailable(e.to_string()))?;
+        let Some(id) = id else { return Ok(None) };
+        if let Some(t) = self.tasks.get(&id).or_else(|| self.recent.get(&id)) {
+            return Ok(Some(t.view()));
+        }
+        Ok(self
+            .reader
+            .finished(id)
+            .map_err(|e| CoreError::Unavailable(e.to_string()))?
+            .map(|t| t.view()))
+    }
+
+    /// The state of any task the queen knows, wherever it lives.
+    fn find_state(&self, id: TaskId) -> Option<TaskState> {
+        if let Some(t) = self.tasks.get(&id).or_else(|| self.recent.get(&id)) {
+            return Some(t.state);
+        }
+        self.reader.finished(id).ok().flatten().map(|t| t.state)
+    }
+
+    fn cancel_request(&mut self, id: TaskId, reason: String, reply: oneshot::Sender<Result<TaskView, CoreError>>, wall: DateTime<Utc>) {
+        if !self.tasks.contains_key(&id) {
+            let err = match self.find_state(id) {
+                Some(state) => CoreError::Conflict(format!("task {id} is already {state}")),
+                None => CoreError::NotFound(format!("no task {id}")),
+            };
+            let _ = reply.send(Err(err));
+            return;
+        }
+        let view = self.cancel_task(id, reason, wall);
+        self.set_last_after(Box::new(move |r| {
+            let _ = reply.send(
+                r.map_err(|e| CoreError::Unavailable(e.to_string()))
+                    .and_then(|()| view.ok_or_else(|| CoreError::NotFound(format!("no task {id}")))),
+            );
+        }));
+    }
+
+    /// Runs `after` once everything queued so far is durable.
+    fn set_last_after(&mut self, after: crate::store::AfterCommit) {
+        self.commit(Vec::new(), Some(after));
+    }
+
+    /// Cancels an active task (and, transitively, its blocked dependents).
+    fn cancel_task(&mut self, id: TaskId, reason: String, wall: DateTime<Utc>) -> Option<TaskView> {
+        let mut task = self.tasks.remove(&id)?;
+        self.dequeue(&task);
+        let mut notify: Option<(Conn, CancelTask)> = None;
+        if task.state == TaskState::Running {
+            self.orphans.remove(&id);
+            if let Some(holder) = task.lease.as_ref().map(|l| l.drone) {
+                if let Some(drone) = self.drones.get_mut(&holder) {
+                    drone.leases.remove(&id);
+                    drone.cancelling.insert(id);
+                    notify = Some((
+                        drone.conn.clone(),
+                        CancelTask { task_id: id, fence: task.fence, reason: reason.clone() },
+                    ));
+                }
+            }
+        }
+        tracing::info!(task_id = %id, fence = %task.fence, reason = %reason, "task cancelled");
+        task.state = TaskState::Cancelled;
+        task.cancel_reason = Some(reason);
+        task.lease = None;
+        task.finished_at = Some(wall);
+        let view = task.view();
+        self.finish(task, wall);
+        if let Some((conn, msg)) = notify {
+            self.set_last_after(Box::new(move |r| {
+                if r.is_ok() {
+                    conn.send(QueenMessage::Cancel(msg));
+                }
+            }));
+        }
+        Some(view)
+    }
+
+    fn stats(&self) -> Stats {
+        let mut stats = Stats::default();
+        for st in TaskState::ALL {
+            stats.by_state.insert(st.as_str().to_string(), 0);
+        }
+        let mut add = |queue: &str, state: TaskState, n: u64| {
+            *stats.by_state.entry(state.as_str().to_string()).or_default() += n;
+            *stats
+                .by_queue
+                .entry(queue.to_string())
+                .or_default()
+                .entry(state.as_str().to_string())
+                .or_default() += n;
+        };
+        for t in self.tasks.values() {
+            add(&t.queue, t.state, 1);
+        }
+        for ((queue, state), n) in &self.finished_counts {
+            if *n > 0 {
+                add(queue, *state, *n);
+            }
+        }
+        stats.drones_connected = self.drones.len() as u64;
+        stats.unroutable = self
+            .ready
+            .routes()
+            .filter(|(route, _)| !self.drones.values().any(|d| route.served_by(&d.kinds, &d.labels)))
+            .map(|(_, n)| n as u64)
+            .sum();
+        stats
+    }
+
+    // ----- drones ------------------------------------------------------------------------
+
+    fn hello(&mut self, hello: Hello, conn: Conn, now: Instant, wall: DateTime<Utc>) {
+        let reject = |conn: &Conn, reason: String| {
+            tracing::warn!(drone = %hello.drone_id, name = %hello.name, reason = %reason, "drone rejected");
+            conn.send(QueenMessage::Reject(Reject { reason, supported_versions: SUPPORTED_VERSIONS.to_vec() }));
+        };
+        if !SUPPORTED_VERSIONS.contains(&hello.protocol_version) {
+            let reason = format!(
+                "protocol version {} is not supported; this queen speaks {:?}",
+                hello.protocol_version, SUPPORTED_VERSIONS
+            );
+            return reject(&conn, reason);
+        }
+        if let Some(token) = &self.cfg.auth.token {
+            let ok = hello.token.as_ref().is_some_and(|t| token.matches(&t.0));
+            if !ok {
+                return reject(&conn, "invalid or missing auth token".into());
+            }
+        }
+        if hello.slots == 0 || hello.slots > MAX_SLOTS {
+            return reject(&conn, format!("slots must be between 1 and {MAX_SLOTS}, got {}", hello.slots));
+        }
+        if hello.name.is_empty() || hello.name.len() > crate::task::MAX_NAME_LEN {
+            return reject(&conn, "name must be 1-128 bytes".into());
+        }
+        if self.drones.contains_key(&hello.drone_id) {
+            // The same drone on a new connection: the old one is dead or dying.
+            self.detach(hello.drone_id, now + self.cfg.leases.reconnect_grace());
+        }
+        conn.send(QueenMessage::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_interval_ms: self.cfg.leases.heartbeat_interval_ms,
+            heartbeat_timeout_ms: self.cfg.leases.heartbeat_timeout_ms,
+        }));
+        let id = hello.drone_id;
+        let mut drone = Drone {
+            id,
+            name: hello.name,
+            labels: hello.labels.into_iter().collect(),
+            kinds: hello.kinds.into_iter().collect(),
+            slots: hello.slots,
+            conn,
+            leases: HashMap::new(),
+            cancelling: HashSet::new(),
+            reported: HashSet::new(),
+            last_seen: now,
+            last_seen_wall: wall,
+            assigns_sent: 0,
+            draining: hello.draining,
+        };
+        let mut reattached = 0;
+        for held in &hello.held {
+            let current = self
+                .tasks
+                .get(&held.task_id)
+                .map(|t| (t.state, t.fence, t.lease.as_ref().map(|l| l.drone)));
+            match rules::reattach(current, id, held.fence) {
+                Reattach::Keep => {
+                    self.orphans.remove(&held.task_id);
+                    drone.leases.insert(held.task_id, LiveLease { fence: held.fence, ordinal: 0 });
+                    reattached += 1;
+                    tracing::info!(task_id = %held.task_id, drone = %id, fence = %held.fence, "lease re-attached");
+                }
+                Reattach::Cancel => {
+                    drone.cancelling.insert(held.task_id);
+                    tracing::info!(task_id = %held.task_id, drone = %id, fence = %held.fence, "drone holds a stale lease; telling it to stop");
+                    drone.conn.send(QueenMessage::Cancel(CancelTask {
+                        task_id: held.task_id,
+                        fence: held.fence,
+                        reason: "lease is no longer valid".into(),
+                    }));
+                }
+            }
+        }
+        tracing::info!(drone = %id, name = %drone.name, slots = drone.slots, reattached, "drone connected");
+        self.conn_drone.insert(drone.conn.id, id);
+        self.drones.insert(id, drone);
+        // Orphaned leases of this drone that it did not report are gone with its old life.
+        let lost: Vec<TaskId> = self
+            .orphans
+            .keys()
+            .filter(|tid| self.tasks.get(tid).and_then(|t| t.lease.as_ref()).is_some_and(|l| l.drone == id))
+            .copied()
+            .collect();
+        for tid in lost {
+            self.orphans.remove(&tid);
+            self.lose_lease(tid, "drone reconnected without the task", wall);
+        }
+    }
+
+    /// Disconnects a drone; its leases become orphans given up at `deadline`.
+    fn detach(&mut self, id: DroneId, deadline: Instant) {
+        let Some(drone) = self.drones.remove(&id) else { return };
+        self.conn_drone.remove(&drone.conn.id);
+        drone.conn.close.cancel();
+        for tid in drone.leases.into_keys() {
+            self.orphans.insert(tid, deadline);
+        }
+    }
+
+    fn drone_message(&mut self, conn: u64, msg: DroneMessage, now: Instant, wall: DateTime<Utc>) {
+        let Some(id) = self.conn_drone.get(&conn).copied() else { return };
+        let Some(drone) = self.drones.get_mut(&id) else { return };
+        drone.last_seen = now;
+        drone.last_seen_wall = wall;
+        match msg {
+            DroneMessage::Hello(_) => {
+                tracing::warn!(drone = %id, "second hello on one connection ignored");
+            }
+            DroneMessage::Drain => {
+                tracing::info!(drone = %id, "drone is draining: no new leases");
+                drone.draining = true;
+            }
+            DroneMessage::Heartbeat(hb) => self.heartbeat(id, &hb.held, hb.assigns_seen, wall),
+            DroneMessage::TaskComplete(c) => {
+                let result = cap_result(c.result, self.cfg.tasks.max_result_bytes);
+                self.outcome(id, c.task_id, c.fence, Ok(result), wall);
+            }
+            DroneMessage::TaskFailed(f) => {
+                let result = f.result.map(|r| cap_result(r, self.cfg.tasks.max_result_bytes));
+                self.outcome(id, f.task_id, f.fence, Err((f.error, f.retryable, result)), wall);
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, id: DroneId, held: &[Held], assigns_seen: u64, wall: DateTime<Utc>) {
+        let Some(drone) = self.drones.get_mut(&id) else { return };
+        let known: HashSet<TaskId> = drone.cancelling.union(&drone.reported).copied().collect();
+        let r = rules::reconcile(&drone.leases, &known, held, assigns_seen);
+        for tid in &r.released {
+            drone.cancelling.remove(tid);
+            drone.reported.remove(tid);
+        }
+        for h in &r.foreign {
+            tracing::info!(task_id = %h.task_id, drone = %id, fence = %h.fence, "drone runs a task it holds no lease for; telling it to stop");
+            drone.cancelling.insert(h.task_id);
+            drone.conn.send(QueenMessage::Cancel(CancelTask {
+                task_id: h.task_id,
+                fence: h.fence,
+                reason: "lease is no longer valid".into(),
+            }));
+        }
+        for tid in &r.missing {
+            drone.leases.remove(tid);
+        }
+        for tid in r.missing {
+            self.lose_lease(tid, "drone no longer reports the task", wall);
+        }
+    }
+
+    fn outcome(
+        &mut self,
+        drone_id: DroneId,
+        task_id: TaskId,
+        fence: Fence,
+        outcome: Result<Value, (String, bool, Option<Value>)>,
+        wall: DateTime<Utc>,
+    ) {
+        let current = self.tasks.get(&task_id).map(|t| (t.state, t.fence));
+        let verdict = rules::judge_outcome(current, fence);
+        let Some(drone) = self.drones.get_mut(&drone_id) else { return };
+        drone.cancelling.remove(&task_id);
+        drone.reported.insert(task_id);
+        if drone.leases.get(&task_id).is_some_and(|l| l.fence == fence) {
+            drone.leases.remove(&task_id);
+        }
+        let conn = drone.conn.clone();
+        let status = match verdict {
+            Verdict::Stale => {
+                tracing::info!(task_id = %task_id, drone = %drone_id, fence = %fence, current = ?current, "stale outcome ignored");
+                AckStatus::Stale
+            }
+            Verdict::Record => {
+                self.orphans.remove(&task_id);
+                match outcome {
+                    Ok(result) => self.succeed(task_id, result, wall),
+                    Err((error, retryable, result)) => {
+                        self.attempt_failed(task_id, error, retryable, result, Some(drone_id), wall)
+                    }
+                }
+                AckStatus::Recorded
+            }
+        };
+        // Acked once everything before it is durable, the outcome included.
+        self.set_last_after(Box::new(move |r| {
+            if r.is_ok() {
+                conn.send(QueenMessage::Ack(Ack { task_id, fence, status }));
+            }
+        }));
+    }
+
+    fn succeed(&mut self, id: TaskId, result: Value, wall: DateTime<Utc>) {
+        let Some(mut task) = self.tasks.remove(&id) else { return };
+        tracing::info!(task_id = %id, fence = %task.fence, attempt = task.attempts, "task succeeded");
+        task.state = TaskState::Succeeded;
+        task.result = Some(result);
+        task.lease = None;
+        task.finished_at = Some(wall);
+        self.finish(task, wall);
+    }
+
+    fn attempt_failed(&mut self, id: TaskId, error: String, retryable: bool, result: Option<Value>, drone: Option<DroneId>, wall: DateTime<Utc>) {
+        let Some(mut task) = self.tasks.remove(&id) else { return };
+        task.errors.push(AttemptError { attempt: task.attempts, fence: task.fence, drone, error: error.clone(), at: wall });
+        task.lease = None;
+        if result.is_some() {
+            task.result = result;
+        }
+        let jitter: f64 = self.rng.random();
+        match rules::after_failure(task.attempts, task.max_attempts, retryable, wall, &self.retry, jitter) {
+            AfterFailure::Retry { at } => {
+                tracing::info!(task_id = %id, fence = %task.fence, attempt = task.attempts, error = %error, retry_at = %at, "attempt failed; retry scheduled");
+                task.state = TaskState::Scheduled;
+                task.run_at = Some(at);
+                self.enqueue(&task);
+                let m = Mutation::save(&task);
+                self.tasks.insert(id, task);
+                self.commit(vec![m], None);
+            }
+            AfterFailure::Fail => {
+                tracing::info!(task_id = %id, fence = %task.fence, attempt = task.attempts, error = %error, "task failed");
+                task.state = TaskState::Failed;
+                task.finished_at = Some(wall);
+                self.finish(task, wall);
+            }
+        }
+    }
+
+    /// A running task's lease is gone (drone died, went silent, dropped it): requeue it,
+    /// or fail it when that was its last attempt (lost leases count, SPEC G8).
+    fn lose_lease(&mut self, id: TaskId, reason: &str, wall: DateTime<Utc>) {
+        let Some(mut task) = self.tasks.remove(&id) else { return };
+        if task.state != TaskState::Running {
+            self.tasks.insert(id, task);
+            return;
+        }
+        let drone = task.lease.as_ref().map(|l| l.drone);
+        task.errors.push(AttemptError { attempt: task.attempts, fence: task.fence, drone, error: format!("lease lost: {reason}"), at: wall });
+        task.lease = None;
+        match rules::after_lost_lease(task.attempts, task.max_attempts) {
+            AfterLostLease::Requeue => {
+                tracing::warn!(task_id = %id, drone = ?drone, fence = %task.fence, reason, "lease lost; task requeued");
+                task.state = TaskState::Pending;
+                self.enqueue(&task);
+                let m = Mutation::save(&task);
+                self.tasks.insert(id, task);
+                self.commit(vec![m], None);
+            }
+            AfterLostLease::Fail => {
+                tracing::warn!(task_id = %id, drone = ?drone, fence = %task.fence, reason, "lease lost on the last attempt; task failed");
+                task.state = TaskState::Failed;
+                task.finished_at = Some(wall);
+                self.finish(task, wall);
+            }
+        }
+    }
+
+    /// Records a terminal task (already removed from `tasks`) and settles its dependents.
+    fn finish(&mut self, task: Task, wall: DateTime<Utc>) {
+        if let Some(key) = &task.idempotency_key {
+            if self.idem.get(key) == Some(&task.id) {
+                self.idem.remove(key);
+            }
+        }
+        let count = self.bump_finished(&task);
+        let seq = self.commit(vec![Mutation::finish(&task, count)], None);
+        let (id, state) = (task.id, task.state);
+        self.remember_recent(seq, task);
+        if let Some(waiting) = self.dependents.remove(&id) {
+            for dep in waiting {
+                if state == TaskState::Succeeded {
+                    self.reevaluate_blocked(dep, wall);
+                } else if self.tasks.get(&dep).is_some_and(|t| t.state == TaskState::Blocked) {
+                    self.cancel_task(dep, format!("dependency {id} {state}"), wall);
+                }
+            }
+        }
+    }
+
+    /// Unblocks a blocked task whose dependencies all succeeded (or cancels it if one
+    /// ended otherwise).
+    fn reevaluate_blocked(&mut self, id: TaskId, wall: DateTime<Utc>) {
+        let Some(task) = self.tasks.get(&id) else { return };
+        if task.state != TaskState::Blocked {
+            return;
+        }
+        let deps = task.depends_on.clone();
+        let mut all_ok = true;
+        for dep in deps {
+            match self.find_state(dep) {
+                Some(TaskState::Succeeded) => {}
+                Some(st @ (TaskState::Failed | TaskState::Cancelled)) => {
+                    self.cancel_task(id, format!("dependency {dep} {st}"), wall);
+                    return;
+                }
+                None => {
+                    self.cancel_task(id, format!("dependency {dep} no longer exists"), wall);
+                    return;
+                }
+                Some(_) => all_ok = false,
+            }
+        }
+        if !all_ok {
+            return;
+        }
+        let Some(mut task) = self.tasks.remove(&id) else { return };
+        task.state = if task.run_at.is_some_and(|at| at > wall) { TaskState::Scheduled } else { TaskState::Pending };
+        self.enqueue(&task);
+        let m = Mutation::save(&task);
+        self.tasks.insert(id, task);
+        self.commit(vec![m], None);
+    }
+
+    fn bump_finished(&mut self, task: &Task) -> u64 {
+        let n = self.finished_counts.entry((task.queue.clone(), task.state)).or_default();
+        *n += 1;
+        *n
+    }
+
+    fn remember_recent(&mut self, seq: u64, task: Task) {
+        self.recent_order.push_back((seq, task.id));
+        self.recent.insert(task.id, task);
+    }
+
+    /// Puts a pending task in its ready queue or a scheduled one on the timer.
+    fn enqueue(&mut self, task: &Task) {
+        match task.state {
+            TaskState::Pending => self.ready.push(task),
+            TaskState::Scheduled => {
+                if let Some(at) = task.run_at {
+                    self.scheduled.insert((at, task.id));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn dequeue(&mut self, task: &Task) {
+        match task.state {
+            TaskState::Pending => self.ready.remove(task),
+            TaskState::Scheduled => {
+                if let Some(at) = task.run_at {
+                    self.scheduled.remove(&(at, task.id));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ----- time --------------------------------------------------------------------------
+
+    fn tick(&mut self, now: Instant, wall: DateTime<Utc>) {
+        self.next_tick = now + TICK;
+        // Scheduled tasks whose time has come. Not written back: a restart derives
+        // `pending` from `run_at` having passed.
+        while let Some(&(at, id)) = self.scheduled.first() {
+            if at > wall {
+                break;
+            }
+            self.scheduled.pop_first();
+            if let Some(task) = self.tasks.get_mut(&id) {
+                if task.state == TaskState::Scheduled && task.run_at == Some(at) {
+                    task.state = TaskState::Pending;
+                    task.run_at = None;
+                    let snapshot = task.clone();
+                    self.ready.push(&snapshot);
+                }
+            }
+        }
+        if now >= self.next_drone_check {
+            self.next_drone_check = now + self.cfg.leases.heartbeat_interval() / 2;
+            let timeout = self.cfg.leases.heartbeat_timeout();
+            let silent: Vec<DroneId> = self
+                .drones
+                .values()
+                .filter(|d| rules::is_silent(d.last_seen, now, timeout))
+                .map(|d| d.id)
+                .collect();
+            for id in silent {
+                tracing::warn!(drone = %id, timeout_ms = timeout.as_millis() as u64, "drone silent past the heartbeat timeout; expiring its leases");
+                self.detach(id, now);
+            }
+        }
+        let expired: Vec<TaskId> =
+            self.orphans.iter().filter(|(_, deadline)| **deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            self.orphans.remove(&id);
+            self.lose_lease(id, "drone did not come back in time", wall);
+        }
+        while let Some(&(deadline, id, fence)) = self.attempt_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.attempt_deadlines.pop_first();
+            let still = self.tasks.get(&id).is_some_and(|t| t.state == TaskState::Running && t.fence == fence);
+            if still {
+                let holder = self.tasks.get(&id).and_then(|t| t.lease.as_ref()).map(|l| l.drone);
+                if let Some(drone) = holder.and_then(|h| self.drones.get_mut(&h)) {
+                    drone.leases.remove(&id);
+                    drone.cancelling.insert(id);
+                    drone.conn.send(QueenMessage::Cancel(CancelTask { task_id: id, fence, reason: "attempt timed out".into() }));
+                }
+                self.orphans.remove(&id);
+                self.attempt_failed(id, "timed out: no report from the drone within timeout_ms".into(), true, None, holder, wall);
+            }
+        }
+        let durable = self.writer.durable();
+        while let Some(&(seq, id)) = self.recent_order.front() {
+            if seq > durable {
+                break;
+            }
+            self.recent_order.pop_front();
+            self.recent.remove(&id);
+        }
+        if now >= self.next_purge {
+            self.next_purge = now + Duration::from_millis(self.cfg.retention.purge_interval_ms);
+            self.purge(wall);
+        }
+    }
+
+    fn purge(&mut self, wall: DateTime<Utc>) {
+        let age = chrono::Duration::seconds(self.cfg.retention.finished_max_age_s.min(i64::MAX as u64 / 1000) as i64);
+        let cutoff = (wall - age).timestamp_millis();
+        let expired = match self.reader.expired(cutoff, PURGE_BATCH) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "reading expired tasks failed");
+                return;
+            }
+        };
+        if expired.is_empty() {
+            return;
+        }
+        tracing::info!(count = expired.len(), "purging finished tasks past retention");
+        let mut mutations = Vec::with_capacity(expired.len());
+        for e in expired {
+            let n = self.finished_counts.entry((e.entry.queue.clone(), e.entry.state)).or_default();
+            *n = n.saturating_sub(1);
+            mutations.push(Mutation::Purge { count: *n, expired: e });
+        }
+        self.commit(mutations, None);
+    }
+
+    // ----- dispatch ----------------------------------------------------------------------
+
+    /// Leases ready tasks to drones with free slots, one per drone per round so work
+    /// spreads across the hive.
+    fn dispatch(&mut self, wall: DateTime<Utc>) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let mut candidates: Vec<DroneId> =
+            self.drones.values().filter(|d| d.free_slots() > 0).map(|d| d.id).collect();
+        if candidates.is_empty() {
+            return;
+        }
+        candidates.sort();
+        let n = candidates.len();
+        candidates.rotate_left(self.rr % n);
+        self.rr = self.rr.wrapping_add(1);
+        loop {
+            let mut progress = false;
+            for id in &candidates {
+                let Some(drone) = self.drones.get(id) else { continue };
+                if drone.free_slots() == 0 {
+                    continue;
+                }
+                let Some(tid) = self.ready.pop_for(&drone.kinds, &drone.labels) else { continue };
+                self.grant(*id, tid, wall);
+                progress = true;
+                if self.ready.is_empty() {
+                    return;
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn grant(&mut self, drone_id: DroneId, tid: TaskId, wall: DateTime<Utc>) {
+        let (Some(task), Some(drone)) = (self.tasks.get_mut(&tid), self.drones.get_mut(&drone_id)) else { return };
+        task.state = TaskState::Running;
+        task.attempts += 1;
+        task.fence = task.fence.next();
+        task.lease = Some(Lease { drone: drone_id, drone_name: drone.name.clone() });
+        task.started_at = Some(wall);
+        task.run_at = None;
+        drone.assigns_sent += 1;
+        drone.leases.insert(tid, LiveLease { fence: task.fence, ordinal: drone.assigns_sent });
+        if let Some(ms) = task.timeout_ms {
+            let deadline = Instant::now() + Duration::from_millis(ms) + self.cfg.leases.heartbeat_timeout();
+            self.attempt_deadlines.insert((deadline, tid, task.fence));
+        }
+        tracing::info!(task_id = %tid, drone = %drone_id, fence = %task.fence, attempt = task.attempts, "lease granted");
+        let msg = QueenMessage::Assign(Assign {
+            task_id: tid,
+            fence: task.fence,
+            attempt: task.attempts,
+            kind: task.kind.clone(),
+            queue: task.queue.clone(),
+            payload: task.payload.clone(),
+            timeout_ms: task.timeout_ms,
+        });
+        let m = Mutation::save(task);
+        let conn = drone.conn.clone();
+        // The grant, with its fence, is durable before the drone hears of it.
+        self.commit(vec![m], Some(Box::new(move |r| {
+            if r.is_ok() {
+                conn.send(msg);
+            }
+        })));
+    }
+}
+
+fn drone_view(d: &Drone) -> DroneView {
+    let mut running: Vec<TaskId> = d.leases.keys().copied().collect();
+    running.sort();
+    let mut labels: Vec<String> = d.labels.iter().cloned().collect();
+    labels.sort();
+    let mut kinds: Vec<String> = d.kinds.iter().cloned().collect();
+    kinds.sort();
+    DroneView {
+        id: d.id,
+        name: d.name.clone(),
+        labels,
+        kinds,
+        slots: d.slots,
+        running,
+        connected: true,
+        draining: d.draining,
+        last_seen: d.last_seen_wall,
+    }
+}
+
+/// Keeps results bounded: a larger one is replaced by a marked, truncated preview.
+pub fn cap_result(result: Value, max_bytes: usize) -> Value {
+    let text = result.to_string();
+    if text.len() <= max_bytes {
+        return result;
+    }
+    let mut cut = max_bytes.saturating_sub(128).min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    serde_json::json!({
+        "truncated": true,
+        "original_bytes": text.len(),
+        "preview": &text[..cut],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_results_are_kept_and_large_ones_truncated_and_marked() {
+        let small = serde_json::json!({"ok": true});
+        assert_eq!(cap_result(small.clone(), 1024), small);
+        let big = serde_json::json!({"stdout": "é".repeat(5000)});
+        let capped = cap_result(big, 1024);
+        assert_eq!(capped["truncated"], true);
+        assert!(capped["preview"].as_str().is_some_and(|p| p.len() <= 1024));
+    }
+}

@@ -1,0 +1,126 @@
+//! The queen: records every task in sled, leases tasks to drones, renews leases on
+//! heartbeats, requeues the work of drones that die or go silent, and resumes all pending
+//! and running work after a restart.
+//!
+//! `main.rs` only parses the command line, loads config, starts tracing and binds; this
+//! library does the rest, so tests drive a whole queen in-process on `127.0.0.1:0`.
+
+pub mod config;
+pub mod core;
+pub mod http;
+pub mod ready;
+pub mod rules;
+pub mod server;
+pub mod store;
+pub mod task;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::core::{Core, CoreHandle, Request};
+use crate::store::{OpenOptionsHive, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a store write failed; stopped so that nothing unrecorded is acknowledged")]
+    StoreFailed,
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+}
+
+/// The listeners a queen serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    pub drones: TcpListener,
+    pub http: TcpListener,
+}
+
+/// A queen with its database open and its state recovered, ready to serve.
+pub struct Queen {
+    cfg: Arc<Config>,
+    store: Store,
+    core: Core,
+    handle: CoreHandle,
+    requests: tokio::sync::mpsc::Receiver<Request>,
+    fatal: CancellationToken,
+}
+
+impl std::fmt::Debug for Queen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queen").field("core", &self.core).finish_non_exhaustive()
+    }
+}
+
+impl Queen {
+    /// Opens the data dir (refusing one that is locked, corrupt or too new) and rebuilds
+    /// the in-memory state from it.
+    pub fn open(cfg: Config) -> Result<Queen, QueenError> {
+        let fatal = CancellationToken::new();
+        let opts = OpenOptionsHive {
+            data_dir: cfg.queen.data_dir.clone(),
+            cache_capacity_bytes: cfg.storage.cache_capacity_mb * 1024 * 1024,
+            sync: cfg.storage.sync,
+        };
+        let (store, writer, recovered) = Store::open(&opts, fatal.clone())?;
+        let cfg = Arc::new(cfg);
+        let (core, handle, requests) = Core::new(cfg.clone(), writer, store.reader.clone(), recovered);
+        Ok(Queen { cfg, store, core, handle, requests, fatal })
+    }
+
+    /// Serves drones and the API until `shutdown` is cancelled (or a store write fails),
+    /// then stops every component and makes every queued write durable.
+    pub async fn serve(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), QueenError> {
+        let Queen { cfg, store, core, handle, requests, fatal } = self;
+        let stop = shutdown.child_token();
+        let tracker = TaskTracker::new();
+
+        let core_task = tokio::spawn(core.run(requests, stop.clone()));
+        tracker.spawn(server::serve(
+            listeners.drones,
+            handle.clone(),
+            cfg.queen.max_connections,
+            cfg.queen.max_frame_len,
+            stop.clone(),
+            tracker.clone(),
+        ));
+        let app = http::router(http::AppState { core: handle.clone(), reader: store.reader.clone(), cfg: cfg.clone() });
+        let http_stop = stop.clone();
+        let http_task = tokio::spawn(async move {
+            axum::serve(listeners.http, app)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await
+        });
+        drop(handle);
+
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = fatal.cancelled() => {}
+        }
+        stop.cancel();
+        tracing::info!("queen stopping");
+        let http_result = http_task.await;
+        let _ = core_task.await;
+        tracker.close();
+        tracker.wait().await;
+        // The core, the only writer, has stopped: the writer thread drains and exits.
+        let Store { reader, writer_thread, .. } = store;
+        drop(reader);
+        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        if fatal.is_cancelled() {
+            return Err(QueenError::StoreFailed);
+        }
+        match http_result {
+            Ok(Err(e)) => Err(QueenError::Http(e)),
+            _ => {
+                tracing::info!("queen stopped");
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! `queen --config hive.toml`: load config, start tracing, open the store, bind, serve.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use queen::config::{Config, LogFormat};
+use queen::{Listeners, Queen};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// The Hive's queen: a durable, fault-tolerant job scheduler.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML config file (see config/hive.toml). Without it, defaults serve a local hive.
+    /// Every key can be overridden by HIVE_<SECTION>__<KEY> environment variables.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("queen: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&cfg);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("queen: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("queen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let drone_addr = cfg.listen_addr()?;
+    let http_addr = cfg.http_addr()?;
+    let data_dir = cfg.queen.data_dir.clone();
+    let queen = tokio::task::spawn_blocking(move || Queen::open(cfg)).await??;
+    let drones = TcpListener::bind(drone_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on queen.listen {drone_addr}: {e}"))?;
+    let http = TcpListener::bind(http_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on queen.http {http_addr}: {e}"))?;
+    let (drones_at, http_at) = (drones.local_addr()?, http.local_addr()?);
+    tracing::info!(drones = %drones_at, http = %http_at, data_dir = %data_dir.display(), "queen ready");
+    // A machine-readable line on stdout for scripts and tests (ports may be 0 in config).
+    println!("ready drones={drones_at} http={http_at}");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    queen.serve(Listeners { drones, http }, shutdown).await?;
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: graceful stop. A second one: exit at once.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received; shutting down (again to exit at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    std::process::exit(130);
+}
+
+fn init_tracing(cfg: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

@@ -1,0 +1,141 @@
+//! Runnable tasks, grouped by what a drone needs to take them (kind and labels), each group
+//! ordered by priority (higher first) then age (older first). A drone with a free slot
+//! looks only at the heads of the groups it can serve, so dispatch never scans the queue.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use shared::TaskId;
+
+use crate::task::Task;
+
+/// What a drone must offer to take a task.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub kind: String,
+    /// Sorted, deduplicated.
+    pub labels: Vec<String>,
+}
+
+impl Route {
+    pub fn of(task: &Task) -> Route {
+        Route { kind: task.kind.clone(), labels: task.labels.clone() }
+    }
+
+    pub fn served_by(&self, kinds: &HashSet<String>, labels: &BTreeSet<String>) -> bool {
+        kinds.contains(&self.kind) && self.labels.iter().all(|l| labels.contains(l))
+    }
+}
+
+type Key = (Reverse<i32>, TaskId);
+
+#[derive(Debug, Default)]
+pub struct ReadyQueues {
+    groups: HashMap<Route, BTreeSet<Key>>,
+    len: usize,
+}
+
+impl ReadyQueues {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn push(&mut self, task: &Task) {
+        if self.groups.entry(Route::of(task)).or_default().insert((Reverse(task.priority), task.id)) {
+            self.len += 1;
+        }
+    }
+
+    pub fn remove(&mut self, task: &Task) {
+        let route = Route::of(task);
+        if let Some(group) = self.groups.get_mut(&route) {
+            if group.remove(&(Reverse(task.priority), task.id)) {
+                self.len -= 1;
+            }
+            if group.is_empty() {
+                self.groups.remove(&route);
+            }
+        }
+    }
+
+    /// Takes the best task a drone with these kinds and labels can run.
+    pub fn pop_for(&mut self, kinds: &HashSet<String>, labels: &BTreeSet<String>) -> Option<TaskId> {
+        let (route, key) = self
+            .groups
+            .iter()
+            .filter(|(route, _)| route.served_by(kinds, labels))
+            .filter_map(|(route, group)| group.first().map(|k| (route, *k)))
+            .min_by_key(|(_, key)| *key)
+            .map(|(route, key)| (route.clone(), key))?;
+        if let Some(group) = self.groups.get_mut(&route) {
+            group.remove(&key);
+            self.len -= 1;
+            if group.is_empty() {
+                self.groups.remove(&route);
+            }
+        }
+        Some(key.1)
+    }
+
+    /// How many ready tasks each route holds (for stats: which are unroutable).
+    pub fn routes(&self) -> impl Iterator<Item = (&Route, usize)> {
+        self.groups.iter().map(|(r, g)| (r, g.len()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use shared::api::TaskSpec;
+
+    fn task(kind: &str, priority: i32, labels: &[&str]) -> Task {
+        let spec = TaskSpec {
+            kind: kind.into(),
+            priority: Some(priority),
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        Task::from_spec(spec, TaskId::generate(), Utc::now(), &Default::default()).expect("valid")
+    }
+
+    #[test]
+    fn higher_priority_first_then_oldest_first() {
+        let mut q = ReadyQueues::default();
+        let (a, b, c) = (task("echo", 0, &[]), task("echo", 5, &[]), task("echo", 0, &[]));
+        for t in [&a, &b, &c] {
+            q.push(t);
+        }
+        let kinds = HashSet::from(["echo".to_string()]);
+        let labels = BTreeSet::new();
+        assert_eq!(q.pop_for(&kinds, &labels), Some(b.id));
+        assert_eq!(q.pop_for(&kinds, &labels), Some(a.id));
+        assert_eq!(q.pop_for(&kinds, &labels), Some(c.id));
+        assert_eq!(q.pop_for(&kinds, &labels), None);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_drone_only_gets_kinds_and_labels_it_has() {
+        let mut q = ReadyQueues::default();
+        let gpu = task("render", 9, &["gpu"]);
+        let plain = task("render", 0, &[]);
+        let other_kind = task("echo", 10, &[]);
+        for t in [&gpu, &plain, &other_kind] {
+            q.push(t);
+        }
+        let kinds = HashSet::from(["render".to_string()]);
+        let no_labels = BTreeSet::new();
+        assert_eq!(q.pop_for(&kinds, &no_labels), Some(plain.id));
+        assert_eq!(q.pop_for(&kinds, &no_labels), None, "gpu task needs the gpu label");
+        let gpu_labels = BTreeSet::from(["gpu".to_string(), "big".to_string()]);
+        assert_eq!(q.pop_for(&kinds, &gpu_labels), Some(gpu.id));
+        assert_eq!(q.len(), 1);
+        q.remove(&other_kind);
+        assert!(q.is_empty());
+    }
+}

@@ -1,0 +1,280 @@
+//! Lease and retry rules, pure: they take `now` (and a jitter sample) and return
+//! decisions. No sockets, no clocks, no storage — so every rule is unit-tested with
+//! explicit time.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use shared::api::TaskState;
+use shared::protocol::Held;
+use shared::{DroneId, Fence, TaskId};
+use tokio::time::Instant;
+
+/// Retry backoff: `base * 2^(attempt-1)`, capped at `max`, then scaled by a jitter factor
+/// in [0.5, 1.0] so a burst of failures does not retry in lockstep.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay before the retry that follows attempt number `attempt` (1-based).
+    /// `jitter` is a sample in [0, 1).
+    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
+        let exp = attempt.saturating_sub(1).min(32);
+        let raw = self.base.saturating_mul(1u32 << exp.min(31));
+        let capped = raw.min(self.max);
+        capped.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    }
+}
+
+/// What happens to a task after an attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AfterFailure {
+    /// Runnable again at this instant.
+    Retry { at: DateTime<Utc> },
+    /// Attempts are used up, or retrying cannot help: the task is `failed`.
+    Fail,
+}
+
+/// Decides the fate of a task whose attempt number `attempts` failed (SPEC G8).
+pub fn after_failure(
+    attempts: u32,
+    max_attempts: u32,
+    retryable: bool,
+    now: DateTime<Utc>,
+    policy: &RetryPolicy,
+    jitter: f64,
+) -> AfterFailure {
+    if !retryable || attempts >= max_attempts {
+        return AfterFailure::Fail;
+    }
+    let delay = policy.delay(attempts, jitter);
+    let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+    AfterFailure::Retry { at: now.checked_add_signed(delay).unwrap_or(DateTime::<Utc>::MAX_UTC) }
+}
+
+/// What happens to a task whose lease was lost (drone died, hung or was cut off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterLostLease {
+    /// Back to `pending` at once: the drone, not the task, failed.
+    Requeue,
+    /// The lost lease was its last allowed attempt.
+    Fail,
+}
+
+pub fn after_lost_lease(attempts: u32, max_attempts: u32) -> AfterLostLease {
+    if attempts >= max_attempts {
+        AfterLostLease::Fail
+    } else {
+        AfterLostLease::Requeue
+    }
+}
+
+/// Whether an outcome reported with `fence` is the task's outcome (SPEC G3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Record,
+    Stale,
+}
+
+/// Only the current lease's fence, on a task that is still running, records an outcome.
+/// Everything else — an older fence, a task requeued or finished, an unknown task — is
+/// stale and changes nothing.
+pub fn judge_outcome(current: Option<(TaskState, Fence)>, reported: Fence) -> Verdict {
+    match current {
+        Some((TaskState::Running, fence)) if fence == reported => Verdict::Record,
+        _ => Verdict::Stale,
+    }
+}
+
+/// Whether a drone last heard from at `last_seen` has gone silent for too long.
+pub fn is_silent(last_seen: Instant, now: Instant, timeout: Duration) -> bool {
+    now.saturating_duration_since(last_seen) > timeout
+}
+
+/// A lease as the queen tracks it on a connected drone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveLease {
+    pub fence: Fence,
+    /// The number of the `assign` that granted it on the current connection (0 for a
+    /// lease re-attached from a hello, which the drone has necessarily seen).
+    pub ordinal: u64,
+}
+
+/// How a heartbeat's list of held tasks compares with the queen's view of that drone.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciliation {
+    /// Leases the drone should have (it has seen their assign) but does not report: lost.
+    pub missing: Vec<TaskId>,
+    /// Tasks the drone reports that are not its current leases and that the queen has not
+    /// already told it to drop: it must be told to cancel them.
+    pub foreign: Vec<Held>,
+    /// Previously foreign or finished tasks the drone no longer reports.
+    pub released: Vec<TaskId>,
+}
+
+/// Compares a heartbeat with the queen's leases for that drone. `known` are tasks the
+/// drone may legitimately still hold without a lease: ones it was told to cancel, or ones
+/// whose outcome it reported and awaits an ack for.
+pub fn reconcile(
+    leases: &HashMap<TaskId, LiveLease>,
+    known: &HashSet<TaskId>,
+    held: &[Held],
+    assigns_seen: u64,
+) -> Reconciliation {
+    let held_ids: HashMap<TaskId, Fence> = held.iter().map(|h| (h.task_id, h.fence)).collect();
+    let mut out = Reconciliation::default();
+    for (id, lease) in leases {
+        let reported = held_ids.get(id) == Some(&lease.fence);
+        if !reported && lease.ordinal <= assigns_seen {
+            out.missing.push(*id);
+        }
+    }
+    for h in held {
+        let ours = leases.get(&h.task_id).is_some_and(|l| l.fence == h.fence);
+        if !ours && !known.contains(&h.task_id) {
+            out.foreign.push(*h);
+        }
+    }
+    for id in known {
+        if !held_ids.contains_key(id) {
+            out.released.push(*id);
+        }
+    }
+    out.missing.sort();
+    out.released.sort();
+    out
+}
+
+/// What a hello's held task means for an orphaned lease (one whose drone disconnected,
+/// or any running lease after a queen restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reattach {
+    /// The drone still runs the current lease: keep it, no second run (SPEC G5).
+    Keep,
+    /// Not this lease (older fence, other drone, task moved on): tell the drone to stop.
+    Cancel,
+}
+
+pub fn reattach(
+    task: Option<(TaskState, Fence, Option<DroneId>)>,
+    drone: DroneId,
+    held_fence: Fence,
+) -> Reattach {
+    match task {
+        Some((TaskState::Running, fence, Some(holder))) if fence == held_fence && holder == drone => {
+            Reattach::Keep
+        }
+        _ => Reattach::Cancel,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: RetryPolicy =
+        RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(60) };
+
+    #[test]
+    fn backoff_doubles_per_attempt_and_is_capped() {
+        assert_eq!(POLICY.delay(1, 1.0), Duration::from_secs(1));
+        assert_eq!(POLICY.delay(2, 1.0), Duration::from_secs(2));
+        assert_eq!(POLICY.delay(4, 1.0), Duration::from_secs(8));
+        assert_eq!(POLICY.delay(10, 1.0), Duration::from_secs(60));
+        assert_eq!(POLICY.delay(u32::MAX, 1.0), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn jitter_spreads_between_half_and_the_full_delay() {
+        assert_eq!(POLICY.delay(3, 0.0), Duration::from_secs(2));
+        let mid = POLICY.delay(3, 0.5);
+        assert!(mid > Duration::from_secs(2) && mid < Duration::from_secs(4));
+    }
+
+    #[test]
+    fn a_failed_attempt_retries_until_attempts_run_out() {
+        let now = Utc::now();
+        match after_failure(1, 3, true, now, &POLICY, 1.0) {
+            AfterFailure::Retry { at } => assert_eq!(at - now, chrono::Duration::seconds(1)),
+            other => panic!("expected a retry, got {other:?}"),
+        }
+        assert_eq!(after_failure(3, 3, true, now, &POLICY, 1.0), AfterFailure::Fail);
+        assert_eq!(after_failure(1, 3, false, now, &POLICY, 1.0), AfterFailure::Fail);
+    }
+
+    #[test]
+    fn a_lost_lease_counts_as_an_attempt() {
+        assert_eq!(after_lost_lease(1, 2), AfterLostLease::Requeue);
+        assert_eq!(after_lost_lease(2, 2), AfterLostLease::Fail);
+    }
+
+    #[test]
+    fn only_the_current_fence_of_a_running_task_records() {
+        assert_eq!(judge_outcome(Some((TaskState::Running, Fence(2))), Fence(2)), Verdict::Record);
+        assert_eq!(judge_outcome(Some((TaskState::Running, Fence(3))), Fence(2)), Verdict::Stale);
+        assert_eq!(judge_outcome(Some((TaskState::Pending, Fence(2))), Fence(2)), Verdict::Stale);
+        assert_eq!(judge_outcome(Some((TaskState::Succeeded, Fence(2))), Fence(2)), Verdict::Stale);
+        assert_eq!(judge_outcome(None, Fence(1)), Verdict::Stale);
+    }
+
+    #[test]
+    fn silence_is_measured_against_the_timeout() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(5);
+        assert!(!is_silent(t0, t0 + Duration::from_secs(5), timeout));
+        assert!(is_silent(t0, t0 + Duration::from_millis(5_001), timeout));
+        // A clock that appears to go backwards never expires anyone.
+        assert!(!is_silent(t0 + Duration::from_secs(1), t0, timeout));
+    }
+
+    fn held(id: TaskId, fence: u64) -> Held {
+        Held { task_id: id, fence: Fence(fence) }
+    }
+
+    #[test]
+    fn a_seen_lease_missing_from_a_heartbeat_is_lost_but_one_in_flight_is_not() {
+        let (a, b) = (TaskId::generate(), TaskId::generate());
+        let leases = HashMap::from([
+            (a, LiveLease { fence: Fence(1), ordinal: 1 }),
+            (b, LiveLease { fence: Fence(4), ordinal: 2 }),
+        ]);
+        let r = reconcile(&leases, &HashSet::new(), &[], 1);
+        assert_eq!(r.missing, vec![a], "b's assign was not yet seen by the drone");
+        let r = reconcile(&leases, &HashSet::new(), &[held(a, 1)], 2);
+        assert_eq!(r.missing, vec![b]);
+        let r = reconcile(&leases, &HashSet::new(), &[held(a, 1), held(b, 4)], 2);
+        assert_eq!(r, Reconciliation::default());
+    }
+
+    #[test]
+    fn an_old_fence_in_a_heartbeat_is_foreign_and_a_released_one_frees_its_slot() {
+        let (a, c) = (TaskId::generate(), TaskId::generate());
+        let leases = HashMap::from([(a, LiveLease { fence: Fence(2), ordinal: 0 })]);
+        // The drone still runs a's previous lease: wrong fence, so foreign, and a is missing.
+        let r = reconcile(&leases, &HashSet::new(), &[held(a, 1)], 0);
+        assert_eq!(r.foreign, vec![held(a, 1)]);
+        assert_eq!(r.missing, vec![a]);
+        // c was already told to cancel: not foreign again; once gone it is released.
+        let known = HashSet::from([c]);
+        let r = reconcile(&HashMap::new(), &known, &[held(c, 1)], 0);
+        assert!(r.foreign.is_empty() && r.released.is_empty());
+        let r = reconcile(&HashMap::new(), &known, &[], 0);
+        assert_eq!(r.released, vec![c]);
+    }
+
+    #[test]
+    fn a_hello_reattaches_only_the_current_lease_of_the_same_drone() {
+        let d = DroneId::generate();
+        let other = DroneId::generate();
+        let running = |f, h| Some((TaskState::Running, Fence(f), Some(h)));
+        assert_eq!(reattach(running(3, d), d, Fence(3)), Reattach::Keep);
+        assert_eq!(reattach(running(3, d), d, Fence(2)), Reattach::Cancel);
+        assert_eq!(reattach(running(3, other), d, Fence(3)), Reattach::Cancel);
+        assert_eq!(reattach(Some((TaskState::Pending, Fence(3), None)), d, Fence(3)), Reattach::Cancel);
+        assert_eq!(reattach(None, d, Fence(1)), Reattach::Cancel);
+    }
+}

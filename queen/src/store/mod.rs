@@ -1,0 +1,555 @@
+//! The only code that touches sled. Scheduling sees tasks, mutations and commits; this
+//! module turns them into keys, batches and flushes, so the engine could be swapped
+//! without touching the scheduler.
+//!
+//! Layout: one sled tree, `hive`, with key prefixes, so that every commit — however many
+//! tasks it touches — is one atomic `apply_batch`:
+//!
+//! | key                               | value                                  |
+//! |-----------------------------------|----------------------------------------|
+//! | `m/schema`                        | schema version, u32 big-endian         |
+//! | `a/<task id>`                     | active (non-terminal) task record      |
+//! | `f/<task id>`                     | finished task record                   |
+//! | `t/<finished ms BE><task id>`     | retention index entry (JSON)           |
+//! | `i/<idempotency key>`             | task id                                |
+//! | `c/<queue>\0<state>`              | count of finished tasks, u64 BE        |
+//!
+//! Active and finished tasks live apart, so a restart reads only active ones.
+//!
+//! Writes go through one writer thread (group commit): it drains every commit waiting in
+//! its channel, applies them as one batch, flushes once (plus `syncfs` with
+//! `[storage] sync`), then runs every commit's continuation. Nothing is acknowledged or
+//! sent to a drone before the write it depends on is durable.
+
+pub mod record;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use shared::api::TaskState;
+use shared::TaskId;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::task::Task;
+
+/// The storage schema this build writes. See `migrations-notes/`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Commits queued for the writer before submitters wait: enough to keep a batch full
+/// while the previous one flushes, small enough to bound memory.
+pub const WRITE_QUEUE: usize = 16_384;
+
+/// Most commits in one group commit, so one flush never waits behind an unbounded batch.
+pub const MAX_COMMITS_PER_BATCH: usize = 8_192;
+
+const SCHEMA_KEY: &[u8] = b"m/schema";
+const ACTIVE: &[u8] = b"a/";
+const FINISHED: &[u8] = b"f/";
+const RETENTION: &[u8] = b"t/";
+const IDEM: &[u8] = b"i/";
+const COUNTS: &[u8] = b"c/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data dir {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("data dir {path} is in use by another queen (lock held{holder}); stop it or choose another queen.data_dir")]
+    Locked { path: PathBuf, holder: String },
+    #[error("database in {path} was written by storage schema {found}, newer than this queen's {supported}; upgrade the queen")]
+    NewerSchema { path: PathBuf, found: u32, supported: u32 },
+    #[error("database in {path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+}
+
+/// Why a commit did not become durable. Cloned to every waiter of a failed batch.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("write not durable: {0}")]
+pub struct CommitError(pub String);
+
+/// One change to stored state.
+#[derive(Debug)]
+pub enum Mutation {
+    /// Insert or replace an active task.
+    SaveActive { id: TaskId, record: Vec<u8> },
+    /// A task reached a terminal state: move it from active to finished.
+    Finish {
+        id: TaskId,
+        record: Vec<u8>,
+        finished_ms: i64,
+        index: RetentionEntry,
+        /// The queue's new count of finished tasks in this state.
+        count: u64,
+    },
+    /// Remember an idempotency key for a new task.
+    Idempotency { key: String, id: TaskId },
+    /// Drop an expired finished task and everything that points at it.
+    Purge { expired: Expired, count: u64 },
+}
+
+impl Mutation {
+    pub fn save(task: &Task) -> Mutation {
+        Mutation::SaveActive { id: task.id, record: record::encode(task) }
+    }
+
+    /// `count` is the new number of finished tasks in the task's queue and state.
+    pub fn finish(task: &Task, count: u64) -> Mutation {
+        let finished_ms = task.finished_at.map(|t| t.timestamp_millis()).unwrap_or(0);
+        Mutation::Finish {
+            id: task.id,
+            record: record::encode(task),
+            finished_ms,
+            index: RetentionEntry {
+                queue: task.queue.clone(),
+                state: task.state,
+                idempotency_key: task.idempotency_key.clone(),
+            },
+            count,
+        }
+    }
+}
+
+/// What the retention index remembers of a finished task, so a purge needs no record reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetentionEntry {
+    pub queue: String,
+    pub state: TaskState,
+    pub idempotency_key: Option<String>,
+}
+
+/// A finished task past its retention.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expired {
+    pub id: TaskId,
+    pub finished_ms: i64,
+    pub entry: RetentionEntry,
+}
+
+/// Runs once the commit is durable (or failed): sends an ack, an assign, an HTTP reply.
+pub type AfterCommit = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
+
+/// Mutations applied atomically, and what to do once they are durable.
+pub struct Commit {
+    pub mutations: Vec<Mutation>,
+    pub after: Option<AfterCommit>,
+}
+
+impl std::fmt::Debug for Commit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commit").field("mutations", &self.mutations).finish_non_exhaustive()
+    }
+}
+
+/// What the queen needs from disk to rebuild its in-memory state.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub active: Vec<Task>,
+    pub finished_counts: Vec<((String, TaskState), u64)>,
+}
+
+/// Read access, safe to share with HTTP handlers.
+#[derive(Clone, Debug)]
+pub struct StoreReader {
+    tree: sled::Tree,
+}
+
+/// The write side: owned by the scheduler core. Dropping it stops the writer thread after
+/// it has made every queued commit durable.
+#[derive(Debug)]
+pub struct StoreWriter {
+    tx: mpsc::Sender<Commit>,
+    durable: Arc<AtomicU64>,
+}
+
+/// The open store: keep it alive for as long as the database is in use. Its writer half
+/// ([`StoreWriter`]) is handed out separately, to the one component that writes.
+#[derive(Debug)]
+pub struct Store {
+    pub reader: StoreReader,
+    /// Joined at shutdown so the last commits are flushed before the process exits.
+    pub writer_thread: std::thread::JoinHandle<()>,
+    /// Held (with its flock) for as long as the queen runs.
+    _lock: File,
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenOptionsHive {
+    pub data_dir: PathBuf,
+    pub cache_capacity_bytes: u64,
+    pub sync: bool,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `opts.data_dir`, refusing a dir held by another
+    /// queen, a newer schema or a corrupt database; returns what must be rebuilt in memory.
+    /// `fatal` is cancelled if a write ever fails, since the in-memory state can no longer
+    /// be trusted to match the disk.
+    pub fn open(
+        opts: &OpenOptionsHive,
+        fatal: CancellationToken,
+    ) -> Result<(Store, StoreWriter, Recovered), StoreError> {
+        let dir = &opts.data_dir;
+        let io = |source| StoreError::Io { path: dir.clone(), source };
+        if dir.exists() && !dir.is_dir() {
+            return Err(StoreError::NotADirectory(dir.clone()));
+        }
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let lock = lock_data_dir(dir)?;
+
+        let db_path = dir.join("db");
+        remove_unfinished_snapshots(&db_path)?;
+        let db = sled::Config::new()
+            .path(&db_path)
+            .cache_capacity(opts.cache_capacity_bytes)
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Corruption { .. } => {
+                    StoreError::Corrupt { path: db_path.clone(), detail: e.to_string() }
+                }
+                sled::Error::Io(source) => StoreError::Io { path: db_path.clone(), source },
+                other => StoreError::Sled(other),
+            })?;
+        let tree = db.open_tree("hive")?;
+        check_schema(&tree, &db_path)?;
+        let recovered = recover(&tree, &db_path)?;
+
+        let sync_file = if opts.sync {
+            Some(File::open(db_path.join("db")).map_err(|source| StoreError::Io {
+                path: db_path.join("db"),
+                source,
+            })?)
+        } else {
+            None
+        };
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let durable = Arc::new(AtomicU64::new(0));
+        let writer = Writer { db, tree: tree.clone(), rx, durable: durable.clone(), sync_file, fatal };
+        let writer_thread = std::thread::Builder::new()
+            .name("hive-store-writer".into())
+            .spawn(move || writer.run())
+            .map_err(io)?;
+        Ok((
+            Store { reader: StoreReader { tree }, writer_thread, _lock: lock },
+            StoreWriter { tx, durable },
+            recovered,
+        ))
+    }
+}
+
+/// Takes an exclusive `flock` on `<data_dir>/LOCK` and writes our pid into it, so a second
+/// queen on the same data dir fails at once with a clear message. The lock dies with the
+/// process, so a `kill -9` never leaves a stale lock behind.
+fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join("LOCK");
+    let io = |source| StoreError::Io { path: path.clone(), source };
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.kind() == std::io::ErrorKind::WouldBlock {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() { String::new() } else { format!(" by pid {holder}") };
+            return Err(StoreError::Locked { path: dir.to_path_buf(), holder });
+        }
+        return Err(io(err));
+    }
+    file.set_len(0).map_err(io)?;
+    file.rewind().map_err(io)?;
+    writeln!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+/// A `kill -9` while sled writes its startup snapshot leaves `snap.*.generating`, which
+/// makes the next open fail with `Corruption` although the log is intact. The file is an
+/// incomplete, never-used snapshot: removing it loses nothing.
+fn remove_unfinished_snapshots(db_path: &Path) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(db_path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(StoreError::Io { path: db_path.to_path_buf(), source }),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing unfinished sled snapshot left by an interrupted start");
+            std::fs::remove_file(entry.path())
+                .map_err(|source| StoreError::Io { path: entry.path(), source })?;
+        }
+    }
+    Ok(())
+}
+
+fn check_schema(tree: &sled::Tree, db_path: &Path) -> Result<(), StoreError> {
+    match tree.get(SCHEMA_KEY)? {
+        None => {
+            // A database without a schema key must be empty: we write it first thing.
+            if tree.first()?.is_some() {
+                return Err(StoreError::Corrupt {
+                    path: db_path.to_path_buf(),
+                    detail: "records present but no schema version".into(),
+                });
+            }
+            tree.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+            tree.flush()?;
+            Ok(())
+        }
+        Some(raw) => {
+            let bytes: [u8; 4] = raw.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                path: db_path.to_path_buf(),
+                detail: "schema version is not 4 bytes".into(),
+            })?;
+            let found = u32::from_be_bytes(bytes);
+            if found > SCHEMA_VERSION {
+                return Err(StoreError::NewerSchema {
+                    path: db_path.to_path_buf(),
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            // Version 1 is the first schema: nothing older exists to migrate from.
+            Ok(())
+        }
+    }
+}
+
+fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt { path: db_path.to_path_buf(), detail };
+    let mut out = Recovered::default();
+    for item in tree.scan_prefix(ACTIVE) {
+        let (key, value) = item?;
+        let task = record::decode(&value)
+            .map_err(|e| corrupt(format!("active task key {:?}: {e}", String::from_utf8_lossy(&key))))?;
+        out.active.push(task);
+    }
+    for item in tree.scan_prefix(COUNTS) {
+        let (key, value) = item?;
+        let rest = &key[COUNTS.len()..];
+        let parsed = rest.iter().position(|b| *b == 0).and_then(|nul| {
+            let queue = std::str::from_utf8(&rest[..nul]).ok()?;
+            let state = std::str::from_utf8(&rest[nul + 1..]).ok()?.parse::<TaskState>().ok()?;
+            let count = u64::from_be_bytes(value.as_ref().try_into().ok()?);
+            Some(((queue.to_string(), state), count))
+        });
+        out.finished_counts.push(parsed.ok_or_else(|| corrupt("bad counter entry".into()))?);
+    }
+    Ok(out)
+}
+
+fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + rest.len());
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn retention_key(finished_ms: i64, id: TaskId) -> Vec<u8> {
+    let mut k = key(RETENTION, &(finished_ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(&id.to_bytes());
+    k
+}
+
+fn count_key(queue: &str, state: TaskState) -> Vec<u8> {
+    let mut k = key(COUNTS, queue.as_bytes());
+    k.push(0);
+    k.extend_from_slice(state.as_str().as_bytes());
+    k
+}
+
+impl StoreReader {
+    /// A finished task (active ones live in the scheduler's memory).
+    pub fn finished(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        match self.tree.get(key(FINISHED, &id.to_bytes()))? {
+            None => Ok(None),
+            Some(raw) => record::decode(&raw)
+                .map(Some)
+                .map_err(|detail| StoreError::Corrupt { path: PathBuf::from("finished"), detail }),
+        }
+    }
+
+    /// The task an idempotency key points at, if it is still retained.
+    pub fn idempotent(&self, idem_key: &str) -> Result<Option<TaskId>, StoreError> {
+        Ok(self.tree.get(key(IDEM, idem_key.as_bytes()))?.and_then(|raw| {
+            let bytes: [u8; 16] = raw.as_ref().try_into().ok()?;
+            Some(TaskId::from_bytes(bytes))
+        }))
+    }
+
+    /// Finished tasks, newest first, with ids below `before`, that `keep` accepts; reads at
+    /// most `scan_limit` records so a selective filter cannot scan all history.
+    pub fn finished_page(
+        &self,
+        before: Option<TaskId>,
+        limit: usize,
+        scan_limit: usize,
+        keep: impl Fn(&Task) -> bool,
+    ) -> Result<Vec<Task>, StoreError> {
+        let start = FINISHED.to_vec();
+        let end = match before {
+            Some(id) => key(FINISHED, &id.to_bytes()),
+            None => key(FINISHED, &[0xff; 17]),
+        };
+        let mut out = Vec::new();
+        for item in self.tree.range(start..end).rev().take(scan_limit) {
+            let (_, raw) = item?;
+            let task = record::decode(&raw)
+                .map_err(|detail| StoreError::Corrupt { path: PathBuf::from("finished"), detail })?;
+            if keep(&task) {
+                out.push(task);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` finished tasks that finished before `cutoff_ms`, oldest first.
+    pub fn expired(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<Expired>, StoreError> {
+        let end = key(RETENTION, &(cutoff_ms.max(0) as u64).to_be_bytes());
+        let mut out = Vec::new();
+        for item in self.tree.range(RETENTION.to_vec()..end).take(limit) {
+            let (k, v) = item?;
+            let rest = &k[RETENTION.len()..];
+            let parsed = (rest.len() == 24).then(|| {
+                let ms = u64::from_be_bytes(rest[..8].try_into().ok()?);
+                let id = TaskId::from_bytes(rest[8..].try_into().ok()?);
+                let entry: RetentionEntry = serde_json::from_slice(&v).ok()?;
+                Some(Expired { id, finished_ms: ms as i64, entry })
+            });
+            match parsed.flatten() {
+                Some(e) => out.push(e),
+                None => tracing::warn!(key = ?k, "skipping malformed retention entry"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl StoreWriter {
+    /// Queues a commit. Waits only when the writer is [`WRITE_QUEUE`] commits behind.
+    /// Commits become durable in the order they are sent.
+    pub async fn send(&self, commit: Commit) {
+        if let Err(mpsc::error::SendError(commit)) = self.tx.send(commit).await {
+            if let Some(after) = commit.after {
+                after(Err(CommitError("the store is shut down".into())));
+            }
+        }
+    }
+
+    /// How many commits are durable so far (commits are numbered from 1 in send order).
+    pub fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+}
+
+struct Writer {
+    db: sled::Db,
+    tree: sled::Tree,
+    rx: mpsc::Receiver<Commit>,
+    durable: Arc<AtomicU64>,
+    sync_file: Option<File>,
+    fatal: CancellationToken,
+}
+
+impl Writer {
+    /// Waits for work, then does one unit of it: a group commit.
+    fn run(mut self) {
+        let mut failed: Option<CommitError> = None;
+        while let Some(first) = self.rx.blocking_recv() {
+            let mut commits = vec![first];
+            while commits.len() < MAX_COMMITS_PER_BATCH {
+                match self.rx.try_recv() {
+                    Ok(c) => commits.push(c),
+                    Err(_) => break,
+                }
+            }
+            let result = match &failed {
+                Some(err) => Err(err.clone()),
+                None => self.group_commit(&mut commits),
+            };
+            if let Err(err) = &result {
+                if failed.is_none() {
+                    tracing::error!(error = %err, "store write failed; the queen must stop");
+                    self.fatal.cancel();
+                    failed = Some(err.clone());
+                }
+            } else {
+                self.durable.fetch_add(commits.len() as u64, Ordering::AcqRel);
+            }
+            for commit in commits {
+                if let Some(after) = commit.after {
+                    after(result.clone());
+                }
+            }
+        }
+        if let Err(e) = self.db.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+
+    fn group_commit(&self, commits: &mut [Commit]) -> Result<(), CommitError> {
+        let mut batch = sled::Batch::default();
+        for commit in commits.iter_mut() {
+            for m in commit.mutations.drain(..) {
+                self.apply(&mut batch, m).map_err(|e| CommitError(e.to_string()))?;
+            }
+        }
+        self.tree.apply_batch(batch).map_err(|e| CommitError(e.to_string()))?;
+        self.db.flush().map_err(|e| CommitError(e.to_string()))?;
+        if let Some(file) = &self.sync_file {
+            // sled's flush uses sync_file_range, which survives a killed process but not
+            // power loss. syncfs covers the db file and any blob files sled wrote.
+            // SAFETY: syncfs on a descriptor we own.
+            if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
+                return Err(CommitError(format!("syncfs: {}", std::io::Error::last_os_error())));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&self, batch: &mut sled::Batch, m: Mutation) -> Result<(), sled::Error> {
+        match m {
+            Mutation::SaveActive { id, record } => batch.insert(key(ACTIVE, &id.to_bytes()), record),
+            Mutation::Finish { id, record, finished_ms, index, count } => {
+                batch.remove(key(ACTIVE, &id.to_bytes()));
+                batch.insert(key(FINISHED, &id.to_bytes()), record);
+                let entry = serde_json::to_vec(&index).unwrap_or_default();
+                batch.insert(retention_key(finished_ms, id), entry);
+                batch.insert(count_key(&index.queue, index.state), &count.to_be_bytes());
+            }
+            Mutation::Idempotency { key: k, id } => {
+                batch.insert(key(IDEM, k.as_bytes()), &id.to_bytes());
+            }
+            Mutation::Purge { expired, count } => {
+                batch.remove(key(FINISHED, &expired.id.to_bytes()));
+                batch.remove(retention_key(expired.finished_ms, expired.id));
+                batch.insert(count_key(&expired.entry.queue, expired.entry.state), &count.to_be_bytes());
+                if let Some(k) = &expired.entry.idempotency_key {
+                    // Only drop the key if it still names this task. Safe to read here:
+                    // this thread is the only writer.
+                    let ik = key(IDEM, k.as_bytes());
+                    if self.tree.get(&ik)?.as_deref() == Some(&expired.id.to_bytes()[..]) {
+                        batch.remove(ik);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,211 @@
+//! On-disk task records. A shipped format is frozen: a change adds `mod v2` with a
+//! `migrate(v1)`, bumps [`super::SCHEMA_VERSION`] and adds a note in `migrations-notes/`.
+//! Each record is one version byte followed by the version's JSON encoding.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shared::api::{AttemptError, TaskState};
+use shared::{DroneId, Fence, TaskId};
+
+use crate::task::{Lease, Task};
+
+pub mod v1 {
+    use super::*;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum State {
+        Pending,
+        Scheduled,
+        Blocked,
+        Running,
+        Succeeded,
+        Failed,
+        Cancelled,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct AttemptErr {
+        pub attempt: u32,
+        pub fence: u64,
+        pub drone: Option<DroneId>,
+        pub error: String,
+        pub at: DateTime<Utc>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct LeaseRec {
+        pub drone: DroneId,
+        pub drone_name: String,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct TaskRecord {
+        pub id: TaskId,
+        pub queue: String,
+        pub kind: String,
+        pub payload: Value,
+        pub priority: i32,
+        pub labels: Vec<String>,
+        pub idempotency_key: Option<String>,
+        pub depends_on: Vec<TaskId>,
+        pub max_attempts: u32,
+        pub timeout_ms: Option<u64>,
+        pub state: State,
+        pub attempts: u32,
+        pub fence: u64,
+        pub lease: Option<LeaseRec>,
+        pub result: Option<Value>,
+        pub errors: Vec<AttemptErr>,
+        pub cancel_reason: Option<String>,
+        pub created_at: DateTime<Utc>,
+        pub run_at: Option<DateTime<Utc>>,
+        pub started_at: Option<DateTime<Utc>>,
+        pub finished_at: Option<DateTime<Utc>>,
+    }
+}
+
+/// The version byte written before every record.
+pub const RECORD_V1: u8 = 1;
+
+fn state_to_v1(s: TaskState) -> v1::State {
+    match s {
+        TaskState::Pending => v1::State::Pending,
+        TaskState::Scheduled => v1::State::Scheduled,
+        TaskState::Blocked => v1::State::Blocked,
+        TaskState::Running => v1::State::Running,
+        TaskState::Succeeded => v1::State::Succeeded,
+        TaskState::Failed => v1::State::Failed,
+        TaskState::Cancelled => v1::State::Cancelled,
+    }
+}
+
+fn state_from_v1(s: v1::State) -> TaskState {
+    match s {
+        v1::State::Pending => TaskState::Pending,
+        v1::State::Scheduled => TaskState::Scheduled,
+        v1::State::Blocked => TaskState::Blocked,
+        v1::State::Running => TaskState::Running,
+        v1::State::Succeeded => TaskState::Succeeded,
+        v1::State::Failed => TaskState::Failed,
+        v1::State::Cancelled => TaskState::Cancelled,
+    }
+}
+
+/// Encodes a task as the current record version.
+pub fn encode(task: &Task) -> Vec<u8> {
+    let rec = v1::TaskRecord {
+        id: task.id,
+        queue: task.queue.clone(),
+        kind: task.kind.clone(),
+        payload: task.payload.clone(),
+        priority: task.priority,
+        labels: task.labels.clone(),
+        idempotency_key: task.idempotency_key.clone(),
+        depends_on: task.depends_on.clone(),
+        max_attempts: task.max_attempts,
+        timeout_ms: task.timeout_ms,
+        state: state_to_v1(task.state),
+        attempts: task.attempts,
+        fence: task.fence.0,
+        lease: task
+            .lease
+            .as_ref()
+            .map(|l| v1::LeaseRec { drone: l.drone, drone_name: l.drone_name.clone() }),
+        result: task.result.clone(),
+        errors: task
+            .errors
+            .iter()
+            .map(|e| v1::AttemptErr {
+                attempt: e.attempt,
+                fence: e.fence.0,
+                drone: e.drone,
+                error: e.error.clone(),
+                at: e.at,
+            })
+            .collect(),
+        cancel_reason: task.cancel_reason.clone(),
+        created_at: task.created_at,
+        run_at: task.run_at,
+        started_at: task.started_at,
+        finished_at: task.finished_at,
+    };
+    let mut out = Vec::with_capacity(256);
+    out.push(RECORD_V1);
+    // Serializing plain structs of strings, numbers and JSON values cannot fail.
+    if serde_json::to_writer(&mut out, &rec).is_err() {
+        out.truncate(1);
+    }
+    out
+}
+
+/// Decodes a record of any known version into the current task shape.
+pub fn decode(bytes: &[u8]) -> Result<Task, String> {
+    let (&version, body) = bytes.split_first().ok_or("empty record")?;
+    match version {
+        RECORD_V1 => {
+            let r: v1::TaskRecord =
+                serde_json::from_slice(body).map_err(|e| format!("bad v1 record: {e}"))?;
+            Ok(Task {
+                id: r.id,
+                queue: r.queue,
+                kind: r.kind,
+                payload: r.payload,
+                priority: r.priority,
+                labels: r.labels,
+                idempotency_key: r.idempotency_key,
+                depends_on: r.depends_on,
+                max_attempts: r.max_attempts,
+                timeout_ms: r.timeout_ms,
+                state: state_from_v1(r.state),
+                attempts: r.attempts,
+                fence: Fence(r.fence),
+                lease: r.lease.map(|l| Lease { drone: l.drone, drone_name: l.drone_name }),
+                result: r.result,
+                errors: r
+                    .errors
+                    .into_iter()
+                    .map(|e| AttemptError {
+                        attempt: e.attempt,
+                        fence: Fence(e.fence),
+                        drone: e.drone,
+                        error: e.error,
+                        at: e.at,
+                    })
+                    .collect(),
+                cancel_reason: r.cancel_reason,
+                created_at: r.created_at,
+                run_at: r.run_at,
+                started_at: r.started_at,
+                finished_at: r.finished_at,
+            })
+        }
+        other => Err(format!("unknown record version {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::api::TaskSpec;
+
+    #[test]
+    fn a_task_round_trips_through_its_record() {
+        let spec = TaskSpec { kind: "echo".into(), payload: serde_json::json!({"a": 1}), ..Default::default() };
+        let mut t = Task::from_spec(spec, TaskId::generate(), Utc::now(), &Default::default())
+            .expect("valid spec");
+        t.state = TaskState::Running;
+        t.fence = Fence(7);
+        t.attempts = 2;
+        t.lease = Some(Lease { drone: DroneId::generate(), drone_name: "d1".into() });
+        t.errors.push(AttemptError { attempt: 1, fence: Fence(6), drone: None, error: "boom".into(), at: Utc::now() });
+        assert_eq!(decode(&encode(&t)), Ok(t));
+    }
+
+    #[test]
+    fn an_unknown_version_is_refused_not_guessed() {
+        assert!(decode(&[9, b'{', b'}']).unwrap_err().contains("version 9"));
+        assert!(decode(&[]).is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! JSON shapes of the HTTP API (`/v1/...`), shared by the queen, the CLI and tests.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{DroneId, Fence, TaskId};
+
+/// What a client submits. Unknown fields are refused with an error naming them, so a typo
+/// (`priorty`) is never silently ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// What runs it: `exec`, `echo`, or a kind some drone registers.
+    pub kind: String,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// Higher runs first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// Not before this instant (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    /// Not before this many milliseconds from now (exclusive with `run_at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Per attempt; the drone kills the attempt past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// A drone must have all of these to take the task.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// A second submit with the same key returns the first task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Tasks that must succeed before this one runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<TaskId>,
+}
+
+/// Body of `POST /v1/tasks/batch`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub tasks: Vec<TaskSpec>,
+}
+
+/// Answer of `POST /v1/tasks/batch`: the records in the order submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchResponse {
+    pub tasks: Vec<TaskView>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Runnable now, waiting for a drone with a free slot.
+    Pending,
+    /// Waiting for `run_at` or a retry backoff.
+    Scheduled,
+    /// Waiting for its dependencies.
+    Blocked,
+    /// Leased to a drone.
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Pending,
+        TaskState::Scheduled,
+        TaskState::Blocked,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Cancelled,
+    ];
+
+    /// A terminal state never changes again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Scheduled => "scheduled",
+            TaskState::Blocked => "blocked",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown state `{s}`, expected one of pending, scheduled, blocked, running, succeeded, failed, cancelled"
+                )
+            })
+    }
+}
+
+/// One attempt's failure, kept for every attempt (SPEC G8).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptError {
+    pub attempt: u32,
+    pub fence: Fence,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drone: Option<DroneId>,
+    pub error: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Who holds a running task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseView {
+    pub drone: DroneId,
+    #[serde(default)]
+    pub drone_name: String,
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: TaskId,
+    pub queue: String,
+    pub kind: String,
+    pub payload: Value,
+    pub priority: i32,
+    pub state: TaskState,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub fence: Fence,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub depends_on: Vec<TaskId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseView>,
+    #[serde(default)]
+    pub result: Option<Value>,
+    #[serde(default)]
+    pub errors: Vec<AttemptError>,
+    /// Why a task was cancelled, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// When a scheduled task becomes runnable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Answer of `GET /v1/tasks`: newest first. Pass `next` back as `before` for the next page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskPage {
+    pub tasks: Vec<TaskView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<TaskId>,
+}
+
+/// A connected (or recently disconnected) drone, for `GET /v1/drones`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DroneView {
+    pub id: DroneId,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub kinds: Vec<String>,
+    pub slots: u32,
+    pub running: Vec<TaskId>,
+    pub connected: bool,
+    pub draining: bool,
+    pub last_seen: DateTime<Utc>,
+}
+
+/// Answer of `GET /v1/drones`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DronesResponse {
+    pub drones: Vec<DroneView>,
+}
+
+/// Answer of `GET /v1/stats`: task counts by state, overall and per queue.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub by_state: std::collections::BTreeMap<String, u64>,
+    pub by_queue: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    pub drones_connected: u64,
+    /// Pending tasks no connected drone can run (kind or labels).
+    pub unroutable: u64,
+}
+
+/// Every API error body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_with_an_unknown_field_is_refused_naming_it() {
+        let err = serde_json::from_str::<TaskSpec>(r#"{"kind":"echo","priorty":3}"#)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("priorty"), "{err}");
+    }
+
+    #[test]
+    fn states_parse_and_print_lowercase() {
+        for st in TaskState::ALL {
+            assert_eq!(st.as_str().parse::<TaskState>(), Ok(st));
+            assert_eq!(serde_json::to_value(st).ok(), Some(Value::from(st.as_str())));
+        }
+        assert!("done".parse::<TaskState>().is_err());
+    }
+}
