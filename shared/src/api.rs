@@ -24,7 +24,7 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
     /// Not before this instant (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "run_at")]
     pub run_at: Option<DateTime<Utc>>,
     /// Not before this many milliseconds from now (exclusive with `run_at`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,6 +43,19 @@ pub struct TaskSpec {
     /// Tasks that must succeed before this one runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<TaskId>,
+}
+
+/// Parses `run_at`, naming the field in the error (chrono's own error does not).
+fn run_at<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    let raw: Option<String> = Option::deserialize(d)?;
+    raw.map(|s| {
+        DateTime::parse_from_rfc3339(&s).map(|t| t.with_timezone(&Utc)).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "run_at must be an RFC 3339 timestamp like 2026-01-01T12:00:00Z, got `{s}` ({e})"
+            ))
+        })
+    })
+    .transpose()
 }
 
 /// Body of `POST /v1/tasks/batch`.
