@@ -73,6 +73,16 @@ impl Queen {
         Ok(Queen { cfg, store, core, handle, requests, fatal })
     }
 
+    /// A handle to the scheduler core, for in-process clients (the `dev` command, tests).
+    pub fn handle(&self) -> CoreHandle {
+        self.handle.clone()
+    }
+
+    /// Read access to stored (finished) tasks, for in-process clients.
+    pub fn reader(&self) -> store::StoreReader {
+        self.store.reader.clone()
+    }
+
     /// Serves drones and the API until `shutdown` is cancelled (or a store write fails),
     /// then stops every component and makes every queued write durable.
     pub async fn serve(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), QueenError> {

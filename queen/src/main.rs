@@ -10,14 +10,24 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+mod dev;
+
 /// The Hive's queen: a durable, fault-tolerant job scheduler.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
     /// TOML config file (see config/hive.toml). Without it, defaults serve a local hive.
     /// Every key can be overridden by HIVE_<SECTION>__<KEY> environment variables.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// A local hive in one command: queen, local drones and a sample batch to watch.
+    Dev(dev::DevArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,7 +47,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(cfg)) {
+    let result = match cli.command {
+        None => runtime.block_on(serve(cfg)),
+        Some(Command::Dev(args)) => runtime.block_on(dev::run(cfg, args)),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
