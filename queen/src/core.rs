@@ -181,6 +181,9 @@ pub struct Core {
     /// Queen-side attempt deadlines: a task past `timeout_ms` plus the heartbeat timeout
     /// without a report is failed by the queen.
     attempt_deadlines: BTreeSet<(Instant, TaskId, Fence)>,
+    /// The entry of each running task in `attempt_deadlines`, so it can be dropped when
+    /// the attempt ends (the set stays as small as the running set).
+    deadline_of: HashMap<TaskId, (Instant, Fence)>,
     finished_counts: HashMap<(String, TaskState), u64>,
     rng: StdRng,
     retry: RetryPolicy,
@@ -225,6 +228,7 @@ impl Core {
             conn_drone: HashMap::new(),
             orphans: HashMap::new(),
             attempt_deadlines: BTreeSet::new(),
+            deadline_of: HashMap::new(),
             finished_counts: recovered.finished_counts.into_iter().collect(),
             rng: StdRng::from_os_rng(),
             retry,
@@ -535,6 +539,7 @@ impl Core {
     fn cancel_task(&mut self, id: TaskId, reason: String, wall: DateTime<Utc>) -> Option<TaskView> {
         let mut task = self.tasks.remove(&id)?;
         self.dequeue(&task);
+        self.clear_deadline(id);
         let mut notify: Option<(Conn, CancelTask)> = None;
         if task.state == TaskState::Running {
             self.orphans.remove(&id);
@@ -791,6 +796,7 @@ impl Core {
     }
 
     fn succeed(&mut self, id: TaskId, result: Value, wall: DateTime<Utc>) {
+        self.clear_deadline(id);
         let Some(mut task) = self.tasks.remove(&id) else { return };
         tracing::info!(task_id = %id, fence = %task.fence, attempt = task.attempts, "task succeeded");
         task.state = TaskState::Succeeded;
@@ -801,6 +807,7 @@ impl Core {
     }
 
     fn attempt_failed(&mut self, id: TaskId, error: String, retryable: bool, result: Option<Value>, drone: Option<DroneId>, wall: DateTime<Utc>) {
+        self.clear_deadline(id);
         let Some(mut task) = self.tasks.remove(&id) else { return };
         task.errors.push(AttemptError { attempt: task.attempts, fence: task.fence, drone, error: error.clone(), at: wall });
         task.lease = None;
@@ -835,6 +842,7 @@ impl Core {
             self.tasks.insert(id, task);
             return;
         }
+        self.clear_deadline(id);
         let drone = task.lease.as_ref().map(|l| l.drone);
         task.errors.push(AttemptError { attempt: task.attempts, fence: task.fence, drone, error: format!("lease lost: {reason}"), at: wall });
         task.lease = None;
@@ -910,6 +918,13 @@ impl Core {
         let m = Mutation::save(&task);
         self.tasks.insert(id, task);
         self.commit(vec![m], None);
+    }
+
+    /// Forgets the queen-side deadline of an attempt that ended.
+    fn clear_deadline(&mut self, id: TaskId) {
+        if let Some((at, fence)) = self.deadline_of.remove(&id) {
+            self.attempt_deadlines.remove(&(at, id, fence));
+        }
     }
 
     fn bump_finished(&mut self, task: &Task) -> u64 {
@@ -993,6 +1008,7 @@ impl Core {
                 break;
             }
             self.attempt_deadlines.pop_first();
+            self.deadline_of.remove(&id);
             let still = self.tasks.get(&id).is_some_and(|t| t.state == TaskState::Running && t.fence == fence);
             if still {
                 let holder = self.tasks.get(&id).and_then(|t| t.lease.as_ref()).map(|l| l.drone);
@@ -1067,6 +1083,14 @@ impl Core {
                     continue;
                 }
                 let Some(tid) = self.ready.pop_for(&drone.kinds, &drone.labels) else { continue };
+                if drone.cancelling.contains(&tid) {
+                    // This drone is still killing an older attempt of the task: give it
+                    // to another drone (or to this one once the old attempt is gone).
+                    if let Some(task) = self.tasks.get(&tid) {
+                        self.ready.push(task);
+                    }
+                    continue;
+                }
                 self.grant(*id, tid, wall);
                 progress = true;
                 if self.ready.is_empty() {
@@ -1092,6 +1116,7 @@ impl Core {
         if let Some(ms) = task.timeout_ms {
             let deadline = Instant::now() + Duration::from_millis(ms) + self.cfg.leases.heartbeat_timeout();
             self.attempt_deadlines.insert((deadline, tid, task.fence));
+            self.deadline_of.insert(tid, (deadline, task.fence));
         }
         tracing::info!(task_id = %tid, drone = %drone_id, fence = %task.fence, attempt = task.attempts, "lease granted");
         let msg = QueenMessage::Assign(Assign {
