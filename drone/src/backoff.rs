@@ -86,11 +86,19 @@ mod tests {
             let mut seen = std::collections::HashSet::new();
             for _ in 0..200 {
                 let d = b.delay(attempt, &mut rng);
-                assert!(d <= b.ceiling(attempt), "{d:?} above {:?}", b.ceiling(attempt));
+                assert!(
+                    d <= b.ceiling(attempt),
+                    "{d:?} above {:?}",
+                    b.ceiling(attempt)
+                );
                 seen.insert(d);
             }
             // A constant delay would mean no jitter: drones would retry in lockstep.
-            assert!(seen.len() > 10, "attempt {attempt}: only {} distinct delays", seen.len());
+            assert!(
+                seen.len() > 10,
+                "attempt {attempt}: only {} distinct delays",
+                seen.len()
+            );
         }
     }
 
@@ -107,6 +115,9 @@ mod tests {
         let m10 = mean(10, &mut rng);
         assert!(m0 < m3 && m3 < m10, "{m0:?} {m3:?} {m10:?}");
         // Full jitter over [0, 5 s] averages about 2.5 s.
-        assert!(m10 > Duration::from_secs(2) && m10 < Duration::from_secs(3), "{m10:?}");
+        assert!(
+            m10 > Duration::from_secs(2) && m10 < Duration::from_secs(3),
+            "{m10:?}"
+        );
     }
 }

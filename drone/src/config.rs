@@ -41,6 +41,14 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = shared::frame::DEFAULT_MAX_FRAME_LEN;
 /// fit, which would make the drone reconnect forever for no visible reason.
 pub const MIN_MAX_FRAME_LEN: usize = 4 * 1024;
 
+/// The most slots a queen accepts in a hello (the queen's `MAX_SLOTS`). Checked here so a
+/// typo fails at start with a clear message instead of an endless reconnect loop.
+pub const MAX_SLOTS: u32 = 10_000;
+
+/// The longest drone name a queen accepts, in bytes (the queen's `MAX_NAME_LEN`); checked
+/// here for the same reason.
+pub const MAX_NAME_LEN: usize = 128;
+
 /// The drone's name when the host has none we can read.
 pub const FALLBACK_NAME: &str = "drone";
 
@@ -269,13 +277,19 @@ impl Config {
         };
 
         let slots = cli.slots.or(file.slots).unwrap_or(defaults.slots);
-        if slots == 0 {
-            return Err(invalid("slots", "must be at least 1, got 0"));
+        if slots == 0 || slots > MAX_SLOTS {
+            return Err(invalid(
+                "slots",
+                format!("must be between 1 and {MAX_SLOTS}, got {slots}"),
+            ));
         }
 
         let name = cli.name.clone().or(file.name).unwrap_or(defaults.name);
-        if name.trim().is_empty() {
-            return Err(invalid("name", "must not be empty"));
+        if name.trim().is_empty() || name.len() > MAX_NAME_LEN {
+            return Err(invalid(
+                "name",
+                format!("must be 1 to {MAX_NAME_LEN} bytes, got {}", name.len()),
+            ));
         }
 
         // Flags replace the file's labels rather than adding to them, so one command line
@@ -286,16 +300,15 @@ impl Config {
             cli.labels.clone()
         };
         if let Some(bad) = labels.iter().find(|l| l.trim().is_empty()) {
-            return Err(invalid("labels", format!("a label must not be empty, got `{bad}`")));
+            return Err(invalid(
+                "labels",
+                format!("a label must not be empty, got `{bad}`"),
+            ));
         }
 
         // An empty token (say `HIVE_DRONE_TOKEN=` in a unit file) means "no token", not a
         // token that is the empty string.
-        let token = cli
-            .token
-            .clone()
-            .or(file.token)
-            .filter(|t| !t.0.is_empty());
+        let token = cli.token.clone().or(file.token).filter(|t| !t.0.is_empty());
 
         let max_frame_len = file.max_frame_len.unwrap_or(defaults.max_frame_len);
         if max_frame_len < MIN_MAX_FRAME_LEN {
@@ -465,6 +478,7 @@ mod tests {
     fn bad_values_are_refused_with_the_key_named() {
         let cases: &[(&str, &str)] = &[
             ("slots = 0", "slots"),
+            ("slots = 10001", "slots"),
             ("queen = \"no-port\"", "queen"),
             ("queen = \"host:99999\"", "queen"),
             ("queen = \":8080\"", "queen"),
@@ -472,6 +486,12 @@ mod tests {
             ("labels = [\"\"]", "labels"),
             ("max_frame_len = 10", "max_frame_len"),
         ];
+        let long_name = format!("name = \"{}\"", "n".repeat(MAX_NAME_LEN + 1));
+        let cases: Vec<(&str, &str)> = cases
+            .iter()
+            .copied()
+            .chain([(long_name.as_str(), "name")])
+            .collect();
         for (text, key) in cases {
             let err = Config::from_layers(file(text), &Cli::default())
                 .err()

@@ -62,7 +62,9 @@ impl Spawner {
     /// Starts the spawner thread inside the current tokio runtime (children are reaped by
     /// that runtime).
     pub fn start() -> io::Result<Self> {
-        let runtime = tokio::runtime::Handle::current();
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            io::Error::other("the drone must run inside a tokio runtime (it reaps children there)")
+        })?;
         let (tx, rx) = std::sync::mpsc::channel::<(Command, SpawnReply)>();
         std::thread::Builder::new()
             .name("drone-spawner".into())

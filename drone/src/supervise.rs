@@ -22,7 +22,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;
 
 /// The hidden first argument that turns the drone binary into the shim. `main.rs` checks
@@ -46,7 +46,12 @@ const EXIT_USAGE: i32 = 2;
 /// Signals the shim blocks and handles on its own thread: the parent-death signal, and
 /// the polite stop signals the drone (or a terminal) sends to the whole group, which are
 /// meant for the command, not for the shim that must outlive it to report its status.
-const HANDLED: [libc::c_int; 4] = [PARENT_DEATH_SIGNAL, libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+const HANDLED: [libc::c_int; 4] = [
+    PARENT_DEATH_SIGNAL,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+];
 
 /// The parsed shim command line.
 #[derive(Debug, PartialEq)]
@@ -128,9 +133,21 @@ pub fn main(args: Vec<OsString>) -> i32 {
         return EXIT_NOT_STARTED;
     }
 
-    // std::process::Command gives the command an empty signal mask and default SIGPIPE,
-    // and leaves it in our process group with our stdio (the drone's pipes).
-    let mut child = match Command::new(&inv.program).args(&inv.args).spawn() {
+    // The command stays in our process group with our stdio (the drone's pipes). Its
+    // signal mask must be emptied by hand: a blocked mask survives fork and exec, and a
+    // command that cannot receive SIGTERM cannot be stopped politely.
+    let mut command = Command::new(&inv.program);
+    command.args(&inv.args);
+    let empty = signal_set(&[]);
+    // SAFETY: runs in the forked child before exec and only calls pthread_sigmask, which
+    // is async-signal-safe, on a set built before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
             report_not_started(status, &inv.program, &e.to_string());
@@ -246,10 +263,7 @@ mod tests {
                 args: os(&["-c", "echo hi"]),
             })
         );
-        assert_eq!(
-            parse(&os(&["--", "true"])).map(|i| i.status_fd),
-            Ok(None)
-        );
+        assert_eq!(parse(&os(&["--", "true"])).map(|i| i.status_fd), Ok(None));
     }
 
     #[test]

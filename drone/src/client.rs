@@ -1,0 +1,906 @@
+//! The drone's life: the connection to its queen (an explicit state machine), the tasks it
+//! holds, its outbox, and graceful shutdown.
+//!
+//! One loop owns all state and reacts to one event at a time: a frame from the queen, a
+//! finished task, a heartbeat tick, a retry timer, a shutdown signal. Tasks run on their
+//! own tokio tasks and report back over a channel, so a slow task never delays a
+//! heartbeat, and a lost connection never touches a running task.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use shared::frame::{self, FrameError};
+use shared::protocol::{
+    Assign, CancelTask, DroneMessage, Heartbeat, Held, Hello, QueenMessage, Reject, Welcome,
+    PROTOCOL_VERSION,
+};
+use shared::DroneId;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::config::{Config, QueenAddr};
+use crate::executor::{Executor, StopReason, KINDS};
+use crate::outbox::{Outbox, Outcome};
+use crate::process::Spawner;
+
+/// How long one connect may take (5 s): a queen that does not answer a SYN in that time is
+/// as good as down, and the backoff will try again.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the queen may take to answer a hello (10 s). It only has to check the token and
+/// re-attach leases; longer means it is stuck, and a fresh connection is the better bet.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After a graceful drain, how long the drone waits for the queen to acknowledge its last
+/// outcomes (5 s): enough for a flush on a busy queen, short enough not to hold up a deploy.
+pub const GRACEFUL_DELIVERY_WINDOW: Duration = Duration::from_secs(5);
+
+/// After a forced stop (second signal, or the drain grace ran out), how long the drone
+/// tries to deliver the killed tasks' outcomes (2 s). Undelivered ones are not lost work:
+/// the queen requeues leases it stops hearing about.
+pub const FORCED_DELIVERY_WINDOW: Duration = Duration::from_secs(2);
+
+/// The fastest heartbeat the drone sends whatever the queen asks (50 ms), so a queen that
+/// sends a zero interval cannot make it spin.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The shortest time a single write may take before the connection is declared dead.
+/// Normally the bound is the queen's heartbeat timeout: a drone that cannot get a message
+/// out for that long has lost its leases anyway.
+pub const MIN_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Finished tasks waiting for the loop to pick up their outcome. The queen bounds running
+/// tasks by slots, so this rarely fills; when it does, finished tasks simply wait.
+pub const OUTCOME_CHANNEL_CAPACITY: usize = 64;
+
+/// How long `run` waits for task executors to wind down once it has decided to return.
+pub const EXIT_WAIT: Duration = Duration::from_secs(1);
+
+/// How the drone is told to stop. The first token asks for a graceful drain; the second
+/// for an immediate stop (running tasks are killed). The binary cancels them on the first
+/// and second SIGTERM/SIGINT.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Stop taking tasks, let running ones finish (up to the drain grace), deliver the
+    /// outbox, return.
+    pub graceful: CancellationToken,
+    /// Kill running tasks now, try briefly to deliver their outcomes, return.
+    pub immediate: CancellationToken,
+}
+
+/// Why [`crate::run`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum DroneError {
+    #[error("the queen rejected this drone: {reason} (the queen speaks protocol versions {supported_versions:?}, this drone speaks {PROTOCOL_VERSION})")]
+    Rejected {
+        reason: String,
+        supported_versions: Vec<u32>,
+    },
+    #[error("could not start the process spawner thread: {0}")]
+    Spawner(#[source] std::io::Error),
+}
+
+/// Why one connection attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("could not connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("no connection within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("connection failed during the handshake: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("no welcome within {0:?}")]
+    WelcomeTimeout(Duration),
+    #[error("the queen closed the connection before answering the hello")]
+    Closed,
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("expected welcome or reject, got {0}")]
+    Unexpected(&'static str),
+    #[error("rejected: {}", .0.reason)]
+    Rejected(Reject),
+}
+
+/// Whether a reject is worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectKind {
+    /// Retrying cannot help (wrong token, protocol version the queen does not speak):
+    /// the drone exits and says why.
+    Fatal,
+    /// Possibly transient (the queen is starting, overloaded, ...): retry with backoff.
+    Transient,
+}
+
+/// Sorts a reject. The protocol carries no reject code, so auth problems are recognised
+/// by their wording; a version problem also by the queen's list of versions.
+pub fn classify_reject(reject: &Reject) -> RejectKind {
+    if !reject.supported_versions.is_empty()
+        && !reject.supported_versions.contains(&PROTOCOL_VERSION)
+    {
+        return RejectKind::Fatal;
+    }
+    let reason = reject.reason.to_lowercase();
+    let fatal_words = ["token", "auth", "version", "unsupported protocol"];
+    if fatal_words.iter().any(|w| reason.contains(w)) {
+        RejectKind::Fatal
+    } else {
+        RejectKind::Transient
+    }
+}
+
+/// An established, welcomed connection.
+#[derive(Debug)]
+struct Session {
+    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    heartbeat: Interval,
+    heartbeat_interval: Duration,
+    write_timeout: Duration,
+    /// `assign` messages received on this connection (the queen compares it with what it
+    /// sent to tell a lost assign from one still in flight).
+    assigns_seen: u64,
+}
+
+impl Session {
+    fn new(framed: Framed<TcpStream, LengthDelimitedCodec>, welcome: &Welcome) -> Self {
+        let heartbeat_interval =
+            Duration::from_millis(welcome.heartbeat_interval_ms).max(MIN_HEARTBEAT_INTERVAL);
+        let heartbeat_timeout = Duration::from_millis(welcome.heartbeat_timeout_ms);
+        set_tcp_user_timeout(framed.get_ref(), heartbeat_timeout.max(MIN_WRITE_TIMEOUT));
+        let mut heartbeat =
+            tokio::time::interval_at(Instant::now() + heartbeat_interval, heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Session {
+            framed,
+            heartbeat,
+            heartbeat_interval,
+            write_timeout: heartbeat_timeout.max(MIN_WRITE_TIMEOUT),
+            assigns_seen: 0,
+        }
+    }
+}
+
+/// Makes the kernel fail the connection when sent data goes unacknowledged this long.
+/// The queen sends nothing when it has nothing to say, so reads cannot detect a queen
+/// whose host vanished; our own heartbeats going unacknowledged can.
+fn set_tcp_user_timeout(stream: &TcpStream, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: a valid socket fd and a pointer to a c_uint of the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "could not set TCP_USER_TIMEOUT");
+    }
+}
+
+type HandshakeFuture = Pin<Box<dyn Future<Output = Result<Session, HandshakeError>> + Send>>;
+
+/// The connection state machine.
+enum Link {
+    /// No connection; the next attempt starts at `retry_at`. `attempt` counts failed
+    /// attempts since the last welcome and drives the backoff.
+    Disconnected { attempt: u32, retry_at: Instant },
+    /// Connect, hello and welcome in flight.
+    Connecting {
+        attempt: u32,
+        handshake: HandshakeFuture,
+    },
+    /// Boxed: a session is large, and the link changes state only on (re)connects.
+    Connected(Box<Session>),
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Link::Disconnected { attempt, retry_at } => f
+                .debug_struct("Disconnected")
+                .field("attempt", attempt)
+                .field("retry_at", retry_at)
+                .finish(),
+            Link::Connecting { attempt, .. } => f
+                .debug_struct("Connecting")
+                .field("attempt", attempt)
+                .finish_non_exhaustive(),
+            Link::Connected(s) => f.debug_tuple("Connected").field(s).finish(),
+        }
+    }
+}
+
+/// Where the drone is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Taking tasks.
+    Running,
+    /// Stopping gracefully: no new tasks; running ones have until `deadline`.
+    Draining { deadline: Instant },
+    /// No task runs any more (or they were killed); delivering the outbox until
+    /// `deadline`.
+    Delivering { deadline: Instant },
+    /// Done: `run` returns.
+    Stopped,
+}
+
+impl Phase {
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Phase::Draining { deadline } | Phase::Delivering { deadline } => Some(deadline),
+            Phase::Running | Phase::Stopped => None,
+        }
+    }
+}
+
+/// A task this drone is running.
+#[derive(Debug)]
+struct RunningTask {
+    attempt: u32,
+    /// Taken when the task is asked to stop, so it is asked once.
+    stop: Option<oneshot::Sender<StopReason>>,
+}
+
+/// What a connection said, decoded.
+#[derive(Debug)]
+enum Incoming {
+    Message(QueenMessage),
+    Malformed(FrameError),
+    Closed,
+    Failed(std::io::Error),
+}
+
+#[derive(Debug)]
+enum Event {
+    Finished { held: Held, outcome: Outcome },
+    Incoming(Incoming),
+    HeartbeatDue,
+    RetryDue,
+    Handshake(Result<Session, HandshakeError>),
+    DrainRequested,
+    KillRequested,
+    PhaseDeadline,
+}
+
+/// The drone: all of its state, owned by one loop.
+#[derive(Debug)]
+pub(crate) struct Drone {
+    config: Config,
+    drone_id: DroneId,
+    shutdown: Shutdown,
+    backoff: Backoff,
+    rng: StdRng,
+    link: Link,
+    phase: Phase,
+    /// Set by the first shutdown request; sent in every later hello.
+    draining: bool,
+    /// Set once every running task has been told to die.
+    killed: bool,
+    running: HashMap<Held, RunningTask>,
+    outbox: Outbox,
+    finished_tx: mpsc::Sender<(Held, Outcome)>,
+    finished_rx: mpsc::Receiver<(Held, Outcome)>,
+    executor: Arc<Executor>,
+    tasks: TaskTracker,
+}
+
+impl Drone {
+    pub(crate) fn new(config: Config, shutdown: Shutdown) -> Result<Self, DroneError> {
+        let spawner = Spawner::start().map_err(DroneError::Spawner)?;
+        let executor = Executor::new(&config, spawner);
+        let (finished_tx, finished_rx) = mpsc::channel(OUTCOME_CHANNEL_CAPACITY);
+        Ok(Drone {
+            config,
+            drone_id: DroneId::generate(),
+            shutdown,
+            backoff: Backoff::default(),
+            rng: StdRng::from_os_rng(),
+            link: Link::Disconnected {
+                attempt: 0,
+                retry_at: Instant::now(),
+            },
+            phase: Phase::Running,
+            draining: false,
+            killed: false,
+            running: HashMap::new(),
+            outbox: Outbox::default(),
+            finished_tx,
+            finished_rx,
+            executor,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    pub(crate) async fn run(mut self) -> Result<(), DroneError> {
+        tracing::info!(
+            drone_id = %self.drone_id,
+            name = %self.config.name,
+            queen = %self.config.queen,
+            slots = self.config.slots,
+            labels = ?self.config.labels,
+            "drone starting"
+        );
+        let result = loop {
+            self.advance_phase();
+            if self.phase == Phase::Stopped {
+                break Ok(());
+            }
+            let event = self.next_event().await;
+            if let Err(e) = self.handle(event).await {
+                break Err(e);
+            }
+        };
+        self.wind_down().await;
+        result
+    }
+
+    /// Moves a stopping drone along once what it waits for has happened.
+    fn advance_phase(&mut self) {
+        match self.phase {
+            Phase::Draining { .. } if self.running.is_empty() => {
+                tracing::info!(
+                    outbox = self.outbox.len(),
+                    "every task has finished; delivering the last outcomes"
+                );
+                self.phase = Phase::Delivering {
+                    deadline: Instant::now() + GRACEFUL_DELIVERY_WINDOW,
+                };
+                self.advance_phase();
+            }
+            Phase::Delivering { .. } if self.running.is_empty() && self.outbox.is_empty() => {
+                tracing::info!("every outcome is delivered; stopping");
+                self.phase = Phase::Stopped;
+            }
+            _ => {}
+        }
+    }
+
+    async fn next_event(&mut self) -> Event {
+        let phase_deadline = self.phase.deadline();
+        let can_drain = self.phase == Phase::Running;
+        let can_kill = !self.killed;
+        let graceful = &self.shutdown.graceful;
+        let immediate = &self.shutdown.immediate;
+        let finished = &mut self.finished_rx;
+        let link = &mut self.link;
+        let link_event = async move {
+            match link {
+                Link::Disconnected { retry_at, .. } => {
+                    tokio::time::sleep_until(*retry_at).await;
+                    Event::RetryDue
+                }
+                Link::Connecting { handshake, .. } => Event::Handshake(handshake.await),
+                Link::Connected(session) => tokio::select! {
+                    frame = session.framed.next() => Event::Incoming(match frame {
+                        None => Incoming::Closed,
+                        Some(Err(e)) => Incoming::Failed(e),
+                        Some(Ok(body)) => match frame::decode::<QueenMessage>(&body) {
+                            Ok(m) => Incoming::Message(m),
+                            Err(e) => Incoming::Malformed(e),
+                        },
+                    }),
+                    _ = session.heartbeat.tick() => Event::HeartbeatDue,
+                },
+            }
+        };
+        tokio::select! {
+            // Outcomes first: a finished task belongs in the outbox before anything that
+            // could end the loop or send a heartbeat that would no longer list it.
+            biased;
+            Some((held, outcome)) = finished.recv() => Event::Finished { held, outcome },
+            _ = immediate.cancelled(), if can_kill => Event::KillRequested,
+            _ = graceful.cancelled(), if can_drain => Event::DrainRequested,
+            _ = sleep_until_opt(phase_deadline) => Event::PhaseDeadline,
+            event = link_event => event,
+        }
+    }
+
+    async fn handle(&mut self, event: Event) -> Result<(), DroneError> {
+        match event {
+            Event::Finished { held, outcome } => {
+                let attempt = self.running.remove(&held).map_or(0, |t| t.attempt);
+                self.record(outcome, attempt).await;
+            }
+            Event::Incoming(incoming) => self.on_incoming(incoming).await,
+            Event::HeartbeatDue => self.send_heartbeat().await,
+            Event::RetryDue => self.start_connecting(),
+            Event::Handshake(result) => self.on_handshake(result).await?,
+            Event::DrainRequested => self.begin_drain().await,
+            Event::KillRequested => {
+                tracing::warn!(
+                    running = self.running.len(),
+                    "stopping now: killing running tasks"
+                );
+                self.kill_all().await;
+            }
+            Event::PhaseDeadline => match self.phase {
+                Phase::Draining { .. } => {
+                    tracing::warn!(
+                        running = self.running.len(),
+                        grace_ms = self.config.drain_grace.as_millis() as u64,
+                        "drain grace ran out: killing running tasks"
+                    );
+                    self.kill_all().await;
+                }
+                Phase::Delivering { .. } => {
+                    tracing::warn!(
+                        undelivered = self.outbox.len(),
+                        connected = matches!(self.link, Link::Connected(_)),
+                        "gave up delivering outcomes; the queen will requeue those leases"
+                    );
+                    self.phase = Phase::Stopped;
+                }
+                Phase::Running | Phase::Stopped => {}
+            },
+        }
+        Ok(())
+    }
+
+    /// Every task this drone holds: running, or finished and awaiting an ack.
+    fn held(&self) -> Vec<Held> {
+        let mut held: Vec<Held> = self.running.keys().copied().collect();
+        held.extend(self.outbox.held().filter(|h| !self.running.contains_key(h)));
+        held
+    }
+
+    fn start_connecting(&mut self) {
+        let attempt = match self.link {
+            Link::Disconnected { attempt, .. } => attempt,
+            _ => return,
+        };
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            drone_id: self.drone_id,
+            name: self.config.name.clone(),
+            labels: self.config.labels.clone(),
+            slots: self.config.slots,
+            kinds: KINDS.iter().map(|k| (*k).to_owned()).collect(),
+            token: self.config.token.clone(),
+            held: self.held(),
+            draining: self.draining,
+        };
+        tracing::debug!(attempt, queen = %self.config.queen, held = hello.held.len(), "connecting to the queen");
+        self.link = Link::Connecting {
+            attempt,
+            handshake: Box::pin(handshake(
+                self.config.queen.clone(),
+                hello,
+                self.config.max_frame_len,
+            )),
+        };
+    }
+
+    async fn on_handshake(
+        &mut self,
+        result: Result<Session, HandshakeError>,
+    ) -> Result<(), DroneError> {
+        let attempt = match self.link {
+            Link::Connecting { attempt, .. } => attempt,
+            _ => 0,
+        };
+        match result {
+            Ok(session) => {
+                tracing::info!(
+                    queen = %self.config.queen,
+                    failed_attempts = attempt,
+                    heartbeat_ms = session.heartbeat_interval.as_millis() as u64,
+                    running = self.running.len(),
+                    outbox = self.outbox.len(),
+                    draining = self.draining,
+                    "connected to the queen"
+                );
+                self.link = Link::Connected(Box::new(session));
+                if self.draining {
+                    self.send(&DroneMessage::Drain).await;
+                }
+                let pending: Vec<DroneMessage> =
+                    self.outbox.iter().map(Outcome::to_message).collect();
+                for message in pending {
+                    if !self.send(&message).await {
+                        break;
+                    }
+                }
+            }
+            Err(HandshakeError::Rejected(reject))
+                if classify_reject(&reject) == RejectKind::Fatal =>
+            {
+                tracing::error!(reason = %reject.reason, supported_versions = ?reject.supported_versions, "the queen rejected this drone");
+                return Err(DroneError::Rejected {
+                    reason: reject.reason,
+                    supported_versions: reject.supported_versions,
+                });
+            }
+            Err(error) => {
+                let delay = self.backoff.delay(attempt, &mut self.rng);
+                tracing::warn!(
+                    queen = %self.config.queen,
+                    attempt = attempt + 1,
+                    %error,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "could not reach the queen"
+                );
+                self.link = Link::Disconnected {
+                    attempt: attempt.saturating_add(1),
+                    retry_at: Instant::now() + delay,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the connection and schedules the first reconnect.
+    fn disconnect(&mut self, reason: &str) {
+        let delay = self.backoff.delay(0, &mut self.rng);
+        tracing::warn!(
+            reason,
+            running = self.running.len(),
+            outbox = self.outbox.len(),
+            retry_in_ms = delay.as_millis() as u64,
+            "lost the queen; tasks keep running, reconnecting"
+        );
+        self.link = Link::Disconnected {
+            attempt: 0,
+            retry_at: Instant::now() + delay,
+        };
+    }
+
+    /// Sends one message if connected; false (and disconnected) if it could not be sent.
+    async fn send(&mut self, message: &DroneMessage) -> bool {
+        let Link::Connected(session) = &mut self.link else {
+            return false;
+        };
+        let body = match frame::encode(message) {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::error!(error = %e, "could not encode a message");
+                return false;
+            }
+        };
+        let failure =
+            match tokio::time::timeout(session.write_timeout, session.framed.send(body)).await {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => format!("could not send: {e}"),
+                Err(_) => format!("a send took over {:?}", session.write_timeout),
+            };
+        self.disconnect(&failure);
+        false
+    }
+
+    async fn send_heartbeat(&mut self) {
+        let Link::Connected(session) = &self.link else {
+            return;
+        };
+        let heartbeat = Heartbeat {
+            held: self.held(),
+            assigns_seen: session.assigns_seen,
+        };
+        self.send(&DroneMessage::Heartbeat(heartbeat)).await;
+    }
+
+    async fn on_incoming(&mut self, incoming: Incoming) {
+        match incoming {
+            Incoming::Closed => self.disconnect("the queen closed the connection"),
+            Incoming::Failed(e) => self.disconnect(&format!("connection error: {e}")),
+            Incoming::Malformed(e) => {
+                // Possibly a message type from a newer queen: skipping it is safer than
+                // dropping a connection that carries leases.
+                tracing::warn!(error = %e, "ignoring a message from the queen that this drone cannot read");
+            }
+            Incoming::Message(QueenMessage::Assign(assign)) => {
+                if let Link::Connected(session) = &mut self.link {
+                    session.assigns_seen += 1;
+                }
+                self.on_assign(assign).await;
+            }
+            Incoming::Message(QueenMessage::Cancel(cancel)) => self.on_cancel(cancel),
+            Incoming::Message(QueenMessage::Ack(ack)) => {
+                let held = Held {
+                    task_id: ack.task_id,
+                    fence: ack.fence,
+                };
+                let removed = self.outbox.ack(held);
+                tracing::debug!(task_id = %ack.task_id, fence = %ack.fence, status = ?ack.status, removed, "outcome acknowledged");
+            }
+            Incoming::Message(QueenMessage::Error { message }) => {
+                tracing::error!(%message, "the queen refused something this drone sent");
+            }
+            Incoming::Message(other @ (QueenMessage::Welcome(_) | QueenMessage::Reject(_))) => {
+                tracing::warn!(
+                    message = message_type(&other),
+                    "ignoring an unexpected message after the welcome"
+                );
+            }
+        }
+    }
+
+    async fn on_assign(&mut self, assign: Assign) {
+        let held = Held {
+            task_id: assign.task_id,
+            fence: assign.fence,
+        };
+        if self.running.contains_key(&held) || self.outbox.contains(held) {
+            tracing::debug!(task_id = %held.task_id, fence = %held.fence, "ignoring a repeated assign for a task already held");
+            return;
+        }
+        tracing::info!(
+            task_id = %assign.task_id,
+            fence = %assign.fence,
+            attempt = assign.attempt,
+            kind = %assign.kind,
+            queue = %assign.queue,
+            timeout_ms = ?assign.timeout_ms,
+            "task assigned"
+        );
+        if self.draining {
+            self.record(
+                Outcome::failed(held, "drone is draining", true),
+                assign.attempt,
+            )
+            .await;
+            return;
+        }
+        // The queen leased this task to us again under a new fence: the older lease is
+        // dead, and two copies of one task must not run side by side.
+        let superseded: Vec<Held> = self
+            .running
+            .keys()
+            .filter(|h| h.task_id == assign.task_id)
+            .copied()
+            .collect();
+        for old in superseded {
+            tracing::warn!(task_id = %old.task_id, fence = %old.fence, new_fence = %assign.fence, "stopping an attempt whose lease was superseded");
+            self.stop(old, StopReason::Superseded(assign.fence));
+        }
+        if self.running.len() >= self.config.slots as usize {
+            tracing::warn!(
+                running = self.running.len(),
+                slots = self.config.slots,
+                task_id = %assign.task_id,
+                "assigned more tasks than slots; running it anyway (the queen decides)"
+            );
+        }
+        if let Some(outcome) = Executor::immediate(&assign) {
+            self.record(outcome, assign.attempt).await;
+            return;
+        }
+        let (stop_tx, stop_rx) = oneshot::channel();
+        self.running.insert(
+            held,
+            RunningTask {
+                attempt: assign.attempt,
+                stop: Some(stop_tx),
+            },
+        );
+        let span = tracing::info_span!(
+            "task",
+            task_id = %assign.task_id,
+            fence = %assign.fence,
+            attempt = assign.attempt
+        );
+        let executor = Arc::clone(&self.executor);
+        let finished = self.finished_tx.clone();
+        self.tasks.spawn(
+            async move {
+                let outcome = executor.run_exec(assign, stop_rx).await;
+                // Fails only when `run` has already returned: nobody is left to tell.
+                let _ = finished.send((held, outcome)).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    fn on_cancel(&mut self, cancel: CancelTask) {
+        let targets: Vec<Held> = self
+            .running
+            .keys()
+            .filter(|h| h.task_id == cancel.task_id)
+            .copied()
+            .collect();
+        if targets.is_empty() {
+            tracing::info!(task_id = %cancel.task_id, fence = %cancel.fence, reason = %cancel.reason, "cancel for a task not running here; nothing to kill");
+            return;
+        }
+        for held in targets {
+            let attempt = self.running.get(&held).map_or(0, |t| t.attempt);
+            tracing::info!(task_id = %held.task_id, fence = %held.fence, attempt, reason = %cancel.reason, "cancelling task");
+            self.stop(held, StopReason::Cancelled(cancel.reason.clone()));
+        }
+    }
+
+    fn stop(&mut self, held: Held, reason: StopReason) {
+        if let Some(stop) = self.running.get_mut(&held).and_then(|t| t.stop.take()) {
+            // The task may have just finished; its outcome is on its way either way.
+            let _ = stop.send(reason);
+        }
+    }
+
+    async fn begin_drain(&mut self) {
+        tracing::info!(
+            running = self.running.len(),
+            outbox = self.outbox.len(),
+            grace_ms = self.config.drain_grace.as_millis() as u64,
+            "draining: taking no new tasks, waiting for running ones"
+        );
+        self.draining = true;
+        self.phase = Phase::Draining {
+            deadline: Instant::now() + self.config.drain_grace,
+        };
+        self.send(&DroneMessage::Drain).await;
+    }
+
+    async fn kill_all(&mut self) {
+        if !self.draining {
+            self.draining = true;
+            self.send(&DroneMessage::Drain).await;
+        }
+        self.killed = true;
+        let all: Vec<Held> = self.running.keys().copied().collect();
+        for held in all {
+            self.stop(held, StopReason::Shutdown);
+        }
+        self.phase = Phase::Delivering {
+            deadline: Instant::now() + FORCED_DELIVERY_WINDOW,
+        };
+    }
+
+    /// Logs an outcome, keeps it until acked, and sends it if connected.
+    async fn record(&mut self, outcome: Outcome, attempt: u32) {
+        let outcome = outcome.fit_to_frame(self.config.max_frame_len);
+        match &outcome {
+            Outcome::Complete(c) => {
+                tracing::info!(task_id = %c.task_id, fence = %c.fence, attempt, "task succeeded");
+            }
+            Outcome::Failed(f) => {
+                tracing::warn!(task_id = %f.task_id, fence = %f.fence, attempt, error = %f.error, retryable = f.retryable, "task failed");
+            }
+        }
+        let message = outcome.to_message();
+        self.outbox.push(outcome);
+        self.send(&message).await;
+    }
+
+    /// Makes sure no task outlives `run`: kills what still runs and waits briefly for the
+    /// executors to reap their processes.
+    async fn wind_down(&mut self) {
+        let all: Vec<Held> = self.running.keys().copied().collect();
+        for held in all {
+            self.stop(held, StopReason::Shutdown);
+        }
+        self.link = Link::Disconnected {
+            attempt: 0,
+            retry_at: Instant::now(),
+        };
+        self.tasks.close();
+        let deadline = Instant::now() + EXIT_WAIT;
+        loop {
+            tokio::select! {
+                _ = self.tasks.wait() => break,
+                // Keep the channel moving so no executor blocks on a full one.
+                Some(_) = self.finished_rx.recv() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(left = self.tasks.len(), "some tasks did not wind down in time");
+                    break;
+                }
+            }
+        }
+        tracing::info!(undelivered = self.outbox.len(), "drone stopped");
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn message_type(message: &QueenMessage) -> &'static str {
+    match message {
+        QueenMessage::Welcome(_) => "welcome",
+        QueenMessage::Reject(_) => "reject",
+        QueenMessage::Assign(_) => "assign",
+        QueenMessage::Cancel(_) => "cancel",
+        QueenMessage::Ack(_) => "ack",
+        QueenMessage::Error { .. } => "error",
+    }
+}
+
+/// Connects, says hello and waits for the answer.
+async fn handshake(
+    queen: QueenAddr,
+    hello: Hello,
+    max_frame_len: usize,
+) -> Result<Session, HandshakeError> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(queen.as_str()))
+        .await
+        .map_err(|_| HandshakeError::ConnectTimeout(CONNECT_TIMEOUT))?
+        .map_err(HandshakeError::Connect)?;
+    // Frames are small and latency matters more than packet count.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    }
+    let mut framed = Framed::new(stream, frame::codec(max_frame_len));
+    let body = frame::encode(&DroneMessage::Hello(hello))?;
+    let answer = tokio::time::timeout(WELCOME_TIMEOUT, async {
+        framed.send(body).await.map_err(HandshakeError::Io)?;
+        match framed.next().await {
+            None => Err(HandshakeError::Closed),
+            Some(Err(e)) => Err(HandshakeError::Io(e)),
+            Some(Ok(body)) => Ok(frame::decode::<QueenMessage>(&body)?),
+        }
+    })
+    .await
+    .map_err(|_| HandshakeError::WelcomeTimeout(WELCOME_TIMEOUT))??;
+    match answer {
+        QueenMessage::Welcome(welcome) => {
+            if welcome.protocol_version != PROTOCOL_VERSION {
+                tracing::warn!(
+                    queen_version = welcome.protocol_version,
+                    ours = PROTOCOL_VERSION,
+                    "the queen welcomed us with a different protocol version"
+                );
+            }
+            Ok(Session::new(framed, &welcome))
+        }
+        QueenMessage::Reject(reject) => Err(HandshakeError::Rejected(reject)),
+        other => Err(HandshakeError::Unexpected(message_type(&other))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reject(reason: &str, versions: &[u32]) -> Reject {
+        Reject {
+            reason: reason.to_owned(),
+            supported_versions: versions.to_vec(),
+        }
+    }
+
+    #[test]
+    fn auth_and_version_rejects_are_fatal_others_are_retried() {
+        let v = PROTOCOL_VERSION;
+        assert_eq!(
+            classify_reject(&reject("bad token", &[v])),
+            RejectKind::Fatal
+        );
+        assert_eq!(
+            classify_reject(&reject("authentication failed", &[v])),
+            RejectKind::Fatal
+        );
+        assert_eq!(
+            classify_reject(&reject("protocol version 9 not supported", &[v])),
+            RejectKind::Fatal
+        );
+        assert_eq!(
+            classify_reject(&reject("no", &[v + 1, v + 2])),
+            RejectKind::Fatal,
+            "a queen that does not list our version will never accept us"
+        );
+        assert_eq!(
+            classify_reject(&reject("queen is starting up", &[v])),
+            RejectKind::Transient
+        );
+        assert_eq!(
+            classify_reject(&reject("drone id already connected", &[])),
+            RejectKind::Transient
+        );
+    }
+}

@@ -1,0 +1,679 @@
+//! The task kinds this drone runs (`echo`, `exec`) and how an attempt's end becomes an
+//! outcome. Deciding the outcome is pure (unit-tested); running processes is at the edge.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use shared::protocol::{Assign, Held, TaskComplete, TaskFailed};
+use shared::Fence;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, TOKEN_ENV};
+use crate::outbox::Outcome;
+use crate::process::{supervised_command, ProcessGroup, Spawner, StatusPipe};
+
+/// The kinds this drone announces in its hello.
+pub const KINDS: [&str; 2] = [ECHO, EXEC];
+pub const ECHO: &str = "echo";
+pub const EXEC: &str = "exec";
+
+/// How long the drone keeps reading a task's output after its process group is gone. Only
+/// a process that escaped the group (`setsid`) can still hold the pipes open then; the
+/// result must not wait for it.
+pub const PIPE_DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+
+/// How long the shim may take to say whether it started the command. It only has to
+/// fork and exec; far longer means the machine is in trouble, and the attempt is failed
+/// (retryably) rather than hung.
+pub const SPAWN_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most of a spawn error message the drone reads from the shim.
+const MAX_SPAWN_REPORT: u64 = 4096;
+
+/// How many bytes a read from a task's pipe takes at once.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Why the drone stops a running task before it ends by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The queen cancelled the task.
+    Cancelled(String),
+    /// The drone is shutting down and can wait no longer.
+    Shutdown,
+    /// The queen leased the same task to this drone again under a newer fence, so this
+    /// attempt's lease is gone.
+    Superseded(Fence),
+}
+
+/// What an exec task's payload says to run.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSpec {
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+}
+
+impl ExecSpec {
+    /// Reads an exec payload, naming what is wrong with a bad one.
+    pub fn parse(payload: &Value) -> Result<Self, String> {
+        let spec = ExecSpec::deserialize(payload).map_err(|e| {
+            format!(
+                "invalid exec payload: {e} (expected {{\"cmd\": [\"prog\", \"arg\", ...], \
+                 \"env\": {{\"K\": \"V\"}}, \"cwd\": \"dir\"}})"
+            )
+        })?;
+        if spec.cmd.is_empty() {
+            return Err("invalid exec payload: `cmd` must name a program, got []".to_owned());
+        }
+        if spec.cmd[0].is_empty() {
+            return Err("invalid exec payload: `cmd[0]` (the program) is empty".to_owned());
+        }
+        // The OS cannot pass these; caught here they are the payload's fault (permanent),
+        // not a spawn failure that retrying might fix.
+        let has_nul = |s: &str| s.contains('\0');
+        if let Some(arg) = spec.cmd.iter().find(|a| has_nul(a)) {
+            return Err(format!(
+                "invalid exec payload: `cmd` argument {arg:?} contains a NUL byte"
+            ));
+        }
+        for (key, value) in &spec.env {
+            if key.is_empty() || key.contains('=') || has_nul(key) || has_nul(value) {
+                return Err(format!(
+                    "invalid exec payload: env variable {key:?} must be a non-empty name \
+                     without `=` or NUL, with a value without NUL"
+                ));
+            }
+        }
+        if let Some(cwd) = &spec.cwd {
+            if cwd.as_os_str().as_encoded_bytes().contains(&0) {
+                return Err("invalid exec payload: `cwd` contains a NUL byte".to_owned());
+            }
+        }
+        Ok(spec)
+    }
+}
+
+/// At most `cap` bytes of a stream, and how many more there were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    cap: usize,
+    kept: Vec<u8>,
+    dropped: u64,
+}
+
+impl Capture {
+    pub fn new(cap: usize) -> Self {
+        Capture {
+            cap,
+            kept: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    pub fn push(&mut self, bytes: &[u8]) {
+        let room = self.cap.saturating_sub(self.kept.len());
+        let take = room.min(bytes.len());
+        self.kept.extend_from_slice(&bytes[..take]);
+        self.dropped += (bytes.len() - take) as u64;
+    }
+
+    /// Reads `pipe` to its end, keeping what fits. Reading past the cap keeps the pipe
+    /// flowing: a task blocked on a full pipe would otherwise hang until it timed out.
+    pub async fn fill(&mut self, mut pipe: impl AsyncRead + Unpin) {
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            match pipe.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => self.push(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read a task's output");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The text for the result: lossy UTF-8, with a note when bytes were cut.
+    pub fn into_text(self) -> String {
+        let mut text = String::from_utf8_lossy(&self.kept).into_owned();
+        if self.dropped > 0 {
+            text.push_str(&format!("\n[truncated {} bytes]", self.dropped));
+        }
+        text
+    }
+}
+
+/// How the supervised process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+    /// The drone could not learn the status (waiting failed).
+    Unknown,
+}
+
+impl From<std::io::Result<ExitStatus>> for Exit {
+    fn from(status: std::io::Result<ExitStatus>) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match status {
+            Ok(s) => match (s.code(), s.signal()) {
+                (Some(code), _) => Exit::Code(code),
+                (None, Some(sig)) => Exit::Signal(sig),
+                (None, None) => Exit::Unknown,
+            },
+            Err(_) => Exit::Unknown,
+        }
+    }
+}
+
+/// Why an exec attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The command ended by itself.
+    Exited,
+    /// It ran past the assignment's `timeout_ms`.
+    TimedOut { timeout_ms: u64 },
+    /// The drone stopped it.
+    Stopped(StopReason),
+}
+
+/// The pure rule from how an exec attempt ended to the outcome the queen gets.
+pub fn exec_outcome(
+    held: Held,
+    ending: &Ending,
+    exit: Exit,
+    stdout: Capture,
+    stderr: Capture,
+) -> Outcome {
+    let mut result = json!({
+        "exit_code": match exit { Exit::Code(c) => Value::from(c), _ => Value::Null },
+        "stdout": stdout.into_text(),
+        "stderr": stderr.into_text(),
+    });
+    if let (Exit::Signal(sig), Some(obj)) = (exit, result.as_object_mut()) {
+        obj.insert("signal".to_owned(), Value::from(sig));
+    }
+    let (error, retryable) = match ending {
+        Ending::TimedOut { timeout_ms } => (format!("timed out after {timeout_ms} ms"), true),
+        Ending::Stopped(StopReason::Cancelled(reason)) => (format!("cancelled: {reason}"), false),
+        Ending::Stopped(StopReason::Shutdown) => ("drone shutting down".to_owned(), true),
+        Ending::Stopped(StopReason::Superseded(fence)) => {
+            (format!("superseded by a newer lease (fence {fence})"), true)
+        }
+        Ending::Exited => match exit {
+            Exit::Code(0) => {
+                return Outcome::Complete(TaskComplete {
+                    task_id: held.task_id,
+                    fence: held.fence,
+                    result,
+                })
+            }
+            Exit::Code(code) => (format!("exit code {code}"), true),
+            Exit::Signal(sig) => (format!("killed by signal {sig}"), true),
+            Exit::Unknown => ("the drone lost track of the process".to_owned(), true),
+        },
+    };
+    Outcome::Failed(TaskFailed {
+        task_id: held.task_id,
+        fence: held.fence,
+        error,
+        result: Some(result),
+        retryable,
+    })
+}
+
+/// What every task execution needs from the drone.
+#[derive(Debug)]
+pub struct Executor {
+    spawner: Spawner,
+    supervisor: PathBuf,
+    max_output_bytes: usize,
+    kill_grace: Duration,
+}
+
+impl Executor {
+    pub fn new(config: &Config, spawner: Spawner) -> Arc<Self> {
+        Arc::new(Executor {
+            spawner,
+            supervisor: config.supervisor.clone(),
+            max_output_bytes: config.max_output_bytes,
+            kill_grace: config.kill_grace,
+        })
+    }
+
+    /// The outcome of a kind that needs no process, or `None` when the kind runs a
+    /// process (exec): then [`Executor::run_exec`] runs it.
+    pub fn immediate(assign: &Assign) -> Option<Outcome> {
+        let held = Held {
+            task_id: assign.task_id,
+            fence: assign.fence,
+        };
+        match assign.kind.as_str() {
+            ECHO => Some(Outcome::Complete(TaskComplete {
+                task_id: assign.task_id,
+                fence: assign.fence,
+                result: assign.payload.clone(),
+            })),
+            EXEC => None,
+            other => Some(Outcome::failed(
+                held,
+                format!("kind {other} is not supported by this drone"),
+                false,
+            )),
+        }
+    }
+
+    /// Runs one exec attempt to its end and says how it went. `stop` asks it to end early.
+    pub async fn run_exec(&self, assign: Assign, stop: oneshot::Receiver<StopReason>) -> Outcome {
+        let held = Held {
+            task_id: assign.task_id,
+            fence: assign.fence,
+        };
+        let spec = match ExecSpec::parse(&assign.payload) {
+            Ok(spec) => spec,
+            Err(e) => return Outcome::failed(held, e, false),
+        };
+        if let Some(cwd) = &spec.cwd {
+            if !cwd.is_dir() {
+                return Outcome::failed(
+                    held,
+                    format!(
+                        "invalid exec payload: cwd `{}` is not a directory",
+                        cwd.display()
+                    ),
+                    false,
+                );
+            }
+        }
+        let status = match StatusPipe::new() {
+            Ok(p) => p,
+            Err(e) => return Outcome::failed(held, format!("could not create a pipe: {e}"), true),
+        };
+        let command = self.command(&assign, &spec, &status);
+        let spawned = self.spawner.spawn(command).await;
+        // Our copy of the write end must close, or the status pipe never reaches its end.
+        drop(status.write);
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                return Outcome::failed(
+                    held,
+                    format!(
+                        "could not start the supervisor {}: {e}",
+                        self.supervisor.display()
+                    ),
+                    true,
+                )
+            }
+        };
+        let Some(group) = child.id().and_then(ProcessGroup::of_leader) else {
+            let _ = child.wait().await;
+            return Outcome::failed(
+                held,
+                "the supervisor exited before it could be tracked",
+                true,
+            );
+        };
+
+        match read_spawn_report(status.read).await {
+            Ok(None) => {}
+            Ok(Some(spawn_error)) => {
+                let _ = child.wait().await;
+                return Outcome::failed(held, spawn_error, false);
+            }
+            Err(e) => {
+                group.signal(libc::SIGKILL);
+                let _ = child.wait().await;
+                return Outcome::failed(held, format!("could not start the task: {e}"), true);
+            }
+        }
+        tracing::debug!(pgid = group.id(), "task process started");
+
+        let mut stdout = Capture::new(self.max_output_bytes);
+        let mut stderr = Capture::new(self.max_output_bytes);
+        let out_pipe = child.stdout.take();
+        let err_pipe = child.stderr.take();
+        let exited = CancellationToken::new();
+
+        let read_output = async {
+            let drain = async {
+                tokio::join!(
+                    async {
+                        if let Some(p) = out_pipe {
+                            stdout.fill(p).await
+                        }
+                    },
+                    async {
+                        if let Some(p) = err_pipe {
+                            stderr.fill(p).await
+                        }
+                    },
+                )
+            };
+            tokio::select! {
+                _ = drain => {}
+                _ = async { exited.cancelled().await; tokio::time::sleep(PIPE_DRAIN_AFTER_EXIT).await } => {
+                    tracing::warn!("a process outside the task's group still holds its output open; result cut short");
+                }
+            }
+        };
+        let supervise = async {
+            let ending = self
+                .wait_or_stop(&mut child, group, assign.timeout_ms, stop)
+                .await;
+            let exit = Exit::from(child.wait().await);
+            // The command is done: whatever it left behind in its group (`cmd &`) is an
+            // orphan of a finished attempt. Killing it also closes the output pipes.
+            group.signal(libc::SIGKILL);
+            exited.cancel();
+            (ending, exit)
+        };
+        let ((), (ending, exit)) = tokio::join!(read_output, supervise);
+        exec_outcome(held, &ending, exit, stdout, stderr)
+    }
+
+    fn command(
+        &self,
+        assign: &Assign,
+        spec: &ExecSpec,
+        status: &StatusPipe,
+    ) -> tokio::process::Command {
+        let mut command = supervised_command(
+            &self.supervisor,
+            &spec.cmd[0],
+            &spec.cmd[1..],
+            &status.write,
+        );
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            // The drone's own secret is not the task's business.
+            .env_remove(TOKEN_ENV)
+            .envs(&spec.env)
+            // Set last so a payload cannot fake its own lease.
+            .env("HIVE_TASK_ID", assign.task_id.to_string())
+            .env("HIVE_ATTEMPT", assign.attempt.to_string())
+            .env("HIVE_FENCE", assign.fence.to_string());
+        if let Some(cwd) = &spec.cwd {
+            command.current_dir(cwd);
+        }
+        command
+    }
+
+    /// Waits for the process to end by itself, or ends it: at the timeout or on a stop
+    /// request, SIGTERM to the group, then SIGKILL after the grace (at once for shutdown).
+    async fn wait_or_stop(
+        &self,
+        child: &mut tokio::process::Child,
+        group: ProcessGroup,
+        timeout_ms: Option<u64>,
+        stop: oneshot::Receiver<StopReason>,
+    ) -> Ending {
+        let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+        // A dropped sender means nobody will ask us to stop, not a request to stop.
+        let stop = async {
+            match stop.await {
+                Ok(reason) => reason,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let ending = tokio::select! {
+            _ = child.wait() => return Ending::Exited,
+            _ = sleep_until_opt(deadline) => Ending::TimedOut { timeout_ms: timeout_ms.unwrap_or(0) },
+            reason = stop => Ending::Stopped(reason),
+        };
+        match &ending {
+            Ending::TimedOut { timeout_ms } => {
+                tracing::warn!(timeout_ms, pgid = group.id(), "task timed out; stopping it");
+            }
+            Ending::Stopped(reason) => {
+                tracing::info!(?reason, pgid = group.id(), "stopping task");
+            }
+            Ending::Exited => {}
+        }
+        match &ending {
+            Ending::Stopped(StopReason::Shutdown) => group.signal(libc::SIGKILL),
+            _ => {
+                group.signal(libc::SIGTERM);
+                if tokio::time::timeout(self.kill_grace, child.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::info!(
+                        pgid = group.id(),
+                        "task outlived its grace period; killing it"
+                    );
+                }
+                group.signal(libc::SIGKILL);
+            }
+        }
+        ending
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the shim's report: `None` when it started the command, the error text otherwise.
+async fn read_spawn_report(read: std::os::fd::OwnedFd) -> std::io::Result<Option<String>> {
+    let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
+    let mut report = Vec::new();
+    tokio::time::timeout(
+        SPAWN_REPORT_TIMEOUT,
+        pipe.take(MAX_SPAWN_REPORT).read_to_end(&mut report),
+    )
+    .await
+    .map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the supervisor did not report",
+        )
+    })??;
+    if report.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(String::from_utf8_lossy(&report).into_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::TaskId;
+
+    fn held() -> Held {
+        Held {
+            task_id: TaskId::generate(),
+            fence: Fence(3),
+        }
+    }
+
+    fn capture(text: &str, cap: usize) -> Capture {
+        let mut c = Capture::new(cap);
+        c.push(text.as_bytes());
+        c
+    }
+
+    #[test]
+    fn output_past_the_cap_is_counted_and_marked() {
+        let mut c = Capture::new(5);
+        c.push(b"hel");
+        c.push(b"lo world");
+        assert_eq!(c.into_text(), "hello\n[truncated 6 bytes]");
+        assert_eq!(capture("short", 64).into_text(), "short");
+        assert_eq!(capture("", 0).into_text(), "");
+        assert_eq!(capture("x", 0).into_text(), "\n[truncated 1 bytes]");
+    }
+
+    #[test]
+    fn invalid_utf8_output_is_kept_lossily() {
+        let mut c = Capture::new(64);
+        c.push(b"ok \xff\xfe end");
+        assert_eq!(c.into_text(), "ok \u{fffd}\u{fffd} end");
+    }
+
+    #[test]
+    fn exit_zero_completes_with_code_and_output() {
+        let h = held();
+        let out = exec_outcome(
+            h,
+            &Ending::Exited,
+            Exit::Code(0),
+            capture("hi\n", 64),
+            capture("", 64),
+        );
+        assert_eq!(
+            out,
+            Outcome::Complete(TaskComplete {
+                task_id: h.task_id,
+                fence: h.fence,
+                result: json!({"exit_code": 0, "stdout": "hi\n", "stderr": ""}),
+            })
+        );
+    }
+
+    fn failure(out: Outcome) -> TaskFailed {
+        match out {
+            Outcome::Failed(f) => f,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_nonzero_exit_is_a_retryable_failure_with_the_result() {
+        let f = failure(exec_outcome(
+            held(),
+            &Ending::Exited,
+            Exit::Code(3),
+            capture("", 8),
+            capture("oops", 8),
+        ));
+        assert_eq!(f.error, "exit code 3");
+        assert!(f.retryable);
+        assert_eq!(
+            f.result,
+            Some(json!({"exit_code": 3, "stdout": "", "stderr": "oops"}))
+        );
+    }
+
+    #[test]
+    fn a_signal_death_has_no_exit_code() {
+        let f = failure(exec_outcome(
+            held(),
+            &Ending::Exited,
+            Exit::Signal(9),
+            capture("", 8),
+            capture("", 8),
+        ));
+        assert_eq!(f.error, "killed by signal 9");
+        let result = f.result.unwrap_or_default();
+        assert_eq!(result["exit_code"], Value::Null);
+        assert_eq!(result["signal"], 9);
+    }
+
+    #[test]
+    fn timeouts_cancels_and_shutdowns_say_why() {
+        let cases = [
+            (
+                Ending::TimedOut { timeout_ms: 250 },
+                "timed out after 250 ms",
+                true,
+            ),
+            (
+                Ending::Stopped(StopReason::Cancelled("by ops".into())),
+                "cancelled: by ops",
+                false,
+            ),
+            (
+                Ending::Stopped(StopReason::Shutdown),
+                "drone shutting down",
+                true,
+            ),
+        ];
+        for (ending, error, retryable) in cases {
+            let f = failure(exec_outcome(
+                held(),
+                &ending,
+                Exit::Signal(15),
+                capture("", 8),
+                capture("", 8),
+            ));
+            assert_eq!((f.error.as_str(), f.retryable), (error, retryable));
+            assert!(f.result.is_some(), "output so far is kept");
+        }
+    }
+
+    #[test]
+    fn exec_payload_problems_are_named() {
+        let cases = [
+            (json!(null), "invalid exec payload"),
+            (json!({}), "cmd"),
+            (json!({"cmd": []}), "cmd"),
+            (json!({"cmd": "ls -l"}), "expected a sequence"),
+            (json!({"cmd": ["ls", 3]}), "expected a string"),
+            (json!({"cmd": ["ls"], "evn": {}}), "evn"),
+            (json!({"cmd": ["ls"], "env": {"A": 1}}), "expected a string"),
+            (json!({"cmd": [""]}), "program"),
+            (json!({"cmd": ["ls", "a\0b"]}), "NUL"),
+            (json!({"cmd": ["ls"], "env": {"A=B": "1"}}), "A=B"),
+            (json!({"cmd": ["ls"], "env": {"": "1"}}), "env variable"),
+            (json!({"cmd": ["ls"], "cwd": "/tmp\0"}), "cwd"),
+        ];
+        for (payload, needle) in cases {
+            match ExecSpec::parse(&payload) {
+                Ok(spec) => panic!("{payload} was accepted as {spec:?}"),
+                Err(e) => assert!(e.contains(needle), "{payload}: `{e}` lacks `{needle}`"),
+            }
+        }
+        let ok = ExecSpec::parse(&json!({"cmd": ["ls", "-l"], "env": {"A": "1"}, "cwd": "/tmp"}));
+        assert_eq!(
+            ok,
+            Ok(ExecSpec {
+                cmd: vec!["ls".into(), "-l".into()],
+                env: [("A".to_owned(), "1".to_owned())].into(),
+                cwd: Some(PathBuf::from("/tmp")),
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_fail_permanently_and_echo_returns_its_payload() {
+        let mut assign = Assign {
+            task_id: TaskId::generate(),
+            fence: Fence(1),
+            attempt: 1,
+            kind: "teleport".into(),
+            queue: "default".into(),
+            payload: json!({"x": 1}),
+            timeout_ms: None,
+        };
+        let f = failure(Executor::immediate(&assign).unwrap_or_else(|| panic!("no outcome")));
+        assert_eq!(f.error, "kind teleport is not supported by this drone");
+        assert!(!f.retryable);
+
+        assign.kind = ECHO.into();
+        match Executor::immediate(&assign) {
+            Some(Outcome::Complete(c)) => assert_eq!(c.result, json!({"x": 1})),
+            other => panic!("echo gave {other:?}"),
+        }
+        assign.kind = EXEC.into();
+        assert!(Executor::immediate(&assign).is_none());
+    }
+}

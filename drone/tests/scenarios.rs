@@ -1,0 +1,606 @@
+//! The drone against a fake queen: each test names the failure it guards against.
+//!
+//! Most tests run `drone::run` in-process (exec tasks still go through the real binary's
+//! supervisor shim); the ones about signals and `kill -9` run the real binary.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+use shared::protocol::{CancelTask, DroneMessage, QueenMessage, Reject, PROTOCOL_VERSION};
+use shared::{ids::Secret, Fence};
+use support::*;
+
+fn failed(message: DroneMessage) -> Result<shared::protocol::TaskFailed> {
+    match message {
+        DroneMessage::TaskFailed(f) => Ok(f),
+        other => bail!("expected task_failed, got {other:?}"),
+    }
+}
+
+fn completed(message: DroneMessage) -> Result<shared::protocol::TaskComplete> {
+    match message {
+        DroneMessage::TaskComplete(c) => Ok(c),
+        other => bail!("expected task_complete, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_carries_version_identity_slots_labels_kinds_and_token() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let mut config = test_config(queen.addr)?;
+    config.slots = 3;
+    config.labels = vec!["gpu".into(), "ssd".into()];
+    config.token = Some(Secret("s3cret".into()));
+    let _drone = InProcessDrone::start(config);
+
+    let mut conn = queen.accept().await?;
+    let hello = conn.welcome().await?;
+    assert_eq!(hello.protocol_version, PROTOCOL_VERSION);
+    assert_eq!(hello.name, "test-drone");
+    assert_eq!(hello.slots, 3);
+    assert_eq!(hello.labels, vec!["gpu", "ssd"]);
+    assert!(
+        hello.kinds.contains(&"echo".to_owned()),
+        "{:?}",
+        hello.kinds
+    );
+    assert!(
+        hello.kinds.contains(&"exec".to_owned()),
+        "{:?}",
+        hello.kinds
+    );
+    assert_eq!(hello.token, Some(Secret("s3cret".into())));
+    assert!(hello.held.is_empty());
+    assert!(!hello.draining);
+    // An idle drone still heartbeats, or the queen would think it dead.
+    conn.heartbeat_where("an idle heartbeat", |held, seen| {
+        held.is_empty() && seen == 0
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_completes_and_is_held_until_acked() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let task = assign("echo", json!({"hello": [1, 2, 3]}));
+    conn.assign(task.clone()).await?;
+    let done = completed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(done.fence, task.fence);
+    assert_eq!(done.result, json!({"hello": [1, 2, 3]}));
+
+    // Unacked, the drone still holds it (the queen must not requeue it).
+    conn.heartbeat_where("a heartbeat holding the unacked task", |held, seen| {
+        held.contains(&support::held(&task)) && seen == 1
+    })
+    .await?;
+    conn.ack(task.task_id, task.fence).await?;
+    conn.heartbeat_where("a heartbeat without the acked task", |held, _| {
+        held.is_empty()
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_sees_its_lease_and_payload_env() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let mut task = assign(
+        "exec",
+        json!({
+            "cmd": ["sh", "-c", "echo $HIVE_TASK_ID $HIVE_ATTEMPT $HIVE_FENCE $GREETING; pwd; echo warn >&2"],
+            "env": {"GREETING": "hi", "HIVE_FENCE": "forged"},
+            "cwd": dir.path(),
+        }),
+    );
+    task.fence = Fence(7);
+    task.attempt = 2;
+    conn.assign(task.clone()).await?;
+    let done = completed(conn.outcome(task.task_id).await?)?;
+    let cwd = dir.path().canonicalize()?;
+    assert_eq!(
+        done.result,
+        json!({
+            "exit_code": 0,
+            "stdout": format!("{} 2 7 hi\n{}\n", task.task_id, cwd.display()),
+            "stderr": "warn\n",
+        })
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonzero_exit_is_a_retryable_failure_with_code_and_output() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let task = exec("echo out; echo oops >&2; exit 3", dir.path());
+    conn.assign(task.clone()).await?;
+    let f = failed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(f.error, "exit code 3");
+    assert!(f.retryable);
+    assert_eq!(
+        f.result,
+        Some(json!({"exit_code": 3, "stdout": "out\n", "stderr": "oops\n"}))
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kinds_bad_payloads_and_missing_programs_fail_permanently() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let cases = [
+        (
+            assign("teleport", json!({})),
+            "kind teleport is not supported by this drone",
+        ),
+        (assign("exec", json!({"cmd": []})), "cmd"),
+        (assign("exec", json!({"command": ["ls"]})), "command"),
+        (
+            assign("exec", json!({"cmd": ["/no/such/program-hive"]})),
+            "No such file or directory",
+        ),
+    ];
+    for (task, needle) in cases {
+        conn.assign(task.clone()).await?;
+        let f = failed(conn.outcome(task.task_id).await?)?;
+        assert!(f.error.contains(needle), "`{}` lacks `{needle}`", f.error);
+        assert!(!f.retryable, "{}: retrying cannot help", f.error);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_past_the_cap_is_drained_and_marked_so_the_task_never_blocks() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(queen.addr)?;
+    config.max_output_bytes = 1000;
+    let _drone = InProcessDrone::start(config);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    // 300 kB is far more than a pipe buffer: without draining, `head` would block.
+    let task = exec("head -c 300000 /dev/zero | tr '\\0' a", dir.path());
+    conn.assign(task.clone()).await?;
+    let done = completed(conn.outcome(task.task_id).await?)?;
+    let stdout = done.result["stdout"].as_str().unwrap_or_default();
+    assert!(
+        stdout.starts_with(&"a".repeat(1000)),
+        "{}",
+        &stdout[..20.min(stdout.len())]
+    );
+    assert!(
+        stdout.ends_with("\n[truncated 299000 bytes]"),
+        "{}",
+        &stdout[1000..]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_child_holding_the_output_open_does_not_hang_the_result() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let task = exec("sleep 30 & echo $! > pids; echo done", dir.path());
+    conn.assign(task.clone()).await?;
+    let done = completed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(done.result["stdout"], "done\n");
+    let pids = pids_in(&dir.path().join("pids"), 1).await?;
+    // Left behind by a finished attempt, it is an orphan: the drone kills it.
+    wait_all_gone(&pids).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_kills_the_whole_process_group() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let mut task = exec(
+        "echo $$ > pids; sleep 30 & echo $! >> pids; sleep 30; wait",
+        dir.path(),
+    );
+    task.timeout_ms = Some(1000);
+    conn.assign(task.clone()).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await?;
+    assert!(
+        pids.iter().all(|p| !is_gone(*p)),
+        "the task should be running"
+    );
+
+    let f = failed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(f.error, "timed out after 1000 ms");
+    assert!(f.retryable);
+    // The shell and its background grandchild both die, not just the shim.
+    wait_all_gone(&pids).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_a_running_task_and_reports_it_permanently() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let task = exec(
+        "echo $$ > pids; sleep 30 & echo $! >> pids; wait",
+        dir.path(),
+    );
+    conn.assign(task.clone()).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await?;
+
+    conn.send(QueenMessage::Cancel(CancelTask {
+        task_id: task.task_id,
+        fence: task.fence,
+        reason: "operator said so".into(),
+    }))
+    .await?;
+    let f = failed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(f.error, "cancelled: operator said so");
+    assert!(!f.retryable);
+    wait_all_gone(&pids).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_assign_runs_the_task_once() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let task = exec(
+        "echo run >> runs; while [ ! -e go ]; do sleep 0.02; done",
+        dir.path(),
+    );
+    conn.assign(task.clone()).await?;
+    wait_until("the first run started", || dir.path().join("runs").exists()).await?;
+    conn.assign(task.clone()).await?;
+    // Nothing about the task may come back before it is released: no second outcome,
+    // no failure of a "superseded" first run.
+    let id = task.task_id;
+    conn.recv_where("a heartbeat after both assigns", |m| match m {
+        DroneMessage::Heartbeat(h) if h.assigns_seen == 2 => Some(Ok(())),
+        DroneMessage::TaskComplete(c) if c.task_id == id => Some(Err(format!("{m:?}"))),
+        DroneMessage::TaskFailed(f) if f.task_id == id => Some(Err(format!("{m:?}"))),
+        _ => None,
+    })
+    .await?
+    .map_err(|m| anyhow::anyhow!("outcome before the task was released: {m}"))?;
+    std::fs::write(dir.path().join("go"), "")?;
+    completed(conn.outcome(task.task_id).await?)?;
+    conn.ack(task.task_id, task.fence).await?;
+    conn.heartbeat_where("the task released", |held, _| held.is_empty())
+        .await?;
+    let runs = std::fs::read_to_string(dir.path().join("runs"))?;
+    assert_eq!(
+        runs, "run\n",
+        "the duplicate assign must not start a second run"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_task_gets_sigterm_before_sigkill() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    // A task that cleans up on SIGTERM must get the chance to.
+    let mut task = exec(
+        "trap 'echo cleaning up; exit 5' TERM; touch started; sleep 30 & wait",
+        dir.path(),
+    );
+    task.timeout_ms = Some(500);
+    conn.assign(task.clone()).await?;
+    let f = failed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(f.error, "timed out after 500 ms");
+    let result = f.result.unwrap_or_default();
+    assert_eq!(result["stdout"], "cleaning up\n", "{result}");
+    assert_eq!(result["exit_code"], 5, "{result}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_start_with_no_signal_blocked() -> Result<()> {
+    // The shim blocks signals for itself; a task inheriting that mask would ignore the
+    // drone's SIGTERM and could only be SIGKILLed, never stopped politely.
+    let queen = FakeQueen::start().await?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+    let task = assign(
+        "exec",
+        json!({"cmd": ["grep", "SigBlk", "/proc/self/status"]}),
+    );
+    conn.assign(task.clone()).await?;
+    let done = completed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(done.result["stdout"], "SigBlk:\t0000000000000000\n");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_drain_grace_runs_out_running_tasks_are_killed_and_reported() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(queen.addr)?;
+    config.drain_grace = Duration::from_millis(300);
+    let mut drone = InProcessDrone::start(config);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let task = exec(
+        "echo $$ > pids; sleep 60 & echo $! >> pids; wait",
+        dir.path(),
+    );
+    conn.assign(task.clone()).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await?;
+    drone.shutdown.graceful.cancel();
+    conn.recv_where("drain", |m| matches!(m, DroneMessage::Drain).then_some(()))
+        .await?;
+    let f = failed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(f.error, "drone shutting down");
+    assert!(f.retryable);
+    conn.ack(task.task_id, task.fence).await?;
+    wait_all_gone(&pids).await?;
+    assert!(drone.finished().await?.is_ok());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unacked_outcome_is_resent_after_reconnect_until_acked() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+
+    let mut first = queen.accept().await?;
+    let hello1 = first.welcome().await?;
+    let task = assign("echo", json!("result"));
+    first.assign(task.clone()).await?;
+    completed(first.outcome(task.task_id).await?)?;
+    drop(first); // the queen goes away before acking
+
+    let mut second = queen.accept().await?;
+    let hello2 = second.welcome().await?;
+    assert_eq!(
+        hello2.drone_id, hello1.drone_id,
+        "the drone id survives reconnects"
+    );
+    assert_eq!(
+        hello2.held,
+        vec![held(&task)],
+        "the hello lists the unacked task"
+    );
+    let again = completed(second.outcome(task.task_id).await?)?;
+    assert_eq!((again.fence, again.result), (task.fence, json!("result")));
+    // A new connection counts its own assigns.
+    second
+        .heartbeat_where("a heartbeat still holding it", |held, seen| {
+            held.contains(&support::held(&task)) && seen == 0
+        })
+        .await?;
+    second.ack(task.task_id, task.fence).await?;
+    second
+        .heartbeat_where("the task released", |held, _| held.is_empty())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_keeps_running_through_a_queen_outage_and_reports_afterwards() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+
+    let mut first = queen.accept().await?;
+    first.welcome().await?;
+    let task = exec(
+        "while [ ! -e go ]; do sleep 0.02; done; echo finished; touch done",
+        dir.path(),
+    );
+    first.assign(task.clone()).await?;
+    first
+        .heartbeat_where("the task running", |held, seen| {
+            seen == 1 && held.contains(&support::held(&task))
+        })
+        .await?;
+    drop(first);
+
+    // Finish the task while nobody is listening.
+    std::fs::write(dir.path().join("go"), "")?;
+    wait_until("the task finished", || dir.path().join("done").exists()).await?;
+
+    let mut second = queen.accept().await?;
+    let hello = second.welcome().await?;
+    assert_eq!(hello.held, vec![held(&task)]);
+    let done = completed(second.outcome(task.task_id).await?)?;
+    assert_eq!(done.result["stdout"], "finished\n");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_reject_stops_the_drone_with_the_reason() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let mut drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    match conn.recv().await? {
+        DroneMessage::Hello(_) => {}
+        other => bail!("expected hello, got {other:?}"),
+    }
+    conn.send(QueenMessage::Reject(Reject {
+        reason: "unsupported protocol version 1".into(),
+        supported_versions: vec![PROTOCOL_VERSION + 1],
+    }))
+    .await?;
+    match drone.finished().await? {
+        Ok(()) => bail!("the drone kept going after a fatal reject"),
+        Err(e) => assert!(
+            e.to_string().contains("unsupported protocol version 1"),
+            "{e}"
+        ),
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_reject_is_retried() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.recv().await?;
+    conn.send(QueenMessage::Reject(Reject {
+        reason: "queen is starting up".into(),
+        supported_versions: vec![PROTOCOL_VERSION],
+    }))
+    .await?;
+    let mut again = queen.accept().await?;
+    again.welcome().await?;
+    Ok(())
+}
+
+// ----- the real binary -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_minus_nine_of_the_drone_takes_its_tasks_and_their_children() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let drone = DroneProcess::start(queen.addr, &[], &[])?;
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let task = exec(
+        "echo $$ > pids; sleep 60 & echo $! >> pids; wait",
+        dir.path(),
+    );
+    conn.assign(task).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await?;
+    assert!(pids.iter().all(|p| !is_gone(*p)));
+
+    signal(drone.pid(), libc::SIGKILL)?;
+    // No orphan may keep running a task the queen is about to requeue.
+    wait_all_gone(&pids).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_finishes_the_running_task_and_exits_zero() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut drone = DroneProcess::start(queen.addr, &[], &[("HIVE_DRONE_TOKEN", "s3cret")])?;
+    let mut conn = queen.accept().await?;
+    let hello = conn.welcome().await?;
+    assert_eq!(
+        hello.token,
+        Some(Secret("s3cret".into())),
+        "the token comes from the env"
+    );
+
+    // The task also shows that the drone's token does not leak into its environment.
+    let task = exec(
+        "touch started; while [ ! -e go ]; do sleep 0.02; done; echo ${HIVE_DRONE_TOKEN:-no-token}; echo finished",
+        dir.path(),
+    );
+    conn.assign(task.clone()).await?;
+    wait_until("the task started", || dir.path().join("started").exists()).await?;
+
+    signal(drone.pid(), libc::SIGTERM)?;
+    conn.recv_where("drain", |m| matches!(m, DroneMessage::Drain).then_some(()))
+        .await?;
+
+    // A draining drone takes nothing new.
+    let late = assign("echo", json!(1));
+    conn.assign(late.clone()).await?;
+    let f = failed(conn.outcome(late.task_id).await?)?;
+    assert_eq!(f.error, "drone is draining");
+    assert!(f.retryable, "another drone can run it");
+    conn.ack(late.task_id, late.fence).await?;
+
+    std::fs::write(dir.path().join("go"), "")?;
+    let done = completed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(done.result["stdout"], "no-token\nfinished\n");
+    conn.ack(task.task_id, task.fence).await?;
+
+    let status = drone.exit_status().await?;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_kills_running_tasks_and_reports_them() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut drone = DroneProcess::start(queen.addr, &[], &[])?;
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let task = exec(
+        "echo $$ > pids; sleep 60 & echo $! >> pids; wait",
+        dir.path(),
+    );
+    conn.assign(task.clone()).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await?;
+
+    signal(drone.pid(), libc::SIGTERM)?;
+    conn.recv_where("drain", |m| matches!(m, DroneMessage::Drain).then_some(()))
+        .await?;
+    signal(drone.pid(), libc::SIGTERM)?;
+    let f = failed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(f.error, "drone shutting down");
+    assert!(f.retryable);
+    conn.ack(task.task_id, task.fence).await?;
+    wait_all_gone(&pids).await?;
+    let status = drone.exit_status().await?;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_with_an_unknown_key_is_refused_naming_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("drone.toml");
+    std::fs::write(&path, "slots = 2\nslot = 3\n")?;
+    let output = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::process::Command::new(drone_binary())
+            .arg("--config")
+            .arg(&path)
+            .output(),
+    )
+    .await??;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("slot"), "{stderr}");
+    assert!(stderr.contains("drone.toml"), "{stderr}");
+    Ok(())
+}

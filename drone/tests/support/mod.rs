@@ -1,0 +1,351 @@
+//! A fake queen speaking the real protocol (shared types, shared codec), plus helpers to
+//! run a drone in-process or as the real binary and to watch processes.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use shared::frame;
+use shared::protocol::{
+    Ack, AckStatus, Assign, DroneMessage, Held, Hello, QueenMessage, Welcome, PROTOCOL_VERSION,
+};
+use shared::{Fence, TaskId};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use drone::config::QueenAddr;
+use drone::{Config, DroneError, Shutdown};
+
+/// How long a test waits for anything the drone should do promptly. Generous for a
+/// loaded 2-core CI machine, yet a hang still fails in seconds.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+
+/// The heartbeat interval the fake queen asks for: fast, so tests that wait for a
+/// heartbeat finish quickly.
+pub const HEARTBEAT_MS: u64 = 100;
+
+/// How often condition polls look again.
+const POLL: Duration = Duration::from_millis(20);
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("debug")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+#[derive(Debug)]
+pub struct FakeQueen {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+}
+
+impl FakeQueen {
+    pub async fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        Ok(FakeQueen { listener, addr })
+    }
+
+    /// The next drone connection.
+    pub async fn accept(&self) -> Result<Conn> {
+        let (stream, _) = tokio::time::timeout(DEADLINE, self.listener.accept())
+            .await
+            .context("no drone connected in time")??;
+        Ok(Conn {
+            framed: Framed::new(stream, frame::codec(frame::DEFAULT_MAX_FRAME_LEN)),
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Conn {
+    framed: Framed<TcpStream, LengthDelimitedCodec>,
+}
+
+impl Conn {
+    pub async fn send(&mut self, message: QueenMessage) -> Result<()> {
+        self.framed.send(frame::encode(&message)?).await?;
+        Ok(())
+    }
+
+    /// The next message, whatever it is.
+    pub async fn recv(&mut self) -> Result<DroneMessage> {
+        let body = tokio::time::timeout(DEADLINE, self.framed.next())
+            .await
+            .context("the drone sent nothing in time")?
+            .ok_or_else(|| anyhow!("the drone closed the connection"))??;
+        Ok(frame::decode(&body)?)
+    }
+
+    /// The first message `pick` accepts, skipping others (heartbeats mostly).
+    pub async fn recv_where<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&DroneMessage) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let message = tokio::time::timeout(left, self.recv())
+                .await
+                .with_context(|| format!("waited in vain for {what}"))??;
+            if let Some(found) = pick(&message) {
+                return Ok(found);
+            }
+        }
+    }
+
+    /// Reads the hello and welcomes the drone.
+    pub async fn welcome(&mut self) -> Result<Hello> {
+        let hello = match self.recv().await? {
+            DroneMessage::Hello(h) => h,
+            other => bail!("expected a hello first, got {other:?}"),
+        };
+        self.send(QueenMessage::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_interval_ms: HEARTBEAT_MS,
+            heartbeat_timeout_ms: 10 * HEARTBEAT_MS,
+        }))
+        .await?;
+        Ok(hello)
+    }
+
+    pub async fn assign(&mut self, assign: Assign) -> Result<()> {
+        self.send(QueenMessage::Assign(assign)).await
+    }
+
+    pub async fn ack(&mut self, task_id: TaskId, fence: Fence) -> Result<()> {
+        self.send(QueenMessage::Ack(Ack {
+            task_id,
+            fence,
+            status: AckStatus::Recorded,
+        }))
+        .await
+    }
+
+    /// The outcome the drone reports for `task_id`.
+    pub async fn outcome(&mut self, task_id: TaskId) -> Result<DroneMessage> {
+        self.recv_where("the task's outcome", |m| match m {
+            DroneMessage::TaskComplete(c) if c.task_id == task_id => Some(m.clone()),
+            DroneMessage::TaskFailed(f) if f.task_id == task_id => Some(m.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits for a heartbeat `pick` accepts.
+    pub async fn heartbeat_where(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&[Held], u64) -> bool,
+    ) -> Result<()> {
+        self.recv_where(what, |m| match m {
+            DroneMessage::Heartbeat(h) if pick(&h.held, h.assigns_seen) => Some(()),
+            _ => None,
+        })
+        .await
+    }
+}
+
+pub fn assign(kind: &str, payload: Value) -> Assign {
+    Assign {
+        task_id: TaskId::generate(),
+        fence: Fence(1),
+        attempt: 1,
+        kind: kind.to_owned(),
+        queue: "default".to_owned(),
+        payload,
+        timeout_ms: None,
+    }
+}
+
+pub fn exec(script: &str, cwd: &Path) -> Assign {
+    assign(
+        "exec",
+        serde_json::json!({"cmd": ["sh", "-c", script], "cwd": cwd}),
+    )
+}
+
+pub fn held(a: &Assign) -> Held {
+    Held {
+        task_id: a.task_id,
+        fence: a.fence,
+    }
+}
+
+/// The built drone binary: the exec supervisor, and the program for end-to-end tests.
+pub fn drone_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_drone"))
+}
+
+pub fn test_config(queen: SocketAddr) -> Result<Config> {
+    let config = Config {
+        queen: QueenAddr::parse(&queen.to_string()).map_err(|e| anyhow!(e))?,
+        name: "test-drone".to_owned(),
+        slots: 2,
+        kill_grace: Duration::from_millis(300),
+        drain_grace: Duration::from_secs(5),
+        // In a test harness the current executable is the harness, not the drone.
+        supervisor: drone_binary(),
+        ..Config::default()
+    };
+    Ok(config)
+}
+
+/// A drone running in this process. Dropping it stops it at once.
+#[derive(Debug)]
+pub struct InProcessDrone {
+    pub shutdown: Shutdown,
+    handle: Option<JoinHandle<Result<(), DroneError>>>,
+}
+
+impl InProcessDrone {
+    pub fn start(config: Config) -> Self {
+        init_logs();
+        let shutdown = Shutdown::default();
+        let handle = tokio::spawn(drone::run(config, shutdown.clone()));
+        InProcessDrone {
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    /// Waits for `run` to return.
+    pub async fn finished(&mut self) -> Result<Result<(), DroneError>> {
+        let handle = self
+            .handle
+            .take()
+            .ok_or_else(|| anyhow!("already finished"))?;
+        Ok(tokio::time::timeout(DEADLINE, handle)
+            .await
+            .context("the drone did not stop in time")??)
+    }
+}
+
+impl Drop for InProcessDrone {
+    fn drop(&mut self) {
+        self.shutdown.graceful.cancel();
+        self.shutdown.immediate.cancel();
+    }
+}
+
+/// Polls `condition` until it holds or the deadline passes.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        if Instant::now() >= deadline {
+            bail!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+/// The pids a task script wrote to `file`, one per line, once there are `n` of them.
+pub async fn pids_in(file: &Path, n: usize) -> Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    wait_until(&format!("{} lists {n} pids", file.display()), || {
+        pids = std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        pids.len() >= n
+    })
+    .await?;
+    Ok(pids)
+}
+
+/// Whether a process no longer runs: gone, or a zombie nobody reaped yet (it runs no
+/// code any more).
+pub fn is_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
+}
+
+pub async fn wait_all_gone(pids: &[i32]) -> Result<()> {
+    wait_until(&format!("processes {pids:?} are gone"), || {
+        pids.iter().all(|p| is_gone(*p))
+    })
+    .await
+}
+
+pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
+    let pid = libc::pid_t::try_from(pid)?;
+    // SAFETY: kill has no memory effects; the pid is a child this test started.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        bail!("kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The real drone binary, connected to `queen`. Killed (SIGKILL) if still running when
+/// dropped.
+#[derive(Debug)]
+pub struct DroneProcess {
+    pub child: std::process::Child,
+}
+
+impl DroneProcess {
+    pub fn start(queen: SocketAddr, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        let child = std::process::Command::new(drone_binary())
+            .arg("--queen")
+            .arg(queen.to_string())
+            .arg("--name")
+            .arg("binary-drone")
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .env_remove("HIVE_DRONE_TOKEN")
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            // The drone's logs would clutter the test output; set DRONE_TEST_LOGS to see them.
+            .stderr(if std::env::var_os("DRONE_TEST_LOGS").is_some() {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            })
+            .spawn()
+            .context("could not start the drone binary")?;
+        Ok(DroneProcess { child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to exit.
+    pub async fn exit_status(&mut self) -> Result<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until("the drone process exits", || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        })
+        .await?;
+        status.ok_or_else(|| anyhow!("no exit status"))
+    }
+}
+
+impl Drop for DroneProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
