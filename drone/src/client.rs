@@ -709,7 +709,9 @@ impl Drone {
         let targets: Vec<Held> = self
             .running
             .keys()
-            .filter(|h| h.task_id == cancel.task_id)
+            // A cancel names the lease it means: it stops that attempt and older ones, never
+            // a newer lease of the same task that may already run here.
+            .filter(|h| h.task_id == cancel.task_id && h.fence <= cancel.fence)
             .copied()
             .collect();
         if targets.is_empty() {

@@ -125,10 +125,13 @@ pub fn reconcile(
     held: &[Held],
     assigns_seen: u64,
 ) -> Reconciliation {
-    let held_ids: HashMap<TaskId, Fence> = held.iter().map(|h| (h.task_id, h.fence)).collect();
+    // A drone may hold two attempts of one task (a new lease running while the old
+    // attempt's outcome awaits its ack), so match on (task, fence), not on task alone.
+    let held_pairs: HashSet<(TaskId, Fence)> = held.iter().map(|h| (h.task_id, h.fence)).collect();
+    let held_ids: HashSet<TaskId> = held.iter().map(|h| h.task_id).collect();
     let mut out = Reconciliation::default();
     for (id, lease) in leases {
-        let reported = held_ids.get(id) == Some(&lease.fence);
+        let reported = held_pairs.contains(&(*id, lease.fence));
         if !reported && lease.ordinal <= assigns_seen {
             out.missing.push(*id);
         }
@@ -140,7 +143,7 @@ pub fn reconcile(
         }
     }
     for id in known {
-        if !held_ids.contains_key(id) {
+        if !held_ids.contains(id) {
             out.released.push(*id);
         }
     }
@@ -264,6 +267,18 @@ mod tests {
         assert!(r.foreign.is_empty() && r.released.is_empty());
         let r = reconcile(&HashMap::new(), &known, &[], 0);
         assert_eq!(r.released, vec![c]);
+    }
+
+    #[test]
+    fn two_attempts_of_one_task_in_a_heartbeat_do_not_hide_the_current_lease() {
+        let a = TaskId::generate();
+        let leases = HashMap::from([(a, LiveLease { fence: Fence(2), ordinal: 1 })]);
+        let known = HashSet::from([a]);
+        for held_list in [[held(a, 2), held(a, 1)], [held(a, 1), held(a, 2)]] {
+            let r = reconcile(&leases, &known, &held_list, 1);
+            assert!(r.missing.is_empty(), "{r:?}");
+            assert!(r.foreign.is_empty() && r.released.is_empty(), "{r:?}");
+        }
     }
 
     #[test]
