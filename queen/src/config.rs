@@ -160,7 +160,10 @@ pub struct StorageSection {
 
 impl Default for StorageSection {
     fn default() -> Self {
-        StorageSection { sync: false, cache_capacity_mb: DEFAULT_CACHE_CAPACITY_MB }
+        StorageSection {
+            sync: false,
+            cache_capacity_mb: DEFAULT_CACHE_CAPACITY_MB,
+        }
     }
 }
 
@@ -190,7 +193,10 @@ pub struct LogSection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection { format: LogFormat::Pretty, level: "info".into() }
+        LogSection {
+            format: LogFormat::Pretty,
+            level: "info".into(),
+        }
     }
 }
 
@@ -221,14 +227,20 @@ impl Config {
         let mut builder = config::Config::builder();
         if let Some(path) = path {
             builder = builder.add_source(
-                config::File::from(path).format(config::FileFormat::Toml).required(true),
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
             );
         }
         for (name, value) in env {
             // Only `HIVE_SECTION__KEY` names are ours: `HIVE_TASK_ID` and friends, which
             // the drone sets for tasks, must not be mistaken for config.
-            let Some(rest) = name.strip_prefix("HIVE_") else { continue };
-            let Some((section, key)) = rest.split_once("__") else { continue };
+            let Some(rest) = name.strip_prefix("HIVE_") else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once("__") else {
+                continue;
+            };
             let key_path = format!("{}.{}", section.to_lowercase(), key.to_lowercase());
             builder = builder.set_override(key_path, value)?;
         }
@@ -240,7 +252,10 @@ impl Config {
     /// Checks what types alone cannot: addresses parse, timings make sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid { key, reason: reason.into() }
+            ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            }
         }
         self.listen_addr()?;
         self.http_addr()?;
@@ -251,11 +266,17 @@ impl Config {
             return Err(invalid("queen.max_connections", "must be at least 1"));
         }
         if self.queen.max_frame_len < 1024 {
-            return Err(invalid("queen.max_frame_len", "must be at least 1024 bytes"));
+            return Err(invalid(
+                "queen.max_frame_len",
+                "must be at least 1024 bytes",
+            ));
         }
         let l = &self.leases;
         if l.heartbeat_interval_ms == 0 {
-            return Err(invalid("leases.heartbeat_interval_ms", "must be at least 1"));
+            return Err(invalid(
+                "leases.heartbeat_interval_ms",
+                "must be at least 1",
+            ));
         }
         if l.heartbeat_timeout_ms <= l.heartbeat_interval_ms {
             return Err(invalid(
@@ -286,7 +307,10 @@ impl Config {
         }
         if let Some(token) = &self.auth.token {
             if token.0.is_empty() {
-                return Err(invalid("auth.token", "must not be empty (leave it unset instead)"));
+                return Err(invalid(
+                    "auth.token",
+                    "must not be empty (leave it unset instead)",
+                ));
             }
         }
         Ok(())
@@ -316,7 +340,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("hive.toml");
         std::fs::write(&path, toml).expect("write config");
-        Config::load(Some(&path), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
     }
 
     #[test]
@@ -347,9 +374,13 @@ mod tests {
 
     #[test]
     fn an_unknown_key_is_an_error_naming_it() {
-        let err = load_str("[leases]\nheartbeat_timout_ms = 10\n", &[]).unwrap_err().to_string();
+        let err = load_str("[leases]\nheartbeat_timout_ms = 10\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("heartbeat_timout_ms"), "{err}");
-        let err = load_str("", &[("HIVE_LEASES__NOPE", "1")]).unwrap_err().to_string();
+        let err = load_str("", &[("HIVE_LEASES__NOPE", "1")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nope"), "{err}");
     }
 
@@ -359,9 +390,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("heartbeat_timeout_ms"), "{err}");
-        let err = load_str("", &[("HIVE_QUEEN__LISTEN", "nowhere")]).unwrap_err().to_string();
+        let err = load_str("", &[("HIVE_QUEEN__LISTEN", "nowhere")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("queen.listen"), "{err}");
-        let err = load_str("[leases]\nheartbeat_timeout_ms = 500\n", &[]).unwrap_err().to_string();
+        let err = load_str("[leases]\nheartbeat_timeout_ms = 500\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("leases.heartbeat_timeout_ms"), "{err}");
     }
 

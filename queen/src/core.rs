@@ -93,17 +93,42 @@ impl ListFilter {
 pub enum Request {
     /// New tasks (validated), all or nothing. The reply says, per task, its record and
     /// whether it was created (false: an idempotency key matched an existing task).
-    Submit { tasks: Vec<Task>, reply: oneshot::Sender<Result<Vec<(TaskView, bool)>, CoreError>> },
+    Submit {
+        tasks: Vec<Task>,
+        reply: oneshot::Sender<Result<Vec<(TaskView, bool)>, CoreError>>,
+    },
     /// A task held in memory (active, or finished and not yet known durable).
-    Get { id: TaskId, reply: oneshot::Sender<Option<TaskView>> },
+    Get {
+        id: TaskId,
+        reply: oneshot::Sender<Option<TaskView>>,
+    },
     /// In-memory tasks matching the filter, newest first.
-    List { filter: ListFilter, reply: oneshot::Sender<Vec<TaskView>> },
-    Cancel { id: TaskId, reason: String, reply: oneshot::Sender<Result<TaskView, CoreError>> },
-    Drones { reply: oneshot::Sender<Vec<DroneView>> },
-    Stats { reply: oneshot::Sender<Stats> },
-    Hello { hello: Box<Hello>, conn: Conn },
-    Message { conn: u64, msg: DroneMessage },
-    Closed { conn: u64 },
+    List {
+        filter: ListFilter,
+        reply: oneshot::Sender<Vec<TaskView>>,
+    },
+    Cancel {
+        id: TaskId,
+        reason: String,
+        reply: oneshot::Sender<Result<TaskView, CoreError>>,
+    },
+    Drones {
+        reply: oneshot::Sender<Vec<DroneView>>,
+    },
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
+    Hello {
+        hello: Box<Hello>,
+        conn: Conn,
+    },
+    Message {
+        conn: u64,
+        msg: DroneMessage,
+    },
+    Closed {
+        conn: u64,
+    },
 }
 
 /// A cheap, cloneable way to send requests to the core.
@@ -121,10 +146,14 @@ impl CoreHandle {
     }
 
     /// Sends a request built around a reply channel and waits for the answer.
-    pub async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, CoreError> {
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, CoreError> {
         let (tx, rx) = oneshot::channel();
         self.send(make(tx)).await?;
-        rx.await.map_err(|_| CoreError::Unavailable("the queen is shutting down".into()))
+        rx.await
+            .map_err(|_| CoreError::Unavailable("the queen is shutting down".into()))
     }
 }
 
@@ -205,7 +234,12 @@ impl std::fmt::Debug for Core {
 impl Core {
     /// Builds the core from what the store recovered. Running tasks become orphans: their
     /// drones get `heartbeat_timeout` to reconnect and re-attach them (SPEC G5).
-    pub fn new(cfg: Arc<Config>, writer: StoreWriter, reader: StoreReader, recovered: Recovered) -> (Core, CoreHandle, mpsc::Receiver<Request>) {
+    pub fn new(
+        cfg: Arc<Config>,
+        writer: StoreWriter,
+        reader: StoreReader,
+        recovered: Recovered,
+    ) -> (Core, CoreHandle, mpsc::Receiver<Request>) {
         let now = Instant::now();
         let wall = Utc::now();
         let retry = RetryPolicy {
@@ -268,8 +302,12 @@ impl Core {
             core.tasks.insert(task.id, task);
         }
         // Blocked tasks whose dependencies finished while the queen was down.
-        let blocked: Vec<TaskId> =
-            core.tasks.values().filter(|t| t.state == TaskState::Blocked).map(|t| t.id).collect();
+        let blocked: Vec<TaskId> = core
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Blocked)
+            .map(|t| t.id)
+            .collect();
         for id in blocked {
             core.reevaluate_blocked(id, wall);
         }
@@ -332,7 +370,11 @@ impl Core {
     }
 
     /// Queues mutations as one atomic commit; `after` runs once they are durable.
-    fn commit(&mut self, mutations: Vec<Mutation>, after: Option<crate::store::AfterCommit>) -> u64 {
+    fn commit(
+        &mut self,
+        mutations: Vec<Mutation>,
+        after: Option<crate::store::AfterCommit>,
+    ) -> u64 {
         self.outgoing.push(Commit { mutations, after });
         self.commits_made += 1;
         self.commits_made
@@ -344,11 +386,20 @@ impl Core {
         match req {
             Request::Submit { tasks, reply } => self.submit(tasks, reply, wall),
             Request::Get { id, reply } => {
-                let _ = reply.send(self.tasks.get(&id).or_else(|| self.recent.get(&id)).map(Task::view));
+                let _ = reply.send(
+                    self.tasks
+                        .get(&id)
+                        .or_else(|| self.recent.get(&id))
+                        .map(Task::view),
+                );
             }
             Request::List { filter, reply } => {
-                let mut out: Vec<&Task> =
-                    self.tasks.values().chain(self.recent.values()).filter(|t| filter.matches(t)).collect();
+                let mut out: Vec<&Task> = self
+                    .tasks
+                    .values()
+                    .chain(self.recent.values())
+                    .filter(|t| filter.matches(t))
+                    .collect();
                 out.sort_unstable_by(|a, b| b.id.cmp(&a.id));
                 out.truncate(filter.limit);
                 let _ = reply.send(out.into_iter().map(Task::view).collect());
@@ -376,7 +427,12 @@ impl Core {
 
     // ----- client requests -------------------------------------------------------------
 
-    fn submit(&mut self, tasks: Vec<Task>, reply: oneshot::Sender<Result<Vec<(TaskView, bool)>, CoreError>>, wall: DateTime<Utc>) {
+    fn submit(
+        &mut self,
+        tasks: Vec<Task>,
+        reply: oneshot::Sender<Result<Vec<(TaskView, bool)>, CoreError>>,
+        wall: DateTime<Utc>,
+    ) {
         /// What each submitted spec turns out to be.
         enum Slot {
             New(Task),
@@ -408,8 +464,14 @@ impl Core {
                     }
                 }
             }
-            if let Some(dep) = task.depends_on.iter().find(|d| self.find_state(**d).is_none()) {
-                let _ = reply.send(Err(CoreError::BadRequest(format!("depends_on: unknown task {dep}"))));
+            if let Some(dep) = task
+                .depends_on
+                .iter()
+                .find(|d| self.find_state(**d).is_none())
+            {
+                let _ = reply.send(Err(CoreError::BadRequest(format!(
+                    "depends_on: unknown task {dep}"
+                ))));
                 return;
             }
             slots.push(Slot::New(task));
@@ -433,7 +495,10 @@ impl Core {
                 }
             };
             if let Some(key) = &task.idempotency_key {
-                mutations.push(Mutation::Idempotency { key: key.clone(), id: task.id });
+                mutations.push(Mutation::Idempotency {
+                    key: key.clone(),
+                    id: task.id,
+                });
                 self.idem.insert(key.clone(), task.id);
             }
             if task.state == TaskState::Blocked {
@@ -458,7 +523,10 @@ impl Core {
         let seq = self.commit(
             mutations,
             Some(Box::new(move |r| {
-                let _ = reply.send(r.map(|()| views).map_err(|e| CoreError::Unavailable(e.to_string())));
+                let _ = reply.send(
+                    r.map(|()| views)
+                        .map_err(|e| CoreError::Unavailable(e.to_string())),
+                );
             })),
         );
         for task in finished {
@@ -469,16 +537,24 @@ impl Core {
     /// A new task with dependencies: cancelled if one already failed, runnable if all
     /// succeeded, otherwise blocked and registered with each dependency.
     fn settle_new_blocked(&mut self, task: &mut Task, wall: DateTime<Utc>) {
-        let states: Vec<(TaskId, TaskState)> =
-            task.depends_on.iter().filter_map(|d| self.find_state(*d).map(|s| (*d, s))).collect();
-        if let Some((dep, st)) =
-            states.iter().find(|(_, s)| matches!(s, TaskState::Failed | TaskState::Cancelled))
+        let states: Vec<(TaskId, TaskState)> = task
+            .depends_on
+            .iter()
+            .filter_map(|d| self.find_state(*d).map(|s| (*d, s)))
+            .collect();
+        if let Some((dep, st)) = states
+            .iter()
+            .find(|(_, s)| matches!(s, TaskState::Failed | TaskState::Cancelled))
         {
             task.state = TaskState::Cancelled;
             task.cancel_reason = Some(format!("dependency {dep} {st}"));
             task.finished_at = Some(wall);
         } else if states.iter().all(|(_, s)| *s == TaskState::Succeeded) {
-            task.state = if task.run_at.is_some() { TaskState::Scheduled } else { TaskState::Pending };
+            task.state = if task.run_at.is_some() {
+                TaskState::Scheduled
+            } else {
+                TaskState::Pending
+            };
         } else {
             for dep in &task.depends_on {
                 self.dependents.entry(*dep).or_default().push(task.id);
@@ -492,7 +568,10 @@ impl Core {
                 return Ok(Some(t.view()));
             }
         }
-        let id = self.reader.idempotent(key).map_err(|e| CoreError::Unavailable(e.to_string()))?;
+        let id = self
+            .reader
+            .idempotent(key)
+            .map_err(|e| CoreError::Unavailable(e.to_string()))?;
         let Some(id) = id else { return Ok(None) };
         if let Some(t) = self.tasks.get(&id).or_else(|| self.recent.get(&id)) {
             return Ok(Some(t.view()));
@@ -512,7 +591,13 @@ impl Core {
         self.reader.finished(id).ok().flatten().map(|t| t.state)
     }
 
-    fn cancel_request(&mut self, id: TaskId, reason: String, reply: oneshot::Sender<Result<TaskView, CoreError>>, wall: DateTime<Utc>) {
+    fn cancel_request(
+        &mut self,
+        id: TaskId,
+        reason: String,
+        reply: oneshot::Sender<Result<TaskView, CoreError>>,
+        wall: DateTime<Utc>,
+    ) {
         if !self.tasks.contains_key(&id) {
             let err = match self.find_state(id) {
                 Some(state) => CoreError::Conflict(format!("task {id} is already {state}")),
@@ -525,7 +610,9 @@ impl Core {
         self.set_last_after(Box::new(move |r| {
             let _ = reply.send(
                 r.map_err(|e| CoreError::Unavailable(e.to_string()))
-                    .and_then(|()| view.ok_or_else(|| CoreError::NotFound(format!("no task {id}")))),
+                    .and_then(|()| {
+                        view.ok_or_else(|| CoreError::NotFound(format!("no task {id}")))
+                    }),
             );
         }));
     }
@@ -549,7 +636,11 @@ impl Core {
                     drone.cancelling.insert(id);
                     notify = Some((
                         drone.conn.clone(),
-                        CancelTask { task_id: id, fence: task.fence, reason: reason.clone() },
+                        CancelTask {
+                            task_id: id,
+                            fence: task.fence,
+                            reason: reason.clone(),
+                        },
                     ));
                 }
             }
@@ -577,7 +668,10 @@ impl Core {
             stats.by_state.insert(st.as_str().to_string(), 0);
         }
         let mut add = |queue: &str, state: TaskState, n: u64| {
-            *stats.by_state.entry(state.as_str().to_string()).or_default() += n;
+            *stats
+                .by_state
+                .entry(state.as_str().to_string())
+                .or_default() += n;
             *stats
                 .by_queue
                 .entry(queue.to_string())
@@ -597,7 +691,12 @@ impl Core {
         stats.unroutable = self
             .ready
             .routes()
-            .filter(|(route, _)| !self.drones.values().any(|d| route.served_by(&d.kinds, &d.labels)))
+            .filter(|(route, _)| {
+                !self
+                    .drones
+                    .values()
+                    .any(|d| route.served_by(&d.kinds, &d.labels))
+            })
             .map(|(_, n)| n as u64)
             .sum();
         stats
@@ -608,7 +707,10 @@ impl Core {
     fn hello(&mut self, hello: Hello, conn: Conn, now: Instant, wall: DateTime<Utc>) {
         let reject = |conn: &Conn, reason: String| {
             tracing::warn!(drone = %hello.drone_id, name = %hello.name, reason = %reason, "drone rejected");
-            conn.send(QueenMessage::Reject(Reject { reason, supported_versions: SUPPORTED_VERSIONS.to_vec() }));
+            conn.send(QueenMessage::Reject(Reject {
+                reason,
+                supported_versions: SUPPORTED_VERSIONS.to_vec(),
+            }));
         };
         if !SUPPORTED_VERSIONS.contains(&hello.protocol_version) {
             let reason = format!(
@@ -624,7 +726,13 @@ impl Core {
             }
         }
         if hello.slots == 0 || hello.slots > MAX_SLOTS {
-            return reject(&conn, format!("slots must be between 1 and {MAX_SLOTS}, got {}", hello.slots));
+            return reject(
+                &conn,
+                format!(
+                    "slots must be between 1 and {MAX_SLOTS}, got {}",
+                    hello.slots
+                ),
+            );
         }
         if hello.name.is_empty() || hello.name.len() > crate::task::MAX_NAME_LEN {
             return reject(&conn, "name must be 1-128 bytes".into());
@@ -663,7 +771,13 @@ impl Core {
             match rules::reattach(current, id, held.fence) {
                 Reattach::Keep => {
                     self.orphans.remove(&held.task_id);
-                    drone.leases.insert(held.task_id, LiveLease { fence: held.fence, ordinal: 0 });
+                    drone.leases.insert(
+                        held.task_id,
+                        LiveLease {
+                            fence: held.fence,
+                            ordinal: 0,
+                        },
+                    );
                     reattached += 1;
                     tracing::info!(task_id = %held.task_id, drone = %id, fence = %held.fence, "lease re-attached");
                 }
@@ -685,7 +799,12 @@ impl Core {
         let lost: Vec<TaskId> = self
             .orphans
             .keys()
-            .filter(|tid| self.tasks.get(tid).and_then(|t| t.lease.as_ref()).is_some_and(|l| l.drone == id))
+            .filter(|tid| {
+                self.tasks
+                    .get(tid)
+                    .and_then(|t| t.lease.as_ref())
+                    .is_some_and(|l| l.drone == id)
+            })
             .copied()
             .collect();
         for tid in lost {
@@ -696,7 +815,9 @@ impl Core {
 
     /// Disconnects a drone; its leases become orphans given up at `deadline`.
     fn detach(&mut self, id: DroneId, deadline: Instant) {
-        let Some(drone) = self.drones.remove(&id) else { return };
+        let Some(drone) = self.drones.remove(&id) else {
+            return;
+        };
         self.conn_drone.remove(&drone.conn.id);
         drone.conn.close.cancel();
         for tid in drone.leases.into_keys() {
@@ -705,8 +826,12 @@ impl Core {
     }
 
     fn drone_message(&mut self, conn: u64, msg: DroneMessage, now: Instant, wall: DateTime<Utc>) {
-        let Some(id) = self.conn_drone.get(&conn).copied() else { return };
-        let Some(drone) = self.drones.get_mut(&id) else { return };
+        let Some(id) = self.conn_drone.get(&conn).copied() else {
+            return;
+        };
+        let Some(drone) = self.drones.get_mut(&id) else {
+            return;
+        };
         drone.last_seen = now;
         drone.last_seen_wall = wall;
         match msg {
@@ -723,14 +848,24 @@ impl Core {
                 self.outcome(id, c.task_id, c.fence, Ok(result), wall);
             }
             DroneMessage::TaskFailed(f) => {
-                let result = f.result.map(|r| cap_result(r, self.cfg.tasks.max_result_bytes));
-                self.outcome(id, f.task_id, f.fence, Err((f.error, f.retryable, result)), wall);
+                let result = f
+                    .result
+                    .map(|r| cap_result(r, self.cfg.tasks.max_result_bytes));
+                self.outcome(
+                    id,
+                    f.task_id,
+                    f.fence,
+                    Err((f.error, f.retryable, result)),
+                    wall,
+                );
             }
         }
     }
 
     fn heartbeat(&mut self, id: DroneId, held: &[Held], assigns_seen: u64, wall: DateTime<Utc>) {
-        let Some(drone) = self.drones.get_mut(&id) else { return };
+        let Some(drone) = self.drones.get_mut(&id) else {
+            return;
+        };
         let known: HashSet<TaskId> = drone.cancelling.union(&drone.reported).copied().collect();
         let r = rules::reconcile(&drone.leases, &known, held, assigns_seen);
         for tid in &r.released {
@@ -764,7 +899,9 @@ impl Core {
     ) {
         let current = self.tasks.get(&task_id).map(|t| (t.state, t.fence));
         let verdict = rules::judge_outcome(current, fence);
-        let Some(drone) = self.drones.get_mut(&drone_id) else { return };
+        let Some(drone) = self.drones.get_mut(&drone_id) else {
+            return;
+        };
         drone.cancelling.remove(&task_id);
         drone.reported.insert(task_id);
         if drone.leases.get(&task_id).is_some_and(|l| l.fence == fence) {
@@ -790,14 +927,20 @@ impl Core {
         // Acked once everything before it is durable, the outcome included.
         self.set_last_after(Box::new(move |r| {
             if r.is_ok() {
-                conn.send(QueenMessage::Ack(Ack { task_id, fence, status }));
+                conn.send(QueenMessage::Ack(Ack {
+                    task_id,
+                    fence,
+                    status,
+                }));
             }
         }));
     }
 
     fn succeed(&mut self, id: TaskId, result: Value, wall: DateTime<Utc>) {
         self.clear_deadline(id);
-        let Some(mut task) = self.tasks.remove(&id) else { return };
+        let Some(mut task) = self.tasks.remove(&id) else {
+            return;
+        };
         tracing::info!(task_id = %id, fence = %task.fence, attempt = task.attempts, "task succeeded");
         task.state = TaskState::Succeeded;
         task.result = Some(result);
@@ -806,16 +949,39 @@ impl Core {
         self.finish(task, wall);
     }
 
-    fn attempt_failed(&mut self, id: TaskId, error: String, retryable: bool, result: Option<Value>, drone: Option<DroneId>, wall: DateTime<Utc>) {
+    fn attempt_failed(
+        &mut self,
+        id: TaskId,
+        error: String,
+        retryable: bool,
+        result: Option<Value>,
+        drone: Option<DroneId>,
+        wall: DateTime<Utc>,
+    ) {
         self.clear_deadline(id);
-        let Some(mut task) = self.tasks.remove(&id) else { return };
-        task.errors.push(AttemptError { attempt: task.attempts, fence: task.fence, drone, error: error.clone(), at: wall });
+        let Some(mut task) = self.tasks.remove(&id) else {
+            return;
+        };
+        task.errors.push(AttemptError {
+            attempt: task.attempts,
+            fence: task.fence,
+            drone,
+            error: error.clone(),
+            at: wall,
+        });
         task.lease = None;
         if result.is_some() {
             task.result = result;
         }
         let jitter: f64 = self.rng.random();
-        match rules::after_failure(task.attempts, task.max_attempts, retryable, wall, &self.retry, jitter) {
+        match rules::after_failure(
+            task.attempts,
+            task.max_attempts,
+            retryable,
+            wall,
+            &self.retry,
+            jitter,
+        ) {
             AfterFailure::Retry { at } => {
                 tracing::info!(task_id = %id, fence = %task.fence, attempt = task.attempts, error = %error, retry_at = %at, "attempt failed; retry scheduled");
                 task.state = TaskState::Scheduled;
@@ -837,14 +1003,22 @@ impl Core {
     /// A running task's lease is gone (drone died, went silent, dropped it): requeue it,
     /// or fail it when that was its last attempt (lost leases count, SPEC G8).
     fn lose_lease(&mut self, id: TaskId, reason: &str, wall: DateTime<Utc>) {
-        let Some(mut task) = self.tasks.remove(&id) else { return };
+        let Some(mut task) = self.tasks.remove(&id) else {
+            return;
+        };
         if task.state != TaskState::Running {
             self.tasks.insert(id, task);
             return;
         }
         self.clear_deadline(id);
         let drone = task.lease.as_ref().map(|l| l.drone);
-        task.errors.push(AttemptError { attempt: task.attempts, fence: task.fence, drone, error: format!("lease lost: {reason}"), at: wall });
+        task.errors.push(AttemptError {
+            attempt: task.attempts,
+            fence: task.fence,
+            drone,
+            error: format!("lease lost: {reason}"),
+            at: wall,
+        });
         task.lease = None;
         match rules::after_lost_lease(task.attempts, task.max_attempts) {
             AfterLostLease::Requeue => {
@@ -879,7 +1053,11 @@ impl Core {
             for dep in waiting {
                 if state == TaskState::Succeeded {
                     self.reevaluate_blocked(dep, wall);
-                } else if self.tasks.get(&dep).is_some_and(|t| t.state == TaskState::Blocked) {
+                } else if self
+                    .tasks
+                    .get(&dep)
+                    .is_some_and(|t| t.state == TaskState::Blocked)
+                {
                     self.cancel_task(dep, format!("dependency {id} {state}"), wall);
                 }
             }
@@ -889,7 +1067,9 @@ impl Core {
     /// Unblocks a blocked task whose dependencies all succeeded (or cancels it if one
     /// ended otherwise).
     fn reevaluate_blocked(&mut self, id: TaskId, wall: DateTime<Utc>) {
-        let Some(task) = self.tasks.get(&id) else { return };
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
         if task.state != TaskState::Blocked {
             return;
         }
@@ -912,8 +1092,14 @@ impl Core {
         if !all_ok {
             return;
         }
-        let Some(mut task) = self.tasks.remove(&id) else { return };
-        task.state = if task.run_at.is_some_and(|at| at > wall) { TaskState::Scheduled } else { TaskState::Pending };
+        let Some(mut task) = self.tasks.remove(&id) else {
+            return;
+        };
+        task.state = if task.run_at.is_some_and(|at| at > wall) {
+            TaskState::Scheduled
+        } else {
+            TaskState::Pending
+        };
         self.enqueue(&task);
         let m = Mutation::save(&task);
         self.tasks.insert(id, task);
@@ -928,7 +1114,10 @@ impl Core {
     }
 
     fn bump_finished(&mut self, task: &Task) -> u64 {
-        let n = self.finished_counts.entry((task.queue.clone(), task.state)).or_default();
+        let n = self
+            .finished_counts
+            .entry((task.queue.clone(), task.state))
+            .or_default();
         *n += 1;
         *n
     }
@@ -997,8 +1186,12 @@ impl Core {
                 self.detach(id, now);
             }
         }
-        let expired: Vec<TaskId> =
-            self.orphans.iter().filter(|(_, deadline)| **deadline <= now).map(|(id, _)| *id).collect();
+        let expired: Vec<TaskId> = self
+            .orphans
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in expired {
             self.orphans.remove(&id);
             self.lose_lease(id, "drone did not come back in time", wall);
@@ -1009,16 +1202,34 @@ impl Core {
             }
             self.attempt_deadlines.pop_first();
             self.deadline_of.remove(&id);
-            let still = self.tasks.get(&id).is_some_and(|t| t.state == TaskState::Running && t.fence == fence);
+            let still = self
+                .tasks
+                .get(&id)
+                .is_some_and(|t| t.state == TaskState::Running && t.fence == fence);
             if still {
-                let holder = self.tasks.get(&id).and_then(|t| t.lease.as_ref()).map(|l| l.drone);
+                let holder = self
+                    .tasks
+                    .get(&id)
+                    .and_then(|t| t.lease.as_ref())
+                    .map(|l| l.drone);
                 if let Some(drone) = holder.and_then(|h| self.drones.get_mut(&h)) {
                     drone.leases.remove(&id);
                     drone.cancelling.insert(id);
-                    drone.conn.send(QueenMessage::Cancel(CancelTask { task_id: id, fence, reason: "attempt timed out".into() }));
+                    drone.conn.send(QueenMessage::Cancel(CancelTask {
+                        task_id: id,
+                        fence,
+                        reason: "attempt timed out".into(),
+                    }));
                 }
                 self.orphans.remove(&id);
-                self.attempt_failed(id, "timed out: no report from the drone within timeout_ms".into(), true, None, holder, wall);
+                self.attempt_failed(
+                    id,
+                    "timed out: no report from the drone within timeout_ms".into(),
+                    true,
+                    None,
+                    holder,
+                    wall,
+                );
             }
         }
         let durable = self.writer.durable();
@@ -1036,7 +1247,12 @@ impl Core {
     }
 
     fn purge(&mut self, wall: DateTime<Utc>) {
-        let age = chrono::Duration::seconds(self.cfg.retention.finished_max_age_s.min(i64::MAX as u64 / 1000) as i64);
+        let age = chrono::Duration::seconds(
+            self.cfg
+                .retention
+                .finished_max_age_s
+                .min(i64::MAX as u64 / 1000) as i64,
+        );
         let cutoff = (wall - age).timestamp_millis();
         let expired = match self.reader.expired(cutoff, PURGE_BATCH) {
             Ok(e) => e,
@@ -1048,12 +1264,21 @@ impl Core {
         if expired.is_empty() {
             return;
         }
-        tracing::info!(count = expired.len(), "purging finished tasks past retention");
+        tracing::info!(
+            count = expired.len(),
+            "purging finished tasks past retention"
+        );
         let mut mutations = Vec::with_capacity(expired.len());
         for e in expired {
-            let n = self.finished_counts.entry((e.entry.queue.clone(), e.entry.state)).or_default();
+            let n = self
+                .finished_counts
+                .entry((e.entry.queue.clone(), e.entry.state))
+                .or_default();
             *n = n.saturating_sub(1);
-            mutations.push(Mutation::Purge { count: *n, expired: e });
+            mutations.push(Mutation::Purge {
+                count: *n,
+                expired: e,
+            });
         }
         self.commit(mutations, None);
     }
@@ -1066,8 +1291,12 @@ impl Core {
         if self.ready.is_empty() {
             return;
         }
-        let mut candidates: Vec<DroneId> =
-            self.drones.values().filter(|d| d.free_slots() > 0).map(|d| d.id).collect();
+        let mut candidates: Vec<DroneId> = self
+            .drones
+            .values()
+            .filter(|d| d.free_slots() > 0)
+            .map(|d| d.id)
+            .collect();
         if candidates.is_empty() {
             return;
         }
@@ -1078,11 +1307,15 @@ impl Core {
         loop {
             let mut progress = false;
             for id in &candidates {
-                let Some(drone) = self.drones.get(id) else { continue };
+                let Some(drone) = self.drones.get(id) else {
+                    continue;
+                };
                 if drone.free_slots() == 0 {
                     continue;
                 }
-                let Some(tid) = self.ready.pop_for(&drone.kinds, &drone.labels) else { continue };
+                let Some(tid) = self.ready.pop_for(&drone.kinds, &drone.labels) else {
+                    continue;
+                };
                 if drone.cancelling.contains(&tid) {
                     // This drone is still killing an older attempt of the task: give it
                     // to another drone (or to this one once the old attempt is gone).
@@ -1104,17 +1337,30 @@ impl Core {
     }
 
     fn grant(&mut self, drone_id: DroneId, tid: TaskId, wall: DateTime<Utc>) {
-        let (Some(task), Some(drone)) = (self.tasks.get_mut(&tid), self.drones.get_mut(&drone_id)) else { return };
+        let (Some(task), Some(drone)) = (self.tasks.get_mut(&tid), self.drones.get_mut(&drone_id))
+        else {
+            return;
+        };
         task.state = TaskState::Running;
         task.attempts += 1;
         task.fence = task.fence.next();
-        task.lease = Some(Lease { drone: drone_id, drone_name: drone.name.clone() });
+        task.lease = Some(Lease {
+            drone: drone_id,
+            drone_name: drone.name.clone(),
+        });
         task.started_at = Some(wall);
         task.run_at = None;
         drone.assigns_sent += 1;
-        drone.leases.insert(tid, LiveLease { fence: task.fence, ordinal: drone.assigns_sent });
+        drone.leases.insert(
+            tid,
+            LiveLease {
+                fence: task.fence,
+                ordinal: drone.assigns_sent,
+            },
+        );
         if let Some(ms) = task.timeout_ms {
-            let deadline = Instant::now() + Duration::from_millis(ms) + self.cfg.leases.heartbeat_timeout();
+            let deadline =
+                Instant::now() + Duration::from_millis(ms) + self.cfg.leases.heartbeat_timeout();
             self.attempt_deadlines.insert((deadline, tid, task.fence));
             self.deadline_of.insert(tid, (deadline, task.fence));
         }
@@ -1131,11 +1377,14 @@ impl Core {
         let m = Mutation::save(task);
         let conn = drone.conn.clone();
         // The grant, with its fence, is durable before the drone hears of it.
-        self.commit(vec![m], Some(Box::new(move |r| {
-            if r.is_ok() {
-                conn.send(msg);
-            }
-        })));
+        self.commit(
+            vec![m],
+            Some(Box::new(move |r| {
+                if r.is_ok() {
+                    conn.send(msg);
+                }
+            })),
+        );
     }
 }
 

@@ -48,25 +48,48 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
     let queen = tokio::task::spawn_blocking(move || Queen::open(cfg)).await??;
     let core = queen.handle();
     let reader = queen.reader();
-    let drones_l = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-    let http_l = TcpListener::bind(http).await.with_context(|| format!("cannot listen on {http}"))?;
+    let drones_l = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let http_l = TcpListener::bind(http)
+        .await
+        .with_context(|| format!("cannot listen on {http}"))?;
     let (drones_at, http_at) = (drones_l.local_addr()?, http_l.local_addr()?);
     let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(queen.serve(Listeners { drones: drones_l, http: http_l }, shutdown.clone()));
-    println!("queen: drones connect to {drones_at}, data in {}", data_dir.display());
+    let serving = tokio::spawn(queen.serve(
+        Listeners {
+            drones: drones_l,
+            http: http_l,
+        },
+        shutdown.clone(),
+    ));
+    println!(
+        "queen: drones connect to {drones_at}, data in {}",
+        data_dir.display()
+    );
     println!("dashboard: http://{http_at}/");
 
     let mut children = Vec::new();
     for i in 1..=args.drones {
         let child = tokio::process::Command::new(&drone_bin)
-            .args(["--queen", &drones_at.to_string(), "--slots", &args.slots.to_string(), "--name", &format!("dev-drone-{i}")])
+            .args([
+                "--queen",
+                &drones_at.to_string(),
+                "--slots",
+                &args.slots.to_string(),
+                "--name",
+                &format!("dev-drone-{i}"),
+            ])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", drone_bin.display()))?;
         children.push(child);
     }
-    println!("started {} drones with {} slots each", args.drones, args.slots);
+    println!(
+        "started {} drones with {} slots each",
+        args.drones, args.slots
+    );
 
     if args.tasks > 0 {
         let ids = submit_sample(&core, args.tasks).await?;
@@ -117,12 +140,22 @@ async fn submit_sample(core: &CoreHandle, n: usize) -> anyhow::Result<Vec<TaskId
     Ok(ids)
 }
 
-async fn watch(core: &CoreHandle, reader: &queen::store::StoreReader, ids: &[TaskId], shutdown: &CancellationToken) {
+async fn watch(
+    core: &CoreHandle,
+    reader: &queen::store::StoreReader,
+    ids: &[TaskId],
+    shutdown: &CancellationToken,
+) {
     let mut last = String::new();
     loop {
         let mut counts = std::collections::BTreeMap::<TaskState, usize>::new();
         for id in ids {
-            let mut state = core.ask(|reply| Request::Get { id: *id, reply }).await.ok().flatten().map(|t| t.state);
+            let mut state = core
+                .ask(|reply| Request::Get { id: *id, reply })
+                .await
+                .ok()
+                .flatten()
+                .map(|t| t.state);
             if state.is_none() {
                 // Not in memory: finished and durable.
                 state = reader.finished(*id).ok().flatten().map(|t| t.state);
@@ -131,8 +164,16 @@ async fn watch(core: &CoreHandle, reader: &queen::store::StoreReader, ids: &[Tas
                 *counts.entry(state).or_default() += 1;
             }
         }
-        let done = counts.iter().filter(|(s, _)| s.is_terminal()).map(|(_, n)| n).sum::<usize>();
-        let line = counts.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", ");
+        let done = counts
+            .iter()
+            .filter(|(s, _)| s.is_terminal())
+            .map(|(_, n)| n)
+            .sum::<usize>();
+        let line = counts
+            .iter()
+            .map(|(s, n)| format!("{s} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         if line != last {
             println!("sample batch: {done}/{} finished ({line})", ids.len());
             last = line;
@@ -150,7 +191,10 @@ async fn watch(core: &CoreHandle, reader: &queen::store::StoreReader, ids: &[Tas
 
 async fn wait_for_signal(shutdown: &CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return;
     };
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {}, _ = shutdown.cancelled() => {} }

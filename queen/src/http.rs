@@ -16,7 +16,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
-use shared::api::{BatchRequest, BatchResponse, DronesResponse, ErrorBody, TaskPage, TaskSpec, TaskState, TaskView};
+use shared::api::{
+    BatchRequest, BatchResponse, DronesResponse, ErrorBody, TaskPage, TaskSpec, TaskState, TaskView,
+};
 use shared::TaskId;
 
 use crate::config::Config;
@@ -78,7 +80,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/", get(|| async { Html(DASHBOARD) }))
         .merge(api)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
@@ -94,40 +99,88 @@ async fn require_token(State(state): State<AppState>, req: HttpRequest, next: Ne
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if !given.is_some_and(|g| token.matches(g)) {
-            return ApiError(StatusCode::UNAUTHORIZED, "missing or invalid bearer token".into()).into_response();
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or invalid bearer token".into(),
+            )
+            .into_response();
         }
     }
     next.run(req).await
 }
 
 fn body(b: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    b.map_err(|e| ApiError(e.status(), format!("could not read request body: {}", e.body_text())))
+    b.map_err(|e| {
+        ApiError(
+            e.status(),
+            format!("could not read request body: {}", e.body_text()),
+        )
+    })
 }
 
 fn parse_spec(raw: &[u8]) -> Result<TaskSpec, ApiError> {
     serde_json::from_slice(raw).map_err(|e| ApiError::bad(format!("invalid task spec: {e}")))
 }
 
-async fn submit_one(State(st): State<AppState>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn submit_one(
+    State(st): State<AppState>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let spec = parse_spec(&body(raw)?)?;
     let task = Task::from_spec(spec, TaskId::generate(), Utc::now(), &st.cfg.tasks)
         .map_err(|e| ApiError::bad(format!("invalid task spec: {e}")))?;
-    let mut out = st.core.ask(|reply| Request::Submit { tasks: vec![task], reply }).await??;
-    let (view, created) = out.pop().ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no task recorded".into()))?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let mut out = st
+        .core
+        .ask(|reply| Request::Submit {
+            tasks: vec![task],
+            reply,
+        })
+        .await??;
+    let (view, created) = out
+        .pop()
+        .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no task recorded".into()))?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(view)).into_response())
 }
 
-async fn submit_batch(State(st): State<AppState>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: BatchRequest = serde_json::from_slice(&body(raw)?)
+async fn submit_batch(
+    State(st): State<AppState>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    // Parse the envelope first and each spec on its own, so an error names its index.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Envelope {
+        tasks: Vec<serde_json::Value>,
+    }
+    let env: Envelope = serde_json::from_slice(&body(raw)?)
         .map_err(|e| ApiError::bad(format!("invalid batch: {e}")))?;
+    let req = BatchRequest {
+        tasks: env
+            .tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                serde_json::from_value::<TaskSpec>(v)
+                    .map_err(|e| ApiError::bad(format!("invalid task spec at tasks[{i}]: {e}")))
+            })
+            .collect::<Result<_, _>>()?,
+    };
     if req.tasks.is_empty() {
         return Err(ApiError::bad("invalid batch: `tasks` is empty"));
     }
     if req.tasks.len() > st.cfg.tasks.max_batch {
         return Err(ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("batch of {} tasks exceeds tasks.max_batch ({})", req.tasks.len(), st.cfg.tasks.max_batch),
+            format!(
+                "batch of {} tasks exceeds tasks.max_batch ({})",
+                req.tasks.len(),
+                st.cfg.tasks.max_batch
+            ),
         ));
     }
     let now = Utc::now();
@@ -140,17 +193,34 @@ async fn submit_batch(State(st): State<AppState>, raw: Result<Bytes, BytesReject
                 .map_err(|e| ApiError::bad(format!("invalid task spec at tasks[{i}]: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let out = st.core.ask(|reply| Request::Submit { tasks, reply }).await??;
+    let out = st
+        .core
+        .ask(|reply| Request::Submit { tasks, reply })
+        .await??;
     let any_created = out.iter().any(|(_, c)| *c);
-    let status = if any_created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(BatchResponse { tasks: out.into_iter().map(|(v, _)| v).collect() })).into_response())
+    let status = if any_created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(BatchResponse {
+            tasks: out.into_iter().map(|(v, _)| v).collect(),
+        }),
+    )
+        .into_response())
 }
 
 fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
-    raw.parse().map_err(|_| ApiError::bad(format!("invalid task id `{raw}`: expected a UUID")))
+    raw.parse()
+        .map_err(|_| ApiError::bad(format!("invalid task id `{raw}`: expected a UUID")))
 }
 
-async fn get_task(State(st): State<AppState>, Path(id): Path<String>) -> Result<Json<TaskView>, ApiError> {
+async fn get_task(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
     let id = parse_id(&id)?;
     if let Some(view) = st.core.ask(|reply| Request::Get { id, reply }).await? {
         return Ok(Json(view));
@@ -163,40 +233,68 @@ async fn get_task(State(st): State<AppState>, Path(id): Path<String>) -> Result<
     }
 }
 
-async fn list_tasks(State(st): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Result<Json<TaskPage>, ApiError> {
-    let mut filter = ListFilter { limit: DEFAULT_PAGE, ..Default::default() };
+async fn list_tasks(
+    State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<TaskPage>, ApiError> {
+    let mut filter = ListFilter {
+        limit: DEFAULT_PAGE,
+        ..Default::default()
+    };
     for (k, v) in &q {
         match k.as_str() {
-            "state" if !v.is_empty() => filter.state = Some(v.parse::<TaskState>().map_err(ApiError::bad)?),
+            "state" if !v.is_empty() => {
+                filter.state = Some(v.parse::<TaskState>().map_err(ApiError::bad)?)
+            }
             "queue" if !v.is_empty() => filter.queue = Some(v.clone()),
             "before" if !v.is_empty() => filter.before = Some(parse_id(v)?),
             "limit" => {
-                let n: usize = v.parse().map_err(|_| ApiError::bad(format!("invalid limit `{v}`: expected 1-{MAX_PAGE}")))?;
+                let n: usize = v.parse().map_err(|_| {
+                    ApiError::bad(format!("invalid limit `{v}`: expected 1-{MAX_PAGE}"))
+                })?;
                 if !(1..=MAX_PAGE).contains(&n) {
-                    return Err(ApiError::bad(format!("invalid limit `{v}`: expected 1-{MAX_PAGE}")));
+                    return Err(ApiError::bad(format!(
+                        "invalid limit `{v}`: expected 1-{MAX_PAGE}"
+                    )));
                 }
                 filter.limit = n;
             }
             "state" | "queue" | "before" => {}
-            other => return Err(ApiError::bad(format!("unknown query parameter `{other}`, expected state, queue, before or limit"))),
+            other => {
+                return Err(ApiError::bad(format!(
+                    "unknown query parameter `{other}`, expected state, queue, before or limit"
+                )))
+            }
         }
     }
     let limit = filter.limit;
     let f = filter.clone();
-    let mut tasks = st.core.ask(|reply| Request::List { filter: f, reply }).await?;
+    let mut tasks = st
+        .core
+        .ask(|reply| Request::List { filter: f, reply })
+        .await?;
     if filter.state.is_none_or(TaskState::is_terminal) {
         let f = filter.clone();
         let reader = st.reader.clone();
-        let stored = tokio::task::spawn_blocking(move || reader.finished_page(f.before, f.limit, MAX_SCAN, |t| f.matches(t)))
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let stored = tokio::task::spawn_blocking(move || {
+            reader.finished_page(f.before, f.limit, MAX_SCAN, |t| f.matches(t))
+        })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let seen: std::collections::HashSet<TaskId> = tasks.iter().map(|t| t.id).collect();
-        tasks.extend(stored.into_iter().filter(|t| !seen.contains(&t.id)).map(|t| t.view()));
+        tasks.extend(
+            stored
+                .into_iter()
+                .filter(|t| !seen.contains(&t.id))
+                .map(|t| t.view()),
+        );
         tasks.sort_unstable_by(|a, b| b.id.cmp(&a.id));
         tasks.truncate(limit);
     }
-    let next = (tasks.len() == limit).then(|| tasks.last().map(|t| t.id)).flatten();
+    let next = (tasks.len() == limit)
+        .then(|| tasks.last().map(|t| t.id))
+        .flatten();
     Ok(Json(TaskPage { tasks, next }))
 }
 
@@ -206,16 +304,26 @@ struct CancelBody {
     reason: Option<String>,
 }
 
-async fn cancel_task(State(st): State<AppState>, Path(id): Path<String>, raw: Result<Bytes, BytesRejection>) -> Result<Json<TaskView>, ApiError> {
+async fn cancel_task(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<TaskView>, ApiError> {
     let id = parse_id(&id)?;
     let raw = body(raw)?;
     let parsed: CancelBody = if raw.iter().all(u8::is_ascii_whitespace) {
         CancelBody::default()
     } else {
-        serde_json::from_slice(&raw).map_err(|e| ApiError::bad(format!("invalid cancel body: {e}")))?
+        serde_json::from_slice(&raw)
+            .map_err(|e| ApiError::bad(format!("invalid cancel body: {e}")))?
     };
-    let reason = parsed.reason.unwrap_or_else(|| "cancelled through the API".into());
-    let view = st.core.ask(|reply| Request::Cancel { id, reason, reply }).await??;
+    let reason = parsed
+        .reason
+        .unwrap_or_else(|| "cancelled through the API".into());
+    let view = st
+        .core
+        .ask(|reply| Request::Cancel { id, reason, reply })
+        .await??;
     Ok(Json(view))
 }
 
@@ -235,20 +343,29 @@ async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
     let _ = writeln!(out, "# TYPE hive_tasks gauge");
     for (queue, states) in &s.by_queue {
         for (state, n) in states {
-            let _ = writeln!(out, "hive_tasks{{queue=\"{}\",state=\"{state}\"}} {n}", escape_label(queue));
+            let _ = writeln!(
+                out,
+                "hive_tasks{{queue=\"{}\",state=\"{state}\"}} {n}",
+                escape_label(queue)
+            );
         }
     }
     let _ = writeln!(out, "# HELP hive_drones_connected Drones connected now.");
     let _ = writeln!(out, "# TYPE hive_drones_connected gauge");
     let _ = writeln!(out, "hive_drones_connected {}", s.drones_connected);
-    let _ = writeln!(out, "# HELP hive_tasks_unroutable Pending tasks no connected drone can run.");
+    let _ = writeln!(
+        out,
+        "# HELP hive_tasks_unroutable Pending tasks no connected drone can run."
+    );
     let _ = writeln!(out, "# TYPE hive_tasks_unroutable gauge");
     let _ = writeln!(out, "hive_tasks_unroutable {}", s.unroutable);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The dashboard: one self-contained page (no build step, no external assets) that polls

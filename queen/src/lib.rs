@@ -53,7 +53,9 @@ pub struct Queen {
 
 impl std::fmt::Debug for Queen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queen").field("core", &self.core).finish_non_exhaustive()
+        f.debug_struct("Queen")
+            .field("core", &self.core)
+            .finish_non_exhaustive()
     }
 }
 
@@ -69,8 +71,16 @@ impl Queen {
         };
         let (store, writer, recovered) = Store::open(&opts, fatal.clone())?;
         let cfg = Arc::new(cfg);
-        let (core, handle, requests) = Core::new(cfg.clone(), writer, store.reader.clone(), recovered);
-        Ok(Queen { cfg, store, core, handle, requests, fatal })
+        let (core, handle, requests) =
+            Core::new(cfg.clone(), writer, store.reader.clone(), recovered);
+        Ok(Queen {
+            cfg,
+            store,
+            core,
+            handle,
+            requests,
+            fatal,
+        })
     }
 
     /// A handle to the scheduler core, for in-process clients (the `dev` command, tests).
@@ -85,8 +95,19 @@ impl Queen {
 
     /// Serves drones and the API until `shutdown` is cancelled (or a store write fails),
     /// then stops every component and makes every queued write durable.
-    pub async fn serve(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), QueenError> {
-        let Queen { cfg, store, core, handle, requests, fatal } = self;
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> Result<(), QueenError> {
+        let Queen {
+            cfg,
+            store,
+            core,
+            handle,
+            requests,
+            fatal,
+        } = self;
         let stop = shutdown.child_token();
         let tracker = TaskTracker::new();
 
@@ -99,7 +120,11 @@ impl Queen {
             stop.clone(),
             tracker.clone(),
         ));
-        let app = http::router(http::AppState { core: handle.clone(), reader: store.reader.clone(), cfg: cfg.clone() });
+        let app = http::router(http::AppState {
+            core: handle.clone(),
+            reader: store.reader.clone(),
+            cfg: cfg.clone(),
+        });
         let http_stop = stop.clone();
         let http_task = tokio::spawn(async move {
             axum::serve(listeners.http, app)
@@ -119,7 +144,11 @@ impl Queen {
         tracker.close();
         tracker.wait().await;
         // The core, the only writer, has stopped: the writer thread drains and exits.
-        let Store { reader, writer_thread, .. } = store;
+        let Store {
+            reader,
+            writer_thread,
+            ..
+        } = store;
         drop(reader);
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
         if fatal.is_cancelled() {

@@ -19,7 +19,10 @@ pub struct Route {
 
 impl Route {
     pub fn of(task: &Task) -> Route {
-        Route { kind: task.kind.clone(), labels: task.labels.clone() }
+        Route {
+            kind: task.kind.clone(),
+            labels: task.labels.clone(),
+        }
     }
 
     pub fn served_by(&self, kinds: &HashSet<String>, labels: &BTreeSet<String>) -> bool {
@@ -45,7 +48,12 @@ impl ReadyQueues {
     }
 
     pub fn push(&mut self, task: &Task) {
-        if self.groups.entry(Route::of(task)).or_default().insert((Reverse(task.priority), task.id)) {
+        if self
+            .groups
+            .entry(Route::of(task))
+            .or_default()
+            .insert((Reverse(task.priority), task.id))
+        {
             self.len += 1;
         }
     }
@@ -63,7 +71,11 @@ impl ReadyQueues {
     }
 
     /// Takes the best task a drone with these kinds and labels can run.
-    pub fn pop_for(&mut self, kinds: &HashSet<String>, labels: &BTreeSet<String>) -> Option<TaskId> {
+    pub fn pop_for(
+        &mut self,
+        kinds: &HashSet<String>,
+        labels: &BTreeSet<String>,
+    ) -> Option<TaskId> {
         let (route, key) = self
             .groups
             .iter()
@@ -106,7 +118,11 @@ mod tests {
     #[test]
     fn higher_priority_first_then_oldest_first() {
         let mut q = ReadyQueues::default();
-        let (a, b, c) = (task("echo", 0, &[]), task("echo", 5, &[]), task("echo", 0, &[]));
+        let (a, b, c) = (
+            task("echo", 0, &[]),
+            task("echo", 5, &[]),
+            task("echo", 0, &[]),
+        );
         for t in [&a, &b, &c] {
             q.push(t);
         }
@@ -131,7 +147,11 @@ mod tests {
         let kinds = HashSet::from(["render".to_string()]);
         let no_labels = BTreeSet::new();
         assert_eq!(q.pop_for(&kinds, &no_labels), Some(plain.id));
-        assert_eq!(q.pop_for(&kinds, &no_labels), None, "gpu task needs the gpu label");
+        assert_eq!(
+            q.pop_for(&kinds, &no_labels),
+            None,
+            "gpu task needs the gpu label"
+        );
         let gpu_labels = BTreeSet::from(["gpu".to_string(), "big".to_string()]);
         assert_eq!(q.pop_for(&kinds, &gpu_labels), Some(gpu.id));
         assert_eq!(q.len(), 1);

@@ -53,7 +53,11 @@ pub fn after_failure(
     }
     let delay = policy.delay(attempts, jitter);
     let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-    AfterFailure::Retry { at: now.checked_add_signed(delay).unwrap_or(DateTime::<Utc>::MAX_UTC) }
+    AfterFailure::Retry {
+        at: now
+            .checked_add_signed(delay)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC),
+    }
 }
 
 /// What happens to a task whose lease was lost (drone died, hung or was cut off).
@@ -168,7 +172,9 @@ pub fn reattach(
     held_fence: Fence,
 ) -> Reattach {
     match task {
-        Some((TaskState::Running, fence, Some(holder))) if fence == held_fence && holder == drone => {
+        Some((TaskState::Running, fence, Some(holder)))
+            if fence == held_fence && holder == drone =>
+        {
             Reattach::Keep
         }
         _ => Reattach::Cancel,
@@ -179,8 +185,10 @@ pub fn reattach(
 mod tests {
     use super::*;
 
-    const POLICY: RetryPolicy =
-        RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(60) };
+    const POLICY: RetryPolicy = RetryPolicy {
+        base: Duration::from_secs(1),
+        max: Duration::from_secs(60),
+    };
 
     #[test]
     fn backoff_doubles_per_attempt_and_is_capped() {
@@ -205,8 +213,14 @@ mod tests {
             AfterFailure::Retry { at } => assert_eq!(at - now, chrono::Duration::seconds(1)),
             other => panic!("expected a retry, got {other:?}"),
         }
-        assert_eq!(after_failure(3, 3, true, now, &POLICY, 1.0), AfterFailure::Fail);
-        assert_eq!(after_failure(1, 3, false, now, &POLICY, 1.0), AfterFailure::Fail);
+        assert_eq!(
+            after_failure(3, 3, true, now, &POLICY, 1.0),
+            AfterFailure::Fail
+        );
+        assert_eq!(
+            after_failure(1, 3, false, now, &POLICY, 1.0),
+            AfterFailure::Fail
+        );
     }
 
     #[test]
@@ -217,10 +231,22 @@ mod tests {
 
     #[test]
     fn only_the_current_fence_of_a_running_task_records() {
-        assert_eq!(judge_outcome(Some((TaskState::Running, Fence(2))), Fence(2)), Verdict::Record);
-        assert_eq!(judge_outcome(Some((TaskState::Running, Fence(3))), Fence(2)), Verdict::Stale);
-        assert_eq!(judge_outcome(Some((TaskState::Pending, Fence(2))), Fence(2)), Verdict::Stale);
-        assert_eq!(judge_outcome(Some((TaskState::Succeeded, Fence(2))), Fence(2)), Verdict::Stale);
+        assert_eq!(
+            judge_outcome(Some((TaskState::Running, Fence(2))), Fence(2)),
+            Verdict::Record
+        );
+        assert_eq!(
+            judge_outcome(Some((TaskState::Running, Fence(3))), Fence(2)),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge_outcome(Some((TaskState::Pending, Fence(2))), Fence(2)),
+            Verdict::Stale
+        );
+        assert_eq!(
+            judge_outcome(Some((TaskState::Succeeded, Fence(2))), Fence(2)),
+            Verdict::Stale
+        );
         assert_eq!(judge_outcome(None, Fence(1)), Verdict::Stale);
     }
 
@@ -235,18 +261,37 @@ mod tests {
     }
 
     fn held(id: TaskId, fence: u64) -> Held {
-        Held { task_id: id, fence: Fence(fence) }
+        Held {
+            task_id: id,
+            fence: Fence(fence),
+        }
     }
 
     #[test]
     fn a_seen_lease_missing_from_a_heartbeat_is_lost_but_one_in_flight_is_not() {
         let (a, b) = (TaskId::generate(), TaskId::generate());
         let leases = HashMap::from([
-            (a, LiveLease { fence: Fence(1), ordinal: 1 }),
-            (b, LiveLease { fence: Fence(4), ordinal: 2 }),
+            (
+                a,
+                LiveLease {
+                    fence: Fence(1),
+                    ordinal: 1,
+                },
+            ),
+            (
+                b,
+                LiveLease {
+                    fence: Fence(4),
+                    ordinal: 2,
+                },
+            ),
         ]);
         let r = reconcile(&leases, &HashSet::new(), &[], 1);
-        assert_eq!(r.missing, vec![a], "b's assign was not yet seen by the drone");
+        assert_eq!(
+            r.missing,
+            vec![a],
+            "b's assign was not yet seen by the drone"
+        );
         let r = reconcile(&leases, &HashSet::new(), &[held(a, 1)], 2);
         assert_eq!(r.missing, vec![b]);
         let r = reconcile(&leases, &HashSet::new(), &[held(a, 1), held(b, 4)], 2);
@@ -256,7 +301,13 @@ mod tests {
     #[test]
     fn an_old_fence_in_a_heartbeat_is_foreign_and_a_released_one_frees_its_slot() {
         let (a, c) = (TaskId::generate(), TaskId::generate());
-        let leases = HashMap::from([(a, LiveLease { fence: Fence(2), ordinal: 0 })]);
+        let leases = HashMap::from([(
+            a,
+            LiveLease {
+                fence: Fence(2),
+                ordinal: 0,
+            },
+        )]);
         // The drone still runs a's previous lease: wrong fence, so foreign, and a is missing.
         let r = reconcile(&leases, &HashSet::new(), &[held(a, 1)], 0);
         assert_eq!(r.foreign, vec![held(a, 1)]);
@@ -272,7 +323,13 @@ mod tests {
     #[test]
     fn two_attempts_of_one_task_in_a_heartbeat_do_not_hide_the_current_lease() {
         let a = TaskId::generate();
-        let leases = HashMap::from([(a, LiveLease { fence: Fence(2), ordinal: 1 })]);
+        let leases = HashMap::from([(
+            a,
+            LiveLease {
+                fence: Fence(2),
+                ordinal: 1,
+            },
+        )]);
         let known = HashSet::from([a]);
         for held_list in [[held(a, 2), held(a, 1)], [held(a, 1), held(a, 2)]] {
             let r = reconcile(&leases, &known, &held_list, 1);
@@ -289,7 +346,10 @@ mod tests {
         assert_eq!(reattach(running(3, d), d, Fence(3)), Reattach::Keep);
         assert_eq!(reattach(running(3, d), d, Fence(2)), Reattach::Cancel);
         assert_eq!(reattach(running(3, other), d, Fence(3)), Reattach::Cancel);
-        assert_eq!(reattach(Some((TaskState::Pending, Fence(3), None)), d, Fence(3)), Reattach::Cancel);
+        assert_eq!(
+            reattach(Some((TaskState::Pending, Fence(3), None)), d, Fence(3)),
+            Reattach::Cancel
+        );
         assert_eq!(reattach(None, d, Fence(1)), Reattach::Cancel);
     }
 }

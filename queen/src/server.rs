@@ -106,8 +106,19 @@ async fn connection(
     };
 
     let (tx, mut rx) = mpsc::unbounded_channel::<QueenMessage>();
-    let conn = Conn { id, tx: tx.clone(), close: close.clone() };
-    if core.send(Request::Hello { hello: Box::new(hello), conn }).await.is_err() {
+    let conn = Conn {
+        id,
+        tx: tx.clone(),
+        close: close.clone(),
+    };
+    if core
+        .send(Request::Hello {
+            hello: Box::new(hello),
+            conn,
+        })
+        .await
+        .is_err()
+    {
         return;
     }
 
@@ -185,7 +196,10 @@ fn is_final(msg: &QueenMessage) -> bool {
     matches!(msg, QueenMessage::Reject(_) | QueenMessage::Error { .. })
 }
 
-type Sink = futures_util::stream::SplitSink<Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>, bytes::Bytes>;
+type Sink = futures_util::stream::SplitSink<
+    Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
+    bytes::Bytes,
+>;
 
 async fn feed(sink: &mut Sink, msg: &QueenMessage) -> Result<(), ()> {
     let bytes = frame::encode(msg).map_err(|e| tracing::error!(error = %e, "encode failed"))?;

@@ -65,7 +65,9 @@ pub struct SpecError(pub String);
 fn check_name(field: &str, value: &str) -> Result<(), SpecError> {
     let ok = !value.is_empty()
         && value.len() <= MAX_NAME_LEN
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c));
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c));
     if ok {
         Ok(())
     } else {
@@ -87,7 +89,10 @@ impl Task {
         let queue = spec.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_string());
         check_name("queue", &queue)?;
         if spec.labels.len() > MAX_LABELS {
-            return Err(SpecError(format!("too many labels: {} (at most {MAX_LABELS})", spec.labels.len())));
+            return Err(SpecError(format!(
+                "too many labels: {} (at most {MAX_LABELS})",
+                spec.labels.len()
+            )));
         }
         for label in &spec.labels {
             check_name("label", label)?;
@@ -95,7 +100,9 @@ impl Task {
         let mut labels = spec.labels;
         labels.sort();
         labels.dedup();
-        let payload_len = serde_json::to_vec(&spec.payload).map(|v| v.len()).unwrap_or(usize::MAX);
+        let payload_len = serde_json::to_vec(&spec.payload)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if payload_len > limits.max_payload_bytes {
             return Err(SpecError(format!(
                 "payload is {payload_len} bytes, more than the limit of {} (tasks.max_payload_bytes)",
@@ -190,10 +197,10 @@ impl Task {
             labels: self.labels.clone(),
             idempotency_key: self.idempotency_key.clone(),
             depends_on: self.depends_on.clone(),
-            lease: self
-                .lease
-                .as_ref()
-                .map(|l| LeaseView { drone: l.drone, drone_name: l.drone_name.clone() }),
+            lease: self.lease.as_ref().map(|l| LeaseView {
+                drone: l.drone,
+                drone_name: l.drone_name.clone(),
+            }),
             result: self.result.clone(),
             errors: self.errors.clone(),
             cancel_reason: self.cancel_reason.clone(),
@@ -208,9 +215,9 @@ impl Task {
 /// The `exec` kind's payload must name a command; refusing a bad one at submit beats
 /// burning attempts on drones.
 fn validate_exec_payload(payload: &Value) -> Result<(), SpecError> {
-    let obj = payload
-        .as_object()
-        .ok_or_else(|| SpecError("exec payload must be an object like {\"cmd\": [\"prog\", \"arg\"]}".into()))?;
+    let obj = payload.as_object().ok_or_else(|| {
+        SpecError("exec payload must be an object like {\"cmd\": [\"prog\", \"arg\"]}".into())
+    })?;
     for key in obj.keys() {
         if !matches!(key.as_str(), "cmd" | "env" | "cwd") {
             return Err(SpecError(format!(
@@ -218,17 +225,22 @@ fn validate_exec_payload(payload: &Value) -> Result<(), SpecError> {
             )));
         }
     }
-    let cmd = obj
-        .get("cmd")
-        .and_then(Value::as_array)
-        .ok_or_else(|| SpecError("exec payload needs `cmd`: a non-empty array of strings".into()))?;
+    let cmd = obj.get("cmd").and_then(Value::as_array).ok_or_else(|| {
+        SpecError("exec payload needs `cmd`: a non-empty array of strings".into())
+    })?;
     if cmd.is_empty() || !cmd.iter().all(Value::is_string) {
-        return Err(SpecError("exec payload `cmd` must be a non-empty array of strings".into()));
+        return Err(SpecError(
+            "exec payload `cmd` must be a non-empty array of strings".into(),
+        ));
     }
     if let Some(env) = obj.get("env") {
-        let ok = env.as_object().is_some_and(|m| m.values().all(Value::is_string));
+        let ok = env
+            .as_object()
+            .is_some_and(|m| m.values().all(Value::is_string));
         if !ok {
-            return Err(SpecError("exec payload `env` must be an object of strings".into()));
+            return Err(SpecError(
+                "exec payload `env` must be an object of strings".into(),
+            ));
         }
     }
     if let Some(cwd) = obj.get("cwd") {
@@ -245,7 +257,10 @@ mod tests {
     use serde_json::json;
 
     fn spec(kind: &str) -> TaskSpec {
-        TaskSpec { kind: kind.into(), ..TaskSpec::default() }
+        TaskSpec {
+            kind: kind.into(),
+            ..TaskSpec::default()
+        }
     }
 
     fn build(s: TaskSpec) -> Result<Task, SpecError> {
@@ -263,7 +278,11 @@ mod tests {
 
     #[test]
     fn a_delay_schedules_the_task() {
-        let t = build(TaskSpec { delay_ms: Some(60_000), ..spec("echo") }).expect("valid");
+        let t = build(TaskSpec {
+            delay_ms: Some(60_000),
+            ..spec("echo")
+        })
+        .expect("valid");
         assert_eq!(t.state, TaskState::Scheduled);
         assert!(t.run_at.is_some());
     }
@@ -272,13 +291,56 @@ mod tests {
     fn bad_specs_are_refused_naming_the_field() {
         let cases = [
             (spec(""), "kind"),
-            (TaskSpec { queue: Some("a b".into()), ..spec("echo") }, "queue"),
-            (TaskSpec { max_attempts: Some(0), ..spec("echo") }, "max_attempts"),
-            (TaskSpec { timeout_ms: Some(0), ..spec("echo") }, "timeout_ms"),
-            (TaskSpec { delay_ms: Some(1), run_at: Some(Utc::now()), ..spec("echo") }, "run_at"),
-            (TaskSpec { payload: json!({"cmd": []}), ..spec("exec") }, "cmd"),
-            (TaskSpec { payload: json!({"cmd": ["ls"], "bogus": 1}), ..spec("exec") }, "bogus"),
-            (TaskSpec { payload: json!("x".repeat(300_000)), ..spec("echo") }, "payload"),
+            (
+                TaskSpec {
+                    queue: Some("a b".into()),
+                    ..spec("echo")
+                },
+                "queue",
+            ),
+            (
+                TaskSpec {
+                    max_attempts: Some(0),
+                    ..spec("echo")
+                },
+                "max_attempts",
+            ),
+            (
+                TaskSpec {
+                    timeout_ms: Some(0),
+                    ..spec("echo")
+                },
+                "timeout_ms",
+            ),
+            (
+                TaskSpec {
+                    delay_ms: Some(1),
+                    run_at: Some(Utc::now()),
+                    ..spec("echo")
+                },
+                "run_at",
+            ),
+            (
+                TaskSpec {
+                    payload: json!({"cmd": []}),
+                    ..spec("exec")
+                },
+                "cmd",
+            ),
+            (
+                TaskSpec {
+                    payload: json!({"cmd": ["ls"], "bogus": 1}),
+                    ..spec("exec")
+                },
+                "bogus",
+            ),
+            (
+                TaskSpec {
+                    payload: json!("x".repeat(300_000)),
+                    ..spec("echo")
+                },
+                "payload",
+            ),
         ];
         for (s, needle) in cases {
             let err = build(s).expect_err("must be refused").0;

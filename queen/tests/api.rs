@@ -24,17 +24,26 @@ async fn bad_specs_are_refused_with_a_clear_error_and_change_nothing() {
         (json!({"kind": "exec", "payload": {"cmd": "ls"}}), "cmd"),
         (json!({"kind": "echo", "max_attempts": 0}), "max_attempts"),
         (json!({"kind": "echo", "run_at": "yesterday"}), "run_at"),
-        (json!({"kind": "echo", "depends_on": ["00000000-0000-7000-8000-000000000000"]}), "unknown task"),
+        (
+            json!({"kind": "echo", "depends_on": ["00000000-0000-7000-8000-000000000000"]}),
+            "unknown task",
+        ),
         (json!([1, 2]), "invalid task spec"),
     ];
     for (spec, needle) in cases {
         let (status, body) = q.call("POST", "/v1/tasks", Some(spec.clone())).await;
         assert_eq!(status, 400, "{spec} -> {body}");
         let err = body["error"].as_str().unwrap_or_default();
-        assert!(err.contains(needle), "error for {spec} should name {needle}: {err}");
+        assert!(
+            err.contains(needle),
+            "error for {spec} should name {needle}: {err}"
+        );
     }
     let s = stats(&q).await;
-    assert!(s.by_state.values().all(|n| *n == 0), "nothing stored: {s:?}");
+    assert!(
+        s.by_state.values().all(|n| *n == 0),
+        "nothing stored: {s:?}"
+    );
     q.stop().await;
 }
 
@@ -43,10 +52,12 @@ async fn bad_specs_are_refused_with_a_clear_error_and_change_nothing() {
 async fn a_batch_is_all_or_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let q = TestQueen::start(fast_config(dir.path())).await;
-    let bad = json!({"tasks": [{"kind": "echo"}, {"kind": "echo", "bogus": true}, {"kind": "echo"}]});
+    let bad =
+        json!({"tasks": [{"kind": "echo"}, {"kind": "echo", "bogus": true}, {"kind": "echo"}]});
     let (status, body) = q.call("POST", "/v1/tasks/batch", Some(bad)).await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"].as_str().unwrap_or_default().contains("bogus"), "{body}");
+    let err = body["error"].as_str().unwrap_or_default();
+    assert!(err.contains("bogus") && err.contains("tasks[1]"), "{body}");
     assert_eq!(stats(&q).await.by_state["pending"], 0);
 
     let good = json!({"tasks": [{"kind": "echo", "queue": "a"}, {"kind": "echo", "queue": "b"}]});
@@ -54,11 +65,16 @@ async fn a_batch_is_all_or_nothing() {
     assert_eq!(status, 201, "{body}");
     let resp: BatchResponse = serde_json::from_value(body).expect("batch");
     assert_eq!(resp.tasks.len(), 2);
-    assert_eq!((resp.tasks[0].queue.as_str(), resp.tasks[1].queue.as_str()), ("a", "b"));
+    assert_eq!(
+        (resp.tasks[0].queue.as_str(), resp.tasks[1].queue.as_str()),
+        ("a", "b")
+    );
     let s = stats(&q).await;
     assert_eq!(s.by_state["pending"], 2);
     assert_eq!(s.by_queue["a"]["pending"], 1);
-    let (status, _) = q.call("POST", "/v1/tasks/batch", Some(json!({"tasks": []}))).await;
+    let (status, _) = q
+        .call("POST", "/v1/tasks/batch", Some(json!({"tasks": []})))
+        .await;
     assert_eq!(status, 400);
     q.stop().await;
 }
@@ -95,24 +111,47 @@ async fn tasks_are_listed_newest_first_with_filters_and_pages() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        ids.push(q.submit(json!({"kind": "echo", "queue": if i % 2 == 0 { "even" } else { "odd" }})).await.id);
+        ids.push(
+            q.submit(json!({"kind": "echo", "queue": if i % 2 == 0 { "even" } else { "odd" }}))
+                .await
+                .id,
+        );
     }
     let cancelled = ids[4];
-    let (status, _) = q.call("POST", &format!("/v1/tasks/{cancelled}/cancel"), None).await;
+    let (status, _) = q
+        .call("POST", &format!("/v1/tasks/{cancelled}/cancel"), None)
+        .await;
     assert_eq!(status, 200);
-    let page = |body: serde_json::Value| -> TaskPage { serde_json::from_value(body).expect("page") };
+    let page =
+        |body: serde_json::Value| -> TaskPage { serde_json::from_value(body).expect("page") };
 
     let (_, body) = q.call("GET", "/v1/tasks?limit=2", None).await;
     let p1 = page(body);
-    assert_eq!(p1.tasks.iter().map(|t| t.id).collect::<Vec<_>>(), vec![ids[4], ids[3]]);
+    assert_eq!(
+        p1.tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![ids[4], ids[3]]
+    );
     let next = p1.next.expect("more pages");
-    let (_, body) = q.call("GET", &format!("/v1/tasks?limit=2&before={next}"), None).await;
-    assert_eq!(page(body).tasks.iter().map(|t| t.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
+    let (_, body) = q
+        .call("GET", &format!("/v1/tasks?limit=2&before={next}"), None)
+        .await;
+    assert_eq!(
+        page(body).tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![ids[2], ids[1]]
+    );
 
-    let (_, body) = q.call("GET", "/v1/tasks?queue=even&state=pending", None).await;
-    assert_eq!(page(body).tasks.iter().map(|t| t.id).collect::<Vec<_>>(), vec![ids[2], ids[0]]);
+    let (_, body) = q
+        .call("GET", "/v1/tasks?queue=even&state=pending", None)
+        .await;
+    assert_eq!(
+        page(body).tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![ids[2], ids[0]]
+    );
     let (_, body) = q.call("GET", "/v1/tasks?state=cancelled", None).await;
-    assert_eq!(page(body).tasks.iter().map(|t| t.id).collect::<Vec<_>>(), vec![cancelled]);
+    assert_eq!(
+        page(body).tasks.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![cancelled]
+    );
 
     let (status, body) = q.call("GET", "/v1/tasks?state=done", None).await;
     assert_eq!(status, 400);
@@ -121,7 +160,13 @@ async fn tasks_are_listed_newest_first_with_filters_and_pages() {
     assert_eq!(status, 400);
     let (status, _) = q.call("GET", "/v1/tasks/not-a-uuid", None).await;
     assert_eq!(status, 400);
-    let (status, body) = q.call("GET", &format!("/v1/tasks/{}", shared::TaskId::generate()), None).await;
+    let (status, body) = q
+        .call(
+            "GET",
+            &format!("/v1/tasks/{}", shared::TaskId::generate()),
+            None,
+        )
+        .await;
     assert_eq!(status, 404, "{body}");
     q.stop().await;
 }
@@ -133,12 +178,20 @@ async fn a_pending_task_cancels_at_once_and_only_once() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let t = q.submit(json!({"kind": "echo", "delay_ms": 60000})).await;
     assert_eq!(t.state, TaskState::Scheduled);
-    let (status, body) = q.call("POST", &format!("/v1/tasks/{}/cancel", t.id), Some(json!({"reason": "changed my mind"}))).await;
+    let (status, body) = q
+        .call(
+            "POST",
+            &format!("/v1/tasks/{}/cancel", t.id),
+            Some(json!({"reason": "changed my mind"})),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     let v: TaskView = serde_json::from_value(body).expect("view");
     assert_eq!(v.state, TaskState::Cancelled);
     assert_eq!(v.cancel_reason.as_deref(), Some("changed my mind"));
-    let (status, body) = q.call("POST", &format!("/v1/tasks/{}/cancel", t.id), None).await;
+    let (status, body) = q
+        .call("POST", &format!("/v1/tasks/{}/cancel", t.id), None)
+        .await;
     assert_eq!(status, 409, "{body}");
     q.stop().await;
     // Durable: still cancelled after a restart.
@@ -171,11 +224,22 @@ async fn a_dependent_task_is_cancelled_when_its_dependency_is() {
     let dir = tempfile::tempdir().expect("tempdir");
     let q = TestQueen::start(fast_config(dir.path())).await;
     let parent = q.submit(json!({"kind": "echo", "delay_ms": 60000})).await;
-    let child = q.submit(json!({"kind": "echo", "depends_on": [parent.id]})).await;
+    let child = q
+        .submit(json!({"kind": "echo", "depends_on": [parent.id]}))
+        .await;
     assert_eq!(child.state, TaskState::Blocked);
-    let (status, _) = q.call("POST", &format!("/v1/tasks/{}/cancel", parent.id), None).await;
+    let (status, _) = q
+        .call("POST", &format!("/v1/tasks/{}/cancel", parent.id), None)
+        .await;
     assert_eq!(status, 200);
-    let c = q.wait_task(child.id, "dependent cancelled", |t| t.state == TaskState::Cancelled).await;
-    assert!(c.cancel_reason.unwrap_or_default().contains(&parent.id.to_string()));
+    let c = q
+        .wait_task(child.id, "dependent cancelled", |t| {
+            t.state == TaskState::Cancelled
+        })
+        .await;
+    assert!(c
+        .cancel_reason
+        .unwrap_or_default()
+        .contains(&parent.id.to_string()));
     q.stop().await;
 }

@@ -7,11 +7,17 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use shared::api::TaskState;
 use shared::frame;
-use shared::protocol::{AckStatus, DroneMessage, Held, QueenMessage, TaskComplete, TaskFailed, SUPPORTED_VERSIONS};
+use shared::protocol::{
+    AckStatus, DroneMessage, Held, QueenMessage, TaskComplete, TaskFailed, SUPPORTED_VERSIONS,
+};
 use shared::{DroneId, Fence};
 
 fn complete(a: &shared::protocol::Assign, result: serde_json::Value) -> DroneMessage {
-    DroneMessage::TaskComplete(TaskComplete { task_id: a.task_id, fence: a.fence, result })
+    DroneMessage::TaskComplete(TaskComplete {
+        task_id: a.task_id,
+        fence: a.fence,
+        result,
+    })
 }
 
 async fn ack(d: &mut FakeDrone) -> (shared::TaskId, Fence, AckStatus) {
@@ -52,7 +58,10 @@ async fn a_completion_with_a_stale_fence_is_acked_stale_and_changes_nothing() {
     let first = a.assign().await;
     // Drone A drops the task from its heartbeat: the lease is lost and the task requeued.
     a.heartbeat(vec![]).await;
-    q.wait_task(t.id, "requeue", |t| t.state == TaskState::Pending || t.fence > Fence(1)).await;
+    q.wait_task(t.id, "requeue", |t| {
+        t.state == TaskState::Pending || t.fence > Fence(1)
+    })
+    .await;
     let second = a.assign().await;
     assert_eq!(second.fence, Fence(2), "a new lease gets a new fence");
     a.send(complete(&first, json!("from the lost lease"))).await;
@@ -63,9 +72,19 @@ async fn a_completion_with_a_stale_fence_is_acked_stale_and_changes_nothing() {
     a.send(complete(&second, json!("current"))).await;
     assert_eq!(ack(&mut a).await, (t.id, Fence(2), AckStatus::Recorded));
     let done = q.task(t.id).await;
-    assert_eq!((done.state, done.result), (TaskState::Succeeded, Some(json!("current"))));
+    assert_eq!(
+        (done.state, done.result),
+        (TaskState::Succeeded, Some(json!("current")))
+    );
     // A terminal state never changes again, whatever arrives later.
-    a.send(DroneMessage::TaskFailed(TaskFailed { task_id: t.id, fence: Fence(2), error: "late".into(), result: None, retryable: true })).await;
+    a.send(DroneMessage::TaskFailed(TaskFailed {
+        task_id: t.id,
+        fence: Fence(2),
+        error: "late".into(),
+        result: None,
+        retryable: true,
+    }))
+    .await;
     assert_eq!(ack(&mut a).await, (t.id, Fence(2), AckStatus::Stale));
     assert_eq!(q.task(t.id).await.state, TaskState::Succeeded);
     q.stop().await;
@@ -84,16 +103,37 @@ async fn a_silent_drone_loses_its_lease_to_another_drone() {
     let mut silent = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
     let old = silent.assign().await;
     // Say nothing; the queen must expire the drone and close its connection.
-    assert!(silent.closed().await, "the queen closes a silent drone's connection");
+    assert!(
+        silent.closed().await,
+        "the queen closes a silent drone's connection"
+    );
     let after = q.task(t.id).await;
     assert_eq!(after.state, TaskState::Pending);
-    assert!(after.errors.iter().any(|e| e.error.contains("lease lost")), "{after:?}");
+    assert!(
+        after.errors.iter().any(|e| e.error.contains("lease lost")),
+        "{after:?}"
+    );
     let mut live = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
     let new = live.assign().await;
-    live.heartbeat(vec![Held { task_id: t.id, fence: new.fence }]).await;
+    live.heartbeat(vec![Held {
+        task_id: t.id,
+        fence: new.fence,
+    }])
+    .await;
     assert_eq!(new.fence, Fence(2));
     // The silent drone comes back holding the old lease: told to stop it; its result is stale.
-    let mut back = FakeDrone::connect(q.drones, hello(silent.id, 1, vec![Held { task_id: t.id, fence: old.fence }])).await;
+    let mut back = FakeDrone::connect(
+        q.drones,
+        hello(
+            silent.id,
+            1,
+            vec![Held {
+                task_id: t.id,
+                fence: old.fence,
+            }],
+        ),
+    )
+    .await;
     let cancel = back
         .expect("a cancel", |m| match m {
             QueenMessage::Cancel(c) => Some(c),
@@ -118,7 +158,10 @@ async fn a_disconnected_drone_s_task_is_requeued_after_the_grace() {
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
     d.assign().await;
     drop(d);
-    q.wait_task(t.id, "requeue after disconnect", |t| t.state == TaskState::Pending).await;
+    q.wait_task(t.id, "requeue after disconnect", |t| {
+        t.state == TaskState::Pending
+    })
+    .await;
     q.stop().await;
 }
 
@@ -134,21 +177,47 @@ async fn after_a_restart_a_reporting_drone_keeps_its_task() {
     let mut d = FakeDrone::connect(q.drones, hello(id, 2, vec![])).await;
     let a1 = d.assign().await;
     let a2 = d.assign().await;
-    let (keep, _lose) = if a1.task_id == kept.id { (a1, a2) } else { (a2, a1) };
+    let (keep, _lose) = if a1.task_id == kept.id {
+        (a1, a2)
+    } else {
+        (a2, a1)
+    };
     q.stop().await;
     drop(d);
 
     let q = TestQueen::start(fast_config(dir.path())).await;
-    assert_eq!(q.task(kept.id).await.state, TaskState::Running, "running survives a restart");
-    let mut d = FakeDrone::connect(q.drones, hello(id, 2, vec![Held { task_id: keep.task_id, fence: keep.fence }])).await;
+    assert_eq!(
+        q.task(kept.id).await.state,
+        TaskState::Running,
+        "running survives a restart"
+    );
+    let mut d = FakeDrone::connect(
+        q.drones,
+        hello(
+            id,
+            2,
+            vec![Held {
+                task_id: keep.task_id,
+                fence: keep.fence,
+            }],
+        ),
+    )
+    .await;
     // The unreported task is requeued and leased again (to this drone, which has a free
     // slot) with a new fence.
     let again = d.assign().await;
     assert_eq!((again.task_id, again.fence), (lost.id, Fence(2)));
     d.send(complete(&keep, json!(1))).await;
-    assert_eq!(ack(&mut d).await, (kept.id, keep.fence, AckStatus::Recorded));
+    assert_eq!(
+        ack(&mut d).await,
+        (kept.id, keep.fence, AckStatus::Recorded)
+    );
     let k = q.task(kept.id).await;
-    assert_eq!((k.state, k.attempts), (TaskState::Succeeded, 1), "re-attached: no second run");
+    assert_eq!(
+        (k.state, k.attempts),
+        (TaskState::Succeeded, 1),
+        "re-attached: no second run"
+    );
     q.stop().await;
 }
 
@@ -162,7 +231,14 @@ async fn failures_retry_then_fail_keeping_every_error() {
     for attempt in 1..=3 {
         let a = d.assign().await;
         assert_eq!(a.attempt, attempt);
-        d.send(DroneMessage::TaskFailed(TaskFailed { task_id: a.task_id, fence: a.fence, error: format!("boom {attempt}"), result: None, retryable: true })).await;
+        d.send(DroneMessage::TaskFailed(TaskFailed {
+            task_id: a.task_id,
+            fence: a.fence,
+            error: format!("boom {attempt}"),
+            result: None,
+            retryable: true,
+        }))
+        .await;
         assert_eq!(ack(&mut d).await.2, AckStatus::Recorded);
     }
     let done = q.wait_task(t.id, "failed", |t| t.state.is_terminal()).await;
@@ -181,7 +257,14 @@ async fn a_non_retryable_failure_fails_at_once() {
     let t = q.submit(json!({"kind": "echo", "max_attempts": 5})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
     let a = d.assign().await;
-    d.send(DroneMessage::TaskFailed(TaskFailed { task_id: a.task_id, fence: a.fence, error: "bad input".into(), result: None, retryable: false })).await;
+    d.send(DroneMessage::TaskFailed(TaskFailed {
+        task_id: a.task_id,
+        fence: a.fence,
+        error: "bad input".into(),
+        result: None,
+        retryable: false,
+    }))
+    .await;
     assert_eq!(ack(&mut d).await.2, AckStatus::Recorded);
     let done = q.task(t.id).await;
     assert_eq!((done.state, done.attempts), (TaskState::Failed, 1));
@@ -197,7 +280,9 @@ async fn cancelling_a_running_task_tells_its_drone() {
     let t = q.submit(json!({"kind": "echo"})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
     let a = d.assign().await;
-    let (status, body) = q.call("POST", &format!("/v1/tasks/{}/cancel", t.id), None).await;
+    let (status, body) = q
+        .call("POST", &format!("/v1/tasks/{}/cancel", t.id), None)
+        .await;
     assert_eq!(status, 200, "{body}");
     let c = d
         .expect("a cancel", |m| match m {
@@ -228,7 +313,9 @@ async fn bad_frames_close_only_their_connection() {
     };
     // Garbage instead of a hello.
     let mut raw = FakeDrone::raw(q.drones).await;
-    raw.send(bytes::Bytes::from_static(b"\x00\xffnot json")).await.expect("send");
+    raw.send(bytes::Bytes::from_static(b"\x00\xffnot json"))
+        .await
+        .expect("send");
     let msg = raw.next().await.expect("reply").expect("frame");
     assert!(error_of(frame::decode(&msg).ok()).contains("malformed"));
     assert!(raw.next().await.is_none(), "connection closed");
@@ -236,8 +323,12 @@ async fn bad_frames_close_only_their_connection() {
     // An unknown message type after a valid hello.
     let mut raw = FakeDrone::raw(q.drones).await;
     let h = DroneMessage::Hello(hello(DroneId::generate(), 1, vec![]));
-    raw.send(frame::encode(&h).expect("encode")).await.expect("send");
-    raw.send(frame::encode(&json!({"type": "launch_missiles"})).expect("encode")).await.expect("send");
+    raw.send(frame::encode(&h).expect("encode"))
+        .await
+        .expect("send");
+    raw.send(frame::encode(&json!({"type": "launch_missiles"})).expect("encode"))
+        .await
+        .expect("send");
     let mut saw_error = None;
     while let Some(Ok(bytes)) = raw.next().await {
         if let Ok(QueenMessage::Error { message }) = frame::decode::<QueenMessage>(&bytes) {
@@ -248,9 +339,14 @@ async fn bad_frames_close_only_their_connection() {
     assert!(saw_error.contains("launch_missiles"), "{saw_error}");
 
     // An oversized length prefix: refused from the prefix alone, without reading the body.
-    let mut stream = tokio::net::TcpStream::connect(q.drones).await.expect("connect");
-    tokio::io::AsyncWriteExt::write_all(&mut stream, &(1u32 << 30).to_be_bytes()).await.expect("send");
-    let mut big = tokio_util::codec::Framed::new(stream, frame::codec(frame::DEFAULT_MAX_FRAME_LEN));
+    let mut stream = tokio::net::TcpStream::connect(q.drones)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &(1u32 << 30).to_be_bytes())
+        .await
+        .expect("send");
+    let mut big =
+        tokio_util::codec::Framed::new(stream, frame::codec(frame::DEFAULT_MAX_FRAME_LEN));
     let reply = big.next().await.expect("reply").expect("frame");
     assert!(error_of(frame::decode(&reply).ok()).contains("frame"));
     assert!(big.next().await.is_none(), "connection closed");
@@ -272,7 +368,9 @@ async fn an_unsupported_protocol_version_is_rejected_with_the_supported_ones() {
     let mut h = hello(DroneId::generate(), 1, vec![]);
     h.protocol_version = 99;
     let mut raw = FakeDrone::raw(q.drones).await;
-    raw.send(frame::encode(&DroneMessage::Hello(h)).expect("encode")).await.expect("send");
+    raw.send(frame::encode(&DroneMessage::Hello(h)).expect("encode"))
+        .await
+        .expect("send");
     let bytes = raw.next().await.expect("reply").expect("frame");
     match frame::decode::<QueenMessage>(&bytes) {
         Ok(QueenMessage::Reject(r)) => {
@@ -293,9 +391,15 @@ async fn a_drone_without_the_token_is_rejected() {
     cfg.auth.token = Some(shared::ids::Secret("s3cret".into()));
     let q = TestQueen::start(cfg).await;
     let mut raw = FakeDrone::raw(q.drones).await;
-    raw.send(frame::encode(&DroneMessage::Hello(hello(DroneId::generate(), 1, vec![]))).expect("encode")).await.expect("send");
+    raw.send(
+        frame::encode(&DroneMessage::Hello(hello(DroneId::generate(), 1, vec![]))).expect("encode"),
+    )
+    .await
+    .expect("send");
     let bytes = raw.next().await.expect("reply").expect("frame");
-    assert!(matches!(frame::decode::<QueenMessage>(&bytes), Ok(QueenMessage::Reject(r)) if r.reason.contains("token")));
+    assert!(
+        matches!(frame::decode::<QueenMessage>(&bytes), Ok(QueenMessage::Reject(r)) if r.reason.contains("token"))
+    );
     let mut h = hello(DroneId::generate(), 1, vec![]);
     h.token = Some(shared::ids::Secret("s3cret".into()));
     let _ok = FakeDrone::connect(q.drones, h).await;

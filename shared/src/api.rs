@@ -24,7 +24,11 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
     /// Not before this instant (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "run_at")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "run_at"
+    )]
     pub run_at: Option<DateTime<Utc>>,
     /// Not before this many milliseconds from now (exclusive with `run_at`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,11 +53,13 @@ pub struct TaskSpec {
 fn run_at<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
     let raw: Option<String> = Option::deserialize(d)?;
     raw.map(|s| {
-        DateTime::parse_from_rfc3339(&s).map(|t| t.with_timezone(&Utc)).map_err(|e| {
-            serde::de::Error::custom(format!(
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
                 "run_at must be an RFC 3339 timestamp like 2026-01-01T12:00:00Z, got `{s}` ({e})"
             ))
-        })
+            })
     })
     .transpose()
 }
@@ -100,7 +106,10 @@ impl TaskState {
 
     /// A terminal state never changes again.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -255,7 +264,10 @@ mod tests {
     fn states_parse_and_print_lowercase() {
         for st in TaskState::ALL {
             assert_eq!(st.as_str().parse::<TaskState>(), Ok(st));
-            assert_eq!(serde_json::to_value(st).ok(), Some(Value::from(st.as_str())));
+            assert_eq!(
+                serde_json::to_value(st).ok(),
+                Some(Value::from(st.as_str()))
+            );
         }
         assert!("done".parse::<TaskState>().is_err());
     }

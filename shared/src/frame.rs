@@ -30,7 +30,9 @@ pub fn codec(max_frame_len: usize) -> LengthDelimitedCodec {
 
 /// Encodes one message as a frame body.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Bytes, FrameError> {
-    serde_json::to_vec(msg).map(Bytes::from).map_err(FrameError::Encode)
+    serde_json::to_vec(msg)
+        .map(Bytes::from)
+        .map_err(FrameError::Encode)
 }
 
 /// Decodes one frame body. Unknown message types and missing fields are errors that name
@@ -54,7 +56,10 @@ mod tests {
         assert!(codec.encode(body.clone(), &mut buf).is_ok());
         assert_eq!(&buf[..4], &(body.len() as u32).to_be_bytes());
         let got = codec.decode(&mut buf).ok().flatten().unwrap_or_default();
-        assert!(matches!(decode::<DroneMessage>(&got), Ok(DroneMessage::Drain)));
+        assert!(matches!(
+            decode::<DroneMessage>(&got),
+            Ok(DroneMessage::Drain)
+        ));
     }
 
     #[test]

@@ -38,7 +38,9 @@ pub enum QueenMessage {
     Cancel(CancelTask),
     Ack(Ack),
     /// The drone sent something the queen could not accept; the connection closes after it.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// A task the drone holds: still running, or finished with its outcome not yet acknowledged.
@@ -167,7 +169,10 @@ mod tests {
     #[test]
     fn messages_carry_their_type_in_a_type_field() {
         let m = DroneMessage::Drain;
-        assert_eq!(serde_json::to_string(&m).ok().as_deref(), Some(r#"{"type":"drain"}"#));
+        assert_eq!(
+            serde_json::to_string(&m).ok().as_deref(),
+            Some(r#"{"type":"drain"}"#)
+        );
         let ack = QueenMessage::Ack(Ack {
             task_id: TaskId::generate(),
             fence: Fence(3),

@@ -1,1 +1,43 @@
+//! The harness for The Hive's cross-process scenarios: it builds and spawns the real
+//! `queen` and `drone` binaries, kills them with `kill -9`, freezes and restarts them, and
+//! observes the result only from the outside — the HTTP API, the drone protocol, `/proc`,
+//! and a log the tasks themselves write.
+//!
+//! The scenarios live in `tests/`, one file per failure family. Each one names the failure
+//! it guards against and waits only on conditions ([`wait::wait_until`]), never on bare
+//! sleeps. Every process a test starts dies with the test, also when it fails.
+//!
+//! Code map:
+//! - [`bins`]: `cargo build -p queen` / `-p drone` once per test process, then their paths.
+//! - [`process`]: a child that is killed when dropped; log files and failure dumps;
+//!   `/proc` liveness.
+//! - [`queen`], [`drone`]: the two binaries as processes.
+//! - [`hive`]: a temp dir, a queen, its drones and a client, for one test.
+//! - [`api`]: the HTTP client. [`wire`]: the drone protocol spoken by hand.
+//! - [`execlog`]: counting real executions of `exec` tasks.
+//! - [`wait`]: polling with deadlines.
+//!
+//! Knobs for debugging a failure (all optional):
+//! - `HIVE_TEST_KEEP=1` keeps every test's temp dir (data dir, logs, exec log); a failed
+//!   test always keeps its own and prints the path.
+//! - `HIVE_TEST_LOG_TAIL=N` prints the last N lines of each log on failure (default 80).
+//! - `HIVE_TEST_RUST_LOG=filter` sets the queen's and drones' log filter (default `info`).
 
+pub mod api;
+pub mod bins;
+pub mod drone;
+pub mod execlog;
+pub mod hive;
+pub mod process;
+pub mod queen;
+pub mod wait;
+pub mod wire;
+
+pub use api::{echo, exec, sh, Api, ApiError};
+pub use drone::DroneProc;
+pub use execlog::{Entry, ExecLog, Phase};
+pub use hive::{Hive, HiveBuilder};
+pub use process::{pid_alive, pid_state};
+pub use queen::QueenProc;
+pub use wait::{wait_until, DEADLINE};
+pub use wire::{FakeDrone, RawConn};

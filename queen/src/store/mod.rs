@@ -62,11 +62,18 @@ pub enum StoreError {
     #[error("data dir {path} is in use by another queen (lock held{holder}); stop it or choose another queen.data_dir")]
     Locked { path: PathBuf, holder: String },
     #[error("database in {path} was written by storage schema {found}, newer than this queen's {supported}; upgrade the queen")]
-    NewerSchema { path: PathBuf, found: u32, supported: u32 },
+    NewerSchema {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
     #[error("database in {path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("i/o error on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
 }
@@ -98,7 +105,10 @@ pub enum Mutation {
 
 impl Mutation {
     pub fn save(task: &Task) -> Mutation {
-        Mutation::SaveActive { id: task.id, record: record::encode(task) }
+        Mutation::SaveActive {
+            id: task.id,
+            record: record::encode(task),
+        }
     }
 
     /// `count` is the new number of finished tasks in the task's queue and state.
@@ -145,7 +155,9 @@ pub struct Commit {
 
 impl std::fmt::Debug for Commit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Commit").field("mutations", &self.mutations).finish_non_exhaustive()
+        f.debug_struct("Commit")
+            .field("mutations", &self.mutations)
+            .finish_non_exhaustive()
     }
 }
 
@@ -198,7 +210,10 @@ impl Store {
         fatal: CancellationToken,
     ) -> Result<(Store, StoreWriter, Recovered), StoreError> {
         let dir = &opts.data_dir;
-        let io = |source| StoreError::Io { path: dir.clone(), source };
+        let io = |source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        };
         if dir.exists() && !dir.is_dir() {
             return Err(StoreError::NotADirectory(dir.clone()));
         }
@@ -212,10 +227,14 @@ impl Store {
             .cache_capacity(opts.cache_capacity_bytes)
             .open()
             .map_err(|e| match e {
-                sled::Error::Corruption { .. } => {
-                    StoreError::Corrupt { path: db_path.clone(), detail: e.to_string() }
-                }
-                sled::Error::Io(source) => StoreError::Io { path: db_path.clone(), source },
+                sled::Error::Corruption { .. } => StoreError::Corrupt {
+                    path: db_path.clone(),
+                    detail: e.to_string(),
+                },
+                sled::Error::Io(source) => StoreError::Io {
+                    path: db_path.clone(),
+                    source,
+                },
                 other => StoreError::Sled(other),
             })?;
         let tree = db.open_tree("hive")?;
@@ -223,22 +242,35 @@ impl Store {
         let recovered = recover(&tree, &db_path)?;
 
         let sync_file = if opts.sync {
-            Some(File::open(db_path.join("db")).map_err(|source| StoreError::Io {
-                path: db_path.join("db"),
-                source,
-            })?)
+            Some(
+                File::open(db_path.join("db")).map_err(|source| StoreError::Io {
+                    path: db_path.join("db"),
+                    source,
+                })?,
+            )
         } else {
             None
         };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let durable = Arc::new(AtomicU64::new(0));
-        let writer = Writer { db, tree: tree.clone(), rx, durable: durable.clone(), sync_file, fatal };
+        let writer = Writer {
+            db,
+            tree: tree.clone(),
+            rx,
+            durable: durable.clone(),
+            sync_file,
+            fatal,
+        };
         let writer_thread = std::thread::Builder::new()
             .name("hive-store-writer".into())
             .spawn(move || writer.run())
             .map_err(io)?;
         Ok((
-            Store { reader: StoreReader { tree }, writer_thread, _lock: lock },
+            Store {
+                reader: StoreReader { tree },
+                writer_thread,
+                _lock: lock,
+            },
             StoreWriter { tx, durable },
             recovered,
         ))
@@ -250,8 +282,17 @@ impl Store {
 /// process, so a `kill -9` never leaves a stale lock behind.
 fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join("LOCK");
-    let io = |source| StoreError::Io { path: path.clone(), source };
-    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    let io = |source| StoreError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -260,8 +301,15 @@ fn lock_data_dir(dir: &Path) -> Result<File, StoreError> {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim();
-            let holder = if holder.is_empty() { String::new() } else { format!(" by pid {holder}") };
-            return Err(StoreError::Locked { path: dir.to_path_buf(), holder });
+            let holder = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" by pid {holder}")
+            };
+            return Err(StoreError::Locked {
+                path: dir.to_path_buf(),
+                holder,
+            });
         }
         return Err(io(err));
     }
@@ -278,15 +326,22 @@ fn remove_unfinished_snapshots(db_path: &Path) -> Result<(), StoreError> {
     let entries = match std::fs::read_dir(db_path) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(StoreError::Io { path: db_path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: db_path.to_path_buf(),
+                source,
+            })
+        }
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with("snap.") && name.ends_with(".generating") {
             tracing::warn!(file = %entry.path().display(), "removing unfinished sled snapshot left by an interrupted start");
-            std::fs::remove_file(entry.path())
-                .map_err(|source| StoreError::Io { path: entry.path(), source })?;
+            std::fs::remove_file(entry.path()).map_err(|source| StoreError::Io {
+                path: entry.path(),
+                source,
+            })?;
         }
     }
     Ok(())
@@ -326,12 +381,19 @@ fn check_schema(tree: &sled::Tree, db_path: &Path) -> Result<(), StoreError> {
 }
 
 fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
-    let corrupt = |detail: String| StoreError::Corrupt { path: db_path.to_path_buf(), detail };
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: db_path.to_path_buf(),
+        detail,
+    };
     let mut out = Recovered::default();
     for item in tree.scan_prefix(ACTIVE) {
         let (key, value) = item?;
-        let task = record::decode(&value)
-            .map_err(|e| corrupt(format!("active task key {:?}: {e}", String::from_utf8_lossy(&key))))?;
+        let task = record::decode(&value).map_err(|e| {
+            corrupt(format!(
+                "active task key {:?}: {e}",
+                String::from_utf8_lossy(&key)
+            ))
+        })?;
         out.active.push(task);
     }
     for item in tree.scan_prefix(COUNTS) {
@@ -339,11 +401,15 @@ fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
         let rest = &key[COUNTS.len()..];
         let parsed = rest.iter().position(|b| *b == 0).and_then(|nul| {
             let queue = std::str::from_utf8(&rest[..nul]).ok()?;
-            let state = std::str::from_utf8(&rest[nul + 1..]).ok()?.parse::<TaskState>().ok()?;
+            let state = std::str::from_utf8(&rest[nul + 1..])
+                .ok()?
+                .parse::<TaskState>()
+                .ok()?;
             let count = u64::from_be_bytes(value.as_ref().try_into().ok()?);
             Some(((queue.to_string(), state), count))
         });
-        out.finished_counts.push(parsed.ok_or_else(|| corrupt("bad counter entry".into()))?);
+        out.finished_counts
+            .push(parsed.ok_or_else(|| corrupt("bad counter entry".into()))?);
     }
     Ok(out)
 }
@@ -375,16 +441,22 @@ impl StoreReader {
             None => Ok(None),
             Some(raw) => record::decode(&raw)
                 .map(Some)
-                .map_err(|detail| StoreError::Corrupt { path: PathBuf::from("finished"), detail }),
+                .map_err(|detail| StoreError::Corrupt {
+                    path: PathBuf::from("finished"),
+                    detail,
+                }),
         }
     }
 
     /// The task an idempotency key points at, if it is still retained.
     pub fn idempotent(&self, idem_key: &str) -> Result<Option<TaskId>, StoreError> {
-        Ok(self.tree.get(key(IDEM, idem_key.as_bytes()))?.and_then(|raw| {
-            let bytes: [u8; 16] = raw.as_ref().try_into().ok()?;
-            Some(TaskId::from_bytes(bytes))
-        }))
+        Ok(self
+            .tree
+            .get(key(IDEM, idem_key.as_bytes()))?
+            .and_then(|raw| {
+                let bytes: [u8; 16] = raw.as_ref().try_into().ok()?;
+                Some(TaskId::from_bytes(bytes))
+            }))
     }
 
     /// Finished tasks, newest first, with ids below `before`, that `keep` accepts; reads at
@@ -404,8 +476,10 @@ impl StoreReader {
         let mut out = Vec::new();
         for item in self.tree.range(start..end).rev().take(scan_limit) {
             let (_, raw) = item?;
-            let task = record::decode(&raw)
-                .map_err(|detail| StoreError::Corrupt { path: PathBuf::from("finished"), detail })?;
+            let task = record::decode(&raw).map_err(|detail| StoreError::Corrupt {
+                path: PathBuf::from("finished"),
+                detail,
+            })?;
             if keep(&task) {
                 out.push(task);
                 if out.len() >= limit {
@@ -427,7 +501,11 @@ impl StoreReader {
                 let ms = u64::from_be_bytes(rest[..8].try_into().ok()?);
                 let id = TaskId::from_bytes(rest[8..].try_into().ok()?);
                 let entry: RetentionEntry = serde_json::from_slice(&v).ok()?;
-                Some(Expired { id, finished_ms: ms as i64, entry })
+                Some(Expired {
+                    id,
+                    finished_ms: ms as i64,
+                    entry,
+                })
             });
             match parsed.flatten() {
                 Some(e) => out.push(e),
@@ -487,7 +565,8 @@ impl Writer {
                     failed = Some(err.clone());
                 }
             } else {
-                self.durable.fetch_add(commits.len() as u64, Ordering::AcqRel);
+                self.durable
+                    .fetch_add(commits.len() as u64, Ordering::AcqRel);
             }
             for commit in commits {
                 if let Some(after) = commit.after {
@@ -504,17 +583,23 @@ impl Writer {
         let mut batch = sled::Batch::default();
         for commit in commits.iter_mut() {
             for m in commit.mutations.drain(..) {
-                self.apply(&mut batch, m).map_err(|e| CommitError(e.to_string()))?;
+                self.apply(&mut batch, m)
+                    .map_err(|e| CommitError(e.to_string()))?;
             }
         }
-        self.tree.apply_batch(batch).map_err(|e| CommitError(e.to_string()))?;
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| CommitError(e.to_string()))?;
         self.db.flush().map_err(|e| CommitError(e.to_string()))?;
         if let Some(file) = &self.sync_file {
             // sled's flush uses sync_file_range, which survives a killed process but not
             // power loss. syncfs covers the db file and any blob files sled wrote.
             // SAFETY: syncfs on a descriptor we own.
             if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
-                return Err(CommitError(format!("syncfs: {}", std::io::Error::last_os_error())));
+                return Err(CommitError(format!(
+                    "syncfs: {}",
+                    std::io::Error::last_os_error()
+                )));
             }
         }
         Ok(())
@@ -522,8 +607,16 @@ impl Writer {
 
     fn apply(&self, batch: &mut sled::Batch, m: Mutation) -> Result<(), sled::Error> {
         match m {
-            Mutation::SaveActive { id, record } => batch.insert(key(ACTIVE, &id.to_bytes()), record),
-            Mutation::Finish { id, record, finished_ms, index, count } => {
+            Mutation::SaveActive { id, record } => {
+                batch.insert(key(ACTIVE, &id.to_bytes()), record)
+            }
+            Mutation::Finish {
+                id,
+                record,
+                finished_ms,
+                index,
+                count,
+            } => {
                 batch.remove(key(ACTIVE, &id.to_bytes()));
                 batch.insert(key(FINISHED, &id.to_bytes()), record);
                 let entry = serde_json::to_vec(&index).unwrap_or_default();
@@ -536,7 +629,10 @@ impl Writer {
             Mutation::Purge { expired, count } => {
                 batch.remove(key(FINISHED, &expired.id.to_bytes()));
                 batch.remove(retention_key(expired.finished_ms, expired.id));
-                batch.insert(count_key(&expired.entry.queue, expired.entry.state), &count.to_be_bytes());
+                batch.insert(
+                    count_key(&expired.entry.queue, expired.entry.state),
+                    &count.to_be_bytes(),
+                );
                 if let Some(k) = &expired.entry.idempotency_key {
                     // Only drop the key if it still names this task. Safe to read here:
                     // this thread is the only writer.

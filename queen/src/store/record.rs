@@ -109,10 +109,10 @@ pub fn encode(task: &Task) -> Vec<u8> {
         state: state_to_v1(task.state),
         attempts: task.attempts,
         fence: task.fence.0,
-        lease: task
-            .lease
-            .as_ref()
-            .map(|l| v1::LeaseRec { drone: l.drone, drone_name: l.drone_name.clone() }),
+        lease: task.lease.as_ref().map(|l| v1::LeaseRec {
+            drone: l.drone,
+            drone_name: l.drone_name.clone(),
+        }),
         result: task.result.clone(),
         errors: task
             .errors
@@ -161,7 +161,10 @@ pub fn decode(bytes: &[u8]) -> Result<Task, String> {
                 state: state_from_v1(r.state),
                 attempts: r.attempts,
                 fence: Fence(r.fence),
-                lease: r.lease.map(|l| Lease { drone: l.drone, drone_name: l.drone_name }),
+                lease: r.lease.map(|l| Lease {
+                    drone: l.drone,
+                    drone_name: l.drone_name,
+                }),
                 result: r.result,
                 errors: r
                     .errors
@@ -192,14 +195,27 @@ mod tests {
 
     #[test]
     fn a_task_round_trips_through_its_record() {
-        let spec = TaskSpec { kind: "echo".into(), payload: serde_json::json!({"a": 1}), ..Default::default() };
+        let spec = TaskSpec {
+            kind: "echo".into(),
+            payload: serde_json::json!({"a": 1}),
+            ..Default::default()
+        };
         let mut t = Task::from_spec(spec, TaskId::generate(), Utc::now(), &Default::default())
             .expect("valid spec");
         t.state = TaskState::Running;
         t.fence = Fence(7);
         t.attempts = 2;
-        t.lease = Some(Lease { drone: DroneId::generate(), drone_name: "d1".into() });
-        t.errors.push(AttemptError { attempt: 1, fence: Fence(6), drone: None, error: "boom".into(), at: Utc::now() });
+        t.lease = Some(Lease {
+            drone: DroneId::generate(),
+            drone_name: "d1".into(),
+        });
+        t.errors.push(AttemptError {
+            attempt: 1,
+            fence: Fence(6),
+            drone: None,
+            error: "boom".into(),
+            at: Utc::now(),
+        });
         assert_eq!(decode(&encode(&t)), Ok(t));
     }
 

@@ -4,24 +4,39 @@ use shared::api::TaskSpec;
 use tokio::sync::oneshot;
 
 fn opts(dir: &Path) -> OpenOptionsHive {
-    OpenOptionsHive { data_dir: dir.to_path_buf(), cache_capacity_bytes: 8 << 20, sync: false }
+    OpenOptionsHive {
+        data_dir: dir.to_path_buf(),
+        cache_capacity_bytes: 8 << 20,
+        sync: false,
+    }
 }
 
 fn task() -> Task {
-    let spec = TaskSpec { kind: "echo".into(), ..Default::default() };
+    let spec = TaskSpec {
+        kind: "echo".into(),
+        ..Default::default()
+    };
     Task::from_spec(spec, TaskId::generate(), Utc::now(), &Default::default()).expect("valid")
 }
 
 async fn commit(writer: &StoreWriter, mutations: Vec<Mutation>) -> Result<(), CommitError> {
     let (tx, rx) = oneshot::channel();
     writer
-        .send(Commit { mutations, after: Some(Box::new(move |r| drop(tx.send(r)))) })
+        .send(Commit {
+            mutations,
+            after: Some(Box::new(move |r| drop(tx.send(r)))),
+        })
         .await;
-    rx.await.unwrap_or_else(|_| Err(CommitError("dropped".into())))
+    rx.await
+        .unwrap_or_else(|_| Err(CommitError("dropped".into())))
 }
 
 fn close(store: Store, writer: StoreWriter) {
-    let Store { reader, writer_thread, _lock } = store;
+    let Store {
+        reader,
+        writer_thread,
+        _lock,
+    } = store;
     drop((reader, writer));
     writer_thread.join().expect("writer thread exits cleanly");
     drop(_lock);
@@ -33,18 +48,35 @@ async fn committed_tasks_survive_reopen_and_finished_ones_live_apart() {
     let (active, mut done) = (task(), task());
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
     assert!(rec.active.is_empty());
-    commit(&w, vec![Mutation::save(&active), Mutation::save(&done)]).await.expect("durable");
+    commit(&w, vec![Mutation::save(&active), Mutation::save(&done)])
+        .await
+        .expect("durable");
     done.state = TaskState::Succeeded;
     done.finished_at = Some(Utc::now());
-    commit(&w, vec![Mutation::finish(&done, 1)]).await.expect("durable");
+    commit(&w, vec![Mutation::finish(&done, 1)])
+        .await
+        .expect("durable");
     assert_eq!(w.durable(), 2);
     close(store, w);
 
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
-    assert_eq!(rec.active, vec![active], "only the active task is loaded at start");
-    assert_eq!(rec.finished_counts, vec![(("default".to_string(), TaskState::Succeeded), 1)]);
-    assert_eq!(store.reader.finished(done.id).expect("read"), Some(done.clone()));
-    let page = store.reader.finished_page(None, 10, 100, |_| true).expect("page");
+    assert_eq!(
+        rec.active,
+        vec![active],
+        "only the active task is loaded at start"
+    );
+    assert_eq!(
+        rec.finished_counts,
+        vec![(("default".to_string(), TaskState::Succeeded), 1)]
+    );
+    assert_eq!(
+        store.reader.finished(done.id).expect("read"),
+        Some(done.clone())
+    );
+    let page = store
+        .reader
+        .finished_page(None, 10, 100, |_| true)
+        .expect("page");
     assert_eq!(page.len(), 1);
     close(store, w);
 }
@@ -68,7 +100,11 @@ async fn a_newer_schema_is_refused_and_the_database_left_alone() {
     let t = task();
     let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
     commit(&w, vec![Mutation::save(&t)]).await.expect("durable");
-    store.reader.tree.insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes()).expect("insert");
+    store
+        .reader
+        .tree
+        .insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
+        .expect("insert");
     store.reader.tree.flush().expect("flush");
     close(store, w);
     let err = Store::open(&opts(dir.path()), CancellationToken::new()).expect_err("newer");
@@ -82,7 +118,11 @@ fn a_data_dir_that_is_a_file_is_refused() {
     std::fs::write(&file, b"precious").expect("write");
     let err = Store::open(&opts(&file), CancellationToken::new()).expect_err("not a dir");
     assert!(err.to_string().contains("is not a directory"), "{err}");
-    assert_eq!(std::fs::read(&file).expect("read"), b"precious", "the file is untouched");
+    assert_eq!(
+        std::fs::read(&file).expect("read"),
+        b"precious",
+        "the file is untouched"
+    );
 }
 
 #[tokio::test]
@@ -92,9 +132,13 @@ async fn an_unfinished_snapshot_is_removed_and_data_recovered() {
     let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
     commit(&w, vec![Mutation::save(&t)]).await.expect("durable");
     close(store, w);
-    let bogus = dir.path().join("db").join("snap.00000000DEADBEEF.generating");
+    let bogus = dir
+        .path()
+        .join("db")
+        .join("snap.00000000DEADBEEF.generating");
     std::fs::write(&bogus, b"half a snapshot").expect("write");
-    let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("recovers");
+    let (store, w, rec) =
+        Store::open(&opts(dir.path()), CancellationToken::new()).expect("recovers");
     assert!(!bogus.exists());
     assert_eq!(rec.active, vec![t]);
     close(store, w);
@@ -106,19 +150,38 @@ async fn purge_drops_a_finished_task_and_its_idempotency_key() {
     let mut t = task();
     t.idempotency_key = Some("k1".into());
     let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
-    commit(&w, vec![Mutation::save(&t), Mutation::Idempotency { key: "k1".into(), id: t.id }])
-        .await
-        .expect("durable");
+    commit(
+        &w,
+        vec![
+            Mutation::save(&t),
+            Mutation::Idempotency {
+                key: "k1".into(),
+                id: t.id,
+            },
+        ],
+    )
+    .await
+    .expect("durable");
     t.state = TaskState::Failed;
     t.finished_at = Some(Utc::now());
-    commit(&w, vec![Mutation::finish(&t, 1)]).await.expect("durable");
+    commit(&w, vec![Mutation::finish(&t, 1)])
+        .await
+        .expect("durable");
     assert_eq!(store.reader.idempotent("k1").expect("read"), Some(t.id));
     let cutoff = Utc::now().timestamp_millis() + 1;
     let expired = store.reader.expired(cutoff, 10).expect("scan");
     assert_eq!(expired.len(), 1);
     assert!(store.reader.expired(0, 10).expect("scan").is_empty());
     let e = expired.into_iter().next().expect("one");
-    commit(&w, vec![Mutation::Purge { expired: e, count: 0 }]).await.expect("durable");
+    commit(
+        &w,
+        vec![Mutation::Purge {
+            expired: e,
+            count: 0,
+        }],
+    )
+    .await
+    .expect("durable");
     assert_eq!(store.reader.finished(t.id).expect("read"), None);
     assert_eq!(store.reader.idempotent("k1").expect("read"), None);
     close(store, w);

@@ -44,19 +44,37 @@ pub struct TestQueen {
 
 impl TestQueen {
     pub async fn start(cfg: Config) -> TestQueen {
-        let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        ).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .try_init();
         let queen = tokio::task::spawn_blocking(move || Queen::open(cfg))
             .await
             .expect("join")
             .expect("queen opens");
         let drones_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let http_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let (drones, http) = (drones_l.local_addr().expect("addr"), http_l.local_addr().expect("addr"));
+        let (drones, http) = (
+            drones_l.local_addr().expect("addr"),
+            http_l.local_addr().expect("addr"),
+        );
         let shutdown = CancellationToken::new();
-        let join = tokio::spawn(queen.serve(Listeners { drones: drones_l, http: http_l }, shutdown.clone()));
-        TestQueen { drones, http, shutdown, join: Some(join) }
+        let join = tokio::spawn(queen.serve(
+            Listeners {
+                drones: drones_l,
+                http: http_l,
+            },
+            shutdown.clone(),
+        ));
+        TestQueen {
+            drones,
+            http,
+            shutdown,
+            join: Some(join),
+        }
     }
 
     /// Graceful stop; waits until the database is closed.
@@ -72,11 +90,22 @@ impl TestQueen {
     }
 
     /// An HTTP call on a blocking thread: (status, JSON body).
-    pub async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
         self.call_with(method, path, body, None).await
     }
 
-    pub async fn call_with(&self, method: &str, path: &str, body: Option<serde_json::Value>, token: Option<&str>) -> (u16, serde_json::Value) {
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        token: Option<&str>,
+    ) -> (u16, serde_json::Value) {
         let url = self.url(path);
         let method = method.to_string();
         let token = token.map(str::to_string);
@@ -96,7 +125,10 @@ impl TestQueen {
             };
             let status = resp.status();
             let text = resp.into_string().expect("body");
-            (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+            )
         })
         .await
         .expect("join")
@@ -115,14 +147,22 @@ impl TestQueen {
     }
 
     /// Polls a task until `pred` holds.
-    pub async fn wait_task(&self, id: TaskId, what: &str, pred: impl Fn(&TaskView) -> bool) -> TaskView {
+    pub async fn wait_task(
+        &self,
+        id: TaskId,
+        what: &str,
+        pred: impl Fn(&TaskView) -> bool,
+    ) -> TaskView {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             let t = self.task(id).await;
             if pred(&t) {
                 return t;
             }
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; task is {t:#?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; task is {t:#?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -165,8 +205,14 @@ impl FakeDrone {
     pub async fn connect(addr: SocketAddr, hello: Hello) -> FakeDrone {
         let id = hello.drone_id;
         let mut io = Self::raw(addr).await;
-        io.send(frame::encode(&DroneMessage::Hello(hello)).expect("encode")).await.expect("send");
-        let mut d = FakeDrone { id, io, assigns_seen: 0 };
+        io.send(frame::encode(&DroneMessage::Hello(hello)).expect("encode"))
+            .await
+            .expect("send");
+        let mut d = FakeDrone {
+            id,
+            io,
+            assigns_seen: 0,
+        };
         match d.recv().await {
             Some(QueenMessage::Welcome(_)) => d,
             other => panic!("expected welcome, got {other:?}"),
@@ -174,15 +220,22 @@ impl FakeDrone {
     }
 
     pub async fn send(&mut self, msg: DroneMessage) {
-        self.io.send(frame::encode(&msg).expect("encode")).await.expect("send");
+        self.io
+            .send(frame::encode(&msg).expect("encode"))
+            .await
+            .expect("send");
     }
 
     /// The next message, or None when the queen closed the connection.
     pub async fn recv(&mut self) -> Option<QueenMessage> {
-        let next = tokio::time::timeout(PATIENCE, self.io.next()).await.expect("queen said nothing in time");
+        let next = tokio::time::timeout(PATIENCE, self.io.next())
+            .await
+            .expect("queen said nothing in time");
         let msg = match next {
             None | Some(Err(_)) => return None,
-            Some(Ok(bytes)) => frame::decode::<QueenMessage>(&bytes).expect("queen sends valid messages"),
+            Some(Ok(bytes)) => {
+                frame::decode::<QueenMessage>(&bytes).expect("queen sends valid messages")
+            }
         };
         if matches!(msg, QueenMessage::Assign(_)) {
             self.assigns_seen += 1;
@@ -191,7 +244,11 @@ impl FakeDrone {
     }
 
     /// Waits for the next message of interest, skipping the others.
-    pub async fn expect<T>(&mut self, what: &str, mut pick: impl FnMut(QueenMessage) -> Option<T>) -> T {
+    pub async fn expect<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(QueenMessage) -> Option<T>,
+    ) -> T {
         loop {
             match self.recv().await {
                 None => panic!("connection closed while waiting for {what}"),
@@ -214,7 +271,11 @@ impl FakeDrone {
 
     pub async fn heartbeat(&mut self, held: Vec<Held>) {
         let assigns_seen = self.assigns_seen;
-        self.send(DroneMessage::Heartbeat(shared::protocol::Heartbeat { held, assigns_seen })).await;
+        self.send(DroneMessage::Heartbeat(shared::protocol::Heartbeat {
+            held,
+            assigns_seen,
+        }))
+        .await;
     }
 
     /// True when the queen closes the connection (after any messages still queued).

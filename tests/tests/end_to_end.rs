@@ -1,0 +1,130 @@
+//! The happy path through the real binaries: many tasks, several drones, every task
+//! succeeds once, and what the API reports (records, listings, stats) agrees.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use hive_tests::api::count;
+use hive_tests::execlog::Phase;
+use hive_tests::{echo, Hive};
+use serde_json::json;
+use shared::api::{TaskSpec, TaskState};
+use shared::TaskId;
+
+/// Generous for 320 tasks on a loaded 2-core machine; a healthy hive needs a second or two.
+const ALL_DONE: Duration = Duration::from_secs(30);
+
+/// Guards against the basic contract breaking end to end: lost or duplicated tasks under
+/// load spread over several drones, wrong results, listings that skip or repeat tasks when
+/// paged, and stats that disagree with the records. Three drones run 300 `echo` tasks
+/// (one batch) and 20 `exec` tasks (single submits) in two queues.
+#[test]
+fn three_drones_run_300_echo_and_20_exec_tasks_and_the_stats_agree() {
+    let mut hive = Hive::start();
+    for name in ["d1", "d2", "d3"] {
+        hive.start_drone(name, 4);
+    }
+    let api = hive.api().clone();
+
+    let echoes: Vec<TaskSpec> = (0..300)
+        .map(|i| TaskSpec {
+            queue: Some("e2e-echo".into()),
+            ..echo(json!({"i": i}))
+        })
+        .collect();
+    let echo_views = api.batch(echoes);
+    let exec_views: Vec<_> = (0..20)
+        .map(|_| {
+            let spec = hive.exec_log().task("echo \"out:$HIVE_TASK_ID\"");
+            api.submit(&TaskSpec {
+                queue: Some("e2e-exec".into()),
+                ..spec
+            })
+        })
+        .collect();
+
+    let ids: Vec<TaskId> = echo_views.iter().chain(&exec_views).map(|v| v.id).collect();
+    assert_eq!(
+        ids.iter().collect::<BTreeSet<_>>().len(),
+        320,
+        "ids must be unique"
+    );
+    let done = hive.wait_all_succeeded(ALL_DONE, &ids);
+
+    for (submitted, v) in echo_views.iter().zip(&done) {
+        assert_eq!(
+            v.result.as_ref(),
+            Some(&submitted.payload),
+            "echo result: {v:#?}"
+        );
+        assert_eq!((v.attempts, v.queue.as_str()), (1, "e2e-echo"), "{v:#?}");
+    }
+    let log = hive.exec_log().by_task();
+    for v in &done[300..] {
+        let result = v.result.as_ref().expect("exec result");
+        assert_eq!(result["exit_code"], 0, "{v:#?}");
+        let stdout = result["stdout"].as_str().unwrap_or_default();
+        assert_eq!(stdout.trim(), format!("out:{}", v.id), "{v:#?}");
+        assert_eq!(v.attempts, 1, "{v:#?}");
+        let phases: Vec<Phase> = log
+            .get(&v.id)
+            .map(|es| es.iter().map(|e| e.phase).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            phases,
+            vec![Phase::Start, Phase::Done],
+            "task {} must have run once",
+            v.id
+        );
+    }
+
+    // Stats agree with the records.
+    let stats = api.stats();
+    for state in TaskState::ALL {
+        let expected = if state == TaskState::Succeeded {
+            320
+        } else {
+            0
+        };
+        assert_eq!(count(&stats, state), expected, "{state}: {stats:?}");
+    }
+    assert_eq!(
+        stats
+            .by_queue
+            .get("e2e-echo")
+            .and_then(|q| q.get("succeeded")),
+        Some(&300),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats
+            .by_queue
+            .get("e2e-exec")
+            .and_then(|q| q.get("succeeded")),
+        Some(&20),
+        "{stats:?}"
+    );
+    assert_eq!(stats.drones_connected, 3, "{stats:?}");
+    assert_eq!(stats.unroutable, 0, "{stats:?}");
+
+    // Paging through a queue yields every task once, newest first.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = api
+            .try_list(Some(TaskState::Succeeded), Some("e2e-echo"), 64, before)
+            .expect("list page");
+        assert!(page.tasks.len() <= 64);
+        paged.extend(page.tasks.iter().map(|t| t.id));
+        match page.next {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    let mut expected: Vec<TaskId> = echo_views.iter().map(|v| v.id).collect();
+    expected.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(paged, expected, "paged listing of e2e-echo");
+    let execs = api.list_all(None, Some("e2e-exec"));
+    assert_eq!(execs.len(), 20);
+    assert!(execs.iter().all(|t| t.state == TaskState::Succeeded));
+}
