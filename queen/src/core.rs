@@ -400,7 +400,7 @@ impl Core {
                     .chain(self.recent.values())
                     .filter(|t| filter.matches(t))
                     .collect();
-                out.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+                out.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
                 out.truncate(filter.limit);
                 let _ = reply.send(out.into_iter().map(Task::view).collect());
             }

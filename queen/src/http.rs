@@ -289,7 +289,7 @@ async fn list_tasks(
                 .filter(|t| !seen.contains(&t.id))
                 .map(|t| t.view()),
         );
-        tasks.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+        tasks.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
         tasks.truncate(limit);
     }
     let next = (tasks.len() == limit)
