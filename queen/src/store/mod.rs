@@ -222,21 +222,17 @@ impl Store {
 
         let db_path = dir.join("db");
         remove_unfinished_snapshots(&db_path)?;
-        let db = sled::Config::new()
-            .path(&db_path)
-            .cache_capacity(opts.cache_capacity_bytes)
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Corruption { .. } => StoreError::Corrupt {
-                    path: db_path.clone(),
-                    detail: e.to_string(),
-                },
-                sled::Error::Io(source) => StoreError::Io {
-                    path: db_path.clone(),
-                    source,
-                },
-                other => StoreError::Sled(other),
-            })?;
+        let db = open_sled(&db_path, opts.cache_capacity_bytes).map_err(|e| match e {
+            sled::Error::Corruption { .. } => StoreError::Corrupt {
+                path: db_path.clone(),
+                detail: e.to_string(),
+            },
+            sled::Error::Io(source) => StoreError::Io {
+                path: db_path.clone(),
+                source,
+            },
+            other => StoreError::Sled(other),
+        })?;
         let tree = db.open_tree("hive")?;
         check_schema(&tree, &db_path)?;
         let recovered = recover(&tree, &db_path)?;
@@ -274,6 +270,31 @@ impl Store {
             StoreWriter { tx, durable },
             recovered,
         ))
+    }
+}
+
+/// How long to wait for sled's own file lock once we hold `LOCK`. Holding `LOCK` proves no
+/// other queen uses the dir, so a busy sled lock can only be a handle of this process that
+/// is still being released: sled drops its last file handle on a background thread a
+/// moment after the database is closed (seen when a queen is reopened in-process).
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn open_sled(db_path: &Path, cache_capacity: u64) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        let result = sled::Config::new()
+            .path(db_path)
+            .cache_capacity(cache_capacity)
+            .open();
+        match result {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 
