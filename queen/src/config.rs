@@ -27,6 +27,10 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_RECONNECT_GRACE_MS: u64 = 500;
 /// Attempts per task unless its spec says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Lost leases (drone died, hung, cut off) after which a task is quarantined as failed even
+/// if it has attempts left: a task that kills every drone it lands on must not take down
+/// the fleet one drone at a time.
+pub const DEFAULT_MAX_LOST_ATTEMPTS: u32 = 3;
 /// First retry backoff; doubles per attempt up to the max, with jitter.
 pub const DEFAULT_RETRY_BASE_MS: u64 = 1_000;
 /// Backoff ceiling: a failing task is retried at least every five minutes.
@@ -127,6 +131,7 @@ impl LeaseSection {
 #[serde(deny_unknown_fields, default)]
 pub struct TaskSection {
     pub max_attempts: u32,
+    pub max_lost_attempts: u32,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
     pub max_payload_bytes: usize,
@@ -139,6 +144,7 @@ impl Default for TaskSection {
     fn default() -> Self {
         TaskSection {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_lost_attempts: DEFAULT_MAX_LOST_ATTEMPTS,
             retry_base_ms: DEFAULT_RETRY_BASE_MS,
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
@@ -289,6 +295,9 @@ impl Config {
         }
         if self.tasks.max_attempts == 0 {
             return Err(invalid("tasks.max_attempts", "must be at least 1"));
+        }
+        if self.tasks.max_lost_attempts == 0 {
+            return Err(invalid("tasks.max_lost_attempts", "must be at least 1"));
         }
         if self.tasks.retry_base_ms == 0 || self.tasks.retry_max_ms < self.tasks.retry_base_ms {
             return Err(invalid(

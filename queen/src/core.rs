@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use shared::api::{AttemptError, DroneView, Stats, TaskState, TaskView};
+use shared::api::{AttemptError, DroneView, QueueView, Stats, TaskState, TaskView};
 use shared::protocol::{
     Ack, AckStatus, Assign, CancelTask, DroneMessage, Held, Hello, QueenMessage, Reject, Welcome,
     PROTOCOL_VERSION, SUPPORTED_VERSIONS,
@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::queues::{QueueSettings, QueueState};
 use crate::ready::ReadyQueues;
 use crate::rules::{self, AfterFailure, AfterLostLease, LiveLease, Reattach, RetryPolicy, Verdict};
 use crate::store::{Commit, Mutation, Recovered, StoreReader, StoreWriter};
@@ -115,6 +116,20 @@ pub enum Request {
     Drones {
         reply: oneshot::Sender<Vec<DroneView>>,
     },
+    Queues {
+        reply: oneshot::Sender<Vec<QueueView>>,
+    },
+    /// Pause, resume or set limits; creates the queue if it is new.
+    SetQueue {
+        name: String,
+        change: QueueChange,
+        reply: oneshot::Sender<Result<QueueView, CoreError>>,
+    },
+    /// A failed or cancelled task runs again.
+    Retry {
+        id: TaskId,
+        reply: oneshot::Sender<Result<TaskView, CoreError>>,
+    },
     Stats {
         reply: oneshot::Sender<Stats>,
     },
@@ -129,6 +144,14 @@ pub enum Request {
     Closed {
         conn: u64,
     },
+}
+
+/// How a queue's settings change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueueChange {
+    Pause,
+    Resume,
+    Limits(shared::api::QueueLimits),
 }
 
 /// A cheap, cloneable way to send requests to the core.
@@ -196,7 +219,7 @@ pub struct Core {
     commits_made: u64,
     tasks: HashMap<TaskId, Task>,
     /// Finished tasks whose commit may not be durable yet, so reads never miss them.
-    recent: HashMap<TaskId, Task>,
+    recent: HashMap<TaskId, (u64, Task)>,
     recent_order: VecDeque<(u64, TaskId)>,
     ready: ReadyQueues,
     scheduled: BTreeSet<(DateTime<Utc>, TaskId)>,
@@ -214,6 +237,8 @@ pub struct Core {
     /// the attempt ends (the set stays as small as the running set).
     deadline_of: HashMap<TaskId, (Instant, Fence)>,
     finished_counts: HashMap<(String, TaskState), u64>,
+    /// Queues with settings or running tasks (a queue exists once used).
+    queues: HashMap<String, QueueState>,
     rng: StdRng,
     retry: RetryPolicy,
     next_tick: Instant,
@@ -264,6 +289,11 @@ impl Core {
             attempt_deadlines: BTreeSet::new(),
             deadline_of: HashMap::new(),
             finished_counts: recovered.finished_counts.into_iter().collect(),
+            queues: recovered
+                .queues
+                .into_iter()
+                .map(|(name, s)| (name, QueueState::new(s)))
+                .collect(),
             rng: StdRng::from_os_rng(),
             retry,
             next_tick: now,
@@ -286,6 +316,10 @@ impl Core {
             match task.state {
                 TaskState::Running => {
                     running += 1;
+                    core.queues
+                        .entry(task.queue.clone())
+                        .or_default()
+                        .started(now);
                     core.orphans.insert(task.id, now + grace);
                 }
                 TaskState::Pending | TaskState::Scheduled => {
@@ -389,7 +423,7 @@ impl Core {
                 let _ = reply.send(
                     self.tasks
                         .get(&id)
-                        .or_else(|| self.recent.get(&id))
+                        .or_else(|| self.recent.get(&id).map(|(_, t)| t))
                         .map(Task::view),
                 );
             }
@@ -397,7 +431,7 @@ impl Core {
                 let mut out: Vec<&Task> = self
                     .tasks
                     .values()
-                    .chain(self.recent.values())
+                    .chain(self.recent.values().map(|(_, t)| t))
                     .filter(|t| filter.matches(t))
                     .collect();
                 out.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
@@ -410,6 +444,15 @@ impl Core {
                 views.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
                 let _ = reply.send(views);
             }
+            Request::Queues { reply } => {
+                let _ = reply.send(self.queue_views());
+            }
+            Request::SetQueue {
+                name,
+                change,
+                reply,
+            } => self.set_queue(name, change, reply),
+            Request::Retry { id, reply } => self.retry(id, reply),
             Request::Stats { reply } => {
                 let _ = reply.send(self.stats());
             }
@@ -564,7 +607,11 @@ impl Core {
 
     fn lookup_idempotent(&self, key: &str) -> Result<Option<TaskView>, CoreError> {
         if let Some(id) = self.idem.get(key) {
-            if let Some(t) = self.tasks.get(id).or_else(|| self.recent.get(id)) {
+            if let Some(t) = self
+                .tasks
+                .get(id)
+                .or_else(|| self.recent.get(id).map(|(_, t)| t))
+            {
                 return Ok(Some(t.view()));
             }
         }
@@ -573,7 +620,11 @@ impl Core {
             .idempotent(key)
             .map_err(|e| CoreError::Unavailable(e.to_string()))?;
         let Some(id) = id else { return Ok(None) };
-        if let Some(t) = self.tasks.get(&id).or_else(|| self.recent.get(&id)) {
+        if let Some(t) = self
+            .tasks
+            .get(&id)
+            .or_else(|| self.recent.get(&id).map(|(_, t)| t))
+        {
             return Ok(Some(t.view()));
         }
         Ok(self
@@ -585,7 +636,11 @@ impl Core {
 
     /// The state of any task the queen knows, wherever it lives.
     fn find_state(&self, id: TaskId) -> Option<TaskState> {
-        if let Some(t) = self.tasks.get(&id).or_else(|| self.recent.get(&id)) {
+        if let Some(t) = self
+            .tasks
+            .get(&id)
+            .or_else(|| self.recent.get(&id).map(|(_, t)| t))
+        {
             return Some(t.state);
         }
         self.reader.finished(id).ok().flatten().map(|t| t.state)
@@ -626,7 +681,9 @@ impl Core {
     fn cancel_task(&mut self, id: TaskId, reason: String, wall: DateTime<Utc>) -> Option<TaskView> {
         let mut task = self.tasks.remove(&id)?;
         self.dequeue(&task);
-        self.clear_deadline(id);
+        if task.state == TaskState::Running {
+            self.end_attempt(&task);
+        }
         let mut notify: Option<(Conn, CancelTask)> = None;
         if task.state == TaskState::Running {
             self.orphans.remove(&id);
@@ -660,6 +717,170 @@ impl Core {
             }));
         }
         Some(view)
+    }
+
+    fn queue_views(&self) -> Vec<QueueView> {
+        let mut views: std::collections::BTreeMap<&str, QueueView> =
+            std::collections::BTreeMap::new();
+        let blank = |name: &str| QueueView {
+            name: name.to_string(),
+            pending: 0,
+            scheduled: 0,
+            blocked: 0,
+            running: 0,
+            paused: false,
+            max_running: None,
+            rate_per_s: None,
+        };
+        for (name, q) in &self.queues {
+            let v = views.entry(name).or_insert_with(|| blank(name));
+            v.paused = q.settings.paused;
+            v.max_running = q.settings.max_running;
+            v.rate_per_s = q.settings.rate_per_s;
+        }
+        for t in self.tasks.values() {
+            let v = views.entry(&t.queue).or_insert_with(|| blank(&t.queue));
+            match t.state {
+                TaskState::Pending => v.pending += 1,
+                TaskState::Scheduled => v.scheduled += 1,
+                TaskState::Blocked => v.blocked += 1,
+                TaskState::Running => v.running += 1,
+                _ => {}
+            }
+        }
+        for (queue, _) in self.finished_counts.keys() {
+            views.entry(queue).or_insert_with(|| blank(queue));
+        }
+        views.into_values().collect()
+    }
+
+    fn set_queue(
+        &mut self,
+        name: String,
+        change: QueueChange,
+        reply: oneshot::Sender<Result<QueueView, CoreError>>,
+    ) {
+        if let Err(e) = crate::task::check_name("queue", &name) {
+            let _ = reply.send(Err(CoreError::BadRequest(e.0)));
+            return;
+        }
+        let mut settings: QueueSettings = self
+            .queues
+            .get(&name)
+            .map(|q| q.settings.clone())
+            .unwrap_or_default();
+        match change {
+            QueueChange::Pause => settings.paused = true,
+            QueueChange::Resume => settings.paused = false,
+            QueueChange::Limits(l) => {
+                if let Some(max) = l.max_running {
+                    if max == Some(0) {
+                        let msg = "max_running must be at least 1 (pause the queue to stop it)";
+                        let _ = reply.send(Err(CoreError::BadRequest(msg.into())));
+                        return;
+                    }
+                    settings.max_running = max;
+                }
+                if let Some(rate) = l.rate_per_s {
+                    if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+                        let msg = "rate_per_s must be a positive number";
+                        let _ = reply.send(Err(CoreError::BadRequest(msg.into())));
+                        return;
+                    }
+                    settings.rate_per_s = rate;
+                }
+            }
+        }
+        tracing::info!(queue = %name, paused = settings.paused, max_running = ?settings.max_running, rate_per_s = ?settings.rate_per_s, "queue settings changed");
+        let m = Mutation::SaveQueue {
+            name: name.clone(),
+            record: crate::store::record::encode_queue(&settings),
+        };
+        self.queues.entry(name.clone()).or_default().set(settings);
+        let view = self.queue_views().into_iter().find(|v| v.name == name);
+        self.commit(
+            vec![m],
+            Some(Box::new(move |r| {
+                let _ = reply.send(
+                    r.map_err(|e| CoreError::Unavailable(e.to_string()))
+                        .and_then(|()| {
+                            view.ok_or_else(|| CoreError::NotFound(format!("no queue {name}")))
+                        }),
+                );
+            })),
+        );
+    }
+
+    fn retry(&mut self, id: TaskId, reply: oneshot::Sender<Result<TaskView, CoreError>>) {
+        let conflict = |state: TaskState| {
+            CoreError::Conflict(format!(
+                "task {id} is {state}; only failed or cancelled tasks can be retried"
+            ))
+        };
+        if let Some(t) = self.tasks.get(&id) {
+            let _ = reply.send(Err(conflict(t.state)));
+            return;
+        }
+        let found = match self.recent.get(&id) {
+            Some((_, t)) => Some(t.clone()),
+            None => match self.reader.finished(id) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = reply.send(Err(CoreError::Unavailable(e.to_string())));
+                    return;
+                }
+            },
+        };
+        let Some(mut task) = found else {
+            let _ = reply.send(Err(CoreError::NotFound(format!("no task {id}"))));
+            return;
+        };
+        if !matches!(task.state, TaskState::Failed | TaskState::Cancelled) {
+            let _ = reply.send(Err(conflict(task.state)));
+            return;
+        }
+        self.recent.remove(&id);
+        let old_state = task.state;
+        let finished_ms = task.finished_at.map(|t| t.timestamp_millis()).unwrap_or(0);
+        let n = self
+            .finished_counts
+            .entry((task.queue.clone(), old_state))
+            .or_default();
+        *n = n.saturating_sub(1);
+        let count = *n;
+        // A fresh set of attempts; the fence keeps growing and the error history stays.
+        task.state = TaskState::Pending;
+        task.attempts = 0;
+        task.lost = 0;
+        task.result = None;
+        task.cancel_reason = None;
+        task.finished_at = None;
+        task.run_at = None;
+        task.lease = None;
+        tracing::info!(task_id = %id, was = %old_state, fence = %task.fence, "task retried");
+        let m = Mutation::Revive {
+            id,
+            record: crate::store::record::encode(&task),
+            finished_ms,
+            queue: task.queue.clone(),
+            state: old_state,
+            count,
+        };
+        if let Some(key) = &task.idempotency_key {
+            self.idem.insert(key.clone(), id);
+        }
+        self.enqueue(&task);
+        let view = task.view();
+        self.tasks.insert(id, task);
+        self.commit(
+            vec![m],
+            Some(Box::new(move |r| {
+                let _ = reply.send(
+                    r.map(|()| view)
+                        .map_err(|e| CoreError::Unavailable(e.to_string())),
+                );
+            })),
+        );
     }
 
     fn stats(&self) -> Stats {
@@ -937,10 +1158,10 @@ impl Core {
     }
 
     fn succeed(&mut self, id: TaskId, result: Value, wall: DateTime<Utc>) {
-        self.clear_deadline(id);
         let Some(mut task) = self.tasks.remove(&id) else {
             return;
         };
+        self.end_attempt(&task);
         tracing::info!(task_id = %id, fence = %task.fence, attempt = task.attempts, "task succeeded");
         task.state = TaskState::Succeeded;
         task.result = Some(result);
@@ -958,10 +1179,10 @@ impl Core {
         drone: Option<DroneId>,
         wall: DateTime<Utc>,
     ) {
-        self.clear_deadline(id);
         let Some(mut task) = self.tasks.remove(&id) else {
             return;
         };
+        self.end_attempt(&task);
         task.errors.push(AttemptError {
             attempt: task.attempts,
             fence: task.fence,
@@ -1010,7 +1231,8 @@ impl Core {
             self.tasks.insert(id, task);
             return;
         }
-        self.clear_deadline(id);
+        self.end_attempt(&task);
+        task.lost += 1;
         let drone = task.lease.as_ref().map(|l| l.drone);
         task.errors.push(AttemptError {
             attempt: task.attempts,
@@ -1020,7 +1242,8 @@ impl Core {
             at: wall,
         });
         task.lease = None;
-        match rules::after_lost_lease(task.attempts, task.max_attempts) {
+        let max_lost = self.cfg.tasks.max_lost_attempts;
+        match rules::after_lost_lease(task.attempts, task.max_attempts, task.lost, max_lost) {
             AfterLostLease::Requeue => {
                 tracing::warn!(task_id = %id, drone = ?drone, fence = %task.fence, reason, "lease lost; task requeued");
                 task.state = TaskState::Pending;
@@ -1028,6 +1251,22 @@ impl Core {
                 let m = Mutation::save(&task);
                 self.tasks.insert(id, task);
                 self.commit(vec![m], None);
+            }
+            AfterLostLease::Quarantine => {
+                tracing::error!(task_id = %id, drone = ?drone, fence = %task.fence, lost = task.lost, "task lost its lease too often (it may be killing its drones); quarantined as failed");
+                task.errors.push(AttemptError {
+                    attempt: task.attempts,
+                    fence: task.fence,
+                    drone,
+                    error: format!(
+                        "quarantined: {} attempts ended with the drone lost (tasks.max_lost_attempts = {max_lost})",
+                        task.lost
+                    ),
+                    at: wall,
+                });
+                task.state = TaskState::Failed;
+                task.finished_at = Some(wall);
+                self.finish(task, wall);
             }
             AfterLostLease::Fail => {
                 tracing::warn!(task_id = %id, drone = ?drone, fence = %task.fence, reason, "lease lost on the last attempt; task failed");
@@ -1106,10 +1345,14 @@ impl Core {
         self.commit(vec![m], None);
     }
 
-    /// Forgets the queen-side deadline of an attempt that ended.
-    fn clear_deadline(&mut self, id: TaskId) {
-        if let Some((at, fence)) = self.deadline_of.remove(&id) {
-            self.attempt_deadlines.remove(&(at, id, fence));
+    /// Bookkeeping when a running attempt ends, however it ends: its queen-side deadline
+    /// goes, and its queue has one task fewer running.
+    fn end_attempt(&mut self, task: &Task) {
+        if let Some((at, fence)) = self.deadline_of.remove(&task.id) {
+            self.attempt_deadlines.remove(&(at, task.id, fence));
+        }
+        if let Some(q) = self.queues.get_mut(&task.queue) {
+            q.ended();
         }
     }
 
@@ -1124,7 +1367,7 @@ impl Core {
 
     fn remember_recent(&mut self, seq: u64, task: Task) {
         self.recent_order.push_back((seq, task.id));
-        self.recent.insert(task.id, task);
+        self.recent.insert(task.id, (seq, task));
     }
 
     /// Puts a pending task in its ready queue or a scheduled one on the timer.
@@ -1238,7 +1481,10 @@ impl Core {
                 break;
             }
             self.recent_order.pop_front();
-            self.recent.remove(&id);
+            // Only if it is still that commit's copy (a retried task may have finished again).
+            if self.recent.get(&id).is_some_and(|(s, _)| *s == seq) {
+                self.recent.remove(&id);
+            }
         }
         if now >= self.next_purge {
             self.next_purge = now + Duration::from_millis(self.cfg.retention.purge_interval_ms);
@@ -1301,6 +1547,7 @@ impl Core {
             return;
         }
         candidates.sort();
+        let now = Instant::now();
         let n = candidates.len();
         candidates.rotate_left(self.rr % n);
         self.rr = self.rr.wrapping_add(1);
@@ -1313,7 +1560,9 @@ impl Core {
                 if drone.free_slots() == 0 {
                     continue;
                 }
-                let Some(tid) = self.ready.pop_for(&drone.kinds, &drone.labels) else {
+                let queues = &self.queues;
+                let open = |q: &str| queues.get(q).is_none_or(|q| q.may_start(now));
+                let Some(tid) = self.ready.pop_for(&drone.kinds, &drone.labels, &open) else {
                     continue;
                 };
                 if drone.cancelling.contains(&tid) {
@@ -1351,6 +1600,10 @@ impl Core {
         task.started_at = Some(wall);
         task.run_at = None;
         drone.assigns_sent += 1;
+        self.queues
+            .entry(task.queue.clone())
+            .or_default()
+            .started(Instant::now());
         drone.leases.insert(
             tid,
             LiveLease {

@@ -17,12 +17,13 @@ use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
 use shared::api::{
-    BatchRequest, BatchResponse, DronesResponse, ErrorBody, TaskPage, TaskSpec, TaskState, TaskView,
+    BatchRequest, BatchResponse, DronesResponse, ErrorBody, QueueLimits, QueueView, QueuesResponse,
+    TaskPage, TaskSpec, TaskState, TaskView,
 };
 use shared::TaskId;
 
 use crate::config::Config;
-use crate::core::{CoreError, CoreHandle, ListFilter, Request};
+use crate::core::{CoreError, CoreHandle, ListFilter, QueueChange, Request};
 use crate::store::StoreReader;
 use crate::task::Task;
 
@@ -75,6 +76,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/batch", post(submit_batch))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/v1/tasks/{id}/retry", post(retry_task))
+        .route("/v1/queues", get(queues))
+        .route("/v1/queues/{name}", post(set_queue_limits))
+        .route("/v1/queues/{name}/pause", post(pause_queue))
+        .route("/v1/queues/{name}/resume", post(resume_queue))
         .route("/v1/drones", get(drones))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -325,6 +331,61 @@ async fn cancel_task(
         .ask(|reply| Request::Cancel { id, reason, reply })
         .await??;
     Ok(Json(view))
+}
+
+async fn retry_task(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(
+        st.core.ask(|reply| Request::Retry { id, reply }).await??,
+    ))
+}
+
+async fn queues(State(st): State<AppState>) -> Result<Json<QueuesResponse>, ApiError> {
+    let queues = st.core.ask(|reply| Request::Queues { reply }).await?;
+    Ok(Json(QueuesResponse { queues }))
+}
+
+async fn change_queue(
+    st: &AppState,
+    name: String,
+    change: QueueChange,
+) -> Result<Json<QueueView>, ApiError> {
+    Ok(Json(
+        st.core
+            .ask(|reply| Request::SetQueue {
+                name,
+                change,
+                reply,
+            })
+            .await??,
+    ))
+}
+
+async fn pause_queue(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<QueueView>, ApiError> {
+    change_queue(&st, name, QueueChange::Pause).await
+}
+
+async fn resume_queue(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<QueueView>, ApiError> {
+    change_queue(&st, name, QueueChange::Resume).await
+}
+
+async fn set_queue_limits(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Json<QueueView>, ApiError> {
+    let limits: QueueLimits = serde_json::from_slice(&body(raw)?)
+        .map_err(|e| ApiError::bad(format!("invalid queue limits: {e}")))?;
+    change_queue(&st, name, QueueChange::Limits(limits)).await
 }
 
 async fn drones(State(st): State<AppState>) -> Result<Json<DronesResponse>, ApiError> {

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod core;
 pub mod http;
+pub mod queues;
 pub mod ready;
 pub mod rules;
 pub mod server;

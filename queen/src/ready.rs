@@ -12,6 +12,7 @@ use crate::task::Task;
 /// What a drone must offer to take a task.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Route {
+    pub queue: String,
     pub kind: String,
     /// Sorted, deduplicated.
     pub labels: Vec<String>,
@@ -20,6 +21,7 @@ pub struct Route {
 impl Route {
     pub fn of(task: &Task) -> Route {
         Route {
+            queue: task.queue.clone(),
             kind: task.kind.clone(),
             labels: task.labels.clone(),
         }
@@ -70,16 +72,18 @@ impl ReadyQueues {
         }
     }
 
-    /// Takes the best task a drone with these kinds and labels can run.
+    /// Takes the best task a drone with these kinds and labels can run, from queues that
+    /// `open` allows to start a task now.
     pub fn pop_for(
         &mut self,
         kinds: &HashSet<String>,
         labels: &BTreeSet<String>,
+        open: &dyn Fn(&str) -> bool,
     ) -> Option<TaskId> {
         let (route, key) = self
             .groups
             .iter()
-            .filter(|(route, _)| route.served_by(kinds, labels))
+            .filter(|(route, _)| route.served_by(kinds, labels) && open(&route.queue))
             .filter_map(|(route, group)| group.first().map(|k| (route, *k)))
             .min_by_key(|(_, key)| *key)
             .map(|(route, key)| (route.clone(), key))?;
@@ -128,10 +132,10 @@ mod tests {
         }
         let kinds = HashSet::from(["echo".to_string()]);
         let labels = BTreeSet::new();
-        assert_eq!(q.pop_for(&kinds, &labels), Some(b.id));
-        assert_eq!(q.pop_for(&kinds, &labels), Some(a.id));
-        assert_eq!(q.pop_for(&kinds, &labels), Some(c.id));
-        assert_eq!(q.pop_for(&kinds, &labels), None);
+        assert_eq!(q.pop_for(&kinds, &labels, &|_| true), Some(b.id));
+        assert_eq!(q.pop_for(&kinds, &labels, &|_| true), Some(a.id));
+        assert_eq!(q.pop_for(&kinds, &labels, &|_| true), Some(c.id));
+        assert_eq!(q.pop_for(&kinds, &labels, &|_| true), None);
         assert!(q.is_empty());
     }
 
@@ -146,16 +150,35 @@ mod tests {
         }
         let kinds = HashSet::from(["render".to_string()]);
         let no_labels = BTreeSet::new();
-        assert_eq!(q.pop_for(&kinds, &no_labels), Some(plain.id));
+        assert_eq!(q.pop_for(&kinds, &no_labels, &|_| true), Some(plain.id));
         assert_eq!(
-            q.pop_for(&kinds, &no_labels),
+            q.pop_for(&kinds, &no_labels, &|_| true),
             None,
             "gpu task needs the gpu label"
         );
         let gpu_labels = BTreeSet::from(["gpu".to_string(), "big".to_string()]);
-        assert_eq!(q.pop_for(&kinds, &gpu_labels), Some(gpu.id));
+        assert_eq!(q.pop_for(&kinds, &gpu_labels, &|_| true), Some(gpu.id));
         assert_eq!(q.len(), 1);
         q.remove(&other_kind);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_closed_queue_is_skipped_but_keeps_its_tasks() {
+        let mut q = ReadyQueues::default();
+        let mut paused = task("echo", 9, &[]);
+        paused.queue = "paused".into();
+        let open = task("echo", 0, &[]);
+        q.push(&paused);
+        q.push(&open);
+        let kinds = HashSet::from(["echo".to_string()]);
+        let labels = BTreeSet::new();
+        assert_eq!(
+            q.pop_for(&kinds, &labels, &|queue| queue != "paused"),
+            Some(open.id)
+        );
+        assert_eq!(q.pop_for(&kinds, &labels, &|queue| queue != "paused"), None);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.pop_for(&kinds, &labels, &|_| true), Some(paused.id));
     }
 }

@@ -67,10 +67,21 @@ pub enum AfterLostLease {
     Requeue,
     /// The lost lease was its last allowed attempt.
     Fail,
+    /// Too many of its attempts ended with the drone lost: the task itself may be what
+    /// kills drones (a poison pill), so it fails before it takes down more of the fleet.
+    Quarantine,
 }
 
-pub fn after_lost_lease(attempts: u32, max_attempts: u32) -> AfterLostLease {
-    if attempts >= max_attempts {
+/// `lost` counts lost leases including this one.
+pub fn after_lost_lease(
+    attempts: u32,
+    max_attempts: u32,
+    lost: u32,
+    max_lost: u32,
+) -> AfterLostLease {
+    if lost >= max_lost && attempts < max_attempts {
+        AfterLostLease::Quarantine
+    } else if attempts >= max_attempts {
         AfterLostLease::Fail
     } else {
         AfterLostLease::Requeue
@@ -225,8 +236,16 @@ mod tests {
 
     #[test]
     fn a_lost_lease_counts_as_an_attempt() {
-        assert_eq!(after_lost_lease(1, 2), AfterLostLease::Requeue);
-        assert_eq!(after_lost_lease(2, 2), AfterLostLease::Fail);
+        assert_eq!(after_lost_lease(1, 2, 1, 3), AfterLostLease::Requeue);
+        assert_eq!(after_lost_lease(2, 2, 2, 3), AfterLostLease::Fail);
+    }
+
+    #[test]
+    fn a_task_that_keeps_losing_its_drone_is_quarantined_before_max_attempts() {
+        assert_eq!(after_lost_lease(2, 10, 2, 3), AfterLostLease::Requeue);
+        assert_eq!(after_lost_lease(3, 10, 3, 3), AfterLostLease::Quarantine);
+        // Ordinary failures in between do not count toward the quarantine.
+        assert_eq!(after_lost_lease(6, 10, 2, 3), AfterLostLease::Requeue);
     }
 
     #[test]

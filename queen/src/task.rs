@@ -31,6 +31,9 @@ pub struct Task {
     pub state: TaskState,
     /// Leases granted so far (lost leases count).
     pub attempts: u32,
+    /// Attempts that ended with the lease lost: the drone died, hung or was cut off. Too
+    /// many of them quarantine the task (it may be what kills its drones).
+    pub lost: u32,
     /// The current (or last) lease's fence.
     pub fence: Fence,
     pub lease: Option<Lease>,
@@ -62,7 +65,7 @@ pub const MAX_LABELS: usize = 32;
 #[error("{0}")]
 pub struct SpecError(pub String);
 
-fn check_name(field: &str, value: &str) -> Result<(), SpecError> {
+pub fn check_name(field: &str, value: &str) -> Result<(), SpecError> {
     let ok = !value.is_empty()
         && value.len() <= MAX_NAME_LEN
         && value
@@ -170,6 +173,7 @@ impl Task {
             timeout_ms: spec.timeout_ms,
             state,
             attempts: 0,
+            lost: 0,
             fence: Fence::ZERO,
             lease: None,
             result: None,

@@ -241,6 +241,70 @@ pub struct Stats {
     pub unroutable: u64,
 }
 
+/// A queue as `GET /v1/queues` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueView {
+    pub name: String,
+    /// Runnable tasks waiting for a drone.
+    pub pending: u64,
+    pub scheduled: u64,
+    pub blocked: u64,
+    pub running: u64,
+    pub paused: bool,
+    /// Most tasks of the queue running at once across the hive (none: no limit).
+    #[serde(default)]
+    pub max_running: Option<u32>,
+    /// Most tasks of the queue started per second (none: no limit).
+    #[serde(default)]
+    pub rate_per_s: Option<f64>,
+}
+
+/// Answer of `GET /v1/queues`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuesResponse {
+    pub queues: Vec<QueueView>,
+}
+
+/// Body of `POST /v1/queues/{name}`: the limits to set. A field left out keeps its value;
+/// `null` removes the limit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueLimits {
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_running: Option<Option<u32>>,
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rate_per_s: Option<Option<f64>>,
+}
+
+/// Tells "absent" (keep) from `null` (remove) for optional limits.
+mod double_option {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<T: Serialize, S: Serializer>(
+        v: &Option<Option<T>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(inner) => inner.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
 /// Every API error body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {

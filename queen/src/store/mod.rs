@@ -13,6 +13,7 @@
 //! | `t/<finished ms BE><task id>`     | retention index entry (JSON)           |
 //! | `i/<idempotency key>`             | task id                                |
 //! | `c/<queue>\0<state>`              | count of finished tasks, u64 BE        |
+//! | `q/<queue>`                       | queue settings (pause, limits)         |
 //!
 //! Active and finished tasks live apart, so a restart reads only active ones.
 //!
@@ -54,6 +55,7 @@ const FINISHED: &[u8] = b"f/";
 const RETENTION: &[u8] = b"t/";
 const IDEM: &[u8] = b"i/";
 const COUNTS: &[u8] = b"c/";
+const QUEUES: &[u8] = b"q/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -99,6 +101,17 @@ pub enum Mutation {
     },
     /// Remember an idempotency key for a new task.
     Idempotency { key: String, id: TaskId },
+    /// Store a queue's settings.
+    SaveQueue { name: String, record: Vec<u8> },
+    /// A finished task runs again (retry): back from finished to active.
+    Revive {
+        id: TaskId,
+        record: Vec<u8>,
+        finished_ms: i64,
+        queue: String,
+        state: TaskState,
+        count: u64,
+    },
     /// Drop an expired finished task and everything that points at it.
     Purge { expired: Expired, count: u64 },
 }
@@ -165,6 +178,7 @@ impl std::fmt::Debug for Commit {
 #[derive(Debug, Default)]
 pub struct Recovered {
     pub active: Vec<Task>,
+    pub queues: Vec<(String, crate::queues::QueueSettings)>,
     pub finished_counts: Vec<((String, TaskState), u64)>,
 }
 
@@ -417,6 +431,13 @@ fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
         })?;
         out.active.push(task);
     }
+    for item in tree.scan_prefix(QUEUES) {
+        let (key, value) = item?;
+        let name = String::from_utf8_lossy(&key[QUEUES.len()..]).into_owned();
+        let settings =
+            record::decode_queue(&value).map_err(|e| corrupt(format!("queue {name}: {e}")))?;
+        out.queues.push((name, settings));
+    }
     for item in tree.scan_prefix(COUNTS) {
         let (key, value) = item?;
         let rest = &key[COUNTS.len()..];
@@ -643,6 +664,22 @@ impl Writer {
                 let entry = serde_json::to_vec(&index).unwrap_or_default();
                 batch.insert(retention_key(finished_ms, id), entry);
                 batch.insert(count_key(&index.queue, index.state), &count.to_be_bytes());
+            }
+            Mutation::SaveQueue { name, record } => {
+                batch.insert(key(QUEUES, name.as_bytes()), record)
+            }
+            Mutation::Revive {
+                id,
+                record,
+                finished_ms,
+                queue,
+                state,
+                count,
+            } => {
+                batch.remove(key(FINISHED, &id.to_bytes()));
+                batch.remove(retention_key(finished_ms, id));
+                batch.insert(count_key(&queue, state), &count.to_be_bytes());
+                batch.insert(key(ACTIVE, &id.to_bytes()), record);
             }
             Mutation::Idempotency { key: k, id } => {
                 batch.insert(key(IDEM, k.as_bytes()), &id.to_bytes());

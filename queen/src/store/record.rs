@@ -40,6 +40,14 @@ pub mod v1 {
         pub drone_name: String,
     }
 
+    /// Operator settings of one queue (`q/<name>`).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct QueueRecord {
+        pub paused: bool,
+        pub max_running: Option<u32>,
+        pub rate_per_s: Option<f64>,
+    }
+
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     pub struct TaskRecord {
         pub id: TaskId,
@@ -54,6 +62,9 @@ pub mod v1 {
         pub timeout_ms: Option<u64>,
         pub state: State,
         pub attempts: u32,
+        /// Attempts that ended with the lease lost (drone died, hung or was cut off).
+        #[serde(default)]
+        pub lost: u32,
         pub fence: u64,
         pub lease: Option<LeaseRec>,
         pub result: Option<Value>,
@@ -108,6 +119,7 @@ pub fn encode(task: &Task) -> Vec<u8> {
         timeout_ms: task.timeout_ms,
         state: state_to_v1(task.state),
         attempts: task.attempts,
+        lost: task.lost,
         fence: task.fence.0,
         lease: task.lease.as_ref().map(|l| v1::LeaseRec {
             drone: l.drone,
@@ -140,6 +152,36 @@ pub fn encode(task: &Task) -> Vec<u8> {
     out
 }
 
+/// Encodes queue settings as the current record version.
+pub fn encode_queue(q: &crate::queues::QueueSettings) -> Vec<u8> {
+    let rec = v1::QueueRecord {
+        paused: q.paused,
+        max_running: q.max_running,
+        rate_per_s: q.rate_per_s,
+    };
+    let mut out = vec![RECORD_V1];
+    if serde_json::to_writer(&mut out, &rec).is_err() {
+        out.truncate(1);
+    }
+    out
+}
+
+pub fn decode_queue(bytes: &[u8]) -> Result<crate::queues::QueueSettings, String> {
+    let (&version, body) = bytes.split_first().ok_or("empty queue record")?;
+    match version {
+        RECORD_V1 => {
+            let r: v1::QueueRecord =
+                serde_json::from_slice(body).map_err(|e| format!("bad v1 queue record: {e}"))?;
+            Ok(crate::queues::QueueSettings {
+                paused: r.paused,
+                max_running: r.max_running,
+                rate_per_s: r.rate_per_s,
+            })
+        }
+        other => Err(format!("unknown queue record version {other}")),
+    }
+}
+
 /// Decodes a record of any known version into the current task shape.
 pub fn decode(bytes: &[u8]) -> Result<Task, String> {
     let (&version, body) = bytes.split_first().ok_or("empty record")?;
@@ -160,6 +202,7 @@ pub fn decode(bytes: &[u8]) -> Result<Task, String> {
                 timeout_ms: r.timeout_ms,
                 state: state_from_v1(r.state),
                 attempts: r.attempts,
+                lost: r.lost,
                 fence: Fence(r.fence),
                 lease: r.lease.map(|l| Lease {
                     drone: l.drone,
