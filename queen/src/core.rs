@@ -270,6 +270,8 @@ impl Core {
         let retry = RetryPolicy {
             base: Duration::from_millis(cfg.tasks.retry_base_ms),
             max: Duration::from_millis(cfg.tasks.retry_max_ms),
+            factor: rules::DEFAULT_RETRY_FACTOR,
+            jitter: rules::DEFAULT_RETRY_JITTER,
         };
         let mut core = Core {
             writer,
@@ -1200,7 +1202,7 @@ impl Core {
             task.max_attempts,
             retryable,
             wall,
-            &self.retry,
+            &self.retry.with(task.retry.as_ref()),
             jitter,
         ) {
             AfterFailure::Retry { at } => {

@@ -11,22 +11,42 @@ use shared::protocol::Held;
 use shared::{DroneId, Fence, TaskId};
 use tokio::time::Instant;
 
-/// Retry backoff: `base * 2^(attempt-1)`, capped at `max`, then scaled by a jitter factor
-/// in [0.5, 1.0] so a burst of failures does not retry in lockstep.
+/// Retry backoff: `base * factor^(attempt-1)`, capped at `max`, then reduced by up to
+/// `jitter` (a fraction) at random so a burst of failures does not retry in lockstep.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
     pub base: Duration,
     pub max: Duration,
+    pub factor: f64,
+    /// 0: exact delays; 0.5 (the default): between half and all of the delay.
+    pub jitter: f64,
 }
+
+/// The default growth per attempt.
+pub const DEFAULT_RETRY_FACTOR: f64 = 2.0;
+/// The default jitter fraction.
+pub const DEFAULT_RETRY_JITTER: f64 = 0.5;
 
 impl RetryPolicy {
     /// The delay before the retry that follows attempt number `attempt` (1-based).
-    /// `jitter` is a sample in [0, 1).
-    pub fn delay(&self, attempt: u32, jitter: f64) -> Duration {
-        let exp = attempt.saturating_sub(1).min(32);
-        let raw = self.base.saturating_mul(1u32 << exp.min(31));
-        let capped = raw.min(self.max);
-        capped.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    /// `sample` is a uniform sample in [0, 1).
+    pub fn delay(&self, attempt: u32, sample: f64) -> Duration {
+        let exp = attempt.saturating_sub(1).min(1_000) as i32;
+        let raw = self.base.as_secs_f64() * self.factor.max(1.0).powi(exp);
+        let capped = raw.min(self.max.as_secs_f64());
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        Duration::from_secs_f64(capped * (1.0 - jitter + jitter * sample.clamp(0.0, 1.0)))
+    }
+
+    /// This policy with a task's own settings applied over it.
+    pub fn with(&self, spec: Option<&shared::api::RetrySpec>) -> RetryPolicy {
+        let Some(spec) = spec else { return *self };
+        RetryPolicy {
+            base: spec.initial_ms.map_or(self.base, Duration::from_millis),
+            max: spec.max_ms.map_or(self.max, Duration::from_millis),
+            factor: spec.factor.unwrap_or(self.factor),
+            jitter: spec.jitter.unwrap_or(self.jitter),
+        }
     }
 }
 
@@ -199,7 +219,23 @@ mod tests {
     const POLICY: RetryPolicy = RetryPolicy {
         base: Duration::from_secs(1),
         max: Duration::from_secs(60),
+        factor: DEFAULT_RETRY_FACTOR,
+        jitter: DEFAULT_RETRY_JITTER,
     };
+
+    #[test]
+    fn a_task_s_own_policy_overrides_the_defaults() {
+        let spec = shared::api::RetrySpec {
+            initial_ms: Some(100),
+            factor: Some(3.0),
+            max_ms: None,
+            jitter: Some(0.0),
+        };
+        let p = POLICY.with(Some(&spec));
+        assert_eq!(p.delay(1, 0.7), Duration::from_millis(100));
+        assert_eq!(p.delay(3, 0.7), Duration::from_millis(900));
+        assert_eq!(POLICY.with(None), POLICY);
+    }
 
     #[test]
     fn backoff_doubles_per_attempt_and_is_capped() {

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use shared::api::{AttemptError, LeaseView, TaskSpec, TaskState, TaskView};
+use shared::api::{AttemptError, LeaseView, RetrySpec, TaskSpec, TaskState, TaskView};
 use shared::{DroneId, Fence, TaskId};
 
 use crate::config::TaskSection;
@@ -26,6 +26,8 @@ pub struct Task {
     pub labels: Vec<String>,
     pub idempotency_key: Option<String>,
     pub depends_on: Vec<TaskId>,
+    /// The task's own retry backoff settings, over the queen's defaults.
+    pub retry: Option<RetrySpec>,
     pub max_attempts: u32,
     pub timeout_ms: Option<u64>,
     pub state: TaskState,
@@ -135,6 +137,9 @@ impl Task {
                 )));
             }
         }
+        if let Some(r) = &spec.retry {
+            validate_retry(r)?;
+        }
         let run_at = match (spec.run_at, spec.delay_ms) {
             (Some(_), Some(_)) => {
                 return Err(SpecError("give run_at or delay_ms, not both".into()));
@@ -169,6 +174,7 @@ impl Task {
             labels,
             idempotency_key: spec.idempotency_key,
             depends_on,
+            retry: spec.retry,
             max_attempts,
             timeout_ms: spec.timeout_ms,
             state,
@@ -201,6 +207,7 @@ impl Task {
             labels: self.labels.clone(),
             idempotency_key: self.idempotency_key.clone(),
             depends_on: self.depends_on.clone(),
+            retry: self.retry.clone(),
             lease: self.lease.as_ref().map(|l| LeaseView {
                 drone: l.drone,
                 drone_name: l.drone_name.clone(),
@@ -214,6 +221,37 @@ impl Task {
             finished_at: self.finished_at,
         }
     }
+}
+
+/// Longest retry delay a spec may ask for: 7 days.
+pub const MAX_RETRY_DELAY_MS: u64 = 7 * 24 * 3600 * 1000;
+
+fn validate_retry(r: &RetrySpec) -> Result<(), SpecError> {
+    let bad = |m: String| Err(SpecError(m));
+    if r.initial_ms
+        .is_some_and(|v| v == 0 || v > MAX_RETRY_DELAY_MS)
+    {
+        return bad(format!(
+            "retry.initial_ms must be between 1 and {MAX_RETRY_DELAY_MS}"
+        ));
+    }
+    if r.max_ms.is_some_and(|v| v == 0 || v > MAX_RETRY_DELAY_MS) {
+        return bad(format!(
+            "retry.max_ms must be between 1 and {MAX_RETRY_DELAY_MS}"
+        ));
+    }
+    if let (Some(i), Some(m)) = (r.initial_ms, r.max_ms) {
+        if m < i {
+            return bad("retry.max_ms must be at least retry.initial_ms".into());
+        }
+    }
+    if r.factor.is_some_and(|f| !(1.0..=10.0).contains(&f)) {
+        return bad("retry.factor must be between 1 and 10".into());
+    }
+    if r.jitter.is_some_and(|j| !(0.0..=1.0).contains(&j)) {
+        return bad("retry.jitter must be between 0 and 1".into());
+    }
+    Ok(())
 }
 
 /// The `exec` kind's payload must name a command; refusing a bad one at submit beats
@@ -294,6 +332,27 @@ mod tests {
     #[test]
     fn bad_specs_are_refused_naming_the_field() {
         let cases = [
+            (
+                TaskSpec {
+                    retry: Some(RetrySpec {
+                        factor: Some(0.5),
+                        ..Default::default()
+                    }),
+                    ..spec("echo")
+                },
+                "retry.factor",
+            ),
+            (
+                TaskSpec {
+                    retry: Some(RetrySpec {
+                        initial_ms: Some(10),
+                        max_ms: Some(5),
+                        ..Default::default()
+                    }),
+                    ..spec("echo")
+                },
+                "retry.max_ms",
+            ),
             (spec(""), "kind"),
             (
                 TaskSpec {

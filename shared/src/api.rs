@@ -47,6 +47,24 @@ pub struct TaskSpec {
     /// Tasks that must succeed before this one runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<TaskId>,
+    /// This task's retry backoff; unset fields take the queen's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+}
+
+/// Retry backoff of one task: `initial_ms * factor^(attempt-1)`, capped at `max_ms`, less up
+/// to `jitter` (a fraction, 0-1) at random.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jitter: Option<f64>,
 }
 
 /// Parses `run_at`, naming the field in the error (chrono's own error does not).
@@ -184,6 +202,8 @@ pub struct TaskView {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub depends_on: Vec<TaskId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseView>,
     #[serde(default)]

@@ -40,6 +40,15 @@ pub mod v1 {
         pub drone_name: String,
     }
 
+    /// A task's own retry backoff settings.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct RetryRec {
+        pub initial_ms: Option<u64>,
+        pub factor: Option<f64>,
+        pub max_ms: Option<u64>,
+        pub jitter: Option<f64>,
+    }
+
     /// Operator settings of one queue (`q/<name>`).
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     pub struct QueueRecord {
@@ -58,6 +67,8 @@ pub mod v1 {
         pub labels: Vec<String>,
         pub idempotency_key: Option<String>,
         pub depends_on: Vec<TaskId>,
+        #[serde(default)]
+        pub retry: Option<RetryRec>,
         pub max_attempts: u32,
         pub timeout_ms: Option<u64>,
         pub state: State,
@@ -115,6 +126,12 @@ pub fn encode(task: &Task) -> Vec<u8> {
         labels: task.labels.clone(),
         idempotency_key: task.idempotency_key.clone(),
         depends_on: task.depends_on.clone(),
+        retry: task.retry.as_ref().map(|r| v1::RetryRec {
+            initial_ms: r.initial_ms,
+            factor: r.factor,
+            max_ms: r.max_ms,
+            jitter: r.jitter,
+        }),
         max_attempts: task.max_attempts,
         timeout_ms: task.timeout_ms,
         state: state_to_v1(task.state),
@@ -198,6 +215,12 @@ pub fn decode(bytes: &[u8]) -> Result<Task, String> {
                 labels: r.labels,
                 idempotency_key: r.idempotency_key,
                 depends_on: r.depends_on,
+                retry: r.retry.map(|r| shared::api::RetrySpec {
+                    initial_ms: r.initial_ms,
+                    factor: r.factor,
+                    max_ms: r.max_ms,
+                    jitter: r.jitter,
+                }),
                 max_attempts: r.max_attempts,
                 timeout_ms: r.timeout_ms,
                 state: state_from_v1(r.state),
