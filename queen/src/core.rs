@@ -489,14 +489,22 @@ impl Core {
         // Decide everything before changing anything: a batch is all or nothing.
         let mut slots = Vec::with_capacity(tasks.len());
         let mut batch_keys: HashMap<String, usize> = HashMap::new();
+        // Tasks of this batch may depend on each other (the HTTP layer orders them so a
+        // dependency always comes first).
+        let batch_ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+        let in_batch: HashSet<TaskId> = batch_ids.iter().copied().collect();
+        // A task replaced by an existing one (idempotency) stands for it in dependencies.
+        let mut alias: HashMap<TaskId, TaskId> = HashMap::new();
         for (i, task) in tasks.into_iter().enumerate() {
             if let Some(key) = &task.idempotency_key {
                 if let Some(&j) = batch_keys.get(key) {
+                    alias.insert(task.id, batch_ids[j]);
                     slots.push(Slot::SameAs(j));
                     continue;
                 }
                 match self.lookup_idempotent(key) {
                     Ok(Some(view)) => {
+                        alias.insert(task.id, view.id);
                         slots.push(Slot::Existing(view));
                         continue;
                     }
@@ -512,7 +520,7 @@ impl Core {
             if let Some(dep) = task
                 .depends_on
                 .iter()
-                .find(|d| self.find_state(**d).is_none())
+                .find(|d| !in_batch.contains(d) && self.find_state(**d).is_none())
             {
                 let _ = reply.send(Err(CoreError::BadRequest(format!(
                     "depends_on: unknown task {dep}"
@@ -521,10 +529,12 @@ impl Core {
             }
             slots.push(Slot::New(task));
         }
+        // Everything below goes into the next commit; tasks born finished are visible to
+        // reads (and to dependents later in this batch) from now on.
+        let seq = self.commits_made + 1;
 
         let mut mutations = Vec::with_capacity(slots.len() * 2);
         let mut views: Vec<Option<(TaskView, bool)>> = Vec::with_capacity(slots.len());
-        let mut finished = Vec::new();
         let mut same_as = Vec::new();
         for slot in slots {
             let mut task = match slot {
@@ -547,6 +557,13 @@ impl Core {
                 self.idem.insert(key.clone(), task.id);
             }
             if task.state == TaskState::Blocked {
+                for dep in &mut task.depends_on {
+                    if let Some(a) = alias.get(dep) {
+                        *dep = *a;
+                    }
+                }
+                task.depends_on.sort();
+                task.depends_on.dedup();
                 self.settle_new_blocked(&mut task, wall);
             }
             tracing::debug!(task_id = %task.id, queue = %task.queue, kind = %task.kind, state = %task.state, "task submitted");
@@ -554,7 +571,7 @@ impl Core {
             if task.state.is_terminal() {
                 let count = self.bump_finished(&task);
                 mutations.push(Mutation::finish(&task, count));
-                finished.push(task);
+                self.remember_recent(seq, task);
             } else {
                 mutations.push(Mutation::save(&task));
                 self.enqueue(&task);
@@ -565,7 +582,7 @@ impl Core {
             views[i] = views.get(j).cloned().flatten().map(|(v, _)| (v, false));
         }
         let views: Vec<(TaskView, bool)> = views.into_iter().flatten().collect();
-        let seq = self.commit(
+        let made = self.commit(
             mutations,
             Some(Box::new(move |r| {
                 let _ = reply.send(
@@ -574,27 +591,30 @@ impl Core {
                 );
             })),
         );
-        for task in finished {
-            self.remember_recent(seq, task);
-        }
+        debug_assert_eq!(
+            made, seq,
+            "born-finished tasks were remembered under this commit"
+        );
     }
 
     /// A new task with dependencies: cancelled if one already failed, runnable if all
     /// succeeded, otherwise blocked and registered with each dependency.
     fn settle_new_blocked(&mut self, task: &mut Task, wall: DateTime<Utc>) {
-        let states: Vec<(TaskId, TaskState)> = task
+        // A dependency not found yet is a task of the same batch still being submitted.
+        let states: Vec<(TaskId, Option<TaskState>)> = task
             .depends_on
             .iter()
-            .filter_map(|d| self.find_state(*d).map(|s| (*d, s)))
+            .map(|d| (*d, self.find_state(*d)))
             .collect();
         if let Some((dep, st)) = states
             .iter()
-            .find(|(_, s)| matches!(s, TaskState::Failed | TaskState::Cancelled))
+            .find(|(_, s)| matches!(s, Some(TaskState::Failed | TaskState::Cancelled)))
         {
             task.state = TaskState::Cancelled;
+            let st = st.map_or("gone", TaskState::as_str);
             task.cancel_reason = Some(format!("dependency {dep} {st}"));
             task.finished_at = Some(wall);
-        } else if states.iter().all(|(_, s)| *s == TaskState::Succeeded) {
+        } else if states.iter().all(|(_, s)| *s == Some(TaskState::Succeeded)) {
             task.state = if task.run_at.is_some() {
                 TaskState::Scheduled
             } else {

@@ -189,20 +189,21 @@ async fn submit_batch(
             ),
         ));
     }
-    let now = Utc::now();
-    let tasks = req
-        .tasks
-        .into_iter()
-        .enumerate()
-        .map(|(i, spec)| {
-            Task::from_spec(spec, TaskId::generate(), now, &st.cfg.tasks)
-                .map_err(|e| ApiError::bad(format!("invalid task spec at tasks[{i}]: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let out = st
+    let plan = crate::batch::plan(req.tasks, Utc::now(), &st.cfg.tasks, TaskId::generate)
+        .map_err(ApiError::bad)?;
+    let tasks = plan.tasks;
+    let planned = st
         .core
         .ask(|reply| Request::Submit { tasks, reply })
         .await??;
+    // Back to the client's order.
+    let mut out: Vec<Option<(TaskView, bool)>> = vec![None; planned.len()];
+    for (slot, item) in plan.original_index.into_iter().zip(planned) {
+        if let Some(o) = out.get_mut(slot) {
+            *o = Some(item);
+        }
+    }
+    let out: Vec<(TaskView, bool)> = out.into_iter().flatten().collect();
     let any_created = out.iter().any(|(_, c)| *c);
     let status = if any_created {
         StatusCode::CREATED

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use shared::api::{AttemptError, LeaseView, RetrySpec, TaskSpec, TaskState, TaskView};
+use shared::api::{AttemptError, Dependency, LeaseView, RetrySpec, TaskSpec, TaskState, TaskView};
 use shared::{DroneId, Fence, TaskId};
 
 use crate::config::TaskSection;
@@ -155,7 +155,16 @@ impl Task {
             (None, None) => None,
         };
         let run_at = run_at.filter(|at| *at > now);
-        let mut depends_on = spec.depends_on;
+        let mut depends_on = spec
+            .depends_on
+            .into_iter()
+            .map(|d| match d {
+                Dependency::Id(id) => Ok(id),
+                Dependency::Ref(r) => Err(SpecError(format!(
+                    "depends_on: unknown ref `{r}` (a ref names a task of the same batch)"
+                ))),
+            })
+            .collect::<Result<Vec<TaskId>, SpecError>>()?;
         depends_on.sort();
         depends_on.dedup();
         let state = if !depends_on.is_empty() {

@@ -238,3 +238,53 @@ async fn a_task_that_keeps_killing_its_drone_is_quarantined() {
     );
     q.stop().await;
 }
+
+/// Guards dependencies within a batch: refs resolve, cycles are refused, a child runs only
+/// after its parent succeeded, and all of it survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_refs_order_work_and_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    let cycle = json!({"tasks": [
+        {"kind": "echo", "ref": "a", "depends_on": ["b"]},
+        {"kind": "echo", "ref": "b", "depends_on": ["a"]},
+    ]});
+    let (status, body) = q.call("POST", "/v1/tasks/batch", Some(cycle)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("cycle"),
+        "{body}"
+    );
+
+    // The child is listed first: the reply keeps the client's order anyway.
+    let batch = json!({"tasks": [
+        {"kind": "echo", "ref": "child", "depends_on": ["parent"], "payload": "child"},
+        {"kind": "echo", "ref": "parent", "payload": "parent"},
+    ]});
+    let (status, body) = q.call("POST", "/v1/tasks/batch", Some(batch)).await;
+    assert_eq!(status, 201, "{body}");
+    let resp: shared::api::BatchResponse = serde_json::from_value(body).expect("batch");
+    let (child, parent) = (&resp.tasks[0], &resp.tasks[1]);
+    assert_eq!(child.payload, json!("child"));
+    assert_eq!(child.state, TaskState::Blocked);
+    assert_eq!(child.depends_on, vec![parent.id]);
+    q.stop().await;
+
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    assert_eq!(
+        q.task(child.id).await.state,
+        TaskState::Blocked,
+        "blocked survives a restart"
+    );
+    let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 2, vec![])).await;
+    let a = d.assign().await;
+    assert_eq!(a.task_id, parent.id, "only the parent is runnable");
+    finish(&mut d, &a).await;
+    let a = d.assign().await;
+    assert_eq!(
+        a.task_id, child.id,
+        "the child runs once its parent succeeded"
+    );
+    finish(&mut d, &a).await;
+    q.stop().await;
+}

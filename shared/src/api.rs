@@ -44,12 +44,24 @@ pub struct TaskSpec {
     /// A second submit with the same key returns the first task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
-    /// Tasks that must succeed before this one runs.
+    /// Tasks that must succeed before this one runs: task ids, or (in a batch) the `ref`
+    /// of another task of the same batch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub depends_on: Vec<TaskId>,
+    pub depends_on: Vec<Dependency>,
+    /// A name for this task within its batch, so other tasks of the batch can depend on it.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
     /// This task's retry backoff; unset fields take the queen's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
+}
+
+/// One entry of `depends_on`: a task id, or the `ref` of a task in the same batch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Dependency {
+    Id(TaskId),
+    Ref(String),
 }
 
 /// Retry backoff of one task: `initial_ms * factor^(attempt-1)`, capped at `max_ms`, less up
