@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use shared::api::{AttemptError, DroneView, QueueView, Stats, TaskState, TaskView};
+use shared::api::{AttemptError, DroneView, QueueView, ScheduleView, Stats, TaskState, TaskView};
 use shared::protocol::{
     Ack, AckStatus, Assign, CancelTask, DroneMessage, Held, Hello, QueenMessage, Reject, Welcome,
     PROTOCOL_VERSION, SUPPORTED_VERSIONS,
@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::queues::{QueueSettings, QueueState};
 use crate::ready::ReadyQueues;
 use crate::rules::{self, AfterFailure, AfterLostLease, LiveLease, Reattach, RetryPolicy, Verdict};
+use crate::schedule::{Every, Schedule};
 use crate::store::{Commit, Mutation, Recovered, StoreReader, StoreWriter};
 use crate::task::{Lease, Task};
 
@@ -124,6 +125,18 @@ pub enum Request {
         name: String,
         change: QueueChange,
         reply: oneshot::Sender<Result<QueueView, CoreError>>,
+    },
+    Schedules {
+        reply: oneshot::Sender<Vec<ScheduleView>>,
+    },
+    /// Creates or replaces a schedule; the reply says whether it was created.
+    PutSchedule {
+        schedule: Box<Schedule>,
+        reply: oneshot::Sender<Result<(ScheduleView, bool), CoreError>>,
+    },
+    DeleteSchedule {
+        name: String,
+        reply: oneshot::Sender<Result<ScheduleView, CoreError>>,
     },
     /// A failed or cancelled task runs again.
     Retry {
@@ -239,6 +252,10 @@ pub struct Core {
     finished_counts: HashMap<(String, TaskState), u64>,
     /// Queues with settings or running tasks (a queue exists once used).
     queues: HashMap<String, QueueState>,
+    schedules: HashMap<String, Schedule>,
+    /// Each schedule's next wake-up, ordered; `schedule_wake` says which entry is current.
+    schedule_timers: BTreeSet<(DateTime<Utc>, String)>,
+    schedule_wake: HashMap<String, DateTime<Utc>>,
     rng: StdRng,
     retry: RetryPolicy,
     next_tick: Instant,
@@ -296,6 +313,9 @@ impl Core {
                 .into_iter()
                 .map(|(name, s)| (name, QueueState::new(s)))
                 .collect(),
+            schedules: HashMap::new(),
+            schedule_timers: BTreeSet::new(),
+            schedule_wake: HashMap::new(),
             rng: StdRng::from_os_rng(),
             retry,
             next_tick: now,
@@ -336,6 +356,11 @@ impl Core {
                 _ => {}
             }
             core.tasks.insert(task.id, task);
+        }
+        for schedule in recovered.schedules {
+            let name = schedule.name.clone();
+            core.schedules.insert(name.clone(), schedule);
+            core.arm_schedule(&name, wall);
         }
         // Blocked tasks whose dependencies finished while the queen was down.
         let blocked: Vec<TaskId> = core
@@ -455,6 +480,17 @@ impl Core {
                 reply,
             } => self.set_queue(name, change, reply),
             Request::Retry { id, reply } => self.retry(id, reply),
+            Request::Schedules { reply } => {
+                let mut views: Vec<ScheduleView> = self
+                    .schedules
+                    .values()
+                    .map(|s| self.schedule_view(s, wall))
+                    .collect();
+                views.sort_by(|a, b| a.name.cmp(&b.name));
+                let _ = reply.send(views);
+            }
+            Request::PutSchedule { schedule, reply } => self.put_schedule(*schedule, reply, wall),
+            Request::DeleteSchedule { name, reply } => self.delete_schedule(name, reply, wall),
             Request::Stats { reply } => {
                 let _ = reply.send(self.stats());
             }
@@ -739,6 +775,136 @@ impl Core {
             }));
         }
         Some(view)
+    }
+
+    fn schedule_view(&self, s: &Schedule, wall: DateTime<Utc>) -> ScheduleView {
+        let (cron, every_ms) = match &s.every {
+            Every::Cron { pattern, .. } => (Some(pattern.clone()), None),
+            Every::Interval { ms } => (None, Some(*ms)),
+        };
+        ScheduleView {
+            name: s.name.clone(),
+            cron,
+            every_ms,
+            task: s.task.clone(),
+            created_at: s.created_at,
+            last_run_at: (s.last_tick > s.created_at).then_some(s.last_tick),
+            next_run_at: s.wake_at(wall),
+        }
+    }
+
+    /// (Re)arms a schedule's timer; the previous one, if any, is dropped.
+    fn arm_schedule(&mut self, name: &str, wall: DateTime<Utc>) {
+        if let Some(old) = self.schedule_wake.remove(name) {
+            self.schedule_timers.remove(&(old, name.to_string()));
+        }
+        if let Some(at) = self.schedules.get(name).and_then(|s| s.wake_at(wall)) {
+            self.schedule_timers.insert((at, name.to_string()));
+            self.schedule_wake.insert(name.to_string(), at);
+        }
+    }
+
+    fn put_schedule(
+        &mut self,
+        schedule: Schedule,
+        reply: oneshot::Sender<Result<(ScheduleView, bool), CoreError>>,
+        wall: DateTime<Utc>,
+    ) {
+        let name = schedule.name.clone();
+        let created = !self.schedules.contains_key(&name);
+        tracing::info!(schedule = %name, created, "schedule saved");
+        let m = Mutation::SaveSchedule {
+            name: name.clone(),
+            record: crate::store::record::encode_schedule(&schedule),
+        };
+        let view = self.schedule_view(&schedule, wall);
+        self.schedules.insert(name.clone(), schedule);
+        self.arm_schedule(&name, wall);
+        self.commit(
+            vec![m],
+            Some(Box::new(move |r| {
+                let _ = reply.send(
+                    r.map(|()| (view, created))
+                        .map_err(|e| CoreError::Unavailable(e.to_string())),
+                );
+            })),
+        );
+    }
+
+    fn delete_schedule(
+        &mut self,
+        name: String,
+        reply: oneshot::Sender<Result<ScheduleView, CoreError>>,
+        wall: DateTime<Utc>,
+    ) {
+        let Some(s) = self.schedules.remove(&name) else {
+            let _ = reply.send(Err(CoreError::NotFound(format!("no schedule {name}"))));
+            return;
+        };
+        let view = self.schedule_view(&s, wall);
+        self.arm_schedule(&name, wall);
+        tracing::info!(schedule = %name, "schedule deleted");
+        self.commit(
+            vec![Mutation::DeleteSchedule { name }],
+            Some(Box::new(move |r| {
+                let _ = reply.send(
+                    r.map(|()| view)
+                        .map_err(|e| CoreError::Unavailable(e.to_string())),
+                );
+            })),
+        );
+    }
+
+    /// Runs the schedules whose time has come: at most one run per tick (see
+    /// `schedule.rs` for the catch-up policy).
+    fn fire_schedules(&mut self, wall: DateTime<Utc>) {
+        while let Some((at, name)) = self.schedule_timers.first().cloned() {
+            if at > wall {
+                break;
+            }
+            self.schedule_timers.pop_first();
+            if self.schedule_wake.get(&name) != Some(&at) {
+                continue;
+            }
+            self.schedule_wake.remove(&name);
+            let Some(schedule) = self.schedules.get(&name) else {
+                continue;
+            };
+            if let Some(tick) = schedule.due(wall) {
+                let key = schedule.idempotency_key(tick);
+                let spec = serde_json::from_value::<shared::api::TaskSpec>(schedule.task.clone())
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut spec| {
+                        spec.idempotency_key = Some(key);
+                        Task::from_spec(spec, TaskId::generate(), wall, &self.cfg.tasks)
+                            .map_err(|e| e.0)
+                    });
+                match spec {
+                    Ok(task) => {
+                        tracing::info!(schedule = %name, tick = %tick, task_id = %task.id, "schedule fired");
+                        // Nobody waits for this reply; durability and idempotency are
+                        // those of any submit.
+                        let (tx, _rx) = oneshot::channel();
+                        self.submit(vec![task], tx, wall);
+                    }
+                    Err(e) => {
+                        tracing::error!(schedule = %name, error = %e, "schedule's task spec is no longer valid; tick skipped");
+                    }
+                }
+                if let Some(s) = self.schedules.get_mut(&name) {
+                    s.last_tick = tick;
+                    let record = crate::store::record::encode_schedule(s);
+                    self.commit(
+                        vec![Mutation::SaveSchedule {
+                            name: name.clone(),
+                            record,
+                        }],
+                        None,
+                    );
+                }
+            }
+            self.arm_schedule(&name, wall);
+        }
     }
 
     fn queue_views(&self) -> Vec<QueueView> {
@@ -1421,6 +1587,7 @@ impl Core {
 
     fn tick(&mut self, now: Instant, wall: DateTime<Utc>) {
         self.next_tick = now + TICK;
+        self.fire_schedules(wall);
         // Scheduled tasks whose time has come. Not written back: a restart derives
         // `pending` from `run_at` having passed.
         while let Some(&(at, id)) = self.scheduled.first() {

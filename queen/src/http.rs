@@ -12,13 +12,13 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request as HttpRequest, State
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use chrono::Utc;
 use serde::Deserialize;
 use shared::api::{
     BatchRequest, BatchResponse, DronesResponse, ErrorBody, QueueLimits, QueueView, QueuesResponse,
-    TaskPage, TaskSpec, TaskState, TaskView,
+    ScheduleRequest, ScheduleView, SchedulesResponse, TaskPage, TaskSpec, TaskState, TaskView,
 };
 use shared::TaskId;
 
@@ -81,6 +81,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/queues/{name}", post(set_queue_limits))
         .route("/v1/queues/{name}/pause", post(pause_queue))
         .route("/v1/queues/{name}/resume", post(resume_queue))
+        .route("/v1/schedules", post(put_schedule).get(schedules))
+        .route("/v1/schedules/{name}", delete(delete_schedule))
         .route("/v1/drones", get(drones))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -387,6 +389,68 @@ async fn set_queue_limits(
     let limits: QueueLimits = serde_json::from_slice(&body(raw)?)
         .map_err(|e| ApiError::bad(format!("invalid queue limits: {e}")))?;
     change_queue(&st, name, QueueChange::Limits(limits)).await
+}
+
+async fn put_schedule(
+    State(st): State<AppState>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: ScheduleRequest = serde_json::from_slice(&body(raw)?)
+        .map_err(|e| ApiError::bad(format!("invalid schedule: {e}")))?;
+    crate::task::check_name("schedule name", &req.name).map_err(|e| ApiError::bad(e.0))?;
+    let every = match (&req.cron, req.every_ms) {
+        (Some(c), None) => crate::schedule::Every::cron(c),
+        (None, Some(ms)) => crate::schedule::Every::interval(ms),
+        _ => Err("give exactly one of cron and every_ms".to_string()),
+    }
+    .map_err(|e| ApiError::bad(format!("invalid schedule: {e}")))?;
+    if req.task.idempotency_key.is_some() {
+        return Err(ApiError::bad(
+            "invalid schedule: task.idempotency_key is set by the schedule for each run",
+        ));
+    }
+    let now = Utc::now();
+    // Validate the spec now, so a schedule never fires a task that cannot exist.
+    Task::from_spec(req.task.clone(), TaskId::generate(), now, &st.cfg.tasks)
+        .map_err(|e| ApiError::bad(format!("invalid schedule task: {e}")))?;
+    let task = serde_json::to_value(&req.task)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let schedule = crate::schedule::Schedule {
+        name: req.name,
+        every,
+        task,
+        created_at: now,
+        last_tick: now,
+    };
+    let (view, created) = st
+        .core
+        .ask(|reply| Request::PutSchedule {
+            schedule: Box::new(schedule),
+            reply,
+        })
+        .await??;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view)).into_response())
+}
+
+async fn schedules(State(st): State<AppState>) -> Result<Json<SchedulesResponse>, ApiError> {
+    let schedules = st.core.ask(|reply| Request::Schedules { reply }).await?;
+    Ok(Json(SchedulesResponse { schedules }))
+}
+
+async fn delete_schedule(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ScheduleView>, ApiError> {
+    Ok(Json(
+        st.core
+            .ask(|reply| Request::DeleteSchedule { name, reply })
+            .await??,
+    ))
 }
 
 async fn drones(State(st): State<AppState>) -> Result<Json<DronesResponse>, ApiError> {

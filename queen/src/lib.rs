@@ -12,6 +12,7 @@ pub mod http;
 pub mod queues;
 pub mod ready;
 pub mod rules;
+pub mod schedule;
 pub mod server;
 pub mod store;
 pub mod task;

@@ -288,3 +288,90 @@ async fn batch_refs_order_work_and_survive_a_restart() {
     finish(&mut d, &a).await;
     q.stop().await;
 }
+
+async fn scheduled_runs(q: &TestQueen) -> Vec<shared::api::TaskView> {
+    let (status, body) = q.call("GET", "/v1/tasks?queue=cron&limit=1000", None).await;
+    assert_eq!(status, 200, "{body}");
+    let page: shared::api::TaskPage = serde_json::from_value(body).expect("page");
+    page.tasks
+}
+
+/// Guards periodic schedules: invalid ones are refused, a schedule fires once per tick
+/// (distinct idempotency keys), survives a restart, and stops when deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_fires_once_per_tick_and_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    for (bad, needle) in [
+        (
+            json!({"name": "x", "cron": "* * *", "task": {"kind": "echo"}}),
+            "fields",
+        ),
+        (
+            json!({"name": "x", "every_ms": 5, "task": {"kind": "echo"}}),
+            "every_ms",
+        ),
+        (
+            json!({"name": "x", "task": {"kind": "echo"}}),
+            "exactly one",
+        ),
+        (
+            json!({"name": "x", "every_ms": 1000, "task": {"kind": "exec", "payload": {}}}),
+            "cmd",
+        ),
+        (
+            json!({"name": "bad name", "every_ms": 1000, "task": {"kind": "echo"}}),
+            "schedule name",
+        ),
+    ] {
+        let (status, body) = q.call("POST", "/v1/schedules", Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad} -> {body}");
+        assert!(
+            body["error"].as_str().unwrap_or_default().contains(needle),
+            "{bad} -> {body}"
+        );
+    }
+    let spec = json!({"name": "tick", "every_ms": 1000, "task": {"kind": "echo", "queue": "cron"}});
+    let (status, body) = q.call("POST", "/v1/schedules", Some(spec)).await;
+    assert_eq!(status, 201, "{body}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while scheduled_runs(&q).await.len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "schedule did not fire twice"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    q.stop().await;
+
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    let (_, body) = q.call("GET", "/v1/schedules", None).await;
+    assert_eq!(body["schedules"][0]["name"], "tick", "{body}");
+    let before = scheduled_runs(&q).await.len();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while scheduled_runs(&q).await.len() <= before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "schedule did not fire after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _) = q.call("DELETE", "/v1/schedules/tick", None).await;
+    assert_eq!(status, 200);
+    let (status, _) = q.call("DELETE", "/v1/schedules/tick", None).await;
+    assert_eq!(status, 404);
+    let runs = scheduled_runs(&q).await;
+    let mut keys: Vec<String> = runs
+        .iter()
+        .filter_map(|t| t.idempotency_key.clone())
+        .collect();
+    let n = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(
+        (keys.len(), n),
+        (runs.len(), runs.len()),
+        "one task per tick, each with its own key"
+    );
+    q.stop().await;
+}

@@ -337,6 +337,41 @@ mod double_option {
     }
 }
 
+/// Body of `POST /v1/schedules`: give `cron` (5 or 6 fields, UTC) or `every_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_ms: Option<u64>,
+    pub task: TaskSpec,
+}
+
+/// A periodic schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleView {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every_ms: Option<u64>,
+    pub task: Value,
+    pub created_at: DateTime<Utc>,
+    /// The last tick that ran, if any.
+    #[serde(default)]
+    pub last_run_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub next_run_at: Option<DateTime<Utc>>,
+}
+
+/// Answer of `GET /v1/schedules`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SchedulesResponse {
+    pub schedules: Vec<ScheduleView>,
+}
+
 /// Every API error body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {

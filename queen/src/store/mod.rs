@@ -14,6 +14,7 @@
 //! | `i/<idempotency key>`             | task id                                |
 //! | `c/<queue>\0<state>`              | count of finished tasks, u64 BE        |
 //! | `q/<queue>`                       | queue settings (pause, limits)         |
+//! | `s/<schedule>`                    | periodic schedule and its last tick    |
 //!
 //! Active and finished tasks live apart, so a restart reads only active ones.
 //!
@@ -56,6 +57,7 @@ const RETENTION: &[u8] = b"t/";
 const IDEM: &[u8] = b"i/";
 const COUNTS: &[u8] = b"c/";
 const QUEUES: &[u8] = b"q/";
+const SCHEDULES: &[u8] = b"s/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -89,7 +91,10 @@ pub struct CommitError(pub String);
 #[derive(Debug)]
 pub enum Mutation {
     /// Insert or replace an active task.
-    SaveActive { id: TaskId, record: Vec<u8> },
+    SaveActive {
+        id: TaskId,
+        record: Vec<u8>,
+    },
     /// A task reached a terminal state: move it from active to finished.
     Finish {
         id: TaskId,
@@ -100,9 +105,23 @@ pub enum Mutation {
         count: u64,
     },
     /// Remember an idempotency key for a new task.
-    Idempotency { key: String, id: TaskId },
+    Idempotency {
+        key: String,
+        id: TaskId,
+    },
+    /// Store a schedule (created, replaced, or its last tick moved on).
+    SaveSchedule {
+        name: String,
+        record: Vec<u8>,
+    },
+    DeleteSchedule {
+        name: String,
+    },
     /// Store a queue's settings.
-    SaveQueue { name: String, record: Vec<u8> },
+    SaveQueue {
+        name: String,
+        record: Vec<u8>,
+    },
     /// A finished task runs again (retry): back from finished to active.
     Revive {
         id: TaskId,
@@ -113,7 +132,10 @@ pub enum Mutation {
         count: u64,
     },
     /// Drop an expired finished task and everything that points at it.
-    Purge { expired: Expired, count: u64 },
+    Purge {
+        expired: Expired,
+        count: u64,
+    },
 }
 
 impl Mutation {
@@ -179,6 +201,7 @@ impl std::fmt::Debug for Commit {
 pub struct Recovered {
     pub active: Vec<Task>,
     pub queues: Vec<(String, crate::queues::QueueSettings)>,
+    pub schedules: Vec<crate::schedule::Schedule>,
     pub finished_counts: Vec<((String, TaskState), u64)>,
 }
 
@@ -431,6 +454,16 @@ fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
         })?;
         out.active.push(task);
     }
+    for item in tree.scan_prefix(SCHEDULES) {
+        let (key, value) = item?;
+        let schedule = record::decode_schedule(&value).map_err(|e| {
+            corrupt(format!(
+                "schedule {}: {e}",
+                String::from_utf8_lossy(&key[SCHEDULES.len()..])
+            ))
+        })?;
+        out.schedules.push(schedule);
+    }
     for item in tree.scan_prefix(QUEUES) {
         let (key, value) = item?;
         let name = String::from_utf8_lossy(&key[QUEUES.len()..]).into_owned();
@@ -665,6 +698,10 @@ impl Writer {
                 batch.insert(retention_key(finished_ms, id), entry);
                 batch.insert(count_key(&index.queue, index.state), &count.to_be_bytes());
             }
+            Mutation::SaveSchedule { name, record } => {
+                batch.insert(key(SCHEDULES, name.as_bytes()), record)
+            }
+            Mutation::DeleteSchedule { name } => batch.remove(key(SCHEDULES, name.as_bytes())),
             Mutation::SaveQueue { name, record } => {
                 batch.insert(key(QUEUES, name.as_bytes()), record)
             }

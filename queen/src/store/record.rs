@@ -49,6 +49,17 @@ pub mod v1 {
         pub jitter: Option<f64>,
     }
 
+    /// A periodic schedule (`s/<name>`). `task` is the task spec as submitted (API JSON).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct ScheduleRecord {
+        pub name: String,
+        pub cron: Option<String>,
+        pub every_ms: Option<u64>,
+        pub task: Value,
+        pub created_at: DateTime<Utc>,
+        pub last_tick: DateTime<Utc>,
+    }
+
     /// Operator settings of one queue (`q/<name>`).
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     pub struct QueueRecord {
@@ -167,6 +178,48 @@ pub fn encode(task: &Task) -> Vec<u8> {
         out.truncate(1);
     }
     out
+}
+
+/// Encodes a schedule as the current record version.
+pub fn encode_schedule(s: &crate::schedule::Schedule) -> Vec<u8> {
+    let (cron, every_ms) = match &s.every {
+        crate::schedule::Every::Cron { pattern, .. } => (Some(pattern.clone()), None),
+        crate::schedule::Every::Interval { ms } => (None, Some(*ms)),
+    };
+    let rec = v1::ScheduleRecord {
+        name: s.name.clone(),
+        cron,
+        every_ms,
+        task: s.task.clone(),
+        created_at: s.created_at,
+        last_tick: s.last_tick,
+    };
+    let mut out = vec![RECORD_V1];
+    if serde_json::to_writer(&mut out, &rec).is_err() {
+        out.truncate(1);
+    }
+    out
+}
+
+pub fn decode_schedule(bytes: &[u8]) -> Result<crate::schedule::Schedule, String> {
+    let (&version, body) = bytes.split_first().ok_or("empty schedule record")?;
+    if version != RECORD_V1 {
+        return Err(format!("unknown schedule record version {version}"));
+    }
+    let r: v1::ScheduleRecord =
+        serde_json::from_slice(body).map_err(|e| format!("bad v1 schedule record: {e}"))?;
+    let every = match (r.cron, r.every_ms) {
+        (Some(c), None) => crate::schedule::Every::cron(&c)?,
+        (None, Some(ms)) => crate::schedule::Every::interval(ms)?,
+        _ => return Err("schedule record needs exactly one of cron and every_ms".into()),
+    };
+    Ok(crate::schedule::Schedule {
+        name: r.name,
+        every,
+        task: r.task,
+        created_at: r.created_at,
+        last_tick: r.last_tick,
+    })
 }
 
 /// Encodes queue settings as the current record version.
