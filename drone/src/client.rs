@@ -91,6 +91,8 @@ pub enum DroneError {
     },
     #[error("could not start the process spawner thread: {0}")]
     Spawner(#[source] std::io::Error),
+    #[error("could not create the checkpoint directory: {0}")]
+    Checkpoints(#[source] std::io::Error),
 }
 
 /// Why one connection attempt failed.
@@ -253,6 +255,8 @@ impl Phase {
 #[derive(Debug)]
 struct RunningTask {
     attempt: u32,
+    /// The checkpoint file as last sent to the queen.
+    checkpoint: crate::checkpoint::Seen,
     /// Taken when the task is asked to stop, so it is asked once.
     stop: Option<oneshot::Sender<StopReason>>,
 }
@@ -303,7 +307,10 @@ pub(crate) struct Drone {
 impl Drone {
     pub(crate) fn new(config: Config, shutdown: Shutdown) -> Result<Self, DroneError> {
         let spawner = Spawner::start().map_err(DroneError::Spawner)?;
-        let executor = Executor::new(&config, spawner);
+        let checkpoints =
+            crate::checkpoint::Checkpoints::new(crate::checkpoint::MAX_CHECKPOINT_BYTES)
+                .map_err(DroneError::Checkpoints)?;
+        let executor = Executor::new(&config, spawner, checkpoints);
         let (finished_tx, finished_rx) = mpsc::channel(OUTCOME_CHANNEL_CAPACITY);
         Ok(Drone {
             config,
@@ -415,6 +422,7 @@ impl Drone {
         match event {
             Event::Finished { held, outcome } => {
                 let attempt = self.running.remove(&held).map_or(0, |t| t.attempt);
+                self.executor.checkpoints.remove(held);
                 self.record(outcome, attempt).await;
             }
             Event::Incoming(incoming) => self.on_incoming(incoming).await,
@@ -586,9 +594,25 @@ impl Drone {
         let Link::Connected(session) = &self.link else {
             return;
         };
+        let assigns_seen = session.assigns_seen;
+        let mut checkpoints = Vec::new();
+        for (held, task) in self.running.iter_mut() {
+            if let Some(data) = self
+                .executor
+                .checkpoints
+                .changed(*held, &mut task.checkpoint)
+            {
+                checkpoints.push(shared::protocol::Checkpoint {
+                    task_id: held.task_id,
+                    fence: held.fence,
+                    data,
+                });
+            }
+        }
         let heartbeat = Heartbeat {
             held: self.held(),
-            assigns_seen: session.assigns_seen,
+            assigns_seen,
+            checkpoints,
         };
         self.send(&DroneMessage::Heartbeat(heartbeat)).await;
     }
@@ -680,10 +704,15 @@ impl Drone {
             return;
         }
         let (stop_tx, stop_rx) = oneshot::channel();
+        let checkpoint = self
+            .executor
+            .checkpoints
+            .prepare(held, assign.checkpoint.as_ref());
         self.running.insert(
             held,
             RunningTask {
                 attempt: assign.attempt,
+                checkpoint,
                 stop: Some(stop_tx),
             },
         );

@@ -237,6 +237,8 @@ pub fn exec_outcome(
 /// What every task execution needs from the drone.
 #[derive(Debug)]
 pub struct Executor {
+    /// Where running tasks keep their checkpoint files.
+    pub checkpoints: crate::checkpoint::Checkpoints,
     spawner: Spawner,
     supervisor: PathBuf,
     max_output_bytes: usize,
@@ -244,8 +246,13 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn new(config: &Config, spawner: Spawner) -> Arc<Self> {
+    pub fn new(
+        config: &Config,
+        spawner: Spawner,
+        checkpoints: crate::checkpoint::Checkpoints,
+    ) -> Arc<Self> {
         Arc::new(Executor {
+            checkpoints,
             spawner,
             supervisor: config.supervisor.clone(),
             max_output_bytes: config.max_output_bytes,
@@ -406,7 +413,14 @@ impl Executor {
             // Set last so a payload cannot fake its own lease.
             .env("HIVE_TASK_ID", assign.task_id.to_string())
             .env("HIVE_ATTEMPT", assign.attempt.to_string())
-            .env("HIVE_FENCE", assign.fence.to_string());
+            .env("HIVE_FENCE", assign.fence.to_string())
+            .env(
+                "HIVE_CHECKPOINT_FILE",
+                self.checkpoints.path(Held {
+                    task_id: assign.task_id,
+                    fence: assign.fence,
+                }),
+            );
         if let Some(cwd) = &spec.cwd {
             command.current_dir(cwd);
         }
@@ -663,6 +677,7 @@ mod tests {
             queue: "default".into(),
             payload: json!({"x": 1}),
             timeout_ms: None,
+            checkpoint: None,
         };
         let f = failure(Executor::immediate(&assign).unwrap_or_else(|| panic!("no outcome")));
         assert_eq!(f.error, "kind teleport is not supported by this drone");

@@ -14,6 +14,7 @@
 //! connection; an outcome leaves the drone's memory only when the queen acknowledged it.
 
 pub mod backoff;
+pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod executor;

@@ -604,3 +604,43 @@ async fn a_config_file_with_an_unknown_key_is_refused_naming_it() -> Result<()> 
     assert!(stderr.contains("drone.toml"), "{stderr}");
     Ok(())
 }
+
+/// Guards checkpoints: the task finds the previous attempt's checkpoint in
+/// `$HIVE_CHECKPOINT_FILE`, and what it writes there reaches the queen in a heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_is_handed_in_and_reported_out() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+    let go = dir.path().join("go");
+    let script = format!(
+        "cat \"$HIVE_CHECKPOINT_FILE\"; echo '{{\"step\": 2, \"progress\": 0.5}}' > \"$HIVE_CHECKPOINT_FILE\"; \
+         while [ ! -e {go} ]; do sleep 0.02; done",
+        go = go.display()
+    );
+    let mut a = exec(&script, dir.path());
+    a.checkpoint = Some(json!({"step": 1}));
+    let task_id = a.task_id;
+    conn.assign(a).await?;
+    let data = conn
+        .recv_where("a heartbeat with the new checkpoint", |m| match m {
+            DroneMessage::Heartbeat(h) => h
+                .checkpoints
+                .iter()
+                .find(|c| c.task_id == task_id)
+                .map(|c| c.data.clone()),
+            _ => None,
+        })
+        .await?;
+    assert_eq!(data, json!({"step": 2, "progress": 0.5}));
+    std::fs::write(&go, b"")?;
+    let done = completed(conn.outcome(task_id).await?)?;
+    assert_eq!(
+        done.result["stdout"],
+        json!("{\"step\":1}"),
+        "the task read the handed-in checkpoint"
+    );
+    Ok(())
+}

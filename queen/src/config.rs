@@ -39,6 +39,9 @@ pub const DEFAULT_RETRY_MAX_MS: u64 = 300_000;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
 /// Largest result kept per task; a longer one is truncated and marked so.
 pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024;
+/// Largest checkpoint kept per task: enough to resume from, small enough to write on
+/// every heartbeat without weighing on the disk.
+pub const DEFAULT_MAX_CHECKPOINT_BYTES: usize = 64 * 1024;
 /// Most tasks in one batch submit: one batch is one atomic write and must stay bounded.
 pub const DEFAULT_MAX_BATCH: usize = 10_000;
 /// Largest HTTP request body: a full batch of modest tasks.
@@ -136,6 +139,7 @@ pub struct TaskSection {
     pub retry_max_ms: u64,
     pub max_payload_bytes: usize,
     pub max_result_bytes: usize,
+    pub max_checkpoint_bytes: usize,
     pub max_batch: usize,
     pub max_body_bytes: usize,
 }
@@ -149,6 +153,7 @@ impl Default for TaskSection {
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            max_checkpoint_bytes: DEFAULT_MAX_CHECKPOINT_BYTES,
             max_batch: DEFAULT_MAX_BATCH,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }

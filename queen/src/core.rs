@@ -1041,6 +1041,7 @@ impl Core {
         task.attempts = 0;
         task.lost = 0;
         task.result = None;
+        task.checkpoint = None;
         task.cancel_reason = None;
         task.finished_at = None;
         task.run_at = None;
@@ -1251,7 +1252,10 @@ impl Core {
                 tracing::info!(drone = %id, "drone is draining: no new leases");
                 drone.draining = true;
             }
-            DroneMessage::Heartbeat(hb) => self.heartbeat(id, &hb.held, hb.assigns_seen, wall),
+            DroneMessage::Heartbeat(hb) => {
+                self.checkpoints(id, hb.checkpoints);
+                self.heartbeat(id, &hb.held, hb.assigns_seen, wall)
+            }
             DroneMessage::TaskComplete(c) => {
                 let result = cap_result(c.result, self.cfg.tasks.max_result_bytes);
                 self.outcome(id, c.task_id, c.fence, Ok(result), wall);
@@ -1268,6 +1272,31 @@ impl Core {
                     wall,
                 );
             }
+        }
+    }
+
+    /// Stores checkpoints reported for current leases of this drone; anything else (an
+    /// old fence, another drone's task, an oversized checkpoint) is ignored.
+    fn checkpoints(&mut self, drone: DroneId, reports: Vec<shared::protocol::Checkpoint>) {
+        let max = self.cfg.tasks.max_checkpoint_bytes;
+        for c in reports {
+            let Some(task) = self.tasks.get_mut(&c.task_id) else {
+                continue;
+            };
+            let current = task.state == TaskState::Running
+                && task.fence == c.fence
+                && task.lease.as_ref().is_some_and(|l| l.drone == drone);
+            if !current {
+                continue;
+            }
+            let size = c.data.to_string().len();
+            if size > max {
+                tracing::warn!(task_id = %c.task_id, fence = %c.fence, size, max, "checkpoint too large; ignored (tasks.max_checkpoint_bytes)");
+                continue;
+            }
+            task.checkpoint = Some(c.data);
+            let m = Mutation::save(task);
+            self.commit(vec![m], None);
         }
     }
 
@@ -1815,6 +1844,7 @@ impl Core {
             queue: task.queue.clone(),
             payload: task.payload.clone(),
             timeout_ms: task.timeout_ms,
+            checkpoint: task.checkpoint.clone(),
         });
         let m = Mutation::save(task);
         let conn = drone.conn.clone();

@@ -41,6 +41,8 @@ pub struct Task {
     pub lease: Option<Lease>,
     pub result: Option<Value>,
     pub errors: Vec<AttemptError>,
+    /// The last checkpoint reported by a running attempt; survives requeues.
+    pub checkpoint: Option<Value>,
     pub cancel_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     /// Not runnable before this (delay, `run_at` or retry backoff).
@@ -193,6 +195,7 @@ impl Task {
             lease: None,
             result: None,
             errors: Vec::new(),
+            checkpoint: None,
             cancel_reason: None,
             created_at: now,
             run_at,
@@ -223,6 +226,12 @@ impl Task {
             }),
             result: self.result.clone(),
             errors: self.errors.clone(),
+            progress: self
+                .checkpoint
+                .as_ref()
+                .and_then(|c| c.get("progress"))
+                .and_then(Value::as_f64),
+            checkpoint: self.checkpoint.clone(),
             cancel_reason: self.cancel_reason.clone(),
             created_at: self.created_at,
             run_at: self.run_at,

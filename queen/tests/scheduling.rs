@@ -375,3 +375,47 @@ async fn a_schedule_fires_once_per_tick_and_survives_a_restart() {
     );
     q.stop().await;
 }
+
+/// Guards checkpoints: a running attempt's checkpoint is stored (progress shown), ignored
+/// from a stale lease, survives a restart, and is handed to the next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_is_kept_and_handed_to_the_next_attempt() {
+    use shared::protocol::{Checkpoint, Held};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    let t = q.submit(json!({"kind": "echo"})).await;
+    let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
+    let a = d.assign().await;
+    assert_eq!(a.checkpoint, None);
+    let held = vec![Held {
+        task_id: t.id,
+        fence: a.fence,
+    }];
+    let cp = |fence, step| Checkpoint {
+        task_id: t.id,
+        fence,
+        data: json!({"step": step, "progress": 0.25}),
+    };
+    d.heartbeat_with(held.clone(), vec![cp(a.fence, 3), cp(Fence(99), 7)])
+        .await;
+    let v = q
+        .wait_task(t.id, "checkpoint stored", |t| t.checkpoint.is_some())
+        .await;
+    assert_eq!(
+        v.checkpoint,
+        Some(json!({"step": 3, "progress": 0.25})),
+        "the stale fence's checkpoint is ignored"
+    );
+    assert_eq!(v.progress, Some(0.25));
+    q.stop().await;
+    drop(d);
+
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    // The old drone never comes back; a new one gets the task with the checkpoint.
+    let mut d2 = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
+    let a2 = d2.assign().await;
+    assert_eq!(a2.task_id, t.id);
+    assert_eq!(a2.checkpoint, Some(json!({"step": 3, "progress": 0.25})));
+    finish(&mut d2, &a2).await;
+    q.stop().await;
+}

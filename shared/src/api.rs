@@ -222,6 +222,12 @@ pub struct TaskView {
     pub result: Option<Value>,
     #[serde(default)]
     pub errors: Vec<AttemptError>,
+    /// The last checkpoint the task reported (handed to its next attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Value>,
+    /// The `progress` number of the last checkpoint, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
     /// Why a task was cancelled, when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_reason: Option<String>,

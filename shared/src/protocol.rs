@@ -98,6 +98,18 @@ pub struct Heartbeat {
     /// How many `assign` messages the drone has received on this connection. An assign
     /// still in flight when the heartbeat was sent is not yet expected in `held`.
     pub assigns_seen: u64,
+    /// New checkpoints of running tasks since the last heartbeat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+/// A running task's checkpoint: small JSON it wrote to resume from (for `exec`, the content
+/// of `$HIVE_CHECKPOINT_FILE`). A number in its `progress` field is shown as progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub task_id: TaskId,
+    pub fence: Fence,
+    pub data: Value,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,6 +124,9 @@ pub struct Assign {
     /// The drone kills the attempt past this.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The last checkpoint an earlier attempt reported, to resume from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

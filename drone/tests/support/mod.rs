@@ -167,6 +167,7 @@ pub fn assign(kind: &str, payload: Value) -> Assign {
         queue: "default".to_owned(),
         payload,
         timeout_ms: None,
+        checkpoint: None,
     }
 }
 

@@ -91,6 +91,8 @@ pub mod v1 {
         pub lease: Option<LeaseRec>,
         pub result: Option<Value>,
         pub errors: Vec<AttemptErr>,
+        #[serde(default)]
+        pub checkpoint: Option<Value>,
         pub cancel_reason: Option<String>,
         pub created_at: DateTime<Utc>,
         pub run_at: Option<DateTime<Utc>>,
@@ -165,6 +167,7 @@ pub fn encode(task: &Task) -> Vec<u8> {
                 at: e.at,
             })
             .collect(),
+        checkpoint: task.checkpoint.clone(),
         cancel_reason: task.cancel_reason.clone(),
         created_at: task.created_at,
         run_at: task.run_at,
@@ -296,6 +299,7 @@ pub fn decode(bytes: &[u8]) -> Result<Task, String> {
                         at: e.at,
                     })
                     .collect(),
+                checkpoint: r.checkpoint,
                 cancel_reason: r.cancel_reason,
                 created_at: r.created_at,
                 run_at: r.run_at,

@@ -270,10 +270,19 @@ impl FakeDrone {
     }
 
     pub async fn heartbeat(&mut self, held: Vec<Held>) {
+        self.heartbeat_with(held, vec![]).await;
+    }
+
+    pub async fn heartbeat_with(
+        &mut self,
+        held: Vec<Held>,
+        checkpoints: Vec<shared::protocol::Checkpoint>,
+    ) {
         let assigns_seen = self.assigns_seen;
         self.send(DroneMessage::Heartbeat(shared::protocol::Heartbeat {
             held,
             assigns_seen,
+            checkpoints,
         }))
         .await;
     }

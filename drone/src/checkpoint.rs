@@ -1,0 +1,136 @@
+//! Checkpoint files: each running `exec` attempt gets `$HIVE_CHECKPOINT_FILE`, holding the
+//! last checkpoint of an earlier attempt (if any). Whatever JSON the task writes there is
+//! sent to the queen with the next heartbeat, stored with the task, and handed to the next
+//! attempt if this one is lost.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde_json::Value;
+use shared::protocol::Held;
+
+/// Largest checkpoint sent to the queen (the queen's default `tasks.max_checkpoint_bytes`).
+pub const MAX_CHECKPOINT_BYTES: usize = 64 * 1024;
+
+/// The directory for one drone process's checkpoint files; removed when dropped.
+#[derive(Debug)]
+pub struct Checkpoints {
+    dir: PathBuf,
+    max_bytes: usize,
+}
+
+/// What the drone last sent of one checkpoint file, to send only changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Seen {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+impl Checkpoints {
+    /// Creates a private directory under the system temp dir.
+    pub fn new(max_bytes: usize) -> std::io::Result<Checkpoints> {
+        let dir = std::env::temp_dir().join(format!(
+            "hive-drone-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Checkpoints { dir, max_bytes })
+    }
+
+    pub fn path(&self, held: Held) -> PathBuf {
+        self.dir
+            .join(format!("{}-{}.json", held.task_id, held.fence))
+    }
+
+    /// Writes the checkpoint an earlier attempt left, so the task can resume from it.
+    /// Returns what counts as already seen (the queen has that checkpoint).
+    pub fn prepare(&self, held: Held, initial: Option<&Value>) -> Seen {
+        let path = self.path(held);
+        let _ = std::fs::remove_file(&path);
+        if let Some(v) = initial {
+            if let Err(e) = std::fs::write(&path, v.to_string()) {
+                tracing::warn!(task_id = %held.task_id, error = %e, "could not write the checkpoint file");
+            }
+        }
+        self.seen(held)
+    }
+
+    fn seen(&self, held: Held) -> Seen {
+        match std::fs::metadata(self.path(held)) {
+            Ok(m) => Seen {
+                modified: m.modified().ok(),
+                len: m.len(),
+            },
+            Err(_) => Seen::default(),
+        }
+    }
+
+    /// The checkpoint, if the file changed since `last`; `last` is updated. A file that is
+    /// too large or not JSON is skipped with a warning (the task may be mid-write; a later
+    /// heartbeat reads it again once it changes).
+    pub fn changed(&self, held: Held, last: &mut Seen) -> Option<Value> {
+        let now = self.seen(held);
+        if now == *last || now == Seen::default() {
+            return None;
+        }
+        *last = now;
+        if now.len > self.max_bytes as u64 {
+            tracing::warn!(task_id = %held.task_id, len = now.len, max = self.max_bytes, "checkpoint file too large; not sent");
+            return None;
+        }
+        let bytes = std::fs::read(self.path(held)).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(task_id = %held.task_id, error = %e, "checkpoint file is not JSON; not sent");
+                None
+            }
+        }
+    }
+
+    pub fn remove(&self, held: Held) {
+        let _ = std::fs::remove_file(self.path(held));
+    }
+}
+
+impl Drop for Checkpoints {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::{Fence, TaskId};
+
+    #[test]
+    fn only_changes_are_reported_and_bad_files_are_skipped() {
+        let c = Checkpoints::new(64).expect("dir");
+        let held = Held {
+            task_id: TaskId::generate(),
+            fence: Fence(2),
+        };
+        let mut seen = c.prepare(held, Some(&serde_json::json!({"step": 1})));
+        assert_eq!(
+            c.changed(held, &mut seen),
+            None,
+            "the initial checkpoint is not news"
+        );
+        std::fs::write(c.path(held), r#"{"step": 2, "progress": 0.5}"#).expect("write");
+        // Make sure the length differs even where mtime granularity is coarse.
+        assert_eq!(
+            c.changed(held, &mut seen),
+            Some(serde_json::json!({"step": 2, "progress": 0.5}))
+        );
+        assert_eq!(c.changed(held, &mut seen), None);
+        std::fs::write(c.path(held), "not json at all").expect("write");
+        assert_eq!(c.changed(held, &mut seen), None);
+        std::fs::write(c.path(held), "x".repeat(100)).expect("write");
+        assert_eq!(c.changed(held, &mut seen), None, "too large");
+        let dir = c.dir.clone();
+        drop(c);
+        assert!(!dir.exists(), "the directory goes with the drone");
+    }
+}
