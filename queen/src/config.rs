@@ -216,6 +216,8 @@ impl Default for LogSection {
 pub struct RetentionSection {
     /// Finished tasks older than this are purged.
     pub finished_max_age_s: u64,
+    /// At most this many finished tasks are kept (oldest purged first); 0: no count limit.
+    pub finished_max_count: u64,
     pub purge_interval_ms: u64,
 }
 
@@ -223,6 +225,7 @@ impl Default for RetentionSection {
     fn default() -> Self {
         RetentionSection {
             finished_max_age_s: DEFAULT_FINISHED_RETENTION_S,
+            finished_max_count: 0,
             purge_interval_ms: DEFAULT_PURGE_INTERVAL_MS,
         }
     }

@@ -40,6 +40,9 @@ const REQUESTS_PER_PASS: usize = 512;
 const TICK: Duration = Duration::from_millis(50);
 /// Most expired finished tasks purged per purge pass, so a purge never stalls dispatch.
 const PURGE_BATCH: usize = 1_000;
+/// Pause between purge batches while a backlog remains: keeps purging from competing
+/// with dispatch for the writer.
+const PURGE_BACKLOG_PAUSE: Duration = Duration::from_secs(1);
 /// Most slots a drone may announce.
 pub const MAX_SLOTS: u32 = 10_000;
 
@@ -1718,13 +1721,35 @@ impl Core {
                 .min(i64::MAX as u64 / 1000) as i64,
         );
         let cutoff = (wall - age).timestamp_millis();
-        let expired = match self.reader.expired(cutoff, PURGE_BATCH) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, "reading expired tasks failed");
-                return;
-            }
+        let max_count = self.cfg.retention.finished_max_count;
+        let total: u64 = self.finished_counts.values().sum();
+        let over = if max_count > 0 {
+            total.saturating_sub(max_count)
+        } else {
+            0
         };
+        // The retention index is oldest first, so the tasks past the age limit are also
+        // the first to go when there are too many.
+        let scan = |cutoff: i64, limit: usize| {
+            self.reader.expired(cutoff, limit).map_err(|e| {
+                tracing::error!(error = %e, "reading expired tasks failed");
+            })
+        };
+        let Ok(mut expired) = scan(cutoff, PURGE_BATCH) else {
+            return;
+        };
+        if (expired.len() as u64) < over {
+            let Ok(by_count) = scan(i64::MAX, over.min(PURGE_BATCH as u64) as usize) else {
+                return;
+            };
+            expired = by_count;
+        }
+        // A task retried since its finished record was read is active again.
+        expired.retain(|e| !self.tasks.contains_key(&e.id));
+        if expired.len() >= PURGE_BATCH {
+            // A backlog: come back soon rather than after a whole purge interval.
+            self.next_purge = Instant::now() + PURGE_BACKLOG_PAUSE;
+        }
         if expired.is_empty() {
             return;
         }

@@ -419,3 +419,47 @@ async fn a_checkpoint_is_kept_and_handed_to_the_next_attempt() {
     finish(&mut d2, &a2).await;
     q.stop().await;
 }
+
+/// Guards retention by count: the oldest finished tasks are purged, with their
+/// idempotency keys, while the newest stay readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_tasks_beyond_the_retention_count_are_purged_oldest_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_config(dir.path());
+    cfg.retention.finished_max_count = 3;
+    cfg.retention.purge_interval_ms = 50;
+    let q = TestQueen::start(cfg).await;
+    let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let t = q
+            .submit(json!({"kind": "echo", "idempotency_key": format!("k{i}")}))
+            .await;
+        let a = d.assign().await;
+        finish(&mut d, &a).await;
+        ids.push(t.id);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = q.call("GET", "/v1/stats", None).await;
+        if body["by_state"]["succeeded"] == 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not purged: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let (status, _) = q.call("GET", &format!("/v1/tasks/{id}"), None).await;
+        assert_eq!(status, if i < 3 { 404 } else { 200 }, "task {i}");
+    }
+    // A purged task's idempotency key is free again.
+    let (status, _) = q
+        .call(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"kind": "echo", "idempotency_key": "k0"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    q.stop().await;
+}
