@@ -463,3 +463,33 @@ async fn finished_tasks_beyond_the_retention_count_are_purged_oldest_first() {
     assert_eq!(status, 201);
     q.stop().await;
 }
+
+/// Guards label routing: a task goes only to a drone with all its labels; while no
+/// connected drone can run it, it waits and stats count it as unroutable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_labelled_task_waits_for_a_drone_with_its_labels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    let gpu = q
+        .submit(json!({"kind": "echo", "labels": ["gpu", "linux"]}))
+        .await;
+    let mut plain = FakeDrone::connect(q.drones, hello(DroneId::generate(), 2, vec![])).await;
+    let other = q.submit(json!({"kind": "echo"})).await;
+    let a = plain.assign().await;
+    assert_eq!(
+        a.task_id, other.id,
+        "the unlabelled drone gets only the unlabelled task"
+    );
+    finish(&mut plain, &a).await;
+    let (_, stats) = q.call("GET", "/v1/stats", None).await;
+    assert_eq!(stats["unroutable"], 1, "{stats}");
+    let mut h = hello(DroneId::generate(), 1, vec![]);
+    h.labels = vec!["linux".into(), "gpu".into(), "big".into()];
+    let mut labelled = FakeDrone::connect(q.drones, h).await;
+    let a = labelled.assign().await;
+    assert_eq!(a.task_id, gpu.id);
+    let (_, stats) = q.call("GET", "/v1/stats", None).await;
+    assert_eq!(stats["unroutable"], 0, "{stats}");
+    finish(&mut labelled, &a).await;
+    q.stop().await;
+}
