@@ -38,6 +38,14 @@ impl Backoff {
         Backoff { base, factor, cap }
     }
 
+    /// This backoff with its cap lowered to a third of the queen's heartbeat timeout (never
+    /// below the base): a drone retries at least three times within the window in which a
+    /// restarted queen keeps its leases for it.
+    pub fn capped_for(&self, heartbeat_timeout: Duration) -> Backoff {
+        let cap = DEFAULT_CAP.min(heartbeat_timeout / 3).max(self.base);
+        Backoff { cap, ..*self }
+    }
+
     /// The longest wait before retry number `attempt` (0 for the first retry):
     /// `min(cap, base * factor^attempt)`, without overflowing however many attempts failed.
     pub fn ceiling(&self, attempt: u32) -> Duration {
@@ -118,6 +126,23 @@ mod tests {
         assert!(
             m10 > Duration::from_secs(2) && m10 < Duration::from_secs(3),
             "{m10:?}"
+        );
+    }
+
+    #[test]
+    fn the_cap_fits_three_tries_into_the_heartbeat_timeout() {
+        let b = Backoff::default();
+        assert_eq!(
+            b.capped_for(Duration::from_secs(6)).ceiling(30),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            b.capped_for(Duration::from_secs(60)).ceiling(30),
+            DEFAULT_CAP
+        );
+        assert_eq!(
+            b.capped_for(Duration::from_millis(90)).ceiling(30),
+            DEFAULT_BASE
         );
     }
 }

@@ -149,6 +149,7 @@ struct Session {
     framed: Framed<TcpStream, LengthDelimitedCodec>,
     heartbeat: Interval,
     heartbeat_interval: Duration,
+    heartbeat_timeout: Duration,
     write_timeout: Duration,
     /// `assign` messages received on this connection (the queen compares it with what it
     /// sent to tell a lost assign from one still in flight).
@@ -168,6 +169,7 @@ impl Session {
             framed,
             heartbeat,
             heartbeat_interval,
+            heartbeat_timeout,
             write_timeout: heartbeat_timeout.max(MIN_WRITE_TIMEOUT),
             assigns_seen: 0,
         }
@@ -513,6 +515,9 @@ impl Drone {
                     draining = self.draining,
                     "connected to the queen"
                 );
+                // After a queen restart this drone has the heartbeat timeout to come back
+                // and keep its running tasks: never sleep through that window.
+                self.backoff = self.backoff.capped_for(session.heartbeat_timeout);
                 self.link = Link::Connected(Box::new(session));
                 if self.draining {
                     self.send(&DroneMessage::Drain).await;
