@@ -6,6 +6,7 @@
 //! library does the rest, so tests drive a whole queen in-process on `127.0.0.1:0`.
 
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod http;

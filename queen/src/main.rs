@@ -1,4 +1,6 @@
-//! `queen --config hive.toml`: load config, start tracing, open the store, bind, serve.
+//! `queen --config hive.toml` runs the queen: load config, start tracing, open the store,
+//! bind, serve. `queen <command>` is the operator CLI, a client of a running queen's HTTP
+//! API (`cli/`); `queen dev` runs a whole local hive.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,22 +12,31 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+use queen::cli;
 mod dev;
 
 /// The Hive's queen: a durable, fault-tolerant job scheduler.
+///
+/// Without a command it runs the queen (`queen --config hive.toml`). With one it is the
+/// client of a running queen's HTTP API (address and token from the flags below, or else
+/// from the same config file and environment as the server).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, long_about, after_help = cli::EXIT_CODES_HELP)]
 struct Cli {
     /// TOML config file (see config/hive.toml). Without it, defaults serve a local hive.
     /// Every key can be overridden by HIVE_<SECTION>__<KEY> environment variables.
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    client: cli::ClientOpts,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Client(cli::Command),
     /// A local hive in one command: queen, local drones and a sample batch to watch.
     Dev(dev::DevArgs),
 }
@@ -39,6 +50,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match cli.command {
+        Some(Command::Client(command)) => {
+            let defaults = cli::Defaults {
+                addr: cfg.queen.http,
+                token: cfg.auth.token,
+            };
+            cli::run(defaults, cli.client, command).into()
+        }
+        Some(Command::Dev(args)) => server(cfg, Some(args)),
+        None => server(cfg, None),
+    }
+}
+
+/// The queen itself, or with `dev` a local hive around it.
+fn server(cfg: Config, dev: Option<dev::DevArgs>) -> ExitCode {
     init_tracing(&cfg);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -50,9 +76,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
+    let result = match dev {
         None => runtime.block_on(serve(cfg)),
-        Some(Command::Dev(args)) => runtime.block_on(dev::run(cfg, args)),
+        Some(args) => runtime.block_on(dev::run(cfg, args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
