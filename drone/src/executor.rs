@@ -62,6 +62,9 @@ pub struct ExecSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// Exit codes by which the task says retrying cannot help: the task fails at once.
+    #[serde(default)]
+    pub permanent_exit_codes: Vec<i32>,
 }
 
 impl ExecSpec {
@@ -70,7 +73,7 @@ impl ExecSpec {
         let spec = ExecSpec::deserialize(payload).map_err(|e| {
             format!(
                 "invalid exec payload: {e} (expected {{\"cmd\": [\"prog\", \"arg\", ...], \
-                 \"env\": {{\"K\": \"V\"}}, \"cwd\": \"dir\"}})"
+                 \"env\": {{\"K\": \"V\"}}, \"cwd\": \"dir\", \"permanent_exit_codes\": [2]}})"
             )
         })?;
         if spec.cmd.is_empty() {
@@ -194,6 +197,7 @@ pub fn exec_outcome(
     held: Held,
     ending: &Ending,
     exit: Exit,
+    permanent_exit_codes: &[i32],
     stdout: Capture,
     stderr: Capture,
 ) -> Outcome {
@@ -219,6 +223,9 @@ pub fn exec_outcome(
                     fence: held.fence,
                     result,
                 })
+            }
+            Exit::Code(code) if permanent_exit_codes.contains(&code) => {
+                (format!("exit code {code} (permanent: no retry)"), false)
             }
             Exit::Code(code) => (format!("exit code {code}"), true),
             Exit::Signal(sig) => (format!("killed by signal {sig}"), true),
@@ -388,7 +395,14 @@ impl Executor {
             (ending, exit)
         };
         let ((), (ending, exit)) = tokio::join!(read_output, supervise);
-        exec_outcome(held, &ending, exit, stdout, stderr)
+        exec_outcome(
+            held,
+            &ending,
+            exit,
+            &spec.permanent_exit_codes,
+            stdout,
+            stderr,
+        )
     }
 
     fn command(
@@ -550,6 +564,7 @@ mod tests {
             h,
             &Ending::Exited,
             Exit::Code(0),
+            &[],
             capture("hi\n", 64),
             capture("", 64),
         );
@@ -576,6 +591,7 @@ mod tests {
             held(),
             &Ending::Exited,
             Exit::Code(3),
+            &[],
             capture("", 8),
             capture("oops", 8),
         ));
@@ -593,6 +609,7 @@ mod tests {
             held(),
             &Ending::Exited,
             Exit::Signal(9),
+            &[],
             capture("", 8),
             capture("", 8),
         ));
@@ -626,6 +643,7 @@ mod tests {
                 held(),
                 &ending,
                 Exit::Signal(15),
+                &[],
                 capture("", 8),
                 capture("", 8),
             ));
@@ -663,6 +681,7 @@ mod tests {
                 cmd: vec!["ls".into(), "-l".into()],
                 env: [("A".to_owned(), "1".to_owned())].into(),
                 cwd: Some(PathBuf::from("/tmp")),
+                permanent_exit_codes: vec![],
             })
         );
     }
@@ -690,5 +709,28 @@ mod tests {
         }
         assign.kind = EXEC.into();
         assert!(Executor::immediate(&assign).is_none());
+    }
+
+    #[test]
+    fn a_permanent_exit_code_is_not_retried() {
+        let f = failure(exec_outcome(
+            held(),
+            &Ending::Exited,
+            Exit::Code(3),
+            &[3, 4],
+            Capture::new(8),
+            Capture::new(8),
+        ));
+        assert!(!f.retryable);
+        assert!(f.error.contains("permanent"), "{}", f.error);
+        let f = failure(exec_outcome(
+            held(),
+            &Ending::Exited,
+            Exit::Code(5),
+            &[3, 4],
+            Capture::new(8),
+            Capture::new(8),
+        ));
+        assert!(f.retryable);
     }
 }

@@ -279,9 +279,9 @@ fn validate_exec_payload(payload: &Value) -> Result<(), SpecError> {
         SpecError("exec payload must be an object like {\"cmd\": [\"prog\", \"arg\"]}".into())
     })?;
     for key in obj.keys() {
-        if !matches!(key.as_str(), "cmd" | "env" | "cwd") {
+        if !matches!(key.as_str(), "cmd" | "env" | "cwd" | "permanent_exit_codes") {
             return Err(SpecError(format!(
-                "unknown field `{key}` in exec payload, expected cmd, env or cwd"
+                "unknown field `{key}` in exec payload, expected cmd, env, cwd or permanent_exit_codes"
             )));
         }
     }
@@ -300,6 +300,17 @@ fn validate_exec_payload(payload: &Value) -> Result<(), SpecError> {
         if !ok {
             return Err(SpecError(
                 "exec payload `env` must be an object of strings".into(),
+            ));
+        }
+    }
+    if let Some(codes) = obj.get("permanent_exit_codes") {
+        let ok = codes.as_array().is_some_and(|c| {
+            c.iter()
+                .all(|v| v.as_i64().is_some_and(|n| (1..=255).contains(&n)))
+        });
+        if !ok {
+            return Err(SpecError(
+                "exec payload `permanent_exit_codes` must be a list of exit codes 1-255".into(),
             ));
         }
     }
