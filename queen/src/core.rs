@@ -1474,16 +1474,13 @@ impl Core {
             }
             AfterLostLease::Quarantine => {
                 tracing::error!(task_id = %id, drone = ?drone, fence = %task.fence, lost = task.lost, "task lost its lease too often (it may be killing its drones); quarantined as failed");
-                task.errors.push(AttemptError {
-                    attempt: task.attempts,
-                    fence: task.fence,
-                    drone,
-                    error: format!(
-                        "quarantined: {} attempts ended with the drone lost (tasks.max_lost_attempts = {max_lost})",
-                        task.lost
-                    ),
-                    at: wall,
-                });
+                // One error per attempt: the verdict goes on this attempt's entry.
+                if let Some(last) = task.errors.last_mut() {
+                    last.error = format!(
+                        "{}; quarantined: {} attempts ended with the drone lost (tasks.max_lost_attempts = {max_lost})",
+                        last.error, task.lost
+                    );
+                }
                 task.state = TaskState::Failed;
                 task.finished_at = Some(wall);
                 self.finish(task, wall);

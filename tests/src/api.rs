@@ -3,9 +3,15 @@
 //! `try_*` methods return an [`ApiError`] (an HTTP status with the body, or a transport
 //! failure) for tests that expect errors or poll a queen that may be down; the plain
 //! methods panic with the error, for the common case where the call must work.
+//!
+//! Every client (and its clones) remembers each task the queen acknowledged (a 201 to a
+//! submit, a 200 to a batch), with the `max_attempts` its spec asked for: that list is what
+//! the invariant checker holds the queen to (G1).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -56,6 +62,8 @@ impl fmt::Display for ApiError {
 pub struct Api {
     base: String,
     agent: ureq::Agent,
+    /// Every acknowledged task id with its spec's `max_attempts`, shared by all clones.
+    acked: Arc<Mutex<BTreeMap<TaskId, Option<u32>>>>,
 }
 
 fn convert(r: Result<ureq::Response, ureq::Error>) -> Result<ureq::Response, ApiError> {
@@ -87,6 +95,20 @@ impl Api {
         Api {
             base: format!("http://{http}"),
             agent,
+            acked: Arc::default(),
+        }
+    }
+
+    /// Every task the queen acknowledged to this client or its clones, with the
+    /// `max_attempts` its spec asked for (`None`: the queen's default).
+    pub fn acknowledged(&self) -> BTreeMap<TaskId, Option<u32>> {
+        self.acked.lock().expect("acked lock").clone()
+    }
+
+    fn remember(&self, views: &[TaskView], specs: &[Option<u32>]) {
+        let mut acked = self.acked.lock().expect("acked lock");
+        for (v, max_attempts) in views.iter().zip(specs) {
+            acked.entry(v.id).or_insert(*max_attempts);
         }
     }
 
@@ -140,7 +162,9 @@ impl Api {
     }
 
     pub fn try_submit(&self, spec: &TaskSpec) -> Result<TaskView, ApiError> {
-        self.post("/v1/tasks", spec)
+        let view: TaskView = self.post("/v1/tasks", spec)?;
+        self.remember(std::slice::from_ref(&view), &[spec.max_attempts]);
+        Ok(view)
     }
 
     pub fn submit(&self, spec: &TaskSpec) -> TaskView {
@@ -149,7 +173,9 @@ impl Api {
     }
 
     pub fn try_batch(&self, specs: Vec<TaskSpec>) -> Result<Vec<TaskView>, ApiError> {
+        let max_attempts: Vec<Option<u32>> = specs.iter().map(|s| s.max_attempts).collect();
         let resp: BatchResponse = self.post("/v1/tasks/batch", &BatchRequest { tasks: specs })?;
+        self.remember(&resp.tasks, &max_attempts);
         Ok(resp.tasks)
     }
 

@@ -1,19 +1,34 @@
-//! A whole hive for one test: a temp dir, a queen, its drones, an API client and an
-//! execution log. Dropping it kills every process it started, then removes the dir.
+//! A whole hive for one test: a temp dir, a queen, its drones (directly connected or behind
+//! a fault-injecting [`Proxy`]), an API client, an execution log, and a sampler watching the
+//! queen's leases. Dropping it kills every process it started, then removes the dir.
+//!
+//! [`Hive::check`] ends every chaos scenario: it gathers the evidence the invariant checker
+//! ([`crate::check`]) judges, and fails the test with a full report if any guarantee broke.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use shared::api::{DroneView, Stats, TaskState, TaskView};
+use shared::api::{DroneView, Stats, TaskSpec, TaskState, TaskView};
 use shared::{DroneId, TaskId};
 
 use crate::api::Api;
-use crate::drone::DroneProc;
-use crate::execlog::ExecLog;
-use crate::process::dump_logs;
+use crate::check::{self, DroneLife, Evidence, Summary, QUEEN_DEFAULT_MAX_ATTEMPTS};
+use crate::drone::{self, DroneProc, Harm};
+use crate::execlog::{ExecLog, Execution};
+use crate::process::{dump_logs, pid_alive};
+use crate::proxy::{Fault, Proxy};
 use crate::queen::QueenProc;
-use crate::wait::{wait_until, DEADLINE};
+use crate::wait::{wait_until, DEADLINE, POLL};
+
+/// How long [`Hive::check`] waits for the processes of finished tasks to be gone, and for
+/// live drones to be connected and idle. Milliseconds when healthy.
+const QUIET_DEADLINE: Duration = Duration::from_secs(20);
+
+/// How often the lease sampler asks the queen for its drones.
+const LEASE_SAMPLE: Duration = Duration::from_millis(100);
 
 /// Lease timings that make failure detection fast: a heartbeat every 200 ms, a drone silent
 /// for 1 s loses its leases, a closed connection is given 300 ms to come back, and a failed
@@ -55,6 +70,11 @@ impl HiveBuilder {
             std::fs::write(&path, toml).expect("write the config file");
             path
         });
+        let default_max_attempts = self
+            .env
+            .get("HIVE_TASKS__MAX_ATTEMPTS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(QUEEN_DEFAULT_MAX_ATTEMPTS);
         let queen = QueenProc::start(
             &dir.path().join("data"),
             &dir.path().join("queen.log"),
@@ -64,23 +84,129 @@ impl HiveBuilder {
         let api = Api::new(queen.http_addr);
         let exec_log = ExecLog::new(dir.path().join("exec.log"));
         Hive {
+            lease_watch: LeaseWatch::start(api.clone()),
             drones: Vec::new(),
+            retired: Vec::new(),
+            proxies: BTreeMap::new(),
             queen,
             api,
             exec_log,
+            default_max_attempts,
             dir,
         }
     }
 }
 
-/// See the module docs. Fields drop in order: drones, then the queen, then the temp dir —
-/// which is kept (and its path printed) when the test failed or `HIVE_TEST_KEEP` is set.
+/// Samples `GET /v1/drones` on its own thread and notes every time one task is listed
+/// under two drones at once: two live leases as the queen itself sees them (G4).
+#[derive(Debug)]
+struct LeaseWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseWatch {
+    fn start(api: Api) -> LeaseWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, seen) = (stop.clone(), seen.clone());
+            std::thread::Builder::new()
+                .name("hive-test-lease-watch".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        // A queen that is down or restarting simply has nothing to show.
+                        if let Ok(views) = api.try_drones() {
+                            if let Some(double) = double_lease(&views) {
+                                let mut seen = seen.lock().expect("lease watch lock");
+                                if seen.len() < 20 {
+                                    seen.push(double);
+                                }
+                            }
+                        }
+                        std::thread::sleep(LEASE_SAMPLE);
+                    }
+                })
+                .expect("start the lease sampler")
+        };
+        LeaseWatch {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().expect("lease watch lock").clone()
+    }
+}
+
+impl Drop for LeaseWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A task listed as running on two drones in one answer of `GET /v1/drones`, described.
+fn double_lease(views: &[DroneView]) -> Option<String> {
+    let mut holder: BTreeMap<TaskId, &DroneView> = BTreeMap::new();
+    for v in views {
+        for t in &v.running {
+            if let Some(first) = holder.insert(*t, v) {
+                return Some(format!(
+                    "the queen listed task {t} as running on {} ({}) and {} ({}) at once",
+                    first.name, first.id, v.name, v.id
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Whether `pid` is alive and is a process of `task` under `fence` (its environment says
+/// so), so a recycled pid is never mistaken for a task's process.
+fn task_process_alive(pid: i32, task: TaskId, fence: u64) -> bool {
+    if !pid_alive(pid) {
+        return false;
+    }
+    let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let want_task = format!("HIVE_TASK_ID={task}");
+    let want_fence = format!("HIVE_FENCE={fence}");
+    let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+    vars.contains(&want_task.as_bytes()) && vars.contains(&want_fence.as_bytes())
+}
+
+/// The pids of `run` still alive as its processes.
+pub fn lingering(run: &Execution) -> Vec<i32> {
+    run.pids
+        .iter()
+        .copied()
+        .filter(|p| task_process_alive(*p, run.task, run.fence))
+        .collect()
+}
+
+/// See the module docs. Fields drop in order: the lease sampler, drones, proxies, then the
+/// queen, then the temp dir — which is kept (and its path printed) when the test failed or
+/// `HIVE_TEST_KEEP` is set.
 #[derive(Debug)]
 pub struct Hive {
+    lease_watch: LeaseWatch,
     drones: Vec<DroneProc>,
+    /// Drone processes replaced by [`Hive::restart_drone`]: dead, kept for the checker.
+    retired: Vec<DroneProc>,
+    /// The proxy in front of each drone started with [`Hive::start_drone_behind_proxy`].
+    proxies: BTreeMap<String, Proxy>,
     pub queen: QueenProc,
     api: Api,
     exec_log: ExecLog,
+    /// The queen's `[tasks] max_attempts`, for the checker.
+    default_max_attempts: u32,
     dir: tempfile::TempDir,
 }
 
@@ -120,19 +246,93 @@ impl Hive {
 
     /// Starts a drone without waiting for it to connect.
     pub fn spawn_drone(&mut self, name: &str, slots: u32, extra: &[&str]) -> &mut DroneProc {
+        let addr = self.queen.drones_addr;
+        self.spawn_drone_at(addr, name, slots, extra)
+    }
+
+    fn spawn_drone_at(
+        &mut self,
+        queen: std::net::SocketAddr,
+        name: &str,
+        slots: u32,
+        extra: &[&str],
+    ) -> &mut DroneProc {
         assert!(
             self.drones.iter().all(|d| d.name != name),
             "drone name {name} is already used in this hive"
         );
         let log = self.dir.path().join(format!("drone-{name}.log"));
-        self.drones.push(DroneProc::start(
-            self.queen.drones_addr,
-            name,
-            slots,
-            extra,
-            &log,
-        ));
+        self.drones
+            .push(DroneProc::start(queen, name, slots, extra, &log));
         self.drones.last_mut().expect("just pushed")
+    }
+
+    /// Starts a drone that reaches the queen through its own [`Proxy`] (see
+    /// [`Hive::set_fault`]) and waits until the queen lists it; returns its id.
+    pub fn start_drone_behind_proxy(&mut self, name: &str, slots: u32, extra: &[&str]) -> DroneId {
+        let proxy = Proxy::start(self.queen.drones_addr);
+        let addr = proxy.addr();
+        self.proxies.insert(name.to_owned(), proxy);
+        self.spawn_drone_at(addr, name, slots, extra);
+        let id = self.wait_drone_connected(name);
+        self.drone(name).id = Some(id);
+        id
+    }
+
+    /// The proxy in front of drone `name`.
+    pub fn proxy(&self, name: &str) -> &Proxy {
+        self.proxies
+            .get(name)
+            .unwrap_or_else(|| panic!("drone {name} was not started behind a proxy"))
+    }
+
+    /// Switches the fault on drone `name`'s link; anything but [`Fault::Pass`] marks the
+    /// drone's current process as cut off for the checker.
+    pub fn set_fault(&mut self, name: &str, fault: Fault) {
+        self.proxy(name).set(fault);
+        if fault != Fault::Pass {
+            let d = self.drone(name);
+            if !d.harms.contains(&Harm::CutOff) {
+                d.harms.push(Harm::CutOff);
+            }
+        }
+    }
+
+    /// Starts drone `name` again as a new process (same arguments, same proxy if it has
+    /// one) after `kill -9`ing it if it still runs, and waits until the queen lists the new
+    /// process; returns its id.
+    pub fn restart_drone(&mut self, name: &str) -> DroneId {
+        let i = self
+            .drones
+            .iter()
+            .position(|d| d.name == name)
+            .unwrap_or_else(|| panic!("no drone named {name} in this hive"));
+        if self.drones[i].is_running() {
+            self.drones[i].kill9();
+        }
+        let old_id = self.drones[i].id;
+        let new = self.drones[i].respawn();
+        let old = std::mem::replace(&mut self.drones[i], new);
+        self.retired.push(old);
+        let id = self.wait_drone_connected_other_than(name, old_id);
+        self.drones[i].id = Some(id);
+        id
+    }
+
+    /// The drones started so far under a name and still alive, by name.
+    pub fn live_drones(&mut self) -> Vec<String> {
+        self.drones
+            .iter_mut()
+            .filter_map(|d| d.is_running().then(|| d.name.clone()))
+            .collect()
+    }
+
+    /// Names of drones whose process has exited.
+    pub fn dead_drones(&mut self) -> Vec<String> {
+        self.drones
+            .iter_mut()
+            .filter_map(|d| (!d.is_running()).then(|| d.name.clone()))
+            .collect()
     }
 
     /// Starts a drone and waits until the queen lists it as connected; returns its id.
@@ -159,6 +359,12 @@ impl Hive {
     /// Waits until the queen lists a connected drone called `name` (failing at once if that
     /// drone's process exits) and returns its id.
     pub fn wait_drone_connected(&mut self, name: &str) -> DroneId {
+        self.wait_drone_connected_other_than(name, None)
+    }
+
+    /// [`Hive::wait_drone_connected`], ignoring a listing with id `not` (a previous
+    /// process of that name the queen may not have dropped yet).
+    fn wait_drone_connected_other_than(&mut self, name: &str, not: Option<DroneId>) -> DroneId {
         let api = self.api.clone();
         let drones = &mut self.drones;
         wait_until(
@@ -176,7 +382,7 @@ impl Hive {
                 let views = api.try_drones().map_err(|e| e.to_string())?;
                 views
                     .iter()
-                    .find(|v| v.name == name && v.connected)
+                    .find(|v| v.name == name && v.connected && Some(v.id) != not)
                     .map(|v| v.id)
                     .ok_or_else(|| {
                         format!(
@@ -274,6 +480,218 @@ impl Hive {
             dump_logs()
         );
         views
+    }
+}
+
+impl Hive {
+    /// Every drone process this hive started, and what became of it.
+    pub fn drone_lives(&mut self) -> Vec<DroneLife> {
+        self.retired
+            .iter_mut()
+            .chain(self.drones.iter_mut())
+            .map(|d| DroneLife {
+                exited: !d.is_running(),
+                name: d.name.clone(),
+                pid: d.pid(),
+                harms: d.harms.clone(),
+                died_at: d.died_at,
+            })
+            .collect()
+    }
+
+    /// Ends a scenario: checks every guarantee the run must have kept (see
+    /// [`crate::check`]) over every task this hive's client got acknowledged, allowing
+    /// `within` for all of them to reach a terminal state. Fails the test with the seed,
+    /// the violations, the records and runs involved and the logs; otherwise prints and
+    /// returns a summary.
+    ///
+    /// Every drone that is alive must be able to reconnect (thaw frozen ones and lift
+    /// faults first): each runs a barrier task, so anything it still had to say has been
+    /// said before the records are read the second time.
+    pub fn check(&mut self, within: Duration) -> Summary {
+        let mut ev = Evidence {
+            acked: self.api.acknowledged(),
+            default_max_attempts: self.default_max_attempts,
+            ..Evidence::default()
+        };
+        self.queen.assert_running();
+
+        // G1 and G2: read every record until all are terminal or the bound runs out.
+        let deadline = Instant::now() + within;
+        let ids: Vec<TaskId> = ev.acked.keys().copied().collect();
+        let mut pending: Vec<TaskId> = ids.clone();
+        loop {
+            let mut still = Vec::new();
+            for (i, id) in pending.iter().enumerate() {
+                match self.read(*id) {
+                    Ok(view) if view.state.is_terminal() => {
+                        ev.first.insert(*id, view);
+                    }
+                    Ok(view) => {
+                        ev.first.insert(*id, view);
+                        // Not there yet: poll again from here, without reading the rest.
+                        if Instant::now() < deadline {
+                            still.extend_from_slice(&pending[i..]);
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        ev.missing.insert(*id, e);
+                    }
+                }
+            }
+            if still.is_empty() {
+                break;
+            }
+            pending = still;
+            std::thread::sleep(POLL);
+        }
+
+        // G6: no process of any run outlives its task.
+        let runs = self.exec_log.executions();
+        let quiet = Instant::now() + QUIET_DEADLINE;
+        let lingering = loop {
+            let alive: Vec<(Execution, Vec<i32>)> = runs
+                .iter()
+                .filter_map(|r| {
+                    let pids = lingering(r);
+                    (!pids.is_empty()).then(|| (r.clone(), pids))
+                })
+                .collect();
+            if alive.is_empty() || Instant::now() >= quiet {
+                break alive;
+            }
+            std::thread::sleep(POLL);
+        };
+        ev.lingering = lingering;
+
+        // Every live drone connected, idle, and through a barrier task of its own.
+        self.barriers(&mut ev, quiet);
+
+        // G3: terminal records do not change.
+        for id in &ids {
+            if ev.missing.contains_key(id) {
+                continue;
+            }
+            match self.read(*id) {
+                Ok(view) => {
+                    ev.second.insert(*id, view);
+                }
+                Err(e) => ev
+                    .gathering
+                    .push(format!("task {id} could not be read again: {e}")),
+            }
+        }
+        ev.runs = self.exec_log.executions();
+        ev.drones = self.drone_lives();
+        ev.double_leases = self.lease_watch.seen();
+
+        let (found, summary) = check::violations(&ev);
+        if !found.is_empty() {
+            let log = self.exec_log.clone();
+            panic!(
+                "{}
+{}
+exec log: {}
+{}",
+                match crate::seed::current() {
+                    Some(seed) => format!(
+                        "chaos seed {seed} (replay with {}={seed})",
+                        crate::seed::SEED_VAR
+                    ),
+                    None => "this scenario uses no random choices".into(),
+                },
+                check::report(&ev, &found, |id| log.lines_of(id)),
+                self.exec_log.path().display(),
+                dump_logs()
+            );
+        }
+        eprintln!("invariants hold: {summary}");
+        summary
+    }
+
+    /// One record; a transport error (the queen busy) is retried, an HTTP error is the
+    /// answer.
+    fn read(&self, id: TaskId) -> Result<TaskView, String> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match self.api.try_task(id) {
+                Ok(v) => return Ok(v),
+                Err(e @ crate::api::ApiError::Status(..)) => return Err(e.to_string()),
+                Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
+                Err(_) => std::thread::sleep(POLL),
+            }
+        }
+    }
+
+    /// Waits until every live drone is connected with no lease, then runs an `echo` task
+    /// pinned to each and waits for all of them to succeed.
+    fn barriers(&mut self, ev: &mut Evidence, deadline: Instant) {
+        let names = self.live_drones();
+        let unsettled = |views: &[DroneView]| -> Vec<String> {
+            names
+                .iter()
+                .filter(|n| {
+                    !views
+                        .iter()
+                        .any(|v| &v.name == *n && v.connected && v.running.is_empty())
+                })
+                .cloned()
+                .collect()
+        };
+        let mut last = names.clone();
+        while Instant::now() < deadline {
+            last = match self.api.try_drones() {
+                Ok(views) => unsettled(&views),
+                Err(_) => last,
+            };
+            if last.is_empty() {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        if !last.is_empty() {
+            ev.gathering.push(format!(
+                "live drones {last:?} were not connected and idle within {QUIET_DEADLINE:?}"
+            ));
+            return;
+        }
+        let barriers: Vec<(String, TaskId)> = names
+            .iter()
+            .filter_map(|n| {
+                let spec = TaskSpec {
+                    labels: vec![drone::label(n)],
+                    ..crate::api::echo(serde_json::json!({"barrier": n}))
+                };
+                match self.api.try_submit(&spec) {
+                    Ok(v) => Some((n.clone(), v.id)),
+                    Err(e) => {
+                        ev.gathering
+                            .push(format!("the barrier task for drone {n} was refused: {e}"));
+                        None
+                    }
+                }
+            })
+            .collect();
+        let mut open: BTreeSet<TaskId> = barriers.iter().map(|(_, id)| *id).collect();
+        while !open.is_empty() && Instant::now() < deadline {
+            open.retain(|id| {
+                self.api
+                    .try_task(*id)
+                    .map_or(true, |v| !v.state.is_terminal())
+            });
+            if !open.is_empty() {
+                std::thread::sleep(POLL);
+            }
+        }
+        for (name, id) in &barriers {
+            match self.api.try_task(*id) {
+                Ok(v) if v.state == TaskState::Succeeded => {}
+                other => ev.gathering.push(format!(
+                    "the barrier task {id} pinned to drone {name} did not succeed: {other:?}"
+                )),
+            }
+        }
     }
 }
 

@@ -15,6 +15,10 @@
 //! - [`hive`]: a temp dir, a queen, its drones and a client, for one test.
 //! - [`api`]: the HTTP client. [`wire`]: the drone protocol spoken by hand.
 //! - [`execlog`]: counting real executions of `exec` tasks.
+//! - [`proxy`]: a fault-injecting TCP proxy (delay, drop, blackhole, reset) between a drone
+//!   and the queen.
+//! - [`check`]: the invariant checker every chaos scenario ends with ([`Hive::check`]).
+//! - [`seed`]: seeded randomness (`HIVE_CHAOS_SEED`) and soak mode (`HIVE_SOAK_MINUTES`).
 //! - [`wait`]: polling with deadlines.
 //!
 //! Knobs for debugging a failure (all optional):
@@ -22,22 +26,30 @@
 //!   test always keeps its own and prints the path.
 //! - `HIVE_TEST_LOG_TAIL=N` prints the last N lines of each log on failure (default 80).
 //! - `HIVE_TEST_RUST_LOG=filter` sets the queen's and drones' log filter (default `info`).
+//! - `HIVE_CHAOS_SEED=N` replays a scenario's random choices (each scenario prints its seed).
+//! - `HIVE_SOAK_MINUTES=N` makes the soak-capable scenarios (random drone kills, queen
+//!   kills under load) loop for N minutes with more tasks, for runs outside CI.
 
 pub mod api;
 pub mod bins;
+pub mod check;
 pub mod drone;
 pub mod execlog;
 pub mod hive;
 pub mod process;
+pub mod proxy;
 pub mod queen;
+pub mod seed;
 pub mod wait;
 pub mod wire;
 
 pub use api::{echo, exec, sh, Api, ApiError};
+pub use check::Summary;
 pub use drone::DroneProc;
-pub use execlog::{Entry, ExecLog, Phase};
+pub use execlog::{Entry, ExecLog, Execution, Phase};
 pub use hive::{Hive, HiveBuilder};
 pub use process::{pid_alive, pid_state};
+pub use proxy::{Fault, Proxy};
 pub use queen::QueenProc;
 pub use wait::{wait_until, DEADLINE};
 pub use wire::{FakeDrone, RawConn};

@@ -83,12 +83,19 @@ pub fn tail(path: &Path, lines: usize) -> String {
     }
 }
 
-/// The tail of every log registered on this thread, and marks them dumped.
+/// The tail of every log registered on this thread (after the scenario's chaos seed, if
+/// it has one), and marks them dumped.
 pub fn dump_logs() -> String {
     DUMPED.with(|d| d.set(true));
     let n = log_tail_lines();
     LOGS.with(|l| {
         let mut out = String::new();
+        if let Some(seed) = crate::seed::current() {
+            out.push_str(&format!(
+                "chaos seed: {seed} (replay with {}={seed})\n",
+                crate::seed::SEED_VAR
+            ));
+        }
         for (_, label, path) in l.borrow().iter() {
             out.push_str(&format!(
                 "----- {label} log ({}), last {n} lines -----\n",
@@ -98,6 +105,24 @@ pub fn dump_logs() -> String {
         }
         out
     })
+}
+
+/// The lines of the log at `path` that contain `message` and every `key=value` field in
+/// `fields` as a whole token (so `fence=3` does not match `fence=31`). A log that cannot be
+/// read has no lines.
+pub fn log_lines(path: &Path, message: &str, fields: &[(&str, String)]) -> Vec<String> {
+    let text = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let tokens: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    text.lines()
+        .filter(|l| {
+            l.contains(message) && {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                tokens.iter().all(|t| words.contains(&t.as_str()))
+            }
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Where a child's stdout goes.
@@ -276,6 +301,15 @@ pub fn signal(pid: i32, sig: libc::c_int) {
             "kill({pid}, {sig}) failed: {err}"
         );
     }
+}
+
+/// Seconds since boot from `/proc/uptime`: the clock the execution log's lines carry (see
+/// [`crate::execlog`]), so the harness can tell what a task wrote after a drone died.
+pub fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .expect("/proc/uptime holds seconds since boot")
 }
 
 /// Whether `pid` names a live process: `/proc/<pid>` exists and its state is not zombie

@@ -19,6 +19,9 @@ pub const START_DEADLINE: Duration = Duration::from_secs(20);
 /// How long a queen may take to stop after SIGTERM.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(20);
 
+/// How often [`run_to_exit`] looks for a `ready` line from a queen that should refuse.
+const READY_POLL: Duration = Duration::from_millis(20);
+
 /// Builds a `queen` command whose environment carries exactly the `HIVE_*` config we give
 /// it: the test runner's own `HIVE_*` variables are removed so they cannot change a
 /// scenario. `HIVE_TEST_RUST_LOG` sets the queen's log filter (default `info`).
@@ -278,7 +281,24 @@ pub fn run_to_exit(
         &err_path,
         Stdout::File(stdout_file),
     );
-    let status = proc.wait_timeout(within);
+    // Wait for the exit, but give up at once if the queen says it is serving.
+    let deadline = std::time::Instant::now() + within;
+    let status = loop {
+        if let Some(status) = proc.wait_timeout(READY_POLL) {
+            break Some(status);
+        }
+        let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if stdout.lines().any(|l| l.starts_with("ready ")) {
+            proc.kill9();
+            panic!(
+                "queen ({name}) started serving when it should have refused\nstdout:\n{stdout}\nstderr:\n{}",
+                tail(&err_path, 40)
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            break None;
+        }
+    };
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
     match status {

@@ -301,6 +301,7 @@ impl FakeDrone {
             let hb = DroneMessage::Heartbeat(Heartbeat {
                 held: state.held.lock().expect("held lock").clone(),
                 assigns_seen: state.assigns_seen.load(Ordering::SeqCst),
+                checkpoints: vec![],
             });
             let mut w = writer.lock().expect("writer lock");
             if write_frame(&mut *w, &encode(&hb)).is_err() {

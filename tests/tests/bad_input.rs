@@ -35,6 +35,7 @@ fn abuses() -> Vec<Abuse> {
         &serde_json::to_vec(&DroneMessage::Heartbeat(Heartbeat {
             held: vec![],
             assigns_seen: 0,
+            checkpoints: vec![],
         }))
         .expect("json"),
     );

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use hive_tests::{echo, wait_until, Hive, DEADLINE};
+use hive_tests::{echo, seed, wait_until, Hive, DEADLINE};
 use rand::Rng;
 use serde_json::json;
 use shared::api::{TaskSpec, TaskState};
@@ -56,6 +56,7 @@ fn acknowledged_submits_survive_kill_9_and_run_after_restart() {
     }
     let stats = api.stats();
     assert_eq!(stats.by_state.get("succeeded"), Some(&250), "{stats:?}");
+    hive.check(DEADLINE);
 }
 
 /// Guards against losing acknowledged writes when the queen is killed *while* clients are
@@ -104,7 +105,8 @@ fn submits_acknowledged_while_the_queen_is_killed_are_not_lost() {
         .collect();
 
     // Kill at a random point once a few hundred writes are acknowledged.
-    let threshold = rand::rng().random_range(100..400);
+    let mut rng = seed::rng("submits_acknowledged_while_the_queen_is_killed_are_not_lost");
+    let threshold = rng.random_range(100..400);
     wait_until(
         DEADLINE,
         "clients to get a few hundred submits acknowledged",
@@ -143,6 +145,9 @@ fn submits_acknowledged_while_the_queen_is_killed_are_not_lost() {
         acked.len(),
         unanswered
     );
+    // And they all run.
+    hive.start_drone("d1", 8);
+    hive.check(DEADLINE);
 }
 
 /// Guards against a crash while the queen opens its database leaving it unopenable (sled can
@@ -160,7 +165,7 @@ fn kill_9_during_start_up_never_corrupts_the_database() {
     hive.queen.restart();
     let start_up = started.elapsed();
     hive.queen.kill9();
-    let mut rng = rand::rng();
+    let mut rng = seed::rng("kill_9_during_start_up_never_corrupts_the_database");
     for _ in 0..12 {
         let delay = start_up.mul_f64(rng.random_range(0.0..1.2));
         hive.queen.start_and_kill9_after(delay);
@@ -171,4 +176,6 @@ fn kill_9_during_start_up_never_corrupts_the_database() {
     for id in ids {
         assert_eq!(hive.api().task(id).state, TaskState::Pending);
     }
+    hive.start_drone("d1", 8);
+    hive.check(DEADLINE);
 }

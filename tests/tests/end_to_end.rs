@@ -127,4 +127,5 @@ fn three_drones_run_300_echo_and_20_exec_tasks_and_the_stats_agree() {
     let execs = api.list_all(None, Some("e2e-exec"));
     assert_eq!(execs.len(), 20);
     assert!(execs.iter().all(|t| t.state == TaskState::Succeeded));
+    hive.check(ALL_DONE);
 }

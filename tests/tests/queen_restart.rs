@@ -45,8 +45,9 @@ fn start_four(hive: &Hive, body: &str) -> Vec<TaskId> {
     ids
 }
 
-/// Asserts each task succeeded on its first attempt and really ran exactly once.
-fn assert_ran_once(hive: &Hive, ids: &[TaskId]) {
+/// Asserts each task succeeded on its first attempt and really ran exactly once, then runs
+/// the invariant checker.
+fn assert_ran_once(hive: &mut Hive, ids: &[TaskId]) {
     let views = hive.wait_all_succeeded(DEADLINE, ids);
     let log = hive.exec_log().by_task();
     for v in &views {
@@ -64,6 +65,8 @@ fn assert_ran_once(hive: &Hive, ids: &[TaskId]) {
             hive.exec_log().dump()
         );
     }
+    let summary = hive.check(DEADLINE);
+    assert_eq!(summary.rerun_tasks, 0, "{summary}");
 }
 
 /// Guards against a restarted queen forgetting which drone runs what and running tasks a
@@ -88,7 +91,7 @@ fn running_tasks_are_reattached_after_a_queen_restart_and_run_once() {
         );
         assert_eq!(v.attempts, 1, "{v:#?}");
     }
-    assert_ran_once(&hive, &ids);
+    assert_ran_once(&mut hive, &ids);
 }
 
 /// Guards against outcomes lost while the queen is away (G6): the tasks finish while the
@@ -114,7 +117,7 @@ fn outcomes_finished_while_the_queen_is_down_are_delivered_after_restart() {
         },
     );
     hive.queen.restart();
-    assert_ran_once(&hive, &ids);
+    assert_ran_once(&mut hive, &ids);
 }
 
 /// Guards against a graceful stop (SIGTERM, e.g. a deploy) being worse than a crash: the
@@ -130,5 +133,5 @@ fn a_graceful_stop_and_restart_keeps_running_tasks() {
         "the queen did not stop cleanly on SIGTERM: {status}"
     );
     hive.queen.restart();
-    assert_ran_once(&hive, &ids);
+    assert_ran_once(&mut hive, &ids);
 }

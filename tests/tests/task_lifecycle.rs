@@ -6,8 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use hive_tests::execlog::{shell_quote, Phase};
+use hive_tests::hive::lingering;
 use hive_tests::wire::hello;
-use hive_tests::{echo, pid_alive, wait_until, FakeDrone, Hive, DEADLINE};
+use hive_tests::{echo, pid_alive, wait_until, Execution, FakeDrone, Hive, DEADLINE};
 use serde_json::json;
 use shared::api::{TaskSpec, TaskState};
 use shared::TaskId;
@@ -106,6 +107,7 @@ fn a_failing_task_runs_max_attempts_times_and_keeps_every_error() {
     // Nothing runs it again.
     barrier(&hive);
     assert_eq!(hive.exec_log().starts(id), 3);
+    hive.check(DEADLINE);
 }
 
 /// Guards against lost leases escaping the attempt bound (G8 "lost leases count"): a task
@@ -114,7 +116,7 @@ fn a_failing_task_runs_max_attempts_times_and_keeps_every_error() {
 /// requeued forever.
 #[test]
 fn lost_leases_count_as_attempts() {
-    let hive = Hive::start();
+    let mut hive = Hive::start();
     let addr = hive.queen.drones_addr;
     let kind = "fake-kind";
     let a = FakeDrone::connect(addr, hello("fake-a", &[kind], 1));
@@ -136,6 +138,7 @@ fn lost_leases_count_as_attempts() {
     assert_eq!(v.attempts, 2, "{v:#?}");
     let fences: Vec<_> = v.errors.iter().map(|e| (e.attempt, e.fence)).collect();
     assert_eq!(fences, vec![(1, first.fence), (2, second.fence)], "{v:#?}");
+    hive.check(DEADLINE);
 }
 
 /// Guards against a cancelled task running on (its drone never told, or the kill missing a
@@ -187,28 +190,55 @@ fn cancelling_a_running_task_kills_its_processes_and_sticks() {
         "{again:?}"
     );
     assert_eq!(hive.exec_log().starts(id), 1);
+    hive.check(DEADLINE);
 }
 
-/// Guards against a hung task holding a slot forever (G2): an attempt past `timeout_ms` is
-/// killed — with its grandchild — and, being the only attempt allowed, the task `failed`.
+/// Scenario 7 of the chaos suite. Guards against a hung task holding a slot forever (G2) or
+/// escaping its attempt bound (G8): a task that hangs (`sleep 30` in a child process) with
+/// `timeout_ms` 300 and `max_attempts` 2 is killed past its timeout — shell and child —,
+/// retried under a newer fence, killed again, then `failed` with both timeouts in its error
+/// history; the slot is free again afterwards.
 #[test]
-fn an_attempt_past_its_timeout_is_killed_and_fails() {
+fn a_hung_task_is_killed_past_its_timeout_retried_then_failed() {
     let mut hive = Hive::start();
     hive.start_drone("d1", 1);
     let spec = TaskSpec {
         timeout_ms: Some(300),
-        max_attempts: Some(1),
-        ..hive.exec_log().task(&long_running(hive.dir()))
+        max_attempts: Some(2),
+        ..hive.exec_log().task(&hive.exec_log().child("sleep 30"))
     };
     let id: TaskId = hive.api().submit(&spec).id;
-    let pids = wait_pids(&hive);
-    wait_dead(
-        pids,
-        "the timed-out attempt's process and grandchild to die",
-    );
     let v = hive.wait_task(id, "terminal", |t| t.state.is_terminal());
     assert_eq!(v.state, TaskState::Failed, "{v:#?}");
-    assert_eq!((v.attempts, v.errors.len()), (1, 1), "{v:#?}");
+    assert_eq!((v.attempts, v.errors.len()), (2, 2), "{v:#?}");
+    assert!(
+        v.errors.iter().all(|e| e.error.contains("timed out")),
+        "both attempts end by their timeout: {v:#?}"
+    );
+    let runs: Vec<Execution> = hive
+        .exec_log()
+        .executions()
+        .into_iter()
+        .filter(|r| r.task == id)
+        .collect();
+    let seen: Vec<(u32, bool, usize)> = runs
+        .iter()
+        .map(|r| (r.attempt, r.done_at.is_some(), r.pids.len()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![(1, false, 2), (2, false, 2)],
+        "two runs, each a shell and its child, neither finished: {runs:#?}"
+    );
+    assert!(runs[0].fence < runs[1].fence, "{runs:#?}");
+    for r in &runs {
+        wait_until(
+            DEADLINE,
+            &format!("attempt {}'s processes to die", r.attempt),
+            || lingering(r).is_empty(),
+        );
+    }
     // The slot is free again.
     barrier(&hive);
+    hive.check(DEADLINE);
 }

@@ -271,7 +271,7 @@ impl Store {
             other => StoreError::Sled(other),
         })?;
         let tree = db.open_tree("hive")?;
-        check_schema(&tree, &db_path)?;
+        check_schema(&tree, &db_path, &dir.join(MARKER))?;
         let recovered = recover(&tree, &db_path)?;
 
         let sync_file = if opts.sync {
@@ -405,8 +405,34 @@ fn remove_unfinished_snapshots(db_path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn check_schema(tree: &sled::Tree, db_path: &Path) -> Result<(), StoreError> {
+/// Written (outside sled) once a new database has its schema key: from then on, a
+/// database that opens without one has lost its contents (a damaged log that sled reads
+/// as empty) and must be refused, never re-initialised over what may still be recovered.
+const MARKER: &str = "hive-store";
+
+fn check_schema(tree: &sled::Tree, db_path: &Path, marker: &Path) -> Result<(), StoreError> {
+    let marked = marker.exists();
+    let result = check_schema_key(tree, db_path, marked);
+    if result.is_ok() && !marked {
+        let io = |source| StoreError::Io {
+            path: marker.to_path_buf(),
+            source,
+        };
+        std::fs::write(marker, format!("schema {SCHEMA_VERSION}\n")).map_err(io)?;
+        // The marker must be durable before anything is acknowledged.
+        File::open(marker).and_then(|f| f.sync_all()).map_err(io)?;
+    }
+    result
+}
+
+fn check_schema_key(tree: &sled::Tree, db_path: &Path, marked: bool) -> Result<(), StoreError> {
     match tree.get(SCHEMA_KEY)? {
+        None if marked => Err(StoreError::Corrupt {
+            path: db_path.to_path_buf(),
+            detail: "the database was initialised but now reads as empty (a damaged log?); \
+                     refusing to start over it: restore data_dir from a backup"
+                .into(),
+        }),
         None => {
             // A database without a schema key must be empty: we write it first thing.
             if tree.first()?.is_some() {

@@ -186,3 +186,20 @@ async fn purge_drops_a_finished_task_and_its_idempotency_key() {
     assert_eq!(store.reader.idempotent("k1").expect("read"), None);
     close(store, w);
 }
+
+#[tokio::test]
+async fn a_database_that_lost_its_contents_is_refused_not_reinitialised() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    commit(&w, vec![Mutation::save(&task())])
+        .await
+        .expect("durable");
+    close(store, w);
+    // sled reads a log whose segments are gone or garbled as an empty database.
+    std::fs::remove_dir_all(dir.path().join("db")).expect("remove");
+    for _ in 0..2 {
+        let err = Store::open(&opts(dir.path()), CancellationToken::new()).expect_err("refused");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("reads as empty"), "{err}");
+    }
+}
