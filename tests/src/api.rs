@@ -131,34 +131,12 @@ impl Api {
             .post(&self.url(path))
             .set("Content-Type", "application/json")
             .send_string(body);
-        match convert(r) {
-            Ok(resp) => {
-                let code = resp.status();
-                Ok((
-                    code,
-                    resp.into_string()
-                        .map_err(|e| ApiError::Transport(e.to_string()))?,
-                ))
-            }
-            Err(ApiError::Status(code, body)) => Ok((code, body)),
-            Err(e) => Err(e),
-        }
+        raw(convert(r))
     }
 
     /// `GET path`; the status and body whatever they are.
     pub fn get_raw(&self, path: &str) -> Result<(u16, String), ApiError> {
-        match convert(self.agent.get(&self.url(path)).call()) {
-            Ok(resp) => {
-                let code = resp.status();
-                Ok((
-                    code,
-                    resp.into_string()
-                        .map_err(|e| ApiError::Transport(e.to_string()))?,
-                ))
-            }
-            Err(ApiError::Status(code, body)) => Ok((code, body)),
-            Err(e) => Err(e),
-        }
+        raw(convert(self.agent.get(&self.url(path)).call()))
     }
 
     pub fn try_submit(&self, spec: &TaskSpec) -> Result<TaskView, ApiError> {
@@ -261,6 +239,21 @@ impl Api {
 }
 
 /// How many tasks are in `state` according to `stats` (0 when absent).
+/// Any answer as (status, body); only transport failures are errors.
+fn raw(r: Result<ureq::Response, ApiError>) -> Result<(u16, String), ApiError> {
+    match r {
+        Ok(resp) => {
+            let code = resp.status();
+            let body = resp
+                .into_string()
+                .map_err(|e| ApiError::Transport(e.to_string()))?;
+            Ok((code, body))
+        }
+        Err(ApiError::Status(code, body)) => Ok((code, body)),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn count(stats: &Stats, state: TaskState) -> u64 {
     stats.by_state.get(state.as_str()).copied().unwrap_or(0)
 }

@@ -96,8 +96,9 @@ impl QueenProc {
         q
     }
 
-    /// Starts the process on the current addresses and waits for its `ready` line.
-    fn launch(&mut self) {
+    /// Counts a start, marks it in the log, and returns the environment that pins the
+    /// queen to this harness's addresses and data dir.
+    fn next_start(&mut self, note: &str) -> BTreeMap<String, String> {
         assert!(self.proc.is_none(), "the queen is already running");
         self.starts += 1;
         let mut env = self.env.clone();
@@ -112,8 +113,18 @@ impl QueenProc {
             .append(true)
             .open(&self.log)
         {
-            let _ = writeln!(f, "===== test harness: queen start #{} =====", self.starts);
+            let _ = writeln!(
+                f,
+                "===== test harness: queen start #{}{note} =====",
+                self.starts
+            );
         }
+        env
+    }
+
+    /// Starts the process on the current addresses and waits for its `ready` line.
+    fn launch(&mut self) {
+        let env = self.next_start("");
         let label = format!("queen (start #{})", self.starts);
         let mut proc = Proc::spawn(
             &label,
@@ -211,26 +222,7 @@ impl QueenProc {
     /// or not it is ready by then: a crash in the middle of opening the store. The delay is
     /// the crash's timing, not a wait for anything.
     pub fn start_and_kill9_after(&mut self, delay: Duration) {
-        assert!(self.proc.is_none(), "the queen is already running");
-        self.starts += 1;
-        let mut env = self.env.clone();
-        env.insert("HIVE_QUEEN__LISTEN".into(), self.drones_addr.to_string());
-        env.insert("HIVE_QUEEN__HTTP".into(), self.http_addr.to_string());
-        env.insert(
-            "HIVE_QUEEN__DATA_DIR".into(),
-            self.data_dir.to_string_lossy().into_owned(),
-        );
-        if let Ok(mut f) = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-        {
-            let _ = writeln!(
-                f,
-                "===== test harness: queen start #{}, killed after {delay:?} =====",
-                self.starts
-            );
-        }
+        let env = self.next_start(&format!(", killed after {delay:?}"));
         let label = format!("queen (start #{}, to be killed)", self.starts);
         let mut proc = Proc::spawn(
             &label,

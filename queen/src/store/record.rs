@@ -174,10 +174,15 @@ pub fn encode(task: &Task) -> Vec<u8> {
         started_at: task.started_at,
         finished_at: task.finished_at,
     };
+    versioned(&rec)
+}
+
+/// One version byte, then the record's JSON. Serializing plain structs of strings, numbers
+/// and JSON values cannot fail.
+fn versioned<T: Serialize>(rec: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.push(RECORD_V1);
-    // Serializing plain structs of strings, numbers and JSON values cannot fail.
-    if serde_json::to_writer(&mut out, &rec).is_err() {
+    if serde_json::to_writer(&mut out, rec).is_err() {
         out.truncate(1);
     }
     out
@@ -197,11 +202,7 @@ pub fn encode_schedule(s: &crate::schedule::Schedule) -> Vec<u8> {
         created_at: s.created_at,
         last_tick: s.last_tick,
     };
-    let mut out = vec![RECORD_V1];
-    if serde_json::to_writer(&mut out, &rec).is_err() {
-        out.truncate(1);
-    }
-    out
+    versioned(&rec)
 }
 
 pub fn decode_schedule(bytes: &[u8]) -> Result<crate::schedule::Schedule, String> {
@@ -232,11 +233,7 @@ pub fn encode_queue(q: &crate::queues::QueueSettings) -> Vec<u8> {
         max_running: q.max_running,
         rate_per_s: q.rate_per_s,
     };
-    let mut out = vec![RECORD_V1];
-    if serde_json::to_writer(&mut out, &rec).is_err() {
-        out.truncate(1);
-    }
-    out
+    versioned(&rec)
 }
 
 pub fn decode_queue(bytes: &[u8]) -> Result<crate::queues::QueueSettings, String> {
