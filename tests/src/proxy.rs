@@ -278,7 +278,10 @@ async fn relay(mut down: TcpStream, mut up: TcpStream, mut fault: watch::Receive
             .flatten()
             .filter(|due| *due > now)
             .min();
+        // Biased, fault first: a fault switched before bytes arrived applies to those bytes
+        // (with a random pick they could slip through under the old fault).
         let result: io::Result<()> = tokio::select! {
+            biased;
             changed = fault.changed() => match changed {
                 Ok(()) => Ok(()),
                 Err(_) => return,
