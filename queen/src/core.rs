@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::queues::{QueueSettings, QueueState};
 use crate::ready::ReadyQueues;
 use crate::rules::{self, AfterFailure, AfterLostLease, LiveLease, Reattach, RetryPolicy, Verdict};
@@ -265,6 +266,7 @@ pub struct Core {
     next_drone_check: Instant,
     next_purge: Instant,
     rr: usize,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Core {
@@ -284,6 +286,7 @@ impl Core {
         writer: StoreWriter,
         reader: StoreReader,
         recovered: Recovered,
+        metrics: Metrics,
     ) -> (Core, CoreHandle, mpsc::Receiver<Request>) {
         let now = Instant::now();
         let wall = Utc::now();
@@ -326,6 +329,7 @@ impl Core {
             next_purge: now,
             rr: 0,
             cfg,
+            metrics,
         };
         let grace = core.cfg.leases.heartbeat_timeout();
         let mut running = 0usize;
@@ -607,6 +611,10 @@ impl Core {
             }
             tracing::debug!(task_id = %task.id, queue = %task.queue, kind = %task.kind, state = %task.state, "task submitted");
             views.push(Some((task.view(), true)));
+            self.metrics
+                .submitted
+                .with_label_values(&[task.queue.as_str()])
+                .inc();
             if task.state.is_terminal() {
                 let count = self.bump_finished(&task);
                 mutations.push(Mutation::finish(&task, count));
@@ -1050,6 +1058,10 @@ impl Core {
         task.run_at = None;
         task.lease = None;
         tracing::info!(task_id = %id, was = %old_state, fence = %task.fence, "task retried");
+        self.metrics
+            .retried
+            .with_label_values(&[task.queue.as_str()])
+            .inc();
         let m = Mutation::Revive {
             id,
             record: crate::store::record::encode(&task),
@@ -1351,6 +1363,7 @@ impl Core {
         let conn = drone.conn.clone();
         let status = match verdict {
             Verdict::Stale => {
+                self.metrics.stale_completions.inc();
                 tracing::info!(task_id = %task_id, drone = %drone_id, fence = %fence, current = ?current, "stale outcome ignored");
                 AckStatus::Stale
             }
@@ -1424,6 +1437,10 @@ impl Core {
             jitter,
         ) {
             AfterFailure::Retry { at } => {
+                self.metrics
+                    .retried
+                    .with_label_values(&[task.queue.as_str()])
+                    .inc();
                 tracing::info!(task_id = %id, fence = %task.fence, attempt = task.attempts, error = %error, retry_at = %at, "attempt failed; retry scheduled");
                 task.state = TaskState::Scheduled;
                 task.run_at = Some(at);
@@ -1452,6 +1469,7 @@ impl Core {
             return;
         }
         self.end_attempt(&task);
+        self.metrics.lease_expirations.inc();
         task.lost += 1;
         let drone = task.lease.as_ref().map(|l| l.drone);
         task.errors.push(AttemptError {
@@ -1465,6 +1483,10 @@ impl Core {
         let max_lost = self.cfg.tasks.max_lost_attempts;
         match rules::after_lost_lease(task.attempts, task.max_attempts, task.lost, max_lost) {
             AfterLostLease::Requeue => {
+                self.metrics
+                    .requeued
+                    .with_label_values(&[task.queue.as_str()])
+                    .inc();
                 tracing::warn!(task_id = %id, drone = ?drone, fence = %task.fence, reason, "lease lost; task requeued");
                 task.state = TaskState::Pending;
                 self.enqueue(&task);
@@ -1564,7 +1586,15 @@ impl Core {
 
     /// Bookkeeping when a running attempt ends, however it ends: its queen-side deadline
     /// goes, and its queue has one task fewer running.
+    /// A running attempt ends (outcome, timeout, lost lease, cancel).
     fn end_attempt(&mut self, task: &Task) {
+        if let Some(started) = task.started_at {
+            let secs = (Utc::now() - started).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            self.metrics
+                .run_duration
+                .with_label_values(&[task.queue.as_str()])
+                .observe(secs.max(0.0));
+        }
         if let Some((at, fence)) = self.deadline_of.remove(&task.id) {
             self.attempt_deadlines.remove(&(at, task.id, fence));
         }
@@ -1574,6 +1604,15 @@ impl Core {
     }
 
     fn bump_finished(&mut self, task: &Task) -> u64 {
+        let counter = match task.state {
+            TaskState::Succeeded => Some(&self.metrics.succeeded),
+            TaskState::Failed => Some(&self.metrics.failed),
+            TaskState::Cancelled => Some(&self.metrics.cancelled),
+            _ => None,
+        };
+        if let Some(c) = counter {
+            c.with_label_values(&[task.queue.as_str()]).inc();
+        }
         let n = self
             .finished_counts
             .entry((task.queue.clone(), task.state))
@@ -1802,17 +1841,23 @@ impl Core {
                 }
                 let queues = &self.queues;
                 let open = |q: &str| queues.get(q).is_none_or(|q| q.may_start(now));
-                let Some(tid) = self.ready.pop_for(&drone.kinds, &drone.labels, &open) else {
+                let Some((tid, since)) = self.ready.pop_for(&drone.kinds, &drone.labels, &open)
+                else {
                     continue;
                 };
                 if drone.cancelling.contains(&tid) {
                     // This drone is still killing an older attempt of the task: give it
                     // to another drone (or to this one once the old attempt is gone).
                     if let Some(task) = self.tasks.get(&tid) {
-                        self.ready.push(task);
+                        self.ready.push_since(task, since);
                     }
                     continue;
                 }
+                self.metrics.dispatch_latency.observe(
+                    now.into_std()
+                        .saturating_duration_since(since)
+                        .as_secs_f64(),
+                );
                 self.grant(*id, tid, wall);
                 progress = true;
                 if self.ready.is_empty() {

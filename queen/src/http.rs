@@ -3,7 +3,6 @@
 //! `{"error": "..."}`.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -39,6 +38,7 @@ pub struct AppState {
     pub core: CoreHandle,
     pub reader: StoreReader,
     pub cfg: Arc<Config>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// An API error: a status and a message.
@@ -463,35 +463,9 @@ async fn stats(State(st): State<AppState>) -> Result<Json<shared::api::Stats>, A
 }
 
 async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let s = st.core.ask(|reply| Request::Stats { reply }).await?;
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP hive_tasks Tasks by queue and state.");
-    let _ = writeln!(out, "# TYPE hive_tasks gauge");
-    for (queue, states) in &s.by_queue {
-        for (state, n) in states {
-            let _ = writeln!(
-                out,
-                "hive_tasks{{queue=\"{}\",state=\"{state}\"}} {n}",
-                escape_label(queue)
-            );
-        }
-    }
-    let _ = writeln!(out, "# HELP hive_drones_connected Drones connected now.");
-    let _ = writeln!(out, "# TYPE hive_drones_connected gauge");
-    let _ = writeln!(out, "hive_drones_connected {}", s.drones_connected);
-    let _ = writeln!(
-        out,
-        "# HELP hive_tasks_unroutable Pending tasks no connected drone can run."
-    );
-    let _ = writeln!(out, "# TYPE hive_tasks_unroutable gauge");
-    let _ = writeln!(out, "hive_tasks_unroutable {}", s.unroutable);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
-}
-
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    let stats = st.core.ask(|reply| Request::Stats { reply }).await?;
+    let text = st.metrics.render(&stats);
+    Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
 }
 
 /// The dashboard: one self-contained page (no build step, no external assets) that polls

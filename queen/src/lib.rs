@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod http;
+pub mod metrics;
 pub mod queues;
 pub mod ready;
 pub mod rules;
@@ -53,6 +54,7 @@ pub struct Queen {
     handle: CoreHandle,
     requests: tokio::sync::mpsc::Receiver<Request>,
     fatal: CancellationToken,
+    metrics: metrics::Metrics,
 }
 
 impl std::fmt::Debug for Queen {
@@ -68,15 +70,22 @@ impl Queen {
     /// the in-memory state from it.
     pub fn open(cfg: Config) -> Result<Queen, QueenError> {
         let fatal = CancellationToken::new();
+        let metrics = metrics::Metrics::new();
         let opts = OpenOptionsHive {
             data_dir: cfg.queen.data_dir.clone(),
             cache_capacity_bytes: cfg.storage.cache_capacity_mb * 1024 * 1024,
             sync: cfg.storage.sync,
+            metrics: metrics.store.clone(),
         };
         let (store, writer, recovered) = Store::open(&opts, fatal.clone())?;
         let cfg = Arc::new(cfg);
-        let (core, handle, requests) =
-            Core::new(cfg.clone(), writer, store.reader.clone(), recovered);
+        let (core, handle, requests) = Core::new(
+            cfg.clone(),
+            writer,
+            store.reader.clone(),
+            recovered,
+            metrics.clone(),
+        );
         Ok(Queen {
             cfg,
             store,
@@ -84,6 +93,7 @@ impl Queen {
             handle,
             requests,
             fatal,
+            metrics,
         })
     }
 
@@ -111,6 +121,7 @@ impl Queen {
             handle,
             requests,
             fatal,
+            metrics,
         } = self;
         let stop = shutdown.child_token();
         let tracker = TaskTracker::new();
@@ -128,6 +139,7 @@ impl Queen {
             core: handle.clone(),
             reader: store.reader.clone(),
             cfg: cfg.clone(),
+            metrics,
         });
         let http_stop = stop.clone();
         let http_task = tokio::spawn(async move {

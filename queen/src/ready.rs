@@ -3,7 +3,8 @@
 //! looks only at the heads of the groups it can serve, so dispatch never scans the queue.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Instant;
 
 use shared::TaskId;
 
@@ -36,7 +37,8 @@ type Key = (Reverse<i32>, TaskId);
 
 #[derive(Debug, Default)]
 pub struct ReadyQueues {
-    groups: HashMap<Route, BTreeSet<Key>>,
+    /// Each ready task with the moment it became ready (for the dispatch latency metric).
+    groups: HashMap<Route, BTreeMap<Key, Instant>>,
     len: usize,
 }
 
@@ -49,12 +51,19 @@ impl ReadyQueues {
         self.len == 0
     }
 
+    /// Makes a task ready as of now.
     pub fn push(&mut self, task: &Task) {
+        self.push_since(task, Instant::now());
+    }
+
+    /// Makes a task ready, as of `since` (a task handed back keeps its place in time).
+    pub fn push_since(&mut self, task: &Task, since: Instant) {
         if self
             .groups
             .entry(Route::of(task))
             .or_default()
-            .insert((Reverse(task.priority), task.id))
+            .insert((Reverse(task.priority), task.id), since)
+            .is_none()
         {
             self.len += 1;
         }
@@ -63,7 +72,7 @@ impl ReadyQueues {
     pub fn remove(&mut self, task: &Task) {
         let route = Route::of(task);
         if let Some(group) = self.groups.get_mut(&route) {
-            if group.remove(&(Reverse(task.priority), task.id)) {
+            if group.remove(&(Reverse(task.priority), task.id)).is_some() {
                 self.len -= 1;
             }
             if group.is_empty() {
@@ -73,28 +82,27 @@ impl ReadyQueues {
     }
 
     /// Takes the best task a drone with these kinds and labels can run, from queues that
-    /// `open` allows to start a task now.
+    /// `open` allows to start a task now, with the moment it became ready.
     pub fn pop_for(
         &mut self,
         kinds: &HashSet<String>,
         labels: &BTreeSet<String>,
         open: &dyn Fn(&str) -> bool,
-    ) -> Option<TaskId> {
+    ) -> Option<(TaskId, Instant)> {
         let (route, key) = self
             .groups
             .iter()
             .filter(|(route, _)| route.served_by(kinds, labels) && open(&route.queue))
-            .filter_map(|(route, group)| group.first().map(|k| (route, *k)))
+            .filter_map(|(route, group)| group.first_key_value().map(|(k, _)| (route, *k)))
             .min_by_key(|(_, key)| *key)
             .map(|(route, key)| (route.clone(), key))?;
-        if let Some(group) = self.groups.get_mut(&route) {
-            group.remove(&key);
-            self.len -= 1;
-            if group.is_empty() {
-                self.groups.remove(&route);
-            }
+        let group = self.groups.get_mut(&route)?;
+        let since = group.remove(&key)?;
+        self.len -= 1;
+        if group.is_empty() {
+            self.groups.remove(&route);
         }
-        Some(key.1)
+        Some((key.1, since))
     }
 
     /// How many ready tasks each route holds (for stats: which are unroutable).
@@ -119,6 +127,28 @@ mod tests {
         Task::from_spec(spec, TaskId::generate(), Utc::now(), &Default::default()).expect("valid")
     }
 
+    fn pop(
+        q: &mut ReadyQueues,
+        kinds: &HashSet<String>,
+        labels: &BTreeSet<String>,
+        open: &dyn Fn(&str) -> bool,
+    ) -> Option<TaskId> {
+        q.pop_for(kinds, labels, open).map(|(id, _)| id)
+    }
+
+    #[test]
+    fn a_task_handed_back_keeps_the_moment_it_became_ready() {
+        let mut q = ReadyQueues::default();
+        let t = task("echo", 0, &[]);
+        let early = Instant::now() - std::time::Duration::from_secs(5);
+        q.push_since(&t, early);
+        let kinds = HashSet::from(["echo".to_string()]);
+        assert_eq!(
+            q.pop_for(&kinds, &BTreeSet::new(), &|_| true),
+            Some((t.id, early))
+        );
+    }
+
     #[test]
     fn higher_priority_first_then_oldest_first() {
         let mut q = ReadyQueues::default();
@@ -132,10 +162,10 @@ mod tests {
         }
         let kinds = HashSet::from(["echo".to_string()]);
         let labels = BTreeSet::new();
-        assert_eq!(q.pop_for(&kinds, &labels, &|_| true), Some(b.id));
-        assert_eq!(q.pop_for(&kinds, &labels, &|_| true), Some(a.id));
-        assert_eq!(q.pop_for(&kinds, &labels, &|_| true), Some(c.id));
-        assert_eq!(q.pop_for(&kinds, &labels, &|_| true), None);
+        assert_eq!(pop(&mut q, &kinds, &labels, &|_| true), Some(b.id));
+        assert_eq!(pop(&mut q, &kinds, &labels, &|_| true), Some(a.id));
+        assert_eq!(pop(&mut q, &kinds, &labels, &|_| true), Some(c.id));
+        assert_eq!(pop(&mut q, &kinds, &labels, &|_| true), None);
         assert!(q.is_empty());
     }
 
@@ -150,14 +180,14 @@ mod tests {
         }
         let kinds = HashSet::from(["render".to_string()]);
         let no_labels = BTreeSet::new();
-        assert_eq!(q.pop_for(&kinds, &no_labels, &|_| true), Some(plain.id));
+        assert_eq!(pop(&mut q, &kinds, &no_labels, &|_| true), Some(plain.id));
         assert_eq!(
-            q.pop_for(&kinds, &no_labels, &|_| true),
+            pop(&mut q, &kinds, &no_labels, &|_| true),
             None,
             "gpu task needs the gpu label"
         );
         let gpu_labels = BTreeSet::from(["gpu".to_string(), "big".to_string()]);
-        assert_eq!(q.pop_for(&kinds, &gpu_labels, &|_| true), Some(gpu.id));
+        assert_eq!(pop(&mut q, &kinds, &gpu_labels, &|_| true), Some(gpu.id));
         assert_eq!(q.len(), 1);
         q.remove(&other_kind);
         assert!(q.is_empty());
@@ -174,11 +204,14 @@ mod tests {
         let kinds = HashSet::from(["echo".to_string()]);
         let labels = BTreeSet::new();
         assert_eq!(
-            q.pop_for(&kinds, &labels, &|queue| queue != "paused"),
+            pop(&mut q, &kinds, &labels, &|queue| queue != "paused"),
             Some(open.id)
         );
-        assert_eq!(q.pop_for(&kinds, &labels, &|queue| queue != "paused"), None);
+        assert_eq!(
+            pop(&mut q, &kinds, &labels, &|queue| queue != "paused"),
+            None
+        );
         assert_eq!(q.len(), 1);
-        assert_eq!(q.pop_for(&kinds, &labels, &|_| true), Some(paused.id));
+        assert_eq!(pop(&mut q, &kinds, &labels, &|_| true), Some(paused.id));
     }
 }

@@ -235,6 +235,8 @@ pub struct OpenOptionsHive {
     pub data_dir: PathBuf,
     pub cache_capacity_bytes: u64,
     pub sync: bool,
+    /// Where the writer reports its group-commit sizes and flush times.
+    pub metrics: crate::metrics::StoreMetrics,
 }
 
 impl Store {
@@ -293,6 +295,7 @@ impl Store {
             durable: durable.clone(),
             sync_file,
             fatal,
+            metrics: opts.metrics.clone(),
         };
         let writer_thread = std::thread::Builder::new()
             .name("hive-store-writer".into())
@@ -641,6 +644,7 @@ struct Writer {
     durable: Arc<AtomicU64>,
     sync_file: Option<File>,
     fatal: CancellationToken,
+    metrics: crate::metrics::StoreMetrics,
 }
 
 impl Writer {
@@ -655,10 +659,15 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let started = std::time::Instant::now();
             let result = match &failed {
                 Some(err) => Err(err.clone()),
                 None => self.group_commit(&mut commits),
             };
+            self.metrics
+                .flush_seconds
+                .observe(started.elapsed().as_secs_f64());
+            self.metrics.batch_commits.observe(commits.len() as f64);
             if let Err(err) = &result {
                 if failed.is_none() {
                     tracing::error!(error = %err, "store write failed; the queen must stop");

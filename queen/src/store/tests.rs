@@ -8,6 +8,7 @@ fn opts(dir: &Path) -> OpenOptionsHive {
         data_dir: dir.to_path_buf(),
         cache_capacity_bytes: 8 << 20,
         sync: false,
+        metrics: Default::default(),
     }
 }
 
