@@ -266,6 +266,16 @@ pub struct Core {
     next_drone_check: Instant,
     next_purge: Instant,
     rr: usize,
+    /// Drones that may have a free slot: added when a slot may have freed (hello, outcome,
+    /// heartbeat), dropped by dispatch once found full. Dispatch looks only at these.
+    maybe_free: BTreeSet<DroneId>,
+    /// Something other than a new ready task may let dispatch progress (a slot freed, a
+    /// queue changed, time passed for rate limits and timers).
+    dispatch_wanted: bool,
+    /// `ready.pushes()` at the end of the last dispatch.
+    ready_pushes_seen: u64,
+    /// Reused by dispatch for its candidate list.
+    dispatch_buf: Vec<DroneId>,
     metrics: Metrics,
 }
 
@@ -328,6 +338,10 @@ impl Core {
             next_drone_check: now,
             next_purge: now,
             rr: 0,
+            maybe_free: BTreeSet::new(),
+            dispatch_wanted: true,
+            ready_pushes_seen: 0,
+            dispatch_buf: Vec::new(),
             cfg,
             metrics,
         };
@@ -990,6 +1004,7 @@ impl Core {
                 }
             }
         }
+        self.dispatch_wanted = true;
         tracing::info!(queue = %name, paused = settings.paused, max_running = ?settings.max_running, rate_per_s = ?settings.rate_per_s, "queue settings changed");
         let m = Mutation::SaveQueue {
             name: name.clone(),
@@ -1220,6 +1235,7 @@ impl Core {
         tracing::info!(drone = %id, name = %drone.name, slots = drone.slots, reattached, "drone connected");
         self.conn_drone.insert(drone.conn.id, id);
         self.drones.insert(id, drone);
+        self.slot_may_have_freed(id);
         // Orphaned leases of this drone that it did not report are gone with its old life.
         let lost: Vec<TaskId> = self
             .orphans
@@ -1337,6 +1353,9 @@ impl Core {
         for tid in &r.missing {
             drone.leases.remove(tid);
         }
+        if !r.released.is_empty() || !r.missing.is_empty() {
+            self.slot_may_have_freed(id);
+        }
         for tid in r.missing {
             self.lose_lease(tid, "drone no longer reports the task", wall);
         }
@@ -1361,6 +1380,7 @@ impl Core {
             drone.leases.remove(&task_id);
         }
         let conn = drone.conn.clone();
+        self.slot_may_have_freed(drone_id);
         let status = match verdict {
             Verdict::Stale => {
                 self.metrics.stale_completions.inc();
@@ -1395,7 +1415,7 @@ impl Core {
             return;
         };
         self.end_attempt(&task);
-        tracing::info!(task_id = %id, fence = %task.fence, attempt = task.attempts, "task succeeded");
+        tracing::debug!(task_id = %id, fence = %task.fence, attempt = task.attempts, "task succeeded");
         task.state = TaskState::Succeeded;
         task.result = Some(result);
         task.lease = None;
@@ -1588,6 +1608,8 @@ impl Core {
     /// goes, and its queue has one task fewer running.
     /// A running attempt ends (outcome, timeout, lost lease, cancel).
     fn end_attempt(&mut self, task: &Task) {
+        // The queue's concurrency limit may now let another task start.
+        self.dispatch_wanted = true;
         if let Some(started) = task.started_at {
             let secs = (Utc::now() - started).num_microseconds().unwrap_or(0) as f64 / 1e6;
             self.metrics
@@ -1655,6 +1677,8 @@ impl Core {
 
     fn tick(&mut self, now: Instant, wall: DateTime<Utc>) {
         self.next_tick = now + TICK;
+        // Rate-limit tokens refill with time.
+        self.dispatch_wanted = true;
         self.fire_schedules(wall);
         // Scheduled tasks whose time has come. Not written back: a restart derives
         // `pending` from `run_at` having passed.
@@ -1812,27 +1836,42 @@ impl Core {
 
     /// Leases ready tasks to drones with free slots, one per drone per round so work
     /// spreads across the hive.
+    fn slot_may_have_freed(&mut self, drone: DroneId) {
+        self.maybe_free.insert(drone);
+        self.dispatch_wanted = true;
+    }
+
+    /// Leases ready tasks to drones with free slots, round-robin. Runs only when something
+    /// changed that could let it progress, and looks only at drones that may have a free
+    /// slot and at the heads of the ready groups: no scan of drones or tasks.
     fn dispatch(&mut self, wall: DateTime<Utc>) {
-        if self.ready.is_empty() {
+        if self.ready.is_empty()
+            || (!self.dispatch_wanted && self.ready.pushes() == self.ready_pushes_seen)
+        {
             return;
         }
-        let mut candidates: Vec<DroneId> = self
-            .drones
-            .values()
-            .filter(|d| d.free_slots() > 0)
-            .map(|d| d.id)
-            .collect();
-        if candidates.is_empty() {
-            return;
+        self.dispatch_wanted = false;
+        let drones = &self.drones;
+        self.maybe_free
+            .retain(|id| drones.get(id).is_some_and(|d| d.free_slots() > 0));
+        let mut candidates = std::mem::take(&mut self.dispatch_buf);
+        candidates.clear();
+        candidates.extend(self.maybe_free.iter().copied());
+        if !candidates.is_empty() {
+            let n = candidates.len();
+            candidates.rotate_left(self.rr % n);
+            self.rr = self.rr.wrapping_add(1);
+            self.dispatch_to(&candidates, wall);
         }
-        candidates.sort();
+        self.dispatch_buf = candidates;
+        self.ready_pushes_seen = self.ready.pushes();
+    }
+
+    fn dispatch_to(&mut self, candidates: &[DroneId], wall: DateTime<Utc>) {
         let now = Instant::now();
-        let n = candidates.len();
-        candidates.rotate_left(self.rr % n);
-        self.rr = self.rr.wrapping_add(1);
         loop {
             let mut progress = false;
-            for id in &candidates {
+            for id in candidates {
                 let Some(drone) = self.drones.get(id) else {
                     continue;
                 };
@@ -1902,7 +1941,9 @@ impl Core {
             self.attempt_deadlines.insert((deadline, tid, task.fence));
             self.deadline_of.insert(tid, (deadline, task.fence));
         }
-        tracing::info!(task_id = %tid, drone = %drone_id, fence = %task.fence, attempt = task.attempts, "lease granted");
+        // Per-task lines are debug: at tens of thousands of tasks a second, info-level
+        // lines per task would cost more than scheduling them.
+        tracing::debug!(task_id = %tid, drone = %drone_id, fence = %task.fence, attempt = task.attempts, "lease granted");
         let msg = QueenMessage::Assign(Assign {
             task_id: tid,
             fence: task.fence,

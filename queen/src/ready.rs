@@ -40,6 +40,8 @@ pub struct ReadyQueues {
     /// Each ready task with the moment it became ready (for the dispatch latency metric).
     groups: HashMap<Route, BTreeMap<Key, Instant>>,
     len: usize,
+    /// Tasks made ready so far: dispatch has work to look at when this moved.
+    pushes: u64,
 }
 
 impl ReadyQueues {
@@ -49,6 +51,11 @@ impl ReadyQueues {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// How many times a task was made ready (grows forever; compare two readings).
+    pub fn pushes(&self) -> u64 {
+        self.pushes
     }
 
     /// Makes a task ready as of now.
@@ -66,6 +73,7 @@ impl ReadyQueues {
             .is_none()
         {
             self.len += 1;
+            self.pushes += 1;
         }
     }
 
