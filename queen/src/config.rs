@@ -46,6 +46,16 @@ pub const DEFAULT_MAX_CHECKPOINT_BYTES: usize = 64 * 1024;
 pub const DEFAULT_MAX_BATCH: usize = 10_000;
 /// Largest HTTP request body: a full batch of modest tasks.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// HTTP connections served at once (the API is for operators and submitters, not drones).
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 1_024;
+/// A drone connection must finish its TLS handshake and say hello within this (10 s), or it
+/// is closed: a connection that sends nothing holds a slot.
+pub const DEFAULT_HELLO_TIMEOUT_MS: u64 = 10_000;
+/// An HTTP client must send a request's headers within this (10 s) of starting it; a
+/// slow-loris trickle is cut off.
+pub const DEFAULT_HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// A whole HTTP request (body read and answer) must be done within this (30 s).
+pub const DEFAULT_HTTP_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// sled page cache. sled may use up to ~10x this in the worst case, so keep it modest.
 pub const DEFAULT_CACHE_CAPACITY_MB: u64 = 64;
 /// Finished tasks are kept this long (7 days) for inspection, then purged.
@@ -69,6 +79,7 @@ pub struct Config {
     pub tasks: TaskSection,
     pub storage: StorageSection,
     pub auth: AuthSection,
+    pub tls: TlsSection,
     pub log: LogSection,
     pub retention: RetentionSection,
 }
@@ -86,6 +97,14 @@ pub struct QueenSection {
     pub max_connections: usize,
     /// Largest drone protocol frame, in bytes.
     pub max_frame_len: usize,
+    /// A drone connection must complete TLS and its hello within this.
+    pub hello_timeout_ms: u64,
+    /// HTTP connections served at once; more wait in the accept queue.
+    pub max_http_connections: usize,
+    /// Time allowed to send an HTTP request's headers.
+    pub http_header_timeout_ms: u64,
+    /// Time allowed for a whole HTTP request; past it the answer is 408.
+    pub http_request_timeout_ms: u64,
 }
 
 impl Default for QueenSection {
@@ -96,6 +115,10 @@ impl Default for QueenSection {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_frame_len: shared::frame::DEFAULT_MAX_FRAME_LEN,
+            hello_timeout_ms: DEFAULT_HELLO_TIMEOUT_MS,
+            max_http_connections: DEFAULT_MAX_HTTP_CONNECTIONS,
+            http_header_timeout_ms: DEFAULT_HTTP_HEADER_TIMEOUT_MS,
+            http_request_timeout_ms: DEFAULT_HTTP_REQUEST_TIMEOUT_MS,
         }
     }
 }
@@ -181,9 +204,47 @@ impl Default for StorageSection {
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
-    /// Shared secret drones send in their hello and API clients send as a bearer token.
-    /// Unset: no authentication (fine on loopback).
+    /// Shared secret drones send in their hello and API clients send as a bearer token,
+    /// for whichever of `drone_token` / `client_token` is unset.
     pub token: Option<Secret>,
+    /// The secret drones must send in their hello.
+    pub drone_token: Option<Secret>,
+    /// The bearer token API clients (CLI, dashboard, scripts) must send.
+    pub client_token: Option<Secret>,
+    /// Serve a non-loopback address without a token (a warning is logged). Only for
+    /// networks where something else (a firewall, a private link) guards the ports.
+    pub allow_unauthenticated: bool,
+}
+
+impl AuthSection {
+    /// The token drones must present, if any.
+    pub fn drone(&self) -> Option<&Secret> {
+        self.drone_token.as_ref().or(self.token.as_ref())
+    }
+
+    /// The token API clients must present, if any.
+    pub fn client(&self) -> Option<&Secret> {
+        self.client_token.as_ref().or(self.token.as_ref())
+    }
+}
+
+/// TLS for both listeners: with `cert` and `key` set, the drone port and the HTTP port
+/// speak only TLS. With `client_ca` too, drones must present a certificate it signed.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// PEM certificate chain of the queen (leaf first).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub key: Option<PathBuf>,
+    /// PEM CA certificate(s) drone client certificates must chain to (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsSection {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -322,15 +383,86 @@ impl Config {
         if self.retention.purge_interval_ms == 0 {
             return Err(invalid("retention.purge_interval_ms", "must be at least 1"));
         }
-        if let Some(token) = &self.auth.token {
-            if token.0.is_empty() {
+        for (key, token) in [
+            ("auth.token", &self.auth.token),
+            ("auth.drone_token", &self.auth.drone_token),
+            ("auth.client_token", &self.auth.client_token),
+        ] {
+            if token.as_ref().is_some_and(|t| t.0.is_empty()) {
+                return Err(invalid(key, "must not be empty (leave it unset instead)"));
+            }
+        }
+        if self.queen.hello_timeout_ms == 0 {
+            return Err(invalid("queen.hello_timeout_ms", "must be at least 1"));
+        }
+        if self.queen.max_http_connections == 0 {
+            return Err(invalid("queen.max_http_connections", "must be at least 1"));
+        }
+        if self.queen.http_header_timeout_ms == 0 || self.queen.http_request_timeout_ms == 0 {
+            return Err(invalid(
+                "queen.http_header_timeout_ms",
+                "http_header_timeout_ms and http_request_timeout_ms must be at least 1",
+            ));
+        }
+        let tls = &self.tls;
+        if tls.cert.is_some() != tls.key.is_some() {
+            return Err(invalid("tls.key", "tls.cert and tls.key go together"));
+        }
+        if tls.client_ca.is_some() && tls.cert.is_none() {
+            return Err(invalid(
+                "tls.client_ca",
+                "client certificates need TLS: set tls.cert and tls.key too",
+            ));
+        }
+        // Whoever can reach the drone port can run code on every drone; whoever can reach
+        // the API can submit such code. Off loopback, that takes a token or an explicit yes.
+        if !self.auth.allow_unauthenticated {
+            let exposed = |addr: SocketAddr| !addr.ip().is_loopback();
+            if exposed(self.listen_addr()?) && self.auth.drone().is_none() {
                 return Err(invalid(
-                    "auth.token",
-                    "must not be empty (leave it unset instead)",
+                    "auth.drone_token",
+                    format!(
+                        "queen.listen = {} is not a loopback address: set auth.drone_token (or auth.token), or auth.allow_unauthenticated = true",
+                        self.queen.listen
+                    ),
+                ));
+            }
+            if exposed(self.http_addr()?) && self.auth.client().is_none() {
+                return Err(invalid(
+                    "auth.client_token",
+                    format!(
+                        "queen.http = {} is not a loopback address: set auth.client_token (or auth.token), or auth.allow_unauthenticated = true",
+                        self.queen.http
+                    ),
                 ));
             }
         }
         Ok(())
+    }
+
+    /// What an operator must hear about at startup: settings that are allowed but unsafe.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let exposed =
+            |addr: Result<SocketAddr, ConfigError>| addr.is_ok_and(|a| !a.ip().is_loopback());
+        if exposed(self.listen_addr()) && self.auth.drone().is_none() {
+            out.push(format!(
+                "drone port {} is reachable off this host and takes drones without a token (auth.allow_unauthenticated): anyone who reaches it can take tasks",
+                self.queen.listen
+            ));
+        }
+        if exposed(self.http_addr()) && self.auth.client().is_none() {
+            out.push(format!(
+                "HTTP API {} is reachable off this host without a token (auth.allow_unauthenticated): anyone who reaches it can submit exec tasks, which run code on the drones",
+                self.queen.http
+            ));
+        }
+        if !self.tls.enabled() && (exposed(self.listen_addr()) || exposed(self.http_addr())) {
+            out.push(
+                "TLS is off on a non-loopback address: tokens, payloads and results cross the network in clear text (set [tls] cert and key)".into(),
+            );
+        }
+        out
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -415,6 +547,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("leases.heartbeat_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn off_loopback_a_token_or_an_explicit_yes_is_required() {
+        let err = load_str("[queen]\nlisten = \"0.0.0.0:8080\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth.drone_token"), "{err}");
+        let err = load_str("[queen]\nhttp = \"10.1.2.3:8081\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth.client_token"), "{err}");
+        // A drone token does not open the API, nor the reverse.
+        let err = load_str(
+            "[queen]\nlisten = \"0.0.0.0:8080\"\nhttp = \"0.0.0.0:8081\"\n[auth]\ndrone_token = \"d\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("auth.client_token"), "{err}");
+        let both = load_str(
+            "[queen]\nlisten = \"0.0.0.0:8080\"\nhttp = \"0.0.0.0:8081\"\n[auth]\ntoken = \"t\"\n",
+            &[],
+        )
+        .expect("one token covers both");
+        assert_eq!(both.auth.drone().map(|t| t.0.as_str()), Some("t"));
+        assert_eq!(both.auth.client().map(|t| t.0.as_str()), Some("t"));
+        assert_eq!(
+            both.warnings().len(),
+            1,
+            "only the clear-text warning: {:?}",
+            both.warnings()
+        );
+        let open = load_str(
+            "[queen]\nlisten = \"0.0.0.0:8080\"\n[auth]\nallow_unauthenticated = true\n",
+            &[],
+        )
+        .expect("explicitly allowed");
+        assert!(open
+            .warnings()
+            .iter()
+            .any(|w| w.contains("without a token")));
+        assert!(Config::default().warnings().is_empty(), "loopback is quiet");
+    }
+
+    #[test]
+    fn tls_settings_must_be_complete() {
+        let err = load_str("[tls]\ncert = \"/x.crt\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls.key"), "{err}");
+        let err = load_str("[tls]\nclient_ca = \"/ca.crt\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls.client_ca"), "{err}");
     }
 
     #[test]

@@ -1159,7 +1159,7 @@ impl Core {
             );
             return reject(&conn, reason);
         }
-        if let Some(token) = &self.cfg.auth.token {
+        if let Some(token) = self.cfg.auth.drone() {
             let ok = hello.token.as_ref().is_some_and(|t| token.matches(&t.0));
             if !ok {
                 return reject(&conn, "invalid or missing auth token".into());

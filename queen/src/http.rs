@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -86,6 +87,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/drones", get(drones))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
+        // Outermost first: the token is checked before a body is read.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            read_body_in_time,
+        ))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route(
@@ -99,8 +105,56 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Reads the whole request body within `queen.http_request_timeout_ms` (and the body
+/// limit) before the handler runs, so a client trickling its body is answered 408 and
+/// changes nothing, instead of holding a handler (and a connection) for ever.
+async fn read_body_in_time(
+    State(state): State<AppState>,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
+    let limit = Duration::from_millis(state.cfg.queen.http_request_timeout_ms);
+    let (parts, body) = req.into_parts();
+    let max = state.cfg.tasks.max_body_bytes;
+    let bytes = match tokio::time::timeout(limit, axum::body::to_bytes(body, max)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => {
+            let too_big = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return if too_big {
+                ApiError(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body is larger than {max} bytes (tasks.max_body_bytes)"),
+                )
+                .into_response()
+            } else {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body: {e}"),
+                )
+                .into_response()
+            };
+        }
+        Err(_) => {
+            return ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} ms (queen.http_request_timeout_ms)",
+                    limit.as_millis()
+                ),
+            )
+            .into_response()
+        }
+    };
+    next.run(HttpRequest::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
+}
+
 async fn require_token(State(state): State<AppState>, req: HttpRequest, next: Next) -> Response {
-    if let Some(token) = &state.cfg.auth.token {
+    if let Some(token) = state.cfg.auth.client() {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)

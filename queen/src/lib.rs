@@ -11,6 +11,7 @@ pub mod config;
 pub mod core;
 pub mod http;
 pub mod metrics;
+pub mod net;
 pub mod queues;
 pub mod ready;
 pub mod rules;
@@ -35,8 +36,8 @@ pub enum QueenError {
     Store(#[from] StoreError),
     #[error("a store write failed; stopped so that nothing unrecorded is acknowledged")]
     StoreFailed,
-    #[error("http server: {0}")]
-    Http(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] shared::tls::TlsError),
 }
 
 /// The listeners a queen serves on, bound by the caller.
@@ -55,6 +56,7 @@ pub struct Queen {
     requests: tokio::sync::mpsc::Receiver<Request>,
     fatal: CancellationToken,
     metrics: metrics::Metrics,
+    tls: net::Tls,
 }
 
 impl std::fmt::Debug for Queen {
@@ -70,6 +72,11 @@ impl Queen {
     /// the in-memory state from it.
     pub fn open(cfg: Config) -> Result<Queen, QueenError> {
         let fatal = CancellationToken::new();
+        // Certificates first: a bad file must stop the queen before it touches the data.
+        let tls = net::Tls::from_config(&cfg)?;
+        for warning in cfg.warnings() {
+            tracing::warn!("{warning}");
+        }
         let metrics = metrics::Metrics::new();
         let opts = OpenOptionsHive {
             data_dir: cfg.queen.data_dir.clone(),
@@ -94,6 +101,7 @@ impl Queen {
             requests,
             fatal,
             metrics,
+            tls,
         })
     }
 
@@ -122,6 +130,7 @@ impl Queen {
             requests,
             fatal,
             metrics,
+            tls,
         } = self;
         let stop = shutdown.child_token();
         let tracker = TaskTracker::new();
@@ -130,8 +139,8 @@ impl Queen {
         tracker.spawn(server::serve(
             listeners.drones,
             handle.clone(),
-            cfg.queen.max_connections,
-            cfg.queen.max_frame_len,
+            server::Limits::from_config(&cfg),
+            tls.drones.clone(),
             stop.clone(),
             tracker.clone(),
         ));
@@ -141,12 +150,13 @@ impl Queen {
             cfg: cfg.clone(),
             metrics,
         });
-        let http_stop = stop.clone();
-        let http_task = tokio::spawn(async move {
-            axum::serve(listeners.http, app)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                .await
-        });
+        let http_task = tokio::spawn(net::serve_http(
+            listeners.http,
+            app,
+            cfg.clone(),
+            tls.http.clone(),
+            stop.clone(),
+        ));
         drop(handle);
 
         tokio::select! {
@@ -155,7 +165,7 @@ impl Queen {
         }
         stop.cancel();
         tracing::info!("queen stopping");
-        let http_result = http_task.await;
+        let _ = http_task.await;
         let _ = core_task.await;
         tracker.close();
         tracker.wait().await;
@@ -170,12 +180,7 @@ impl Queen {
         if fatal.is_cancelled() {
             return Err(QueenError::StoreFailed);
         }
-        match http_result {
-            Ok(Err(e)) => Err(QueenError::Http(e)),
-            _ => {
-                tracing::info!("queen stopped");
-                Ok(())
-            }
-        }
+        tracing::info!("queen stopped");
+        Ok(())
     }
 }

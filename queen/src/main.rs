@@ -54,7 +54,8 @@ fn main() -> ExitCode {
         Some(Command::Client(command)) => {
             let defaults = cli::Defaults {
                 addr: cfg.queen.http,
-                token: cfg.auth.token,
+                token: cfg.auth.client().cloned(),
+                tls: cfg.tls.enabled(),
             };
             cli::run(defaults, cli.client, command).into()
         }

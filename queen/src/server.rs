@@ -10,29 +10,46 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use shared::frame;
 use shared::protocol::{DroneMessage, QueenMessage};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::core::{Conn, CoreHandle, Request};
+use crate::net::Io;
 
-/// A connection must say hello within this, or it is closed (it holds a connection slot).
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The drone port's limits, from `[queen]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more wait in the accept queue.
+    pub max_connections: usize,
+    pub max_frame_len: usize,
+    /// TLS handshake plus hello must be done within this.
+    pub hello_timeout: Duration,
+}
+
+impl Limits {
+    pub fn from_config(cfg: &crate::config::Config) -> Limits {
+        Limits {
+            max_connections: cfg.queen.max_connections,
+            max_frame_len: cfg.queen.max_frame_len,
+            hello_timeout: Duration::from_millis(cfg.queen.hello_timeout_ms),
+        }
+    }
+}
 
 /// Serves drone connections until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     core: CoreHandle,
-    max_connections: usize,
-    max_frame_len: usize,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let limit = Arc::new(Semaphore::new(max_connections));
+    let limit = Arc::new(Semaphore::new(limits.max_connections));
     let ids = AtomicU64::new(1);
     loop {
         let permit = tokio::select! {
@@ -47,7 +64,7 @@ pub async fn serve(
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                tokio::time::sleep(crate::net::ACCEPT_BACKOFF).await;
                 continue;
             }
         };
@@ -55,27 +72,45 @@ pub async fn serve(
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let core = core.clone();
         let close = shutdown.child_token();
+        let tls = tls.clone();
         tracker.spawn(async move {
-            connection(stream, peer, id, core, max_frame_len, close).await;
+            // The handshake counts against the hello timeout: a peer that stalls in it
+            // holds one slot for that long, no more.
+            let started = tokio::time::Instant::now();
+            match tls {
+                None => connection(stream, peer, id, core, limits, started, close).await,
+                Some(acceptor) => {
+                    let handshake = tokio::select! {
+                        _ = close.cancelled() => return,
+                        h = tokio::time::timeout(limits.hello_timeout, acceptor.accept(stream)) => h,
+                    };
+                    match handshake {
+                        Ok(Ok(s)) => connection(s, peer, id, core, limits, started, close).await,
+                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "tls handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "no tls handshake in time; closing"),
+                    }
+                }
+            }
             drop(permit);
         });
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+async fn connection<S: Io>(
+    stream: S,
     peer: SocketAddr,
     id: u64,
     core: CoreHandle,
-    max_frame_len: usize,
+    limits: Limits,
+    started: tokio::time::Instant,
     close: CancellationToken,
 ) {
-    let framed = Framed::new(stream, frame::codec(max_frame_len));
+    let framed = Framed::new(stream, frame::codec(limits.max_frame_len));
     let (mut sink, mut frames) = framed.split();
 
     let first = tokio::select! {
         _ = close.cancelled() => return,
-        f = tokio::time::timeout(HELLO_TIMEOUT, frames.next()) => f,
+        f = tokio::time::timeout_at(started + limits.hello_timeout, frames.next()) => f,
     };
     let hello = match first {
         Err(_) => {
@@ -196,17 +231,17 @@ fn is_final(msg: &QueenMessage) -> bool {
     matches!(msg, QueenMessage::Reject(_) | QueenMessage::Error { .. })
 }
 
-type Sink = futures_util::stream::SplitSink<
-    Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
+type Sink<S> = futures_util::stream::SplitSink<
+    Framed<S, tokio_util::codec::LengthDelimitedCodec>,
     bytes::Bytes,
 >;
 
-async fn feed(sink: &mut Sink, msg: &QueenMessage) -> Result<(), ()> {
+async fn feed<S: Io>(sink: &mut Sink<S>, msg: &QueenMessage) -> Result<(), ()> {
     let bytes = frame::encode(msg).map_err(|e| tracing::error!(error = %e, "encode failed"))?;
     sink.feed(bytes).await.map_err(|_| ())
 }
 
-async fn send(sink: &mut Sink, msg: &QueenMessage) -> Result<(), ()> {
+async fn send<S: Io>(sink: &mut Sink<S>, msg: &QueenMessage) -> Result<(), ()> {
     feed(sink, msg).await?;
     sink.flush().await.map_err(|_| ())
 }

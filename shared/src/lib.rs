@@ -8,5 +8,6 @@ pub mod api;
 pub mod frame;
 pub mod ids;
 pub mod protocol;
+pub mod tls;
 
 pub use ids::{DroneId, Fence, TaskId};

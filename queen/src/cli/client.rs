@@ -36,15 +36,31 @@ pub struct Client {
     token: Option<Secret>,
 }
 
+/// How to reach a TLS queen.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOpts {
+    /// Trust only this CA (PEM); none: the public roots.
+    pub ca: Option<std::path::PathBuf>,
+}
+
 impl Client {
-    pub fn new(addr: &str, token: Option<Secret>) -> Result<Client, CliError> {
-        let agent = ureq::AgentBuilder::new()
+    /// A client of the queen at `addr`; with `tls`, over https only.
+    pub fn new(
+        addr: &str,
+        token: Option<Secret>,
+        tls: Option<TlsOpts>,
+    ) -> Result<Client, CliError> {
+        let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .build();
+            .timeout(REQUEST_TIMEOUT);
+        if let Some(ca) = tls.as_ref().and_then(|t| t.ca.as_deref()) {
+            let config = shared::tls::client_config(ca, None)
+                .map_err(|e| CliError::Invalid(format!("--ca: {e}")))?;
+            agent = agent.tls_config(config);
+        }
         Ok(Client {
-            agent,
-            base: base_url(addr)?,
+            agent: agent.build(),
+            base: base_url(addr, tls.is_some())?,
             addr: addr.to_string(),
             token,
         })
@@ -134,20 +150,26 @@ impl Client {
     }
 }
 
-/// `HOST:PORT` or `http://HOST:PORT` to a base URL. A server's unspecified listen address
-/// (`0.0.0.0`, `[::]`) in the config means "this host" to a client.
-fn base_url(addr: &str) -> Result<String, CliError> {
-    if addr.starts_with("https://") {
-        return Err(CliError::Invalid(format!(
-            "invalid --addr `{addr}`: the queen serves plain HTTP; put TLS in a proxy and give \
-             http://HOST:PORT"
-        )));
-    }
-    let hostport = addr.strip_prefix("http://").unwrap_or(addr);
+/// `HOST:PORT`, `http://HOST:PORT` or `https://HOST:PORT` to a base URL (https for a bare
+/// `HOST:PORT` when `tls`). A server's unspecified listen address (`0.0.0.0`, `[::]`) in the
+/// config means "this host" to a client.
+fn base_url(addr: &str, tls: bool) -> Result<String, CliError> {
+    let (scheme, hostport) = if let Some(rest) = addr.strip_prefix("https://") {
+        ("https", rest)
+    } else if let Some(rest) = addr.strip_prefix("http://") {
+        if tls {
+            return Err(CliError::Invalid(format!(
+                "invalid --addr `{addr}`: TLS is on (--ca or [tls] in the config); give https://HOST:PORT"
+            )));
+        }
+        ("http", rest)
+    } else {
+        (if tls { "https" } else { "http" }, addr)
+    };
     let hostport = hostport.trim_end_matches('/');
     if hostport.is_empty() || hostport.contains(['/', ' ']) || hostport.contains("://") {
         return Err(CliError::Invalid(format!(
-            "invalid --addr `{addr}`: expected HOST:PORT or http://HOST:PORT"
+            "invalid --addr `{addr}`: expected HOST:PORT, http://HOST:PORT or https://HOST:PORT"
         )));
     }
     let hostport = match hostport.parse::<SocketAddr>() {
@@ -160,7 +182,7 @@ fn base_url(addr: &str) -> Result<String, CliError> {
         }
         _ => hostport.to_string(),
     };
-    Ok(format!("http://{hostport}"))
+    Ok(format!("{scheme}://{hostport}"))
 }
 
 #[cfg(test)]
@@ -169,7 +191,7 @@ mod tests {
 
     #[test]
     fn addresses_become_base_urls_and_unspecified_means_this_host() {
-        let ok = |a: &str| base_url(a).ok();
+        let ok = |a: &str| base_url(a, false).ok();
         assert_eq!(
             ok("127.0.0.1:8081").as_deref(),
             Some("http://127.0.0.1:8081")
@@ -177,8 +199,19 @@ mod tests {
         assert_eq!(ok("http://queen:80/").as_deref(), Some("http://queen:80"));
         assert_eq!(ok("0.0.0.0:9000").as_deref(), Some("http://127.0.0.1:9000"));
         assert_eq!(ok("[::]:9000").as_deref(), Some("http://[::1]:9000"));
-        assert!(base_url("https://queen:443").is_err());
-        assert!(base_url("http://queen:80/v1").is_err());
-        assert!(base_url("").is_err());
+        assert_eq!(
+            ok("https://queen:443").as_deref(),
+            Some("https://queen:443")
+        );
+        assert_eq!(
+            base_url("queen:443", true).ok().as_deref(),
+            Some("https://queen:443")
+        );
+        assert!(
+            base_url("http://queen:443", true).is_err(),
+            "no plain http when TLS is asked for"
+        );
+        assert!(base_url("http://queen:80/v1", false).is_err());
+        assert!(base_url("", false).is_err());
     }
 }

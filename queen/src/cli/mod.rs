@@ -117,7 +117,11 @@ pub struct ClientOpts {
     /// this host.
     #[arg(long, global = true, env = "HIVE_ADDR", value_name = "ADDR")]
     pub addr: Option<String>,
-    /// Bearer token for the API. Default: `[auth] token` of the config.
+    /// CA certificate (PEM) to verify a TLS queen with (an https:// address, or a config
+    /// with `[tls]` set). Without it, the system's public roots are used.
+    #[arg(long, global = true, env = "HIVE_CA", value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Bearer token for the API. Default: `[auth] client_token` (or `token`) of the config.
     #[arg(
         long,
         global = true,
@@ -137,8 +141,10 @@ pub struct ClientOpts {
 pub struct Defaults {
     /// `[queen] http`.
     pub addr: String,
-    /// `[auth] token`.
+    /// `[auth] client_token`, else `[auth] token`.
     pub token: Option<Secret>,
+    /// `[tls]` is set: the API speaks https.
+    pub tls: bool,
 }
 
 /// The client commands.
@@ -178,11 +184,14 @@ impl Ctx {
 
 /// Runs one client command; prints `queen: <error>` on stderr when it fails.
 pub fn run(defaults: Defaults, opts: ClientOpts, command: Command) -> Exit {
-    let result = Client::new(
-        opts.addr.as_deref().unwrap_or(&defaults.addr),
-        opts.token.or(defaults.token),
-    )
-    .and_then(|client| {
+    let (addr, https) = match &opts.addr {
+        Some(a) => (a.as_str(), a.starts_with("https://")),
+        None => (defaults.addr.as_str(), defaults.tls),
+    };
+    let tls = (https || opts.ca.is_some()).then(|| client::TlsOpts {
+        ca: opts.ca.clone(),
+    });
+    let result = Client::new(addr, opts.token.or(defaults.token), tls).and_then(|client| {
         let ctx = Ctx {
             client,
             json: opts.json,
