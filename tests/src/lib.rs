@@ -20,6 +20,7 @@
 //! - [`check`]: the invariant checker every chaos scenario ends with ([`Hive::check`]).
 //! - [`seed`]: seeded randomness (`HIVE_CHAOS_SEED`) and soak mode (`HIVE_SOAK_MINUTES`).
 //! - [`wait`]: polling with deadlines.
+//! - [`webdriver`]: headless Chromium driven over WebDriver, for the dashboard test.
 //!
 //! Knobs for debugging a failure (all optional):
 //! - `HIVE_TEST_KEEP=1` keeps every test's temp dir (data dir, logs, exec log); a failed
@@ -41,6 +42,7 @@ pub mod proxy;
 pub mod queen;
 pub mod seed;
 pub mod wait;
+pub mod webdriver;
 pub mod wire;
 
 pub use api::{echo, exec, sh, Api, ApiError};
