@@ -1,6 +1,7 @@
 //! The queen's task record and how a validated spec becomes one.
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shared::api::{AttemptError, Dependency, LeaseView, RetrySpec, TaskSpec, TaskState, TaskView};
 use shared::{DroneId, Fence, TaskId};
@@ -21,7 +22,7 @@ pub struct Task {
     pub id: TaskId,
     pub queue: String,
     pub kind: String,
-    pub payload: Value,
+    pub payload: Payload,
     pub priority: i32,
     pub labels: Vec<String>,
     pub idempotency_key: Option<String>,
@@ -49,6 +50,45 @@ pub struct Task {
     pub run_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A task's payload as the JSON text it arrived in. A parsed `Value` costs hundreds of bytes
+/// per task even for `{"n": 1}` (a map node); the text costs its length. It is parsed only
+/// where a `Value` is needed (views, assigns) and stored as is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Payload(Box<serde_json::value::RawValue>);
+
+impl Payload {
+    /// From JSON text (already validated JSON, e.g. `serde_json::to_string` output).
+    pub fn from_json(text: String) -> Result<Payload, SpecError> {
+        serde_json::value::RawValue::from_string(text)
+            .map(Payload)
+            .map_err(|e| SpecError(format!("payload: {e}")))
+    }
+
+    pub fn from_value(v: &Value) -> Payload {
+        let text = serde_json::to_string(v).unwrap_or_else(|_| "null".into());
+        Payload::from_json(text).unwrap_or_else(|_| Payload::null())
+    }
+
+    fn null() -> Payload {
+        Payload(serde_json::value::RawValue::from_string("null".into()).expect("`null` is JSON"))
+    }
+
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.0.get() == other.0.get()
+    }
 }
 
 /// The queue a spec without one goes to.
@@ -107,9 +147,9 @@ impl Task {
         let mut labels = spec.labels;
         labels.sort();
         labels.dedup();
-        let payload_len = serde_json::to_vec(&spec.payload)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
+        let payload_text =
+            serde_json::to_string(&spec.payload).map_err(|e| SpecError(format!("payload: {e}")))?;
+        let payload_len = payload_text.len();
         if payload_len > limits.max_payload_bytes {
             return Err(SpecError(format!(
                 "payload is {payload_len} bytes, more than the limit of {} (tasks.max_payload_bytes)",
@@ -180,7 +220,7 @@ impl Task {
             id,
             queue,
             kind: spec.kind,
-            payload: spec.payload,
+            payload: Payload::from_json(payload_text)?,
             priority: spec.priority.unwrap_or(0),
             labels,
             idempotency_key: spec.idempotency_key,
@@ -209,7 +249,7 @@ impl Task {
             id: self.id,
             queue: self.queue.clone(),
             kind: self.kind.clone(),
-            payload: self.payload.clone(),
+            payload: self.payload.to_value(),
             priority: self.priority,
             state: self.state,
             attempts: self.attempts,

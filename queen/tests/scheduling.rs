@@ -413,7 +413,7 @@ async fn a_checkpoint_is_kept_and_handed_to_the_next_attempt() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     // The old drone never comes back; a new one gets the task with the checkpoint.
     let mut d2 = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    let a2 = d2.assign().await;
+    let a2 = d2.assign_heartbeating(Duration::from_millis(500)).await;
     assert_eq!(a2.task_id, t.id);
     assert_eq!(a2.checkpoint, Some(json!({"step": 3, "progress": 0.25})));
     finish(&mut d2, &a2).await;

@@ -199,7 +199,9 @@ impl std::fmt::Debug for Commit {
 /// What the queen needs from disk to rebuild its in-memory state.
 #[derive(Debug, Default)]
 pub struct Recovered {
-    pub active: Vec<Task>,
+    /// Boxed: the scheduler keeps them boxed, and a million inline tasks would be one
+    /// huge vector next to the map they move into.
+    pub active: Vec<Box<Task>>,
     pub queues: Vec<(String, crate::queues::QueueSettings)>,
     pub schedules: Vec<crate::schedule::Schedule>,
     pub finished_counts: Vec<((String, TaskState), u64)>,
@@ -481,7 +483,7 @@ fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
                 String::from_utf8_lossy(&key)
             ))
         })?;
-        out.active.push(task);
+        out.active.push(Box::new(task));
     }
     for item in tree.scan_prefix(SCHEDULES) {
         let (key, value) = item?;

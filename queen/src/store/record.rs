@@ -73,7 +73,7 @@ pub mod v1 {
         pub id: TaskId,
         pub queue: String,
         pub kind: String,
-        pub payload: Value,
+        pub payload: crate::task::Payload,
         pub priority: i32,
         pub labels: Vec<String>,
         pub idempotency_key: Option<String>,

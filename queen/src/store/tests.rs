@@ -63,7 +63,7 @@ async fn committed_tasks_survive_reopen_and_finished_ones_live_apart() {
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
     assert_eq!(
         rec.active,
-        vec![active],
+        vec![Box::new(active)],
         "only the active task is loaded at start"
     );
     assert_eq!(
@@ -141,7 +141,7 @@ async fn an_unfinished_snapshot_is_removed_and_data_recovered() {
     let (store, w, rec) =
         Store::open(&opts(dir.path()), CancellationToken::new()).expect("recovers");
     assert!(!bogus.exists());
-    assert_eq!(rec.active, vec![t]);
+    assert_eq!(rec.active, vec![Box::new(t)]);
     close(store, w);
 }
 

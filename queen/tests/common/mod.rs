@@ -269,6 +269,25 @@ impl FakeDrone {
         .await
     }
 
+    /// Waits for an assign while heartbeating (holding nothing) every `every`: for waits as
+    /// long as the heartbeat timeout (an orphan's expiry after a restart), so the queen
+    /// does not expire this silent drone first.
+    pub async fn assign_heartbeating(&mut self, every: Duration) -> shared::protocol::Assign {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            self.heartbeat(vec![]).await;
+            match tokio::time::timeout(every, self.recv()).await {
+                Ok(Some(QueenMessage::Assign(a))) => return a,
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => panic!("connection closed while waiting for an assign"),
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no assign within {PATIENCE:?}"
+            );
+        }
+    }
+
     pub async fn heartbeat(&mut self, held: Vec<Held>) {
         self.heartbeat_with(held, vec![]).await;
     }
