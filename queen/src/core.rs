@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::active::ActiveTasks;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::queues::{QueueSettings, QueueState};
@@ -236,7 +237,7 @@ pub struct Core {
     commits_made: u64,
     /// Boxed: a map slot holds a pointer, not a whole task, so its spare capacity (up to
     /// half the slots) costs 24 bytes a slot instead of a task's size.
-    tasks: HashMap<TaskId, Box<Task>>,
+    tasks: ActiveTasks,
     /// Finished tasks whose commit may not be durable yet, so reads never miss them.
     recent: HashMap<TaskId, (u64, Task)>,
     recent_order: VecDeque<(u64, TaskId)>,
@@ -313,7 +314,7 @@ impl Core {
             reader,
             outgoing: Vec::new(),
             commits_made: 0,
-            tasks: HashMap::with_capacity(recovered.active.len()),
+            tasks: ActiveTasks::default(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
             ready: ReadyQueues::default(),
@@ -378,7 +379,7 @@ impl Core {
                 }
                 _ => {}
             }
-            core.tasks.insert(task.id, task);
+            core.tasks.insert(task);
         }
         for schedule in recovered.schedules {
             let name = schedule.name.clone();
@@ -473,18 +474,25 @@ impl Core {
                 let _ = reply.send(
                     self.tasks
                         .get(&id)
-                        .map(|b| &**b)
                         .or_else(|| self.recent.get(&id).map(|(_, t)| t))
                         .map(Task::view),
                 );
             }
             Request::List { filter, reply } => {
+                // The newest `limit` matches among active tasks (stopping once found; none
+                // when a finished state is asked for), plus the few recent finished ones.
+                let active_may_match = filter.state.is_none_or(|s| !s.is_terminal());
                 let mut out: Vec<&Task> = self
                     .tasks
-                    .values()
-                    .map(|b| &**b)
-                    .chain(self.recent.values().map(|(_, t)| t))
-                    .filter(|t| filter.matches(t))
+                    .newest_first(filter.before)
+                    .filter(|t| active_may_match && filter.matches(t))
+                    .take(if active_may_match { filter.limit } else { 0 })
+                    .chain(
+                        self.recent
+                            .values()
+                            .map(|(_, t)| t)
+                            .filter(|t| filter.matches(t)),
+                    )
                     .collect();
                 out.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
                 out.truncate(filter.limit);
@@ -640,7 +648,7 @@ impl Core {
             } else {
                 mutations.push(Mutation::save(&task));
                 self.enqueue(&task);
-                self.tasks.insert(task.id, Box::new(task));
+                self.tasks.insert(Box::new(task));
             }
         }
         for (i, j) in same_as {
@@ -697,7 +705,6 @@ impl Core {
             if let Some(t) = self
                 .tasks
                 .get(id)
-                .map(|b| &**b)
                 .or_else(|| self.recent.get(id).map(|(_, t)| t))
             {
                 return Ok(Some(t.view()));
@@ -711,7 +718,6 @@ impl Core {
         if let Some(t) = self
             .tasks
             .get(&id)
-            .map(|b| &**b)
             .or_else(|| self.recent.get(&id).map(|(_, t)| t))
         {
             return Ok(Some(t.view()));
@@ -728,7 +734,6 @@ impl Core {
         if let Some(t) = self
             .tasks
             .get(&id)
-            .map(|b| &**b)
             .or_else(|| self.recent.get(&id).map(|(_, t)| t))
         {
             return Some(t.state);
@@ -743,7 +748,7 @@ impl Core {
         reply: oneshot::Sender<Result<TaskView, CoreError>>,
         wall: DateTime<Utc>,
     ) {
-        if !self.tasks.contains_key(&id) {
+        if !self.tasks.contains(&id) {
             let err = match self.find_state(id) {
                 Some(state) => CoreError::Conflict(format!("task {id} is already {state}")),
                 None => CoreError::NotFound(format!("no task {id}")),
@@ -958,13 +963,13 @@ impl Core {
             v.max_running = q.settings.max_running;
             v.rate_per_s = q.settings.rate_per_s;
         }
-        for t in self.tasks.values() {
-            let v = views.entry(&t.queue).or_insert_with(|| blank(&t.queue));
-            match t.state {
-                TaskState::Pending => v.pending += 1,
-                TaskState::Scheduled => v.scheduled += 1,
-                TaskState::Blocked => v.blocked += 1,
-                TaskState::Running => v.running += 1,
+        for (queue, state, n) in self.tasks.counts() {
+            let v = views.entry(queue).or_insert_with(|| blank(queue));
+            match state {
+                TaskState::Pending => v.pending += n,
+                TaskState::Scheduled => v.scheduled += n,
+                TaskState::Blocked => v.blocked += n,
+                TaskState::Running => v.running += n,
                 _ => {}
             }
         }
@@ -1097,7 +1102,7 @@ impl Core {
         }
         self.enqueue(&task);
         let view = task.view();
-        self.tasks.insert(id, Box::new(task));
+        self.tasks.insert(Box::new(task));
         self.commit(
             vec![m],
             Some(Box::new(move |r| {
@@ -1126,8 +1131,8 @@ impl Core {
                 .entry(state.as_str().to_string())
                 .or_default() += n;
         };
-        for t in self.tasks.values() {
-            add(&t.queue, t.state, 1);
+        for (queue, state, n) in self.tasks.counts() {
+            add(queue, state, n);
         }
         for ((queue, state), n) in &self.finished_counts {
             if *n > 0 {
@@ -1318,7 +1323,7 @@ impl Core {
     fn checkpoints(&mut self, drone: DroneId, reports: Vec<shared::protocol::Checkpoint>) {
         let max = self.cfg.tasks.max_checkpoint_bytes;
         for c in reports {
-            let Some(task) = self.tasks.get_mut(&c.task_id) else {
+            let Some(mut task) = self.tasks.get_mut(&c.task_id) else {
                 continue;
             };
             let current = task.state == TaskState::Running
@@ -1333,7 +1338,8 @@ impl Core {
                 continue;
             }
             task.checkpoint = Some(c.data);
-            let m = Mutation::save(task);
+            let m = Mutation::save(&task);
+            drop(task);
             self.commit(vec![m], None);
         }
     }
@@ -1473,7 +1479,7 @@ impl Core {
                 task.run_at = Some(at);
                 self.enqueue(&task);
                 let m = Mutation::save(&task);
-                self.tasks.insert(id, Box::new(task));
+                self.tasks.insert(Box::new(task));
                 self.commit(vec![m], None);
             }
             AfterFailure::Fail => {
@@ -1492,7 +1498,7 @@ impl Core {
             return;
         };
         if task.state != TaskState::Running {
-            self.tasks.insert(id, Box::new(task));
+            self.tasks.insert(Box::new(task));
             return;
         }
         self.end_attempt(&task);
@@ -1518,7 +1524,7 @@ impl Core {
                 task.state = TaskState::Pending;
                 self.enqueue(&task);
                 let m = Mutation::save(&task);
-                self.tasks.insert(id, Box::new(task));
+                self.tasks.insert(Box::new(task));
                 self.commit(vec![m], None);
             }
             AfterLostLease::Quarantine => {
@@ -1607,7 +1613,7 @@ impl Core {
         };
         self.enqueue(&task);
         let m = Mutation::save(&task);
-        self.tasks.insert(id, Box::new(task));
+        self.tasks.insert(Box::new(task));
         self.commit(vec![m], None);
     }
 
@@ -1694,7 +1700,7 @@ impl Core {
                 break;
             }
             self.scheduled.pop_first();
-            if let Some(task) = self.tasks.get_mut(&id) {
+            if let Some(mut task) = self.tasks.get_mut(&id) {
                 if task.state == TaskState::Scheduled && task.run_at == Some(at) {
                     task.state = TaskState::Pending;
                     task.run_at = None;
@@ -1812,7 +1818,7 @@ impl Core {
             expired = by_count;
         }
         // A task retried since its finished record was read is active again.
-        expired.retain(|e| !self.tasks.contains_key(&e.id));
+        expired.retain(|e| !self.tasks.contains(&e.id));
         if expired.len() >= PURGE_BATCH {
             // A backlog: come back soon rather than after a whole purge interval.
             self.next_purge = Instant::now() + PURGE_BACKLOG_PAUSE;
@@ -1917,7 +1923,8 @@ impl Core {
     }
 
     fn grant(&mut self, drone_id: DroneId, tid: TaskId, wall: DateTime<Utc>) {
-        let (Some(task), Some(drone)) = (self.tasks.get_mut(&tid), self.drones.get_mut(&drone_id))
+        let (Some(mut task), Some(drone)) =
+            (self.tasks.get_mut(&tid), self.drones.get_mut(&drone_id))
         else {
             return;
         };
@@ -1961,7 +1968,8 @@ impl Core {
             timeout_ms: task.timeout_ms,
             checkpoint: task.checkpoint.clone(),
         });
-        let m = Mutation::save(task);
+        let m = Mutation::save(&task);
+        drop(task);
         let conn = drone.conn.clone();
         // The grant, with its fence, is durable before the drone hears of it.
         self.commit(

@@ -5,6 +5,7 @@
 //! `main.rs` only parses the command line, loads config, starts tracing and binds; this
 //! library does the rest, so tests drive a whole queen in-process on `127.0.0.1:0`.
 
+pub mod active;
 pub mod batch;
 pub mod cli;
 pub mod config;
