@@ -1382,7 +1382,13 @@ impl Core {
         outcome: Result<Value, (String, bool, Option<Value>)>,
         wall: DateTime<Utc>,
     ) {
-        let current = self.tasks.get(&task_id).map(|t| (t.state, t.fence));
+        // Only the lease holder may record: a fence is a small number another drone could
+        // guess, so an outcome from any other drone is stale whatever fence it carries.
+        let current = self
+            .tasks
+            .get(&task_id)
+            .filter(|t| t.lease.as_ref().is_some_and(|l| l.drone == drone_id))
+            .map(|t| (t.state, t.fence));
         let verdict = rules::judge_outcome(current, fence);
         let Some(drone) = self.drones.get_mut(&drone_id) else {
             return;

@@ -19,6 +19,9 @@ pub enum Every {
 
 /// The shortest interval allowed: one run per second at most per schedule.
 pub const MIN_EVERY_MS: u64 = 1_000;
+/// Longest interval: a schedule that runs less than once a year is a calendar entry, and
+/// longer intervals reach the end of representable time.
+pub const MAX_EVERY_MS: u64 = 366 * 24 * 3600 * 1000;
 
 impl Every {
     pub fn cron(pattern: &str) -> Result<Every, String> {
@@ -42,9 +45,9 @@ impl Every {
     }
 
     pub fn interval(ms: u64) -> Result<Every, String> {
-        if ms < MIN_EVERY_MS {
+        if !(MIN_EVERY_MS..=MAX_EVERY_MS).contains(&ms) {
             return Err(format!(
-                "every_ms must be at least {MIN_EVERY_MS}, got {ms}"
+                "every_ms must be between {MIN_EVERY_MS} and {MAX_EVERY_MS} (366 days), got {ms}"
             ));
         }
         Ok(Every::Interval { ms })
@@ -84,9 +87,13 @@ impl Schedule {
         match &self.every {
             Every::Cron { cron, .. } => cron.find_next_occurrence(&after, false).ok(),
             Every::Interval { ms } => {
+                // Checked throughout: an interval near the end of representable time has
+                // no next tick rather than an overflow.
+                let step = i64::try_from(*ms).ok().filter(|s| *s > 0)?;
                 let elapsed = (after - self.created_at).num_milliseconds().max(0);
-                let k = elapsed / *ms as i64 + 1;
-                Some(self.created_at + chrono::Duration::milliseconds(k * *ms as i64))
+                let offset = (elapsed / step + 1).checked_mul(step)?;
+                self.created_at
+                    .checked_add_signed(chrono::Duration::try_milliseconds(offset)?)
             }
         }
     }

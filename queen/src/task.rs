@@ -188,11 +188,12 @@ impl Task {
             }
             (Some(at), None) => Some(at),
             (None, Some(ms)) => {
-                let ms = i64::try_from(ms)
+                let at = i64::try_from(ms)
                     .ok()
                     .and_then(chrono::Duration::try_milliseconds)
+                    .and_then(|d| now.checked_add_signed(d))
                     .ok_or_else(|| SpecError(format!("delay_ms {ms} is too large")))?;
-                Some(now + ms)
+                Some(at)
             }
             (None, None) => None,
         };
