@@ -3,11 +3,16 @@
 //! sent to the queen with the next heartbeat, stored with the task, and handed to the next
 //! attempt if this one is lost.
 
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
 use serde_json::Value;
 use shared::protocol::Held;
+
+use crate::policy::Identity;
 
 /// Largest checkpoint sent to the queen (the queen's default `tasks.max_checkpoint_bytes`).
 pub const MAX_CHECKPOINT_BYTES: usize = 64 * 1024;
@@ -17,6 +22,8 @@ pub const MAX_CHECKPOINT_BYTES: usize = 64 * 1024;
 pub struct Checkpoints {
     dir: PathBuf,
     max_bytes: usize,
+    /// The user tasks run as (`policy.run_as`), who must be able to write the files.
+    owner: Option<(libc::uid_t, libc::gid_t)>,
 }
 
 /// What the drone last sent of one checkpoint file, to send only changes.
@@ -35,7 +42,19 @@ impl Checkpoints {
             uuid::Uuid::new_v4().simple()
         ));
         std::fs::create_dir_all(&dir)?;
-        Ok(Checkpoints { dir, max_bytes })
+        Ok(Checkpoints {
+            dir,
+            max_bytes,
+            owner: None,
+        })
+    }
+
+    /// Gives the directory, and every checkpoint file written from now on, to the user
+    /// tasks run as, so they can write (or atomically replace) their checkpoints.
+    pub fn hand_to(&mut self, user: &Identity) -> std::io::Result<()> {
+        std::os::unix::fs::chown(&self.dir, Some(user.uid), Some(user.gid))?;
+        self.owner = Some((user.uid, user.gid));
+        Ok(())
     }
 
     pub fn path(&self, held: Held) -> PathBuf {
@@ -49,7 +68,20 @@ impl Checkpoints {
         let path = self.path(held);
         let _ = std::fs::remove_file(&path);
         if let Some(v) = initial {
-            if let Err(e) = std::fs::write(&path, v.to_string()) {
+            // `create_new` never follows a symlink a task may have planted at this path,
+            // so the drone cannot be made to write someone else's file.
+            let written = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| {
+                    if let Some((uid, gid)) = self.owner {
+                        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+                    }
+                    std::io::Write::write_all(&mut f, v.to_string().as_bytes())
+                });
+            if let Err(e) = written {
                 tracing::warn!(task_id = %held.task_id, error = %e, "could not write the checkpoint file");
             }
         }
@@ -57,7 +89,7 @@ impl Checkpoints {
     }
 
     fn seen(&self, held: Held) -> Seen {
-        match std::fs::metadata(self.path(held)) {
+        match std::fs::symlink_metadata(self.path(held)) {
             Ok(m) => Seen {
                 modified: m.modified().ok(),
                 len: m.len(),
@@ -79,7 +111,11 @@ impl Checkpoints {
             tracing::warn!(task_id = %held.task_id, len = now.len, max = self.max_bytes, "checkpoint file too large; not sent");
             return None;
         }
-        let bytes = std::fs::read(self.path(held)).ok()?;
+        let bytes = self.read(held).ok()?;
+        if bytes.len() > self.max_bytes {
+            // It grew since the size check above.
+            return None;
+        }
         match serde_json::from_slice(&bytes) {
             Ok(v) => Some(v),
             Err(e) => {
@@ -87,6 +123,23 @@ impl Checkpoints {
                 None
             }
         }
+    }
+
+    /// Reads a checkpoint file the task wrote, which the drone does not trust: a symlink is
+    /// not followed (it could point at a file only the drone may read) and a FIFO is not
+    /// waited on; at most one byte past the cap is read.
+    fn read(&self, held: Held) -> std::io::Result<Vec<u8>> {
+        let file: File = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.path(held))?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        let mut bytes = Vec::new();
+        file.take(self.max_bytes as u64 + 1)
+            .read_to_end(&mut bytes)?;
+        Ok(bytes)
     }
 
     pub fn remove(&self, held: Held) {
@@ -129,6 +182,15 @@ mod tests {
         assert_eq!(c.changed(held, &mut seen), None);
         std::fs::write(c.path(held), "x".repeat(100)).expect("write");
         assert_eq!(c.changed(held, &mut seen), None, "too large");
+        std::fs::remove_file(c.path(held)).expect("rm");
+        let elsewhere = c.dir.join("elsewhere.json");
+        std::fs::write(&elsewhere, r#"{"secret": true}"#).expect("write");
+        std::os::unix::fs::symlink(&elsewhere, c.path(held)).expect("symlink");
+        assert_eq!(
+            c.changed(held, &mut seen),
+            None,
+            "a symlink is not followed"
+        );
         let dir = c.dir.clone();
         drop(c);
         assert!(!dir.exists(), "the directory goes with the drone");

@@ -32,7 +32,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::config::{Config, QueenAddr};
-use crate::executor::{Executor, StopReason, KINDS};
+use crate::executor::{Executor, StopReason};
 use crate::outbox::{Outbox, Outcome};
 use crate::process::Spawner;
 
@@ -480,7 +480,7 @@ impl Drone {
             name: self.config.name.clone(),
             labels: self.config.labels.clone(),
             slots: self.config.slots,
-            kinds: KINDS.iter().map(|k| (*k).to_owned()).collect(),
+            kinds: self.config.policy.kinds.clone(),
             token: self.config.token.clone(),
             held: self.held(),
             draining: self.draining,
@@ -704,7 +704,7 @@ impl Drone {
                 "assigned more tasks than slots; running it anyway (the queen decides)"
             );
         }
-        if let Some(outcome) = Executor::immediate(&assign) {
+        if let Some(outcome) = Executor::immediate(&self.config.policy, &assign) {
             self.record(outcome, assign.attempt).await;
             return;
         }

@@ -12,6 +12,8 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use shared::ids::Secret;
 
+use crate::policy::{Policy, PolicyFile};
+
 /// Where a drone looks for its queen when told nothing: the queen's own default `listen`
 /// address, so `queen` and `drone` started bare on one machine find each other.
 pub const DEFAULT_QUEEN: &str = "127.0.0.1:8080";
@@ -128,7 +130,7 @@ pub struct Cli {
     #[arg(long, env = TOKEN_ENV, hide_env_values = true, value_parser = parse_secret)]
     pub token: Option<Secret>,
     /// A TOML file with any of: queen, slots, name, labels, token, drain_grace_ms,
-    /// kill_grace_ms, max_output_bytes, max_frame_len, log_format.
+    /// kill_grace_ms, max_output_bytes, max_frame_len, log_format, and a [policy] section.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// How to write logs to stderr [default: pretty].
@@ -165,6 +167,9 @@ pub struct FileConfig {
     pub max_frame_len: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    /// What tasks may do on this host (see [`crate::policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyFile>,
 }
 
 impl FileConfig {
@@ -234,6 +239,8 @@ pub struct Config {
     pub supervisor: PathBuf,
     /// How logs are written (used by the binary before it calls [`crate::run`]).
     pub log_format: LogFormat,
+    /// Which kinds run, which programs, as whom, where and with what environment.
+    pub policy: Policy,
 }
 
 impl Default for Config {
@@ -251,6 +258,7 @@ impl Default for Config {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             supervisor: default_supervisor(),
             log_format: LogFormat::default(),
+            policy: Policy::default(),
         }
     }
 }
@@ -318,6 +326,9 @@ impl Config {
             ));
         }
 
+        let policy = Policy::resolve(file.policy.unwrap_or_default())
+            .map_err(|e| invalid(e.key, e.message))?;
+
         Ok(Config {
             queen,
             slots,
@@ -339,6 +350,7 @@ impl Config {
                 .log_format
                 .or(file.log_format)
                 .unwrap_or(defaults.log_format),
+            policy,
         })
     }
 }
@@ -546,6 +558,8 @@ mod tests {
             max_output_bytes: Some(0),
             max_frame_len: Some(0),
             log_format: Some(LogFormat::Pretty),
+            // Its keys are checked by the policy module's own test.
+            policy: Some(PolicyFile::default()),
         };
         let table = match toml::Value::try_from(every_key) {
             Ok(toml::Value::Table(t)) => t,
@@ -555,7 +569,7 @@ mod tests {
             let documented = EXAMPLE
                 .lines()
                 .map(|l| l.trim_start_matches('#').trim_start())
-                .any(|l| l.starts_with(&format!("{key} =")));
+                .any(|l| l.starts_with(&format!("{key} =")) || l == format!("[{key}]"));
             assert!(documented, "config/drone.toml does not document `{key}`");
         }
     }

@@ -2,7 +2,8 @@
 //! outcome. Deciding the outcome is pure (unit-tested); running processes is at the edge.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +17,13 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, TOKEN_ENV};
+use crate::config::Config;
 use crate::outbox::Outcome;
-use crate::process::{supervised_command, ProcessGroup, Spawner, StatusPipe};
+use crate::policy::{sandboxed_cwd, Policy, WorkDir};
+use crate::process::{supervised_command, Launch, ProcessGroup, Spawner, StatusPipe};
 
-/// The kinds this drone announces in its hello.
+/// The kinds this drone has code for; `policy.kinds` picks which of them it runs and
+/// announces in its hello.
 pub const KINDS: [&str; 2] = [ECHO, EXEC];
 pub const ECHO: &str = "echo";
 pub const EXEC: &str = "exec";
@@ -250,30 +253,56 @@ pub struct Executor {
     supervisor: PathBuf,
     max_output_bytes: usize,
     kill_grace: Duration,
+    /// What tasks may do on this host, checked before anything is spawned.
+    policy: Policy,
+}
+
+/// An exec attempt ready to start: everything the payload asked for, checked against the
+/// policy.
+#[derive(Debug)]
+struct Prepared {
+    /// Where the command starts; `None` for the drone's own directory.
+    cwd: Option<PathBuf>,
+    env: BTreeMap<String, OsString>,
+    /// The program to start: as named, or the path the allowlist approved.
+    program: OsString,
+    /// `cmd[0]` as the task gave it, when `program` is a resolved path.
+    arg0: Option<String>,
 }
 
 impl Executor {
     pub fn new(
         config: &Config,
         spawner: Spawner,
-        checkpoints: crate::checkpoint::Checkpoints,
+        mut checkpoints: crate::checkpoint::Checkpoints,
     ) -> Arc<Self> {
+        if let Some(user) = &config.policy.run_as {
+            // Tasks write their checkpoint files as that user.
+            if let Err(e) = checkpoints.hand_to(user) {
+                tracing::error!(user = %user.name, error = %e, "could not give the checkpoint directory to the task user; tasks cannot write checkpoints");
+            }
+        }
         Arc::new(Executor {
             checkpoints,
             spawner,
             supervisor: config.supervisor.clone(),
             max_output_bytes: config.max_output_bytes,
             kill_grace: config.kill_grace,
+            policy: config.policy.clone(),
         })
     }
 
     /// The outcome of a kind that needs no process, or `None` when the kind runs a
-    /// process (exec): then [`Executor::run_exec`] runs it.
-    pub fn immediate(assign: &Assign) -> Option<Outcome> {
+    /// process (exec): then [`Executor::run_exec`] runs it. A kind outside `policy` fails
+    /// permanently whatever the queen thought this drone runs.
+    pub fn immediate(policy: &Policy, assign: &Assign) -> Option<Outcome> {
         let held = Held {
             task_id: assign.task_id,
             fence: assign.fence,
         };
+        if let Err(refused) = policy.check_kind(&assign.kind) {
+            return Some(Outcome::failed(held, refused, false));
+        }
         match assign.kind.as_str() {
             ECHO => Some(Outcome::Complete(TaskComplete {
                 task_id: assign.task_id,
@@ -299,23 +328,125 @@ impl Executor {
             Ok(spec) => spec,
             Err(e) => return Outcome::failed(held, e, false),
         };
-        if let Some(cwd) = &spec.cwd {
-            if !cwd.is_dir() {
+        let Some(root) = &self.policy.work_root else {
+            return self.run_prepared(&assign, &spec, None, stop).await;
+        };
+        let name = format!("{}-{}", held.task_id, held.fence);
+        let work = match WorkDir::create(root, &name, self.policy.run_as.as_ref()) {
+            Ok(work) => work,
+            Err(e) => {
                 return Outcome::failed(
                     held,
                     format!(
+                        "could not create the task's directory under {}: {e}",
+                        root.display()
+                    ),
+                    true,
+                )
+            }
+        };
+        let outcome = self.run_prepared(&assign, &spec, Some(&work), stop).await;
+        // The process group is dead by now, so nothing is still writing in there.
+        work.remove().await;
+        outcome
+    }
+
+    /// Checks the payload against the policy and works out the command's directory,
+    /// environment and program. An error is the attempt's outcome.
+    fn prepare(
+        &self,
+        assign: &Assign,
+        spec: &ExecSpec,
+        work: Option<&WorkDir>,
+    ) -> Result<Prepared, Outcome> {
+        let held = Held {
+            task_id: assign.task_id,
+            fence: assign.fence,
+        };
+        let refuse = |error: String| Outcome::failed(held, error, false);
+        let cwd = match work {
+            Some(work) => {
+                let inside = sandboxed_cwd(spec.cwd.as_deref()).map_err(refuse)?;
+                let cwd = work
+                    .make_cwd(&inside, self.policy.run_as.as_ref())
+                    .map_err(|e| {
+                        Outcome::failed(
+                            held,
+                            format!(
+                                "could not create the task's cwd `{}`: {e}",
+                                inside.display()
+                            ),
+                            true,
+                        )
+                    })?;
+                Some(cwd)
+            }
+            None => {
+                if let Some(cwd) = spec.cwd.as_ref().filter(|c| !c.is_dir()) {
+                    return Err(refuse(format!(
                         "invalid exec payload: cwd `{}` is not a directory",
                         cwd.display()
-                    ),
-                    false,
-                );
+                    )));
+                }
+                spec.cwd.clone()
             }
-        }
+        };
+        self.policy.check_payload_env(&spec.env).map_err(refuse)?;
+        let lease = [
+            ("HIVE_TASK_ID", OsString::from(assign.task_id.to_string())),
+            ("HIVE_ATTEMPT", OsString::from(assign.attempt.to_string())),
+            ("HIVE_FENCE", OsString::from(assign.fence.to_string())),
+            (
+                "HIVE_CHECKPOINT_FILE",
+                self.checkpoints.path(held).into_os_string(),
+            ),
+        ];
+        let env = self
+            .policy
+            .task_env(work.map(WorkDir::path), &spec.env, &lease, |name: &str| {
+                std::env::var_os(name)
+            });
+        // A relative program is found from where the command will start; with no cwd
+        // that is the drone's own directory, which the empty path resolves against.
+        let base = cwd.as_deref().unwrap_or(Path::new(""));
+        let named = &spec.cmd[0];
+        let resolved = self
+            .policy
+            .allowed_program(named, base, env.get("PATH").map(OsString::as_os_str))
+            .map_err(refuse)?;
+        let (program, arg0) = match resolved {
+            Some(path) => (path.into_os_string(), Some(named.clone())),
+            None => (OsString::from(named), None),
+        };
+        Ok(Prepared {
+            cwd,
+            env,
+            program,
+            arg0,
+        })
+    }
+
+    /// Runs a parsed exec attempt (in `work`, if the policy gives it one) to its end.
+    async fn run_prepared(
+        &self,
+        assign: &Assign,
+        spec: &ExecSpec,
+        work: Option<&WorkDir>,
+        stop: oneshot::Receiver<StopReason>,
+    ) -> Outcome {
+        let held = Held {
+            task_id: assign.task_id,
+            fence: assign.fence,
+        };
+        let prepared = match self.prepare(assign, spec, work) {
+            Ok(p) => p,
+            Err(outcome) => return outcome,
+        };
         let status = match StatusPipe::new() {
             Ok(p) => p,
             Err(e) => return Outcome::failed(held, format!("could not create a pipe: {e}"), true),
         };
-        let command = self.command(&assign, &spec, &status);
+        let command = self.command(spec, &prepared, &status);
         let spawned = self.spawner.spawn(command).await;
         // Our copy of the write end must close, or the status pipe never reaches its end.
         drop(status.write);
@@ -407,35 +538,23 @@ impl Executor {
 
     fn command(
         &self,
-        assign: &Assign,
         spec: &ExecSpec,
+        prepared: &Prepared,
         status: &StatusPipe,
     ) -> tokio::process::Command {
-        let mut command = supervised_command(
-            &self.supervisor,
-            &spec.cmd[0],
-            &spec.cmd[1..],
-            &status.write,
-        );
+        let launch = Launch {
+            program: OsStr::new(&prepared.program),
+            arg0: prepared.arg0.as_deref(),
+            args: &spec.cmd[1..],
+            env: &prepared.env,
+            identity: self.policy.run_as.as_ref(),
+        };
+        let mut command = supervised_command(&self.supervisor, &launch, &status.write);
         command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            // The drone's own secret is not the task's business.
-            .env_remove(TOKEN_ENV)
-            .envs(&spec.env)
-            // Set last so a payload cannot fake its own lease.
-            .env("HIVE_TASK_ID", assign.task_id.to_string())
-            .env("HIVE_ATTEMPT", assign.attempt.to_string())
-            .env("HIVE_FENCE", assign.fence.to_string())
-            .env(
-                "HIVE_CHECKPOINT_FILE",
-                self.checkpoints.path(Held {
-                    task_id: assign.task_id,
-                    fence: assign.fence,
-                }),
-            );
-        if let Some(cwd) = &spec.cwd {
+            .stderr(std::process::Stdio::piped());
+        if let Some(cwd) = &prepared.cwd {
             command.current_dir(cwd);
         }
         command
@@ -698,17 +817,41 @@ mod tests {
             timeout_ms: None,
             checkpoint: None,
         };
-        let f = failure(Executor::immediate(&assign).unwrap_or_else(|| panic!("no outcome")));
+        let policy = Policy::default();
+        let f =
+            failure(Executor::immediate(&policy, &assign).unwrap_or_else(|| panic!("no outcome")));
         assert_eq!(f.error, "kind teleport is not supported by this drone");
         assert!(!f.retryable);
 
         assign.kind = ECHO.into();
-        match Executor::immediate(&assign) {
+        match Executor::immediate(&policy, &assign) {
             Some(Outcome::Complete(c)) => assert_eq!(c.result, json!({"x": 1})),
             other => panic!("echo gave {other:?}"),
         }
         assign.kind = EXEC.into();
-        assert!(Executor::immediate(&assign).is_none());
+        assert!(Executor::immediate(&policy, &assign).is_none());
+    }
+
+    #[test]
+    fn a_kind_outside_the_policy_fails_permanently_even_if_the_queen_sends_it() {
+        let policy = Policy {
+            kinds: vec![ECHO.to_owned()],
+            ..Policy::default()
+        };
+        let assign = Assign {
+            task_id: TaskId::generate(),
+            fence: Fence(1),
+            attempt: 1,
+            kind: EXEC.into(),
+            queue: "default".into(),
+            payload: json!({"cmd": ["true"]}),
+            timeout_ms: None,
+            checkpoint: None,
+        };
+        let f =
+            failure(Executor::immediate(&policy, &assign).unwrap_or_else(|| panic!("no outcome")));
+        assert!(f.error.contains("kind exec is not allowed"), "{}", f.error);
+        assert!(!f.retryable);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - [`backoff`]: reconnect delays (pure).
 //! - [`outbox`]: outcomes awaiting an ack (pure).
 //! - [`executor`]: the `echo` and `exec` kinds; how an attempt's end becomes an outcome.
+//! - [`policy`]: what tasks may do on this host (kinds, programs, user, directory,
+//!   environment), validated at start and checked before every spawn.
 //! - [`process`]: the only code that forks or signals processes.
 //! - [`supervise`]: the shim every `exec` task runs under, so tasks die with the drone.
 //!
@@ -19,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod executor;
 pub mod outbox;
+pub mod policy;
 pub mod process;
 pub mod supervise;
 
@@ -32,5 +35,17 @@ pub use config::{Cli, Config, LogFormat};
 /// when the queen refuses this drone in a way retrying cannot fix (bad token, protocol
 /// version). Every task process it started is dead or being killed when it returns.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DroneError> {
+    let p = &config.policy;
+    tracing::info!(
+        kinds = ?p.kinds,
+        allowed_programs = ?p.allowed_programs,
+        run_as = p.run_as.as_ref().map(|u| u.name.as_str()),
+        work_root = ?p.work_root,
+        env_passthrough = ?p.env_passthrough,
+        "task policy"
+    );
+    for warning in p.startup_warnings(policy::effective_uid()) {
+        tracing::warn!("{warning}");
+    }
     client::Drone::new(config, shutdown)?.run().await
 }

@@ -1,6 +1,8 @@
 //! Starting supervised processes and signalling their process groups: the only code in
 //! the drone that forks or sends signals.
 
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
@@ -8,6 +10,7 @@ use std::path::Path;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
+use crate::policy::Identity;
 use crate::supervise;
 
 /// A process group the drone started: the supervisor shim's pid. Only ever built from a
@@ -115,12 +118,25 @@ impl StatusPipe {
     }
 }
 
-/// The command that runs `program args` under the supervisor shim, in a new process group
-/// led by the shim, with a parent-death signal tied to the spawning thread.
+/// What the shim is to start, with what, and as whom.
+#[derive(Debug)]
+pub struct Launch<'a> {
+    /// The program: as the task named it, or the path a policy check resolved it to.
+    pub program: &'a OsStr,
+    /// The command's `argv[0]` when it is not `program` itself.
+    pub arg0: Option<&'a str>,
+    pub args: &'a [String],
+    /// The command's whole environment; nothing of the drone's is added.
+    pub env: &'a BTreeMap<String, OsString>,
+    /// The user the command runs as; `None` for the drone's own.
+    pub identity: Option<&'a Identity>,
+}
+
+/// The command that runs `launch` under the supervisor shim, in a new process group led by
+/// the shim, with a parent-death signal tied to the spawning thread.
 pub fn supervised_command(
     supervisor: &Path,
-    program: &str,
-    args: &[String],
+    launch: &Launch<'_>,
     status_write: &OwnedFd,
 ) -> Command {
     let status_fd = status_write.as_raw_fd();
@@ -128,10 +144,26 @@ pub fn supervised_command(
     command
         .arg(supervise::SUBCOMMAND)
         .arg(supervise::STATUS_FD_FLAG)
-        .arg(status_fd.to_string())
+        .arg(status_fd.to_string());
+    if let Some(identity) = launch.identity {
+        command
+            .arg(supervise::UID_FLAG)
+            .arg(identity.uid.to_string())
+            .arg(supervise::GID_FLAG)
+            .arg(identity.gid.to_string());
+    }
+    if let Some(arg0) = launch.arg0 {
+        command.arg(supervise::ARG0_FLAG).arg(arg0);
+    }
+    // The shim gets no variable under its real name (see crate::supervise).
+    command.env_clear();
+    for (name, value) in launch.env {
+        command.env(format!("{}{name}", supervise::TASK_ENV_PREFIX), value);
+    }
+    command
         .arg("--")
-        .arg(program)
-        .args(args)
+        .arg(launch.program)
+        .args(launch.args)
         // The group is the unit the drone kills, so the shim leads a new one.
         .process_group(0)
         // Killing is explicit, by process group; dropping a handle must not kill only the

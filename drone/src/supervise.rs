@@ -17,11 +17,20 @@
 //!
 //! The shim's exit mirrors the command's: the same exit code, or death by the same signal,
 //! so the drone reports exactly what the command did.
+//!
+//! The shim runs with the drone's privileges, so nothing a payload chose may reach it
+//! before its `main`: the drone hands it the task's environment with every name prefixed
+//! by [`TASK_ENV_PREFIX`] (the dynamic loader would act on a bare `LD_PRELOAD` as it loads
+//! the shim, running the payload's code as the drone's user), and the shim strips the
+//! prefix for the command. When the policy says whom tasks run as (`--uid`/`--gid`), the
+//! shim stays root and switches only the command, so the command can neither signal nor
+//! trace the shim that must outlive it.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::Command;
 
@@ -31,6 +40,18 @@ pub const SUBCOMMAND: &str = "__supervise";
 
 /// The flag that names the status pipe's file descriptor.
 pub const STATUS_FD_FLAG: &str = "--status-fd";
+
+/// The flags that give the user and group the command runs as (both or neither).
+pub const UID_FLAG: &str = "--uid";
+pub const GID_FLAG: &str = "--gid";
+
+/// The flag that sets the command's `argv[0]` when the program is given by a resolved
+/// path, so the command still sees the name the task used.
+pub const ARG0_FLAG: &str = "--arg0";
+
+/// The prefix of every variable the drone passes for the command (see the module docs).
+/// The shim's own environment holds nothing else.
+pub const TASK_ENV_PREFIX: &str = "HIVE_SUPERVISE_ENV__";
 
 /// The signal the kernel sends the shim when the thread that started it (in the drone)
 /// goes away. SIGUSR2 because no task tooling sends it to a process group by habit.
@@ -57,13 +78,25 @@ const HANDLED: [libc::c_int; 4] = [
 #[derive(Debug, PartialEq)]
 struct Invocation {
     status_fd: Option<RawFd>,
+    /// The user and group to run the command as; `None` keeps the shim's.
+    identity: Option<(libc::uid_t, libc::gid_t)>,
+    arg0: Option<OsString>,
     program: OsString,
     args: Vec<OsString>,
 }
 
 fn parse(args: &[OsString]) -> Result<Invocation, String> {
     let mut status_fd = None;
+    let mut uid = None;
+    let mut gid = None;
+    let mut arg0 = None;
     let mut rest = args.iter();
+    let number = |flag: &str, value: Option<&OsString>| {
+        value
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| format!("{flag} needs a number"))
+    };
     loop {
         match rest.next() {
             Some(a) if a == STATUS_FD_FLAG => {
@@ -75,20 +108,47 @@ fn parse(args: &[OsString]) -> Result<Invocation, String> {
                     .ok_or_else(|| format!("{STATUS_FD_FLAG} needs a descriptor number above 2"))?;
                 status_fd = Some(fd);
             }
+            Some(a) if a == UID_FLAG => uid = Some(number(UID_FLAG, rest.next())?),
+            Some(a) if a == GID_FLAG => gid = Some(number(GID_FLAG, rest.next())?),
+            Some(a) if a == ARG0_FLAG => {
+                arg0 = Some(
+                    rest.next()
+                        .cloned()
+                        .ok_or_else(|| format!("{ARG0_FLAG} needs a value"))?,
+                );
+            }
             Some(a) if a == "--" => break,
             Some(other) => return Err(format!("unexpected argument {other:?}, expected `--`")),
             None => return Err("missing `-- PROGRAM [ARGS...]`".to_owned()),
         }
     }
+    let identity = match (uid, gid) {
+        (Some(uid), Some(gid)) => Some((uid, gid)),
+        (None, None) => None,
+        _ => return Err(format!("{UID_FLAG} and {GID_FLAG} go together")),
+    };
     let program = rest
         .next()
         .cloned()
         .ok_or_else(|| "missing the program after `--`".to_owned())?;
     Ok(Invocation {
         status_fd,
+        identity,
+        arg0,
         program,
         args: rest.cloned().collect(),
     })
+}
+
+/// The command's environment: the shim's own variables that carry [`TASK_ENV_PREFIX`],
+/// without it.
+fn task_env(own: impl Iterator<Item = (OsString, OsString)>) -> Vec<(OsString, OsString)> {
+    own.filter_map(|(name, value)| {
+        name.as_bytes()
+            .strip_prefix(TASK_ENV_PREFIX.as_bytes())
+            .map(|bare| (OsStr::from_bytes(bare).to_owned(), value))
+    })
+    .collect()
 }
 
 /// Runs the shim; `args` are the arguments after [`SUBCOMMAND`]. Returns the exit code
@@ -137,13 +197,32 @@ pub fn main(args: Vec<OsString>) -> i32 {
     // signal mask must be emptied by hand: a blocked mask survives fork and exec, and a
     // command that cannot receive SIGTERM cannot be stopped politely.
     let mut command = Command::new(&inv.program);
-    command.args(&inv.args);
+    command
+        .args(&inv.args)
+        .env_clear()
+        .envs(task_env(std::env::vars_os()));
+    if let Some(arg0) = &inv.arg0 {
+        command.arg0(arg0);
+    }
     let empty = signal_set(&[]);
-    // SAFETY: runs in the forked child before exec and only calls pthread_sigmask, which
-    // is async-signal-safe, on a set built before the fork.
+    let identity = inv.identity;
+    // SAFETY: runs in the forked child before exec and only makes async-signal-safe calls
+    // (pthread_sigmask on a set built before the fork, setgroups, setgid, setuid) and
+    // allocates nothing (an OS error is a plain code).
     unsafe {
         command.pre_exec(move || {
             libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            if let Some((uid, gid)) = identity {
+                // Groups first, while still root: the command keeps none of the shim's
+                // supplementary groups, then the group, then the user (after which no
+                // more changes are allowed).
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -259,11 +338,51 @@ mod tests {
             parse(&os(&["--status-fd", "7", "--", "sh", "-c", "echo hi"])),
             Ok(Invocation {
                 status_fd: Some(7),
+                identity: None,
+                arg0: None,
                 program: "sh".into(),
                 args: os(&["-c", "echo hi"]),
             })
         );
         assert_eq!(parse(&os(&["--", "true"])).map(|i| i.status_fd), Ok(None));
+        assert_eq!(
+            parse(&os(&[
+                "--uid",
+                "65534",
+                "--gid",
+                "65533",
+                "--arg0",
+                "sh",
+                "--",
+                "/usr/bin/dash"
+            ])),
+            Ok(Invocation {
+                status_fd: None,
+                identity: Some((65534, 65533)),
+                arg0: Some("sh".into()),
+                program: "/usr/bin/dash".into(),
+                args: vec![],
+            })
+        );
+    }
+
+    #[test]
+    fn only_prefixed_variables_reach_the_command() {
+        let own = [
+            ("LD_PRELOAD", "/tmp/evil.so"),
+            ("HIVE_SUPERVISE_ENV__LD_PRELOAD", "/tmp/task.so"),
+            ("HIVE_SUPERVISE_ENV__PATH", "/bin"),
+            ("HIVE_SUPERVISE_ENV__HIVE_SUPERVISE_ENV__X", "nested"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        let env = task_env(own.into_iter());
+        let expected = [
+            ("LD_PRELOAD", "/tmp/task.so"),
+            ("PATH", "/bin"),
+            ("HIVE_SUPERVISE_ENV__X", "nested"),
+        ]
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)));
+        assert_eq!(env, expected);
     }
 
     #[test]
@@ -274,6 +393,9 @@ mod tests {
             &["--"][..],
             &["--status-fd", "1", "--", "sh"][..],
             &["--status-fd", "x", "--", "sh"][..],
+            &["--uid", "1", "--", "sh"][..],
+            &["--uid", "x", "--gid", "1", "--", "sh"][..],
+            &["--arg0"][..],
         ] {
             assert!(parse(&os(bad)).is_err(), "{bad:?} was accepted");
         }
