@@ -33,6 +33,7 @@ use tracing::Instrument;
 use crate::backoff::Backoff;
 use crate::config::{Config, QueenAddr};
 use crate::executor::{Executor, StopReason};
+use crate::link::{Stream, TlsClient};
 use crate::outbox::{Outbox, Outcome};
 use crate::process::Spawner;
 
@@ -93,6 +94,8 @@ pub enum DroneError {
     Spawner(#[source] std::io::Error),
     #[error("could not create the checkpoint directory: {0}")]
     Checkpoints(#[source] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// Why one connection attempt failed.
@@ -104,6 +107,8 @@ pub enum HandshakeError {
     ConnectTimeout(Duration),
     #[error("connection failed during the handshake: {0}")]
     Io(#[source] std::io::Error),
+    #[error("tls handshake with the queen failed: {0}")]
+    Tls(#[source] std::io::Error),
     #[error("no welcome within {0:?}")]
     WelcomeTimeout(Duration),
     #[error("the queen closed the connection before answering the hello")]
@@ -146,7 +151,7 @@ pub fn classify_reject(reject: &Reject) -> RejectKind {
 /// An established, welcomed connection.
 #[derive(Debug)]
 struct Session {
-    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    framed: Framed<Stream, LengthDelimitedCodec>,
     heartbeat: Interval,
     heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
@@ -157,11 +162,14 @@ struct Session {
 }
 
 impl Session {
-    fn new(framed: Framed<TcpStream, LengthDelimitedCodec>, welcome: &Welcome) -> Self {
+    fn new(framed: Framed<Stream, LengthDelimitedCodec>, welcome: &Welcome) -> Self {
         let heartbeat_interval =
             Duration::from_millis(welcome.heartbeat_interval_ms).max(MIN_HEARTBEAT_INTERVAL);
         let heartbeat_timeout = Duration::from_millis(welcome.heartbeat_timeout_ms);
-        set_tcp_user_timeout(framed.get_ref(), heartbeat_timeout.max(MIN_WRITE_TIMEOUT));
+        set_tcp_user_timeout(
+            framed.get_ref().tcp(),
+            heartbeat_timeout.max(MIN_WRITE_TIMEOUT),
+        );
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_interval, heartbeat_interval);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -304,6 +312,8 @@ pub(crate) struct Drone {
     finished_rx: mpsc::Receiver<(Held, Outcome)>,
     executor: Arc<Executor>,
     tasks: TaskTracker,
+    /// TLS to the queen, loaded once at start.
+    tls: Option<TlsClient>,
 }
 
 impl Drone {
@@ -313,8 +323,15 @@ impl Drone {
             crate::checkpoint::Checkpoints::new(crate::checkpoint::MAX_CHECKPOINT_BYTES)
                 .map_err(DroneError::Checkpoints)?;
         let executor = Executor::new(&config, spawner, checkpoints);
+        let tls = match &config.tls {
+            Some(settings) => {
+                Some(TlsClient::load(settings, config.queen.host()).map_err(DroneError::Tls)?)
+            }
+            None => None,
+        };
         let (finished_tx, finished_rx) = mpsc::channel(OUTCOME_CHANNEL_CAPACITY);
         Ok(Drone {
+            tls,
             config,
             drone_id: DroneId::generate(),
             shutdown,
@@ -490,6 +507,7 @@ impl Drone {
             attempt,
             handshake: Box::pin(handshake(
                 self.config.queen.clone(),
+                self.tls.clone(),
                 hello,
                 self.config.max_frame_len,
             )),
@@ -860,6 +878,7 @@ fn message_type(message: &QueenMessage) -> &'static str {
 /// Connects, says hello and waits for the answer.
 async fn handshake(
     queen: QueenAddr,
+    tls: Option<TlsClient>,
     hello: Hello,
     max_frame_len: usize,
 ) -> Result<Session, HandshakeError> {
@@ -871,6 +890,13 @@ async fn handshake(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "could not set TCP_NODELAY");
     }
+    let stream = match tls {
+        None => Stream::Plain(stream),
+        Some(tls) => tokio::time::timeout(WELCOME_TIMEOUT, tls.connect(stream))
+            .await
+            .map_err(|_| HandshakeError::WelcomeTimeout(WELCOME_TIMEOUT))?
+            .map_err(HandshakeError::Tls)?,
+    };
     let mut framed = Framed::new(stream, frame::codec(max_frame_len));
     let body = frame::encode(&DroneMessage::Hello(hello))?;
     let answer = tokio::time::timeout(WELCOME_TIMEOUT, async {

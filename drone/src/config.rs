@@ -101,6 +101,12 @@ impl QueenAddr {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The host part (without brackets for an IPv6 address): the name TLS verifies.
+    pub fn host(&self) -> &str {
+        let host = self.0.rsplit_once(':').map_or(self.0.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
 }
 
 impl fmt::Display for QueenAddr {
@@ -129,8 +135,21 @@ pub struct Cli {
     /// The shared secret the queen expects, if it has one.
     #[arg(long, env = TOKEN_ENV, hide_env_values = true, value_parser = parse_secret)]
     pub token: Option<Secret>,
+    /// CA certificate (PEM) to verify the queen with: the connection is TLS when given.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This drone's certificate (PEM), for a queen that asks for client certificates.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the queen's certificate must carry [default: the host of --queen].
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     /// A TOML file with any of: queen, slots, name, labels, token, drain_grace_ms,
-    /// kill_grace_ms, max_output_bytes, max_frame_len, log_format, and a [policy] section.
+    /// kill_grace_ms, max_output_bytes, max_frame_len, log_format, tls_ca, tls_cert,
+    /// tls_key, tls_server_name, and a [policy] section.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// How to write logs to stderr [default: pretty].
@@ -167,6 +186,14 @@ pub struct FileConfig {
     pub max_frame_len: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
     /// What tasks may do on this host (see [`crate::policy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyFile>,
@@ -241,6 +268,19 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Which kinds run, which programs, as whom, where and with what environment.
     pub policy: Policy,
+    /// TLS to the queen (none: plain TCP).
+    pub tls: Option<TlsSettings>,
+}
+
+/// TLS to the queen: the CA that signed the queen's certificate, and optionally this
+/// drone's own certificate for mutual TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name to verify the queen's certificate against (default: the queen's host).
+    pub server_name: Option<String>,
 }
 
 impl Default for Config {
@@ -259,6 +299,7 @@ impl Default for Config {
             supervisor: default_supervisor(),
             log_format: LogFormat::default(),
             policy: Policy::default(),
+            tls: None,
         }
     }
 }
@@ -329,6 +370,35 @@ impl Config {
         let policy = Policy::resolve(file.policy.unwrap_or_default())
             .map_err(|e| invalid(e.key, e.message))?;
 
+        let tls_ca = cli.tls_ca.clone().or(file.tls_ca);
+        let tls_cert = cli.tls_cert.clone().or(file.tls_cert);
+        let tls_key = cli.tls_key.clone().or(file.tls_key);
+        let tls_server_name = cli.tls_server_name.clone().or(file.tls_server_name);
+        if tls_cert.is_some() != tls_key.is_some() {
+            return Err(invalid("tls_key", "tls_cert and tls_key go together"));
+        }
+        let tls = match tls_ca {
+            Some(ca) => {
+                let settings = TlsSettings {
+                    ca,
+                    cert: tls_cert,
+                    key: tls_key,
+                    server_name: tls_server_name,
+                };
+                // Load the files now, so a bad one stops the drone at start, naming it.
+                crate::link::TlsClient::load(&settings, queen.host())
+                    .map_err(|m| invalid("tls_ca", m))?;
+                Some(settings)
+            }
+            None if tls_cert.is_some() || tls_server_name.is_some() => {
+                return Err(invalid(
+                    "tls_ca",
+                    "TLS settings need tls_ca, the CA to verify the queen with",
+                ));
+            }
+            None => None,
+        };
+
         Ok(Config {
             queen,
             slots,
@@ -351,6 +421,7 @@ impl Config {
                 .or(file.log_format)
                 .unwrap_or(defaults.log_format),
             policy,
+            tls,
         })
     }
 }
@@ -558,6 +629,10 @@ mod tests {
             max_output_bytes: Some(0),
             max_frame_len: Some(0),
             log_format: Some(LogFormat::Pretty),
+            tls_ca: Some(PathBuf::new()),
+            tls_cert: Some(PathBuf::new()),
+            tls_key: Some(PathBuf::new()),
+            tls_server_name: Some(String::new()),
             // Its keys are checked by the policy module's own test.
             policy: Some(PolicyFile::default()),
         };

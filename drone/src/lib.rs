@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod executor;
+pub mod link;
 pub mod outbox;
 pub mod policy;
 pub mod process;
