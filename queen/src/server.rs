@@ -119,7 +119,7 @@ async fn connection<S: Io>(
         }
         Ok(None) => return,
         Ok(Some(Err(e))) => {
-            let message = format!("bad frame: {e}");
+            let message = bad_frame(&e, limits.max_frame_len);
             tracing::warn!(%peer, %message, "closing connection");
             let _ = send(&mut sink, &QueenMessage::Error { message }).await;
             return;
@@ -201,7 +201,7 @@ async fn connection<S: Io>(
             match next {
                 None => break,
                 Some(Err(e)) => {
-                    let message = format!("bad frame: {e}");
+                    let message = bad_frame(&e, limits.max_frame_len);
                     tracing::warn!(%peer, conn = id, %message, "closing connection");
                     let _ = tx.send(QueenMessage::Error { message });
                     break;
@@ -224,6 +224,20 @@ async fn connection<S: Io>(
         let _ = core.send(Request::Closed { conn: id }).await;
     };
     tokio::join!(writer, reader);
+}
+
+/// What the drone is told about a frame that could not be read.
+fn bad_frame(e: &std::io::Error, max_frame_len: usize) -> String {
+    let too_long = e
+        .get_ref()
+        .is_some_and(|inner| inner.is::<tokio_util::codec::LengthDelimitedCodecError>());
+    if too_long {
+        format!(
+            "bad frame: longer than {max_frame_len} bytes (queen.max_frame_len = {max_frame_len})"
+        )
+    } else {
+        format!("bad frame: {e}")
+    }
 }
 
 /// Messages after which the queen closes the connection.

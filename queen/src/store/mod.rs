@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::task::Task;
 
 /// The storage schema this build writes. See `migrations-notes/`.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Commits queued for the writer before submitters wait: enough to keep a batch full
 /// while the previous one flushes, small enough to bound memory.
@@ -463,7 +463,18 @@ fn check_schema_key(tree: &sled::Tree, db_path: &Path, marked: bool) -> Result<(
                     supported: SCHEMA_VERSION,
                 });
             }
-            // Version 1 is the first schema: nothing older exists to migrate from.
+            if found < SCHEMA_VERSION {
+                // 1 → 2: task records are written in the compact v2 form from now on;
+                // v1 records are read as they are and rewritten as v2 when they next
+                // change. Marking the database 2 keeps an older queen from opening it.
+                tracing::info!(
+                    from = found,
+                    to = SCHEMA_VERSION,
+                    "upgrading the storage schema (see migrations-notes/)"
+                );
+                tree.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                tree.flush()?;
+            }
             Ok(())
         }
     }

@@ -112,6 +112,90 @@ async fn a_newer_schema_is_refused_and_the_database_left_alone() {
     assert!(err.to_string().contains("newer than this queen"), "{err}");
 }
 
+/// Guards the 1 → 2 upgrade: a schema-1 database whose task records are v1 JSON (every
+/// field present) opens, is marked schema 2, and gives its tasks back unchanged; records
+/// written afterwards are the compact v2 form and read back equal.
+#[tokio::test]
+async fn a_schema_1_database_with_v1_records_is_upgraded_and_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut t = task();
+    t.state = TaskState::Running;
+    t.fence = shared::Fence(4);
+    t.attempts = 2;
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    // Write what a schema-1 queen wrote: version byte 1 and the full v1 JSON.
+    let v1 = crate::store::record::v1::TaskRecord {
+        id: t.id,
+        queue: t.queue.clone(),
+        kind: t.kind.clone(),
+        payload: t.payload.clone(),
+        priority: t.priority,
+        labels: t.labels.clone(),
+        idempotency_key: None,
+        depends_on: Vec::new(),
+        retry: None,
+        max_attempts: t.max_attempts,
+        timeout_ms: None,
+        state: crate::store::record::v1::State::Running,
+        attempts: 2,
+        lost: 0,
+        fence: 4,
+        lease: None,
+        result: None,
+        errors: Vec::new(),
+        checkpoint: None,
+        cancel_reason: None,
+        created_at: t.created_at,
+        run_at: None,
+        started_at: None,
+        finished_at: None,
+    };
+    let mut bytes = vec![crate::store::record::RECORD_V1];
+    bytes.extend(serde_json::to_vec(&v1).expect("json"));
+    let mut key = b"a/".to_vec();
+    key.extend_from_slice(&t.id.to_bytes());
+    store.reader.tree.insert(key, bytes).expect("insert");
+    store
+        .reader
+        .tree
+        .insert(SCHEMA_KEY, &1u32.to_be_bytes())
+        .expect("insert");
+    store.reader.tree.flush().expect("flush");
+    close(store, w);
+
+    let (store, w, rec) =
+        Store::open(&opts(dir.path()), CancellationToken::new()).expect("upgrade");
+    assert_eq!(rec.active, vec![Box::new(t.clone())]);
+    let schema = store
+        .reader
+        .tree
+        .get(SCHEMA_KEY)
+        .expect("get")
+        .expect("set");
+    assert_eq!(schema.as_ref(), &SCHEMA_VERSION.to_be_bytes());
+    // Rewritten as v2: smaller, and read back the same.
+    t.attempts = 3;
+    commit(&w, vec![Mutation::save(&t)]).await.expect("durable");
+    close(store, w);
+    let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
+    assert_eq!(rec.active, vec![Box::new(t.clone())]);
+    let mut key = b"a/".to_vec();
+    key.extend_from_slice(&t.id.to_bytes());
+    let raw = store.reader.tree.get(key).expect("get").expect("present");
+    assert_eq!(raw[0], crate::store::record::RECORD_V2);
+    let text = std::str::from_utf8(&raw[1..]).expect("json");
+    for absent in [
+        "\"lease\"",
+        "\"errors\"",
+        "\"run_at\"",
+        "\"labels\"",
+        "\"lost\"",
+    ] {
+        assert!(!text.contains(absent), "compact, without {absent}: {text}");
+    }
+    close(store, w);
+}
+
 #[test]
 fn a_data_dir_that_is_a_file_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
