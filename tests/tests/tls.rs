@@ -212,4 +212,16 @@ fn a_hive_over_mutual_tls_runs_tasks_and_keeps_strangers_out() {
     stranger.kill9();
     good.kill9();
     queen.stop();
+    // Secrets never reach a log.
+    for log in [
+        queen.log().to_path_buf(),
+        dir.path().join("drone-a.log"),
+        dir.path().join("stranger.log"),
+    ] {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(!text.is_empty(), "{} has lines", log.display());
+        for secret in ["drones-secret", "clients-secret"] {
+            assert!(!text.contains(secret), "{} logs {secret}", log.display());
+        }
+    }
 }
