@@ -5,72 +5,40 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use common::{fast_config, hello, TestQueen};
 use futures_util::{SinkExt, StreamExt};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use serde_json::json;
 use shared::frame;
 use shared::protocol::{AckStatus, DroneMessage, QueenMessage, TaskComplete};
+use shared::test_pki::Usage as ExtendedKeyUsagePurpose;
 use shared::DroneId;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
 
-/// A CA and what it signed, as PEM files in a temp dir.
+/// A throwaway CA with its own temp dir.
 struct Pki {
-    dir: tempfile::TempDir,
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
+    inner: shared::test_pki::Pki,
+    _dir: tempfile::TempDir,
 }
 
 impl Pki {
     fn new(name: &str) -> Pki {
-        let ca_key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        let ca = params.self_signed(&ca_key).expect("self-signed CA");
-        let pki = Pki {
-            dir: tempfile::tempdir().expect("tempdir"),
-            ca,
-            ca_key,
-        };
-        std::fs::write(pki.path("ca.crt"), pki.ca.pem()).expect("write CA");
-        pki
+        let dir = tempfile::tempdir().expect("tempdir");
+        Pki {
+            inner: shared::test_pki::Pki::new(dir.path(), name),
+            _dir: dir,
+        }
     }
+}
 
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.path().join(file)
-    }
-
-    /// Issues a certificate for `sans`, written as `<name>.crt` and `<name>.key`.
-    fn issue(
-        &self,
-        name: &str,
-        sans: &[&str],
-        usage: ExtendedKeyUsagePurpose,
-    ) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().expect("key");
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
-        let cert = params
-            .signed_by(&key, &self.ca, &self.ca_key)
-            .expect("signed");
-        let (crt, k) = (
-            self.path(&format!("{name}.crt")),
-            self.path(&format!("{name}.key")),
-        );
-        std::fs::write(&crt, cert.pem()).expect("write cert");
-        std::fs::write(&k, key.serialize_pem()).expect("write key");
-        (crt, k)
+impl std::ops::Deref for Pki {
+    type Target = shared::test_pki::Pki;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
     }
 }
 

@@ -8,6 +8,8 @@ pub mod api;
 pub mod frame;
 pub mod ids;
 pub mod protocol;
+#[cfg(feature = "test-pki")]
+pub mod test_pki;
 pub mod tls;
 
 pub use ids::{DroneId, Fence, TaskId};

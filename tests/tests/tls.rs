@@ -4,61 +4,12 @@
 //! token; a drone without a certificate from the CA never gets in.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use hive_tests::drone::DroneProc;
 use hive_tests::queen::QueenProc;
 use hive_tests::wait::{wait_until, DEADLINE};
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use serde_json::{json, Value};
-
-struct Pki {
-    dir: PathBuf,
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
-}
-
-impl Pki {
-    fn new(dir: &Path, name: &str) -> Pki {
-        let ca_key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} CA"));
-        let ca = params.self_signed(&ca_key).expect("CA");
-        let dir = dir.join(name);
-        std::fs::create_dir_all(&dir).expect("pki dir");
-        std::fs::write(dir.join("ca.crt"), ca.pem()).expect("write CA");
-        Pki { dir, ca, ca_key }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("ca.crt")
-    }
-
-    fn issue(
-        &self,
-        name: &str,
-        sans: &[&str],
-        usage: ExtendedKeyUsagePurpose,
-    ) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().expect("key");
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
-        let cert = params
-            .signed_by(&key, &self.ca, &self.ca_key)
-            .expect("sign");
-        let crt = self.dir.join(format!("{name}.crt"));
-        let k = self.dir.join(format!("{name}.key"));
-        std::fs::write(&crt, cert.pem()).expect("write cert");
-        std::fs::write(&k, key.serialize_pem()).expect("write key");
-        (crt, k)
-    }
-}
+use shared::test_pki::{Pki, Usage as ExtendedKeyUsagePurpose};
 
 /// The API over https, trusting only `ca`.
 struct Https {
