@@ -81,7 +81,7 @@ fn store_flush_histogram() -> Histogram {
     Histogram::with_opts(
         HistogramOpts::new(
             "hive_store_flush_duration_seconds",
-            "Time to write and flush one group commit (and fsync, with [storage] sync).",
+            "Time to flush one group commit to disk (with syncfs under [storage] sync).",
         )
         .buckets(FLUSH_BUCKETS.to_vec()),
     )

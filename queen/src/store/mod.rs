@@ -18,10 +18,11 @@
 //!
 //! Active and finished tasks live apart, so a restart reads only active ones.
 //!
-//! Writes go through one writer thread (group commit): it drains every commit waiting in
-//! its channel, applies them as one batch, flushes once (plus `syncfs` with
-//! `[storage] sync`), then runs every commit's continuation. Nothing is acknowledged or
-//! sent to a drone before the write it depends on is durable.
+//! Writes go through a two-stage writer (group commit). The writer thread drains every
+//! commit waiting in its channel and applies them to sled as one batch; the flusher thread
+//! flushes everything applied so far (plus `syncfs` with `[storage] sync`), then runs those
+//! commits' continuations in order. The next batch is applied while the last one flushes.
+//! Nothing is acknowledged or sent to a drone before the write it depends on is durable.
 
 pub mod record;
 
@@ -680,50 +681,57 @@ impl StoreWriter {
     }
 }
 
-struct Writer {
-    db: sled::Db,
-    tree: sled::Tree,
-    rx: mpsc::Receiver<Commit>,
-    durable: Arc<AtomicU64>,
-    sync_file: Option<File>,
-    fatal: CancellationToken,
-    metrics: crate::metrics::StoreMetrics,
+/// A group of commits applied to sled, waiting for a flush.
+struct Applied {
+    commits: Vec<Commit>,
+    result: Result<(), CommitError>,
 }
 
-impl Writer {
-    /// Waits for work, then does one unit of it: a group commit.
-    fn run(mut self) {
+/// The second stage of the writer: makes applied commits durable and answers them.
+struct Flusher {
+    db: sled::Db,
+    sync_file: Option<File>,
+    durable: Arc<AtomicU64>,
+    fatal: CancellationToken,
+    metrics: crate::metrics::StoreMetrics,
+    rx: std::sync::mpsc::Receiver<Applied>,
+}
+
+impl Flusher {
+    fn run(self) {
         let mut failed: Option<CommitError> = None;
-        while let Some(first) = self.rx.blocking_recv() {
-            let mut commits = vec![first];
-            while commits.len() < MAX_COMMITS_PER_BATCH {
-                match self.rx.try_recv() {
-                    Ok(c) => commits.push(c),
-                    Err(_) => break,
-                }
+        while let Ok(first) = self.rx.recv() {
+            // Everything applied so far: one flush makes all of it durable.
+            let mut groups = vec![first];
+            while let Ok(more) = self.rx.try_recv() {
+                groups.push(more);
             }
             let started = std::time::Instant::now();
-            let result = match &failed {
+            let flushed = match &failed {
                 Some(err) => Err(err.clone()),
-                None => self.group_commit(&mut commits),
+                None => self.flush(),
             };
             self.metrics
                 .flush_seconds
                 .observe(started.elapsed().as_secs_f64());
-            self.metrics.batch_commits.observe(commits.len() as f64);
-            if let Err(err) = &result {
-                if failed.is_none() {
-                    tracing::error!(error = %err, "store write failed; the queen must stop");
-                    self.fatal.cancel();
-                    failed = Some(err.clone());
+            let count: usize = groups.iter().map(|g| g.commits.len()).sum();
+            self.metrics.batch_commits.observe(count as f64);
+            for group in groups {
+                let result = group.result.and(flushed.clone());
+                if let Err(err) = &result {
+                    if failed.is_none() {
+                        tracing::error!(error = %err, "store write failed; the queen must stop");
+                        self.fatal.cancel();
+                        failed = Some(err.clone());
+                    }
+                } else {
+                    self.durable
+                        .fetch_add(group.commits.len() as u64, Ordering::AcqRel);
                 }
-            } else {
-                self.durable
-                    .fetch_add(commits.len() as u64, Ordering::AcqRel);
-            }
-            for commit in commits {
-                if let Some(after) = commit.after {
-                    after(result.clone());
+                for commit in group.commits {
+                    if let Some(after) = commit.after {
+                        after(result.clone());
+                    }
                 }
             }
         }
@@ -732,17 +740,7 @@ impl Writer {
         }
     }
 
-    fn group_commit(&self, commits: &mut [Commit]) -> Result<(), CommitError> {
-        let mut batch = sled::Batch::default();
-        for commit in commits.iter_mut() {
-            for m in commit.mutations.drain(..) {
-                self.apply(&mut batch, m)
-                    .map_err(|e| CommitError(e.to_string()))?;
-            }
-        }
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| CommitError(e.to_string()))?;
+    fn flush(&self) -> Result<(), CommitError> {
         self.db.flush().map_err(|e| CommitError(e.to_string()))?;
         if let Some(file) = &self.sync_file {
             // sled's flush uses sync_file_range, which survives a killed process but not
@@ -756,6 +754,87 @@ impl Writer {
             }
         }
         Ok(())
+    }
+}
+
+struct Writer {
+    db: sled::Db,
+    tree: sled::Tree,
+    rx: mpsc::Receiver<Commit>,
+    durable: Arc<AtomicU64>,
+    sync_file: Option<File>,
+    fatal: CancellationToken,
+    metrics: crate::metrics::StoreMetrics,
+}
+
+impl Writer {
+    /// Two stages, so that writing the next batch overlaps flushing the last one: this
+    /// thread applies each group of waiting commits to sled as it arrives; the flusher
+    /// thread flushes whatever has been applied (sled's flush covers every write made
+    /// before it starts) and only then runs those commits' continuations, in order.
+    fn run(mut self) {
+        let (applied_tx, applied_rx) = std::sync::mpsc::channel::<Applied>();
+        let flusher = Flusher {
+            db: self.db.clone(),
+            sync_file: self.sync_file.take(),
+            durable: self.durable.clone(),
+            fatal: self.fatal.clone(),
+            metrics: self.metrics.clone(),
+            rx: applied_rx,
+        };
+        let flusher = match std::thread::Builder::new()
+            .name("hive-store-flush".into())
+            .spawn(move || flusher.run())
+        {
+            Ok(handle) => handle,
+            Err(e) => {
+                // Without a flusher nothing can become durable: refuse every commit.
+                tracing::error!(error = %e, "cannot start the store flusher; the queen must stop");
+                self.fatal.cancel();
+                while let Some(commit) = self.rx.blocking_recv() {
+                    if let Some(after) = commit.after {
+                        after(Err(CommitError("the store flusher did not start".into())));
+                    }
+                }
+                return;
+            }
+        };
+        let mut failed: Option<CommitError> = None;
+        while let Some(first) = self.rx.blocking_recv() {
+            let mut commits = vec![first];
+            while commits.len() < MAX_COMMITS_PER_BATCH {
+                match self.rx.try_recv() {
+                    Ok(c) => commits.push(c),
+                    Err(_) => break,
+                }
+            }
+            let result = match &failed {
+                Some(err) => Err(err.clone()),
+                None => self.apply_all(&mut commits),
+            };
+            if let Err(err) = &result {
+                failed.get_or_insert_with(|| err.clone());
+            }
+            if applied_tx.send(Applied { commits, result }).is_err() {
+                break;
+            }
+        }
+        drop(applied_tx);
+        let _ = flusher.join();
+    }
+
+    /// One sled batch for a group of commits (not yet durable).
+    fn apply_all(&self, commits: &mut [Commit]) -> Result<(), CommitError> {
+        let mut batch = sled::Batch::default();
+        for commit in commits.iter_mut() {
+            for m in commit.mutations.drain(..) {
+                self.apply(&mut batch, m)
+                    .map_err(|e| CommitError(e.to_string()))?;
+            }
+        }
+        self.tree
+            .apply_batch(batch)
+            .map_err(|e| CommitError(e.to_string()))
     }
 
     fn apply(&self, batch: &mut sled::Batch, m: Mutation) -> Result<(), sled::Error> {
