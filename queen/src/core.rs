@@ -1337,7 +1337,7 @@ impl Core {
                 tracing::warn!(task_id = %c.task_id, fence = %c.fence, size, max, "checkpoint too large; ignored (tasks.max_checkpoint_bytes)");
                 continue;
             }
-            task.checkpoint = Some(c.data);
+            task.checkpoint = Some(Box::new(c.data));
             let m = Mutation::save(&task);
             drop(task);
             self.commit(vec![m], None);
@@ -1436,7 +1436,7 @@ impl Core {
         self.end_attempt(&task);
         tracing::debug!(task_id = %id, fence = %task.fence, attempt = task.attempts, "task succeeded");
         task.state = TaskState::Succeeded;
-        task.result = Some(result);
+        task.result = Some(Box::new(result));
         task.lease = None;
         task.finished_at = Some(wall);
         self.finish(task, wall);
@@ -1464,7 +1464,7 @@ impl Core {
         });
         task.lease = None;
         if result.is_some() {
-            task.result = result;
+            task.result = result.map(Box::new);
         }
         let jitter: f64 = self.rng.random();
         match rules::after_failure(
@@ -1472,7 +1472,7 @@ impl Core {
             task.max_attempts,
             retryable,
             wall,
-            &self.retry.with(task.retry.as_ref()),
+            &self.retry.with(task.retry.as_deref()),
             jitter,
         ) {
             AfterFailure::Retry { at } => {
@@ -1937,10 +1937,10 @@ impl Core {
         task.state = TaskState::Running;
         task.attempts += 1;
         task.fence = task.fence.next();
-        task.lease = Some(Lease {
+        task.lease = Some(Box::new(Lease {
             drone: drone_id,
             drone_name: drone.name.clone(),
-        });
+        }));
         task.started_at = Some(wall);
         task.run_at = None;
         drone.assigns_sent += 1;
@@ -1972,7 +1972,7 @@ impl Core {
             queue: task.queue.clone(),
             payload: task.payload.to_value(),
             timeout_ms: task.timeout_ms,
-            checkpoint: task.checkpoint.clone(),
+            checkpoint: task.checkpoint.as_deref().cloned(),
         });
         let m = Mutation::save(&task);
         drop(task);

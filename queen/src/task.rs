@@ -28,7 +28,8 @@ pub struct Task {
     pub idempotency_key: Option<String>,
     pub depends_on: Vec<TaskId>,
     /// The task's own retry backoff settings, over the queen's defaults.
-    pub retry: Option<RetrySpec>,
+    /// Boxed, like the other fields most tasks never set, to keep a pending task small.
+    pub retry: Option<Box<RetrySpec>>,
     pub max_attempts: u32,
     pub timeout_ms: Option<u64>,
     pub state: TaskState,
@@ -39,11 +40,11 @@ pub struct Task {
     pub lost: u32,
     /// The current (or last) lease's fence.
     pub fence: Fence,
-    pub lease: Option<Lease>,
-    pub result: Option<Value>,
+    pub lease: Option<Box<Lease>>,
+    pub result: Option<Box<Value>>,
     pub errors: Vec<AttemptError>,
     /// The last checkpoint reported by a running attempt; survives requeues.
-    pub checkpoint: Option<Value>,
+    pub checkpoint: Option<Box<Value>>,
     pub cancel_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     /// Not runnable before this (delay, `run_at` or retry backoff).
@@ -226,7 +227,7 @@ impl Task {
             labels,
             idempotency_key: spec.idempotency_key,
             depends_on,
-            retry: spec.retry,
+            retry: spec.retry.map(Box::new),
             max_attempts,
             timeout_ms: spec.timeout_ms,
             state,
@@ -260,19 +261,19 @@ impl Task {
             labels: self.labels.clone(),
             idempotency_key: self.idempotency_key.clone(),
             depends_on: self.depends_on.clone(),
-            retry: self.retry.clone(),
+            retry: self.retry.as_deref().cloned(),
             lease: self.lease.as_ref().map(|l| LeaseView {
                 drone: l.drone,
                 drone_name: l.drone_name.clone(),
             }),
-            result: self.result.clone(),
+            result: self.result.as_deref().cloned(),
             errors: self.errors.clone(),
             progress: self
                 .checkpoint
                 .as_ref()
                 .and_then(|c| c.get("progress"))
                 .and_then(Value::as_f64),
-            checkpoint: self.checkpoint.clone(),
+            checkpoint: self.checkpoint.as_deref().cloned(),
             cancel_reason: self.cancel_reason.clone(),
             created_at: self.created_at,
             run_at: self.run_at,

@@ -252,7 +252,7 @@ pub fn encode(task: &Task) -> Vec<u8> {
             drone: l.drone,
             drone_name: l.drone_name.clone(),
         }),
-        result: task.result.clone(),
+        result: task.result.as_deref().cloned(),
         errors: task
             .errors
             .iter()
@@ -264,7 +264,7 @@ pub fn encode(task: &Task) -> Vec<u8> {
                 at: e.at,
             })
             .collect(),
-        checkpoint: task.checkpoint.clone(),
+        checkpoint: task.checkpoint.as_deref().cloned(),
         cancel_reason: task.cancel_reason.clone(),
         created_at: task.created_at,
         run_at: task.run_at,
@@ -370,11 +370,13 @@ pub fn decode(bytes: &[u8]) -> Result<Task, String> {
         labels: r.labels,
         idempotency_key: r.idempotency_key,
         depends_on: r.depends_on,
-        retry: r.retry.map(|r| shared::api::RetrySpec {
-            initial_ms: r.initial_ms,
-            factor: r.factor,
-            max_ms: r.max_ms,
-            jitter: r.jitter,
+        retry: r.retry.map(|r| {
+            Box::new(shared::api::RetrySpec {
+                initial_ms: r.initial_ms,
+                factor: r.factor,
+                max_ms: r.max_ms,
+                jitter: r.jitter,
+            })
         }),
         max_attempts: r.max_attempts,
         timeout_ms: r.timeout_ms,
@@ -382,11 +384,13 @@ pub fn decode(bytes: &[u8]) -> Result<Task, String> {
         attempts: r.attempts,
         lost: r.lost,
         fence: Fence(r.fence),
-        lease: r.lease.map(|l| Lease {
-            drone: l.drone,
-            drone_name: l.drone_name,
+        lease: r.lease.map(|l| {
+            Box::new(Lease {
+                drone: l.drone,
+                drone_name: l.drone_name,
+            })
         }),
-        result: r.result,
+        result: r.result.map(Box::new),
         errors: r
             .errors
             .into_iter()
@@ -398,7 +402,7 @@ pub fn decode(bytes: &[u8]) -> Result<Task, String> {
                 at: e.at,
             })
             .collect(),
-        checkpoint: r.checkpoint,
+        checkpoint: r.checkpoint.map(Box::new),
         cancel_reason: r.cancel_reason,
         created_at: r.created_at,
         run_at: r.run_at,
@@ -424,10 +428,10 @@ mod tests {
         t.state = TaskState::Running;
         t.fence = Fence(7);
         t.attempts = 2;
-        t.lease = Some(Lease {
+        t.lease = Some(Box::new(Lease {
             drone: DroneId::generate(),
             drone_name: "d1".into(),
-        });
+        }));
         t.errors.push(AttemptError {
             attempt: 1,
             fence: Fence(6),
