@@ -85,7 +85,9 @@ impl Queen {
             sync: cfg.storage.sync,
             metrics: metrics.store.clone(),
         };
+        let started = std::time::Instant::now();
         let (store, writer, recovered) = Store::open(&opts, fatal.clone())?;
+        let read = started.elapsed();
         let cfg = Arc::new(cfg);
         let (core, handle, requests) = Core::new(
             cfg.clone(),
@@ -93,6 +95,11 @@ impl Queen {
             store.reader.clone(),
             recovered,
             metrics.clone(),
+        );
+        tracing::info!(
+            read_ms = read.as_millis() as u64,
+            rebuilt_ms = (started.elapsed() - read).as_millis() as u64,
+            "store opened and scheduler state rebuilt"
         );
         Ok(Queen {
             cfg,

@@ -48,6 +48,11 @@ pub const SCHEMA_VERSION: u32 = 2;
 /// while the previous one flushes, small enough to bound memory.
 pub const WRITE_QUEUE: usize = 16_384;
 
+/// Active records handed to a decoder thread at a time during recovery.
+const RECOVERY_CHUNK: usize = 4_096;
+
+/// One decoded chunk of active records.
+type Decoded = Result<Vec<Box<Task>>, StoreError>;
 /// Most commits in one group commit, so one flush never waits behind an unbounded batch.
 pub const MAX_COMMITS_PER_BATCH: usize = 8_192;
 
@@ -264,6 +269,7 @@ impl Store {
 
         let db_path = dir.join("db");
         remove_unfinished_snapshots(&db_path)?;
+        let opening = std::time::Instant::now();
         let db = open_sled(&db_path, opts.cache_capacity_bytes).map_err(|e| match e {
             sled::Error::Corruption { .. } => StoreError::Corrupt {
                 path: db_path.clone(),
@@ -277,7 +283,14 @@ impl Store {
         })?;
         let tree = db.open_tree("hive")?;
         check_schema(&tree, &db_path, &dir.join(MARKER))?;
+        let opened = opening.elapsed();
         let recovered = recover(&tree, &db_path)?;
+        tracing::info!(
+            sled_open_ms = opened.as_millis() as u64,
+            read_ms = (opening.elapsed() - opened).as_millis() as u64,
+            active = recovered.active.len(),
+            "database opened"
+        );
 
         let sync_file = if opts.sync {
             Some(
@@ -487,44 +500,73 @@ fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
         detail,
     };
     let mut out = Recovered::default();
-    // Reading is one cursor; decoding (JSON, timestamps) is most of the work and is split
-    // across the cores, so a million pending tasks come back in a fraction of the time.
-    let raw: Vec<(sled::IVec, sled::IVec)> = tree.scan_prefix(ACTIVE).collect::<Result<_, _>>()?;
+    // Reading is one cursor; decoding (JSON, timestamps) is as much work again. The cursor
+    // hands chunks of records to decoder threads as it goes, so decoding overlaps reading
+    // and uses every core; results are put back in key order.
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, 8);
-    let chunk = raw.len().div_ceil(workers).max(1);
-    let decoded: Vec<Result<Vec<Box<Task>>, StoreError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = raw
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|(key, value)| {
-                            record::decode(value).map(Box::new).map_err(|e| {
-                                corrupt(format!(
-                                    "active task key {:?}: {e}",
-                                    String::from_utf8_lossy(key)
-                                ))
-                            })
-                        })
-                        .collect()
+    let decode_chunk = |chunk: Vec<(sled::IVec, sled::IVec)>| -> Decoded {
+        chunk
+            .iter()
+            .map(|(key, value)| {
+                record::decode(value).map(Box::new).map_err(|e| {
+                    corrupt(format!(
+                        "active task key {:?}: {e}",
+                        String::from_utf8_lossy(key)
+                    ))
                 })
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(corrupt("a record decoder panicked".into())))
-            })
             .collect()
+    };
+    let (work_tx, work_rx) =
+        std::sync::mpsc::sync_channel::<(usize, Vec<(sled::IVec, sled::IVec)>)>(workers * 2);
+    let work_rx = std::sync::Mutex::new(work_rx);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let scanned: Result<(), StoreError> = std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let (work_rx, done_tx) = (&work_rx, done_tx.clone());
+            scope.spawn(move || loop {
+                let next = match work_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok((index, chunk)) = next else { return };
+                if done_tx.send((index, decode_chunk(chunk))).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        let mut chunk = Vec::with_capacity(RECOVERY_CHUNK);
+        let mut index = 0;
+        for item in tree.scan_prefix(ACTIVE) {
+            chunk.push(item?);
+            if chunk.len() == RECOVERY_CHUNK {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(RECOVERY_CHUNK));
+                if work_tx.send((index, full)).is_err() {
+                    break;
+                }
+                index += 1;
+            }
+        }
+        if !chunk.is_empty() {
+            let _ = work_tx.send((index, chunk));
+        }
+        drop(work_tx);
+        Ok(())
     });
-    drop(raw);
-    out.active
-        .reserve(decoded.iter().map(|d| d.as_ref().map_or(0, Vec::len)).sum());
-    for part in decoded {
+    scanned?;
+    let mut decoded: Vec<(usize, Decoded)> = done_rx.iter().collect();
+    decoded.sort_by_key(|(index, _)| *index);
+    out.active.reserve(
+        decoded
+            .iter()
+            .map(|(_, d)| d.as_ref().map_or(0, Vec::len))
+            .sum(),
+    );
+    for (_, part) in decoded {
         out.active.extend(part?);
     }
     for item in tree.scan_prefix(SCHEDULES) {

@@ -196,6 +196,26 @@ async fn a_schema_1_database_with_v1_records_is_upgraded_and_read() {
     close(store, w);
 }
 
+/// Guards the chunked, multi-threaded recovery: more active records than fit in a few
+/// chunks come back complete and in key (id) order.
+#[tokio::test]
+async fn recovery_over_many_chunks_returns_every_task_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = RECOVERY_CHUNK * 2 + 17;
+    let tasks: Vec<Task> = (0..n).map(|_| task()).collect();
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    commit(&w, tasks.iter().map(Mutation::save).collect())
+        .await
+        .expect("durable");
+    close(store, w);
+    let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
+    let mut want: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+    want.sort();
+    let got: Vec<TaskId> = rec.active.iter().map(|t| t.id).collect();
+    assert_eq!(got, want);
+    close(store, w);
+}
+
 #[test]
 fn a_data_dir_that_is_a_file_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
