@@ -6,8 +6,8 @@ mod common;
 use common::{fast_config, hello, FakeDrone, TestQueen};
 use prometheus_parse::{Scrape, Value};
 use serde_json::json;
-use shared::protocol::{AckStatus, DroneMessage, QueenMessage, TaskComplete, TaskFailed};
-use shared::{DroneId, Fence};
+use shared::protocol::{AckStatus, DroneMessage, TaskComplete, TaskFailed};
+use shared::DroneId;
 
 async fn scrape(q: &TestQueen) -> Scrape {
     let url = q.url("/metrics");
@@ -48,14 +48,6 @@ fn observations(s: &Scrape, name: &str) -> u64 {
             other => panic!("{name} is not a histogram: {other:?}"),
         })
         .sum()
-}
-
-async fn ack(d: &mut FakeDrone) -> (shared::TaskId, Fence, AckStatus) {
-    d.expect("an ack", |m| match m {
-        QueenMessage::Ack(a) => Some((a.task_id, a.fence, a.status)),
-        _ => None,
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +100,7 @@ async fn counters_and_histograms_move_as_tasks_run() {
         result: json!("done"),
     }))
     .await;
-    assert_eq!(ack(&mut d).await.2, AckStatus::Recorded);
+    assert_eq!(d.ack().await.2, AckStatus::Recorded);
     d.send(DroneMessage::TaskFailed(TaskFailed {
         task_id: second.task_id,
         fence: second.fence,
@@ -117,7 +109,7 @@ async fn counters_and_histograms_move_as_tasks_run() {
         retryable: true,
     }))
     .await;
-    assert_eq!(ack(&mut d).await.2, AckStatus::Recorded);
+    assert_eq!(d.ack().await.2, AckStatus::Recorded);
     let again = d.assign().await;
     assert_eq!(again.task_id, bad.id);
     d.heartbeat(vec![]).await;
@@ -131,7 +123,7 @@ async fn counters_and_histograms_move_as_tasks_run() {
         result: json!("late"),
     }))
     .await;
-    assert_eq!(ack(&mut d).await.2, AckStatus::Stale);
+    assert_eq!(d.ack().await.2, AckStatus::Stale);
 
     let s = scrape(&q).await;
     let mail = [("queue", "mail")];
@@ -157,7 +149,7 @@ async fn counters_and_histograms_move_as_tasks_run() {
         retryable: true,
     }))
     .await;
-    assert_eq!(ack(&mut d).await.2, AckStatus::Recorded);
+    assert_eq!(d.ack().await.2, AckStatus::Recorded);
     let s = scrape(&q).await;
     assert_eq!(value(&s, "hive_tasks_failed_total", &mail), 1.0);
     assert_eq!(

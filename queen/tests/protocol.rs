@@ -20,14 +20,6 @@ fn complete(a: &shared::protocol::Assign, result: serde_json::Value) -> DroneMes
     })
 }
 
-async fn ack(d: &mut FakeDrone) -> (shared::TaskId, Fence, AckStatus) {
-    d.expect("an ack", |m| match m {
-        QueenMessage::Ack(a) => Some((a.task_id, a.fence, a.status)),
-        _ => None,
-    })
-    .await
-}
-
 /// Guards the basic loop: lease, run, durable completion, `recorded` ack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completed_task_is_acked_recorded_and_succeeds() {
@@ -39,7 +31,7 @@ async fn a_completed_task_is_acked_recorded_and_succeeds() {
     assert_eq!((a.task_id, a.fence, a.attempt), (t.id, Fence(1), 1));
     assert_eq!(a.payload, json!({"x": 1}));
     d.send(complete(&a, json!({"ok": true}))).await;
-    assert_eq!(ack(&mut d).await, (t.id, Fence(1), AckStatus::Recorded));
+    assert_eq!(d.ack().await, (t.id, Fence(1), AckStatus::Recorded));
     let done = q.task(t.id).await;
     assert_eq!(done.state, TaskState::Succeeded);
     assert_eq!(done.result, Some(json!({"ok": true})));
@@ -65,12 +57,12 @@ async fn a_completion_with_a_stale_fence_is_acked_stale_and_changes_nothing() {
     let second = a.assign().await;
     assert_eq!(second.fence, Fence(2), "a new lease gets a new fence");
     a.send(complete(&first, json!("from the lost lease"))).await;
-    assert_eq!(ack(&mut a).await, (t.id, Fence(1), AckStatus::Stale));
+    assert_eq!(a.ack().await, (t.id, Fence(1), AckStatus::Stale));
     let mid = q.task(t.id).await;
     assert_eq!(mid.state, TaskState::Running);
     assert_eq!(mid.result, None, "a stale completion must not set a result");
     a.send(complete(&second, json!("current"))).await;
-    assert_eq!(ack(&mut a).await, (t.id, Fence(2), AckStatus::Recorded));
+    assert_eq!(a.ack().await, (t.id, Fence(2), AckStatus::Recorded));
     let done = q.task(t.id).await;
     assert_eq!(
         (done.state, done.result),
@@ -85,7 +77,7 @@ async fn a_completion_with_a_stale_fence_is_acked_stale_and_changes_nothing() {
         retryable: true,
     }))
     .await;
-    assert_eq!(ack(&mut a).await, (t.id, Fence(2), AckStatus::Stale));
+    assert_eq!(a.ack().await, (t.id, Fence(2), AckStatus::Stale));
     assert_eq!(q.task(t.id).await.state, TaskState::Succeeded);
     q.stop().await;
 }
@@ -142,9 +134,9 @@ async fn a_silent_drone_loses_its_lease_to_another_drone() {
         .await;
     assert_eq!((cancel.task_id, cancel.fence), (t.id, old.fence));
     back.send(complete(&old, json!("old"))).await;
-    assert_eq!(ack(&mut back).await.2, AckStatus::Stale);
+    assert_eq!(back.ack().await.2, AckStatus::Stale);
     live.send(complete(&new, json!("new"))).await;
-    assert_eq!(ack(&mut live).await.2, AckStatus::Recorded);
+    assert_eq!(live.ack().await.2, AckStatus::Recorded);
     assert_eq!(q.task(t.id).await.result, Some(json!("new")));
     q.stop().await;
 }
@@ -208,10 +200,7 @@ async fn after_a_restart_a_reporting_drone_keeps_its_task() {
     let again = d.assign().await;
     assert_eq!((again.task_id, again.fence), (lost.id, Fence(2)));
     d.send(complete(&keep, json!(1))).await;
-    assert_eq!(
-        ack(&mut d).await,
-        (kept.id, keep.fence, AckStatus::Recorded)
-    );
+    assert_eq!(d.ack().await, (kept.id, keep.fence, AckStatus::Recorded));
     let k = q.task(kept.id).await;
     assert_eq!(
         (k.state, k.attempts),
@@ -239,7 +228,7 @@ async fn failures_retry_then_fail_keeping_every_error() {
             retryable: true,
         }))
         .await;
-        assert_eq!(ack(&mut d).await.2, AckStatus::Recorded);
+        assert_eq!(d.ack().await.2, AckStatus::Recorded);
     }
     let done = q.wait_task(t.id, "failed", |t| t.state.is_terminal()).await;
     assert_eq!(done.state, TaskState::Failed);
@@ -265,7 +254,7 @@ async fn a_non_retryable_failure_fails_at_once() {
         retryable: false,
     }))
     .await;
-    assert_eq!(ack(&mut d).await.2, AckStatus::Recorded);
+    assert_eq!(d.ack().await.2, AckStatus::Recorded);
     let done = q.task(t.id).await;
     assert_eq!((done.state, done.attempts), (TaskState::Failed, 1));
     q.stop().await;
@@ -292,7 +281,7 @@ async fn cancelling_a_running_task_tells_its_drone() {
         .await;
     assert_eq!((c.task_id, c.fence), (t.id, a.fence));
     d.send(complete(&a, json!("too late"))).await;
-    assert_eq!(ack(&mut d).await.2, AckStatus::Stale);
+    assert_eq!(d.ack().await.2, AckStatus::Stale);
     let done = q.task(t.id).await;
     assert_eq!(done.state, TaskState::Cancelled);
     assert_eq!(done.result, None);
@@ -356,7 +345,7 @@ async fn bad_frames_close_only_their_connection() {
     let a = good.assign().await;
     assert_eq!(a.task_id, t.id);
     good.send(complete(&a, json!(null))).await;
-    assert_eq!(ack(&mut good).await.2, AckStatus::Recorded);
+    assert_eq!(good.ack().await.2, AckStatus::Recorded);
     q.stop().await;
 }
 

@@ -261,6 +261,15 @@ impl FakeDrone {
         }
     }
 
+    /// The next ack: (task, fence, status).
+    pub async fn ack(&mut self) -> (TaskId, shared::Fence, shared::protocol::AckStatus) {
+        self.expect("an ack", |m| match m {
+            QueenMessage::Ack(a) => Some((a.task_id, a.fence, a.status)),
+            _ => None,
+        })
+        .await
+    }
+
     pub async fn assign(&mut self) -> shared::protocol::Assign {
         self.expect("an assign", |m| match m {
             QueenMessage::Assign(a) => Some(a),
