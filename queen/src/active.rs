@@ -2,56 +2,133 @@
 //! with live counts per queue and state. Counts move on every insert, removal and state
 //! change, so `/v1/stats`, `/v1/queues` and `/metrics` never walk the tasks, and a list
 //! of the newest tasks stops as soon as it has enough.
+//!
+//! **Hot and cold.** At most `hot_max` tasks are held whole ("hot"). Beyond that, waiting
+//! tasks (pending, scheduled, blocked) whose latest record is durable are *demoted*: the
+//! map keeps only their queue and state (16 bytes), and the task is read back from the
+//! store when it is next leased, viewed or changed ("faulted in"). Memory for a backlog of
+//! a million tasks is then the index, not a million tasks.
+//!
+//! A demoted task must read back exactly as it was held, so a task is demoted only once
+//! the commit carrying its last change is durable: the core [`seal`](ActiveTasks::seal)s
+//! each pass with the number of commits made so far, which stamps every task touched in
+//! the pass (every change is committed in the pass that makes it), and
+//! [`demote`](ActiveTasks::demote) takes only stamps the writer has made durable. The one
+//! change the core keeps in memory only, a scheduled task whose time came becoming
+//! pending, is kept in the cold entry's state and reapplied when the task is read back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::{Deref, DerefMut};
 
 use shared::api::TaskState;
 use shared::TaskId;
+use tokio_util::sync::CancellationToken;
 
+use crate::store::StoreReader;
 use crate::task::Task;
 
 const STATES: usize = TaskState::ALL.len();
 
-fn slot(state: TaskState) -> usize {
+fn state_slot(state: TaskState) -> usize {
     TaskState::ALL.iter().position(|s| *s == state).unwrap_or(0)
 }
 
-/// Tasks by queue, per state (indexed as `TaskState::ALL`).
-#[derive(Debug, Default)]
-struct Counts(HashMap<String, [u64; STATES]>);
+/// Waiting states: the only ones a task is demoted in (a running task is in use).
+fn demotable(state: TaskState) -> bool {
+    matches!(
+        state,
+        TaskState::Pending | TaskState::Scheduled | TaskState::Blocked
+    )
+}
 
-impl Counts {
-    fn add(&mut self, queue: &str, state: TaskState) {
-        match self.0.get_mut(queue) {
-            Some(c) => c[slot(state)] += 1,
-            None => {
-                let mut c = [0; STATES];
-                c[slot(state)] = 1;
-                self.0.insert(queue.to_string(), c);
-            }
+/// Queue names, each stored once; cold entries and counts refer to them by number.
+#[derive(Debug, Default)]
+struct Queues {
+    names: Vec<Box<str>>,
+    ids: HashMap<Box<str>, u32>,
+}
+
+impl Queues {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
         }
+        let id = self.names.len() as u32;
+        self.names.push(name.into());
+        self.ids.insert(name.into(), id);
+        id
     }
 
-    fn sub(&mut self, queue: &str, state: TaskState) {
-        if let Some(c) = self.0.get_mut(queue) {
-            let n = &mut c[slot(state)];
+    fn name(&self, id: u32) -> &str {
+        self.names.get(id as usize).map_or("", |n| n)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts(Vec<[u64; STATES]>);
+
+impl Counts {
+    fn add(&mut self, queue: u32, state: TaskState) {
+        let q = queue as usize;
+        if self.0.len() <= q {
+            self.0.resize(q + 1, [0; STATES]);
+        }
+        self.0[q][state_slot(state)] += 1;
+    }
+
+    fn sub(&mut self, queue: u32, state: TaskState) {
+        if let Some(c) = self.0.get_mut(queue as usize) {
+            let n = &mut c[state_slot(state)];
             *n = n.saturating_sub(1);
         }
     }
 }
 
-/// Boxed tasks: a map entry holds a pointer, not a whole task.
-#[derive(Debug, Default)]
-pub struct ActiveTasks {
-    map: BTreeMap<TaskId, Box<Task>>,
-    counts: Counts,
+#[derive(Debug)]
+enum Slot {
+    /// Held whole. `stamp`: commits made when it was last changed (see the module docs).
+    Hot { task: Box<Task>, stamp: u64 },
+    /// Demoted: the rest is in the store.
+    Cold { queue: u32, state: TaskState },
 }
 
-/// A task borrowed for change; its state's count follows when the borrow ends.
+/// Where demoted tasks are read back from, and what to stop if that ever fails.
+#[derive(Debug, Clone)]
+pub struct Backing {
+    pub reader: StoreReader,
+    /// Cancelled when a read fails: the core's state no longer matches the disk.
+    pub fatal: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+pub struct ActiveTasks {
+    map: BTreeMap<TaskId, Slot>,
+    queues: Queues,
+    counts: Counts,
+    /// None: every task stays hot (tests of the scheduling logic alone).
+    backing: Option<Backing>,
+    hot: usize,
+    hot_max: usize,
+    /// Tasks changed in the current pass, stamped by the next `seal`.
+    touched: Vec<TaskId>,
+    /// Demotion candidates in the order they were last changed, with their stamp. An entry
+    /// whose task changed again since (its stamp moved) is skipped.
+    candidates: VecDeque<(u64, TaskId)>,
+}
+
+/// One active task as an index entry: what a listing filters on without reading the task.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub id: TaskId,
+    pub queue: &'a str,
+    pub state: TaskState,
+}
+
 pub struct TaskMut<'a> {
     task: &'a mut Task,
     counts: &'a mut Counts,
+    queues: &'a mut Queues,
     before: TaskState,
 }
 
@@ -71,13 +148,24 @@ impl DerefMut for TaskMut<'_> {
 impl Drop for TaskMut<'_> {
     fn drop(&mut self) {
         if self.task.state != self.before {
-            self.counts.sub(&self.task.queue, self.before);
-            self.counts.add(&self.task.queue, self.task.state);
+            let q = self.queues.id(&self.task.queue);
+            self.counts.sub(q, self.before);
+            self.counts.add(q, self.task.state);
         }
     }
 }
 
 impl ActiveTasks {
+    /// Tasks beyond `hot_max` are demoted to the store behind `backing`.
+    pub fn backed(backing: Backing, hot_max: usize) -> ActiveTasks {
+        ActiveTasks {
+            backing: Some(backing),
+            hot_max,
+            ..ActiveTasks::default()
+        }
+    }
+
+    #[cfg(test)]
     pub fn with_tasks(tasks: Vec<Box<Task>>) -> ActiveTasks {
         let mut active = ActiveTasks::default();
         for t in tasks {
@@ -94,59 +182,249 @@ impl ActiveTasks {
         self.map.is_empty()
     }
 
+    /// Tasks held whole.
+    pub fn hot(&self) -> usize {
+        self.hot
+    }
+
     pub fn contains(&self, id: &TaskId) -> bool {
         self.map.contains_key(id)
     }
 
-    pub fn get(&self, id: &TaskId) -> Option<&Task> {
-        self.map.get(id).map(|b| &**b)
+    /// A task's state, without reading a demoted task back.
+    pub fn state(&self, id: &TaskId) -> Option<TaskState> {
+        match self.map.get(id)? {
+            Slot::Hot { task, .. } => Some(task.state),
+            Slot::Cold { state, .. } => Some(*state),
+        }
     }
 
+    /// The task, read back from the store if it is demoted (and left demoted).
+    pub fn get(&self, id: &TaskId) -> Option<Cow<'_, Task>> {
+        match self.map.get(id)? {
+            Slot::Hot { task, .. } => Some(Cow::Borrowed(&**task)),
+            Slot::Cold { state, .. } => self.read_back(id, *state).map(Cow::Owned),
+        }
+    }
+
+    /// The task to change; a demoted one is read back and held whole again.
     pub fn get_mut(&mut self, id: &TaskId) -> Option<TaskMut<'_>> {
-        let task = self.map.get_mut(id)?;
+        self.fault_in(id)?;
+        self.touched.push(*id);
+        let Some(Slot::Hot { task, .. }) = self.map.get_mut(id) else {
+            return None;
+        };
         let before = task.state;
         Some(TaskMut {
             task,
             counts: &mut self.counts,
+            queues: &mut self.queues,
             before,
         })
     }
 
+    /// Adds (or replaces) a task, held whole.
     pub fn insert(&mut self, task: Box<Task>) {
-        self.counts.add(&task.queue, task.state);
-        if let Some(old) = self.map.insert(task.id, task) {
-            self.counts.sub(&old.queue, old.state);
+        let q = self.queues.id(&task.queue);
+        self.counts.add(q, task.state);
+        self.touched.push(task.id);
+        self.hot += 1;
+        if let Some(old) = self.map.insert(task.id, Slot::Hot { task, stamp: 0 }) {
+            self.forget(&old);
+        }
+    }
+
+    /// Adds a task read from the store at startup: held whole while there is room, else
+    /// demoted at once (its record is the one just read).
+    pub fn insert_recovered(&mut self, task: Box<Task>) {
+        let q = self.queues.id(&task.queue);
+        self.counts.add(q, task.state);
+        let id = task.id;
+        let keep = self.backing.is_none() || self.hot < self.hot_max || !demotable(task.state);
+        let slot = if keep {
+            if demotable(task.state) {
+                self.candidates.push_back((0, id));
+            }
+            self.hot += 1;
+            Slot::Hot { task, stamp: 0 }
+        } else {
+            Slot::Cold {
+                queue: q,
+                state: task.state,
+            }
+        };
+        if let Some(old) = self.map.insert(id, slot) {
+            self.forget(&old);
         }
     }
 
     pub fn remove(&mut self, id: &TaskId) -> Option<Box<Task>> {
-        let task = self.map.remove(id)?;
-        self.counts.sub(&task.queue, task.state);
-        Some(task)
+        self.fault_in(id)?;
+        match self.map.remove(id)? {
+            Slot::Hot { task, .. } => {
+                self.hot -= 1;
+                let q = self.queues.id(&task.queue);
+                self.counts.sub(q, task.state);
+                Some(task)
+            }
+            Slot::Cold { .. } => None,
+        }
     }
 
-    pub fn values(&self) -> impl Iterator<Item = &Task> {
-        self.map.values().map(|b| &**b)
+    /// Undoes what a replaced slot added to the counts.
+    fn forget(&mut self, old: &Slot) {
+        match old {
+            Slot::Hot { task, .. } => {
+                self.hot -= 1;
+                let q = self.queues.id(&task.queue);
+                self.counts.sub(q, task.state);
+            }
+            Slot::Cold { queue, state } => self.counts.sub(*queue, *state),
+        }
     }
 
-    /// Newest first, starting below `before` when given.
-    pub fn newest_first(&self, before: Option<TaskId>) -> impl Iterator<Item = &Task> {
+    /// Active tasks newest first, ids below `before`, as index entries (nothing is read).
+    pub fn newest_first(&self, before: Option<TaskId>) -> impl Iterator<Item = Entry<'_>> {
         let range = match before {
             Some(b) => self.map.range(..b),
             None => self.map.range(..),
         };
-        range.rev().map(|(_, b)| &**b)
+        range.rev().map(|(id, slot)| match slot {
+            Slot::Hot { task, .. } => Entry {
+                id: *id,
+                queue: task.queue.as_str(),
+                state: task.state,
+            },
+            Slot::Cold { queue, state } => Entry {
+                id: *id,
+                queue: self.queues.name(*queue),
+                state: *state,
+            },
+        })
     }
 
-    /// (queue, state, count) for every non-zero count.
+    /// Ids of the active tasks in `state`, oldest first.
+    pub fn ids_in(&self, state: TaskState) -> Vec<TaskId> {
+        self.newest_first(None)
+            .filter(|e| e.state == state)
+            .map(|e| e.id)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect()
+    }
+
     pub fn counts(&self) -> impl Iterator<Item = (&str, TaskState, u64)> {
-        self.counts.0.iter().flat_map(|(q, c)| {
+        self.counts.0.iter().enumerate().flat_map(move |(q, c)| {
             TaskState::ALL
                 .iter()
                 .zip(c.iter())
                 .filter(|(_, n)| **n > 0)
-                .map(move |(s, n)| (q.as_str(), *s, *n))
+                .map(move |(s, n)| (self.queues.name(q as u32), *s, *n))
         })
+    }
+
+    /// Rebuilds the map densely (see [`crate::ready::ReadyQueues::compact`]): after the
+    /// in-order inserts of a startup its nodes are half empty.
+    pub fn compact(&mut self) {
+        self.map = std::mem::take(&mut self.map).into_iter().collect();
+    }
+
+    /// Stamps every task changed since the last seal with `commits_made`: the commits
+    /// carrying those changes are all numbered at most that.
+    pub fn seal(&mut self, commits_made: u64) {
+        for id in std::mem::take(&mut self.touched) {
+            if let Some(Slot::Hot { task, stamp }) = self.map.get_mut(&id) {
+                *stamp = commits_made;
+                if demotable(task.state) {
+                    self.candidates.push_back((commits_made, id));
+                }
+            }
+        }
+    }
+
+    /// Demotes the longest-unchanged waiting tasks while more than `hot_max` are held,
+    /// taking only those whose last change is within the first `durable` commits.
+    pub fn demote(&mut self, durable: u64) {
+        if self.backing.is_none() {
+            self.candidates.clear();
+            return;
+        }
+        while self.hot > self.hot_max {
+            let Some(&(stamp, id)) = self.candidates.front() else {
+                break;
+            };
+            if stamp > durable {
+                break;
+            }
+            self.candidates.pop_front();
+            let Some(slot) = self.map.get_mut(&id) else {
+                continue;
+            };
+            let Slot::Hot { task, stamp: now } = slot else {
+                continue;
+            };
+            if *now != stamp || !demotable(task.state) {
+                continue;
+            }
+            let cold = Slot::Cold {
+                queue: self.queues.id(&task.queue),
+                state: task.state,
+            };
+            *slot = cold;
+            self.hot -= 1;
+        }
+        // Entries of tasks that finished or changed again pile up while nothing needs
+        // demoting: drop them once they outnumber the tasks that could use them.
+        if self.candidates.len() > 2 * self.hot + 1024 {
+            let map = &self.map;
+            self.candidates.retain(|(stamp, id)| {
+                matches!(map.get(id), Some(Slot::Hot { task, stamp: s }) if s == stamp && demotable(task.state))
+            });
+        }
+    }
+
+    /// Makes the task hot if it is demoted. None if it is not here (or cannot be read).
+    fn fault_in(&mut self, id: &TaskId) -> Option<()> {
+        let state = match self.map.get(id)? {
+            Slot::Hot { .. } => return Some(()),
+            Slot::Cold { state, .. } => *state,
+        };
+        let task = self.read_back(id, state)?;
+        if let Some(slot) = self.map.get_mut(id) {
+            *slot = Slot::Hot {
+                task: Box::new(task),
+                stamp: 0,
+            };
+            self.hot += 1;
+        }
+        Some(())
+    }
+
+    /// Reads a demoted task from the store, with the state it had when demoted.
+    fn read_back(&self, id: &TaskId, state: TaskState) -> Option<Task> {
+        let backing = self.backing.as_ref()?;
+        let found = backing.reader.active(*id);
+        let mut task = match found {
+            Ok(Some(task)) => task,
+            Ok(None) => {
+                tracing::error!(task_id = %id, "a demoted task is missing from the store; the queen must stop");
+                backing.fatal.cancel();
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(task_id = %id, error = %e, "reading a demoted task failed; the queen must stop");
+                backing.fatal.cancel();
+                return None;
+            }
+        };
+        // A scheduled task may have become pending in memory only (see the module docs);
+        // a pending task has no `run_at`, as at recovery.
+        if state == TaskState::Pending {
+            task.run_at = None;
+        }
+        task.state = state;
+        Some(task)
     }
 }
 
@@ -214,5 +492,176 @@ mod tests {
         assert_eq!(all, want);
         let below: Vec<TaskId> = active.newest_first(Some(ids[2])).map(|t| t.id).collect();
         assert_eq!(below, vec![ids[1], ids[0]]);
+    }
+
+    mod demotion {
+        use super::*;
+        use crate::store::{Commit, Mutation, OpenOptionsHive, Store, StoreWriter};
+        use tokio::sync::oneshot;
+
+        async fn save(writer: &StoreWriter, task: &Task) {
+            let (tx, rx) = oneshot::channel();
+            writer
+                .send(Commit {
+                    mutations: vec![Mutation::save(task)],
+                    after: Some(Box::new(move |r| drop(tx.send(r)))),
+                })
+                .await;
+            rx.await.expect("answered").expect("durable");
+        }
+
+        fn open(dir: &std::path::Path) -> (Store, StoreWriter, Backing) {
+            let opts = OpenOptionsHive {
+                data_dir: dir.to_path_buf(),
+                cache_capacity_bytes: 8 << 20,
+                sync: false,
+                metrics: Default::default(),
+            };
+            let (store, writer, _) = Store::open(&opts, CancellationToken::new()).expect("open");
+            let backing = Backing {
+                reader: store.reader.clone(),
+                fatal: CancellationToken::new(),
+            };
+            (store, writer, backing)
+        }
+
+        #[tokio::test]
+        async fn waiting_tasks_beyond_the_limit_are_demoted_once_durable_and_read_back_whole() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (_store, writer, backing) = open(dir.path());
+            let mut active = ActiveTasks::backed(backing.clone(), 1);
+            let mut waiting: Vec<Box<Task>> = (0..3).map(|_| task("mail")).collect();
+            waiting[1].priority = 7;
+            let mut running = task("img");
+            running.state = TaskState::Running;
+            for t in waiting.iter().chain([&running]) {
+                active.insert(t.clone());
+            }
+            active.seal(1);
+            // Not durable yet: nothing may be demoted.
+            active.demote(writer.durable());
+            assert_eq!(active.hot(), 4);
+            for t in waiting.iter().chain([&running]) {
+                save(&writer, t).await;
+            }
+            active.seal(4);
+            active.demote(writer.durable());
+            assert_eq!(active.hot(), 1, "only the running task stays whole");
+            assert_eq!(count(&active, "mail", TaskState::Pending), 3);
+            assert_eq!(count(&active, "img", TaskState::Running), 1);
+            for t in &waiting {
+                let got = active.get(&t.id).expect("present");
+                assert!(matches!(got, Cow::Owned(_)), "read back from the store");
+                assert_eq!(*got, **t);
+                assert_eq!(active.state(&t.id), Some(TaskState::Pending));
+            }
+            let entries: Vec<(TaskId, String)> = active
+                .newest_first(None)
+                .map(|e| (e.id, e.queue.to_string()))
+                .collect();
+            assert_eq!(entries.len(), 4);
+            assert!(entries.iter().all(|(_, q)| q == "mail" || q == "img"));
+            // Changing a demoted task makes it whole again, and the counts follow.
+            if let Some(mut t) = active.get_mut(&waiting[1].id) {
+                assert_eq!(t.priority, 7);
+                t.state = TaskState::Running;
+            }
+            assert_eq!(active.hot(), 2);
+            assert_eq!(count(&active, "mail", TaskState::Pending), 2);
+            assert_eq!(count(&active, "mail", TaskState::Running), 1);
+            let gone = active
+                .remove(&waiting[2].id)
+                .expect("read back and removed");
+            assert_eq!(*gone, *waiting[2]);
+            assert_eq!(count(&active, "mail", TaskState::Pending), 1);
+            assert_eq!(active.len(), 3);
+            assert!(!backing.fatal.is_cancelled());
+        }
+
+        #[tokio::test]
+        async fn a_task_changed_again_waits_until_its_newest_change_is_durable() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (_store, writer, backing) = open(dir.path());
+            let mut active = ActiveTasks::backed(backing, 0);
+            let t = task("mail");
+            active.insert(t.clone());
+            active.seal(1);
+            save(&writer, &t).await;
+            // Changed in a later pass whose commit has not reached the writer yet.
+            if let Some(mut m) = active.get_mut(&t.id) {
+                m.priority = 9;
+            }
+            active.seal(2);
+            active.demote(writer.durable());
+            assert_eq!(
+                active.hot(),
+                1,
+                "its record on disk is older than what is held"
+            );
+            let mut changed = (*t).clone();
+            changed.priority = 9;
+            save(&writer, &changed).await;
+            active.demote(writer.durable());
+            assert_eq!(active.hot(), 0);
+            assert_eq!(active.get(&t.id).expect("present").priority, 9);
+        }
+
+        #[tokio::test]
+        async fn a_scheduled_task_that_came_due_in_memory_reads_back_pending() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (_store, writer, backing) = open(dir.path());
+            let mut active = ActiveTasks::backed(backing, 0);
+            let mut t = task("mail");
+            t.state = TaskState::Scheduled;
+            t.run_at = Some(Utc::now());
+            save(&writer, &t).await;
+            active.insert(t.clone());
+            // Due: pending in memory only, as the core's timer does it.
+            if let Some(mut m) = active.get_mut(&t.id) {
+                m.state = TaskState::Pending;
+                m.run_at = None;
+            }
+            active.seal(1);
+            active.demote(writer.durable());
+            assert_eq!(active.hot(), 0);
+            let back = active.get(&t.id).expect("present");
+            assert_eq!(back.state, TaskState::Pending);
+            assert_eq!(back.run_at, None);
+            assert_eq!(count(&active, "mail", TaskState::Pending), 1);
+            assert_eq!(count(&active, "mail", TaskState::Scheduled), 0);
+        }
+
+        #[tokio::test]
+        async fn a_demoted_task_missing_from_the_store_stops_the_queen() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (_store, writer, backing) = open(dir.path());
+            let mut active = ActiveTasks::backed(backing.clone(), 0);
+            let t = task("mail");
+            active.insert_recovered(t.clone());
+            // Never written: reading it back must fail loudly, not invent a task.
+            assert_eq!(active.hot(), 0);
+            assert!(active.get_mut(&t.id).is_none());
+            assert!(backing.fatal.is_cancelled());
+            drop(writer);
+        }
+
+        #[test]
+        fn leftover_candidates_are_dropped_while_nothing_needs_demoting() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let (_store, _writer, backing) = open(dir.path());
+            let mut active = ActiveTasks::backed(backing, 1_000_000);
+            for round in 0..100u64 {
+                let batch: Vec<Box<Task>> = (0..100).map(|_| task("q")).collect();
+                for t in &batch {
+                    active.insert(t.clone());
+                }
+                active.seal(round + 1);
+                for t in &batch {
+                    active.remove(&t.id);
+                }
+                active.demote(round + 1);
+            }
+            assert!(active.candidates.len() <= 1024 + 2 * active.hot());
+        }
     }
 }

@@ -59,6 +59,10 @@ pub const DEFAULT_HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_HTTP_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// sled page cache. sled may use up to ~10x this in the worst case, so keep it modest.
 pub const DEFAULT_CACHE_CAPACITY_MB: u64 = 64;
+/// Active tasks held whole in memory (about 0.5 KB each). Waiting tasks beyond this are
+/// held as a small index entry and read back from the database when needed, so a backlog
+/// of millions costs tens of bytes a task.
+pub const DEFAULT_HOT_TASKS: usize = 50_000;
 /// Finished tasks are kept this long (7 days) for inspection, then purged.
 pub const DEFAULT_FINISHED_RETENTION_S: u64 = 7 * 24 * 3600;
 /// How often the purge of expired finished tasks runs.
@@ -191,6 +195,10 @@ pub struct StorageSection {
     /// process, not power loss). `true`: also a real fdatasync per group commit.
     pub sync: bool,
     pub cache_capacity_mb: u64,
+    /// Active tasks held whole in memory; pending, scheduled and blocked tasks beyond this
+    /// are read back from the database when leased, viewed or changed. 0 holds only
+    /// running tasks (and waiting tasks whose last write is not yet durable).
+    pub hot_tasks: usize,
 }
 
 impl Default for StorageSection {
@@ -198,6 +206,7 @@ impl Default for StorageSection {
         StorageSection {
             sync: false,
             cache_capacity_mb: DEFAULT_CACHE_CAPACITY_MB,
+            hot_tasks: DEFAULT_HOT_TASKS,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! the store's writer, and sends nothing that depends on a write before that write is
 //! durable. It knows nothing about sockets or HTTP.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,14 +23,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::active::ActiveTasks;
+use crate::active::{ActiveTasks, Backing};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::queues::{QueueSettings, QueueState};
 use crate::ready::ReadyQueues;
 use crate::rules::{self, AfterFailure, AfterLostLease, LiveLease, Reattach, RetryPolicy, Verdict};
 use crate::schedule::{Every, Schedule};
-use crate::store::{Commit, Mutation, Recovered, StoreReader, StoreWriter};
+use crate::store::{Commit, Mutation, Recovered, StoreError, StoreReader, StoreWriter};
 use crate::task::{Lease, Task};
 
 /// Requests queued for the core before senders wait (backpressure on drones and clients).
@@ -89,9 +90,13 @@ pub struct ListFilter {
 
 impl ListFilter {
     pub fn matches(&self, t: &Task) -> bool {
-        self.state.is_none_or(|s| s == t.state)
-            && self.queue.as_deref().is_none_or(|q| q == t.queue)
-            && self.before.is_none_or(|b| t.id < b)
+        self.matches_parts(t.id, &t.queue, t.state)
+    }
+
+    fn matches_parts(&self, id: TaskId, queue: &str, state: TaskState) -> bool {
+        self.state.is_none_or(|s| s == state)
+            && self.queue.as_deref().is_none_or(|q| q == queue)
+            && self.before.is_none_or(|b| id < b)
     }
 }
 
@@ -300,7 +305,8 @@ impl Core {
         reader: StoreReader,
         recovered: Recovered,
         metrics: Metrics,
-    ) -> (Core, CoreHandle, mpsc::Receiver<Request>) {
+        fatal: CancellationToken,
+    ) -> Result<(Core, CoreHandle, mpsc::Receiver<Request>), StoreError> {
         let now = Instant::now();
         let wall = Utc::now();
         let retry = RetryPolicy {
@@ -309,12 +315,16 @@ impl Core {
             factor: rules::DEFAULT_RETRY_FACTOR,
             jitter: rules::DEFAULT_RETRY_JITTER,
         };
+        let backing = Backing {
+            reader: reader.clone(),
+            fatal,
+        };
         let mut core = Core {
             writer,
             reader,
             outgoing: Vec::new(),
             commits_made: 0,
-            tasks: ActiveTasks::default(),
+            tasks: ActiveTasks::backed(backing, cfg.storage.hot_tasks),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
             ready: ReadyQueues::default(),
@@ -350,49 +360,52 @@ impl Core {
         };
         let grace = core.cfg.leases.heartbeat_timeout();
         let mut running = 0usize;
-        for mut task in recovered.active {
-            if let Some(key) = &task.idempotency_key {
-                core.idem.insert(key.clone(), task.id);
-            }
-            for dep in &task.depends_on {
-                if task.state == TaskState::Blocked {
-                    core.dependents.entry(*dep).or_default().push(task.id);
+        let mut blocked = Vec::new();
+        // Streamed a chunk at a time: tasks beyond `storage.hot_tasks` are demoted as they
+        // arrive, so the whole set is never held.
+        recovered.active.for_each_chunk(|chunk| {
+            for mut task in chunk {
+                if let Some(key) = &task.idempotency_key {
+                    core.idem.insert(key.clone(), task.id);
                 }
-            }
-            match task.state {
-                TaskState::Running => {
-                    running += 1;
-                    core.queues
-                        .entry(task.queue.clone())
-                        .or_default()
-                        .started(now);
-                    core.orphans.insert(task.id, now + grace);
-                }
-                TaskState::Pending | TaskState::Scheduled => {
-                    if task.run_at.is_some_and(|at| at > wall) {
-                        task.state = TaskState::Scheduled;
-                    } else {
-                        task.state = TaskState::Pending;
-                        task.run_at = None;
+                match task.state {
+                    TaskState::Running => {
+                        running += 1;
+                        core.queues
+                            .entry(task.queue.clone())
+                            .or_default()
+                            .started(now);
+                        core.orphans.insert(task.id, now + grace);
                     }
-                    core.enqueue(&task);
+                    TaskState::Pending | TaskState::Scheduled => {
+                        if task.run_at.is_some_and(|at| at > wall) {
+                            task.state = TaskState::Scheduled;
+                        } else {
+                            task.state = TaskState::Pending;
+                            task.run_at = None;
+                        }
+                        core.enqueue(&task);
+                    }
+                    TaskState::Blocked => {
+                        for dep in &task.depends_on {
+                            core.dependents.entry(*dep).or_default().push(task.id);
+                        }
+                        blocked.push(task.id);
+                    }
+                    _ => {}
                 }
-                _ => {}
+                core.tasks.insert_recovered(task);
             }
-            core.tasks.insert(task);
-        }
+        })?;
         for schedule in recovered.schedules {
             let name = schedule.name.clone();
             core.schedules.insert(name.clone(), schedule);
             core.arm_schedule(&name, wall);
         }
+        core.tasks.compact();
+        core.ready.compact();
+        release_free_memory();
         // Blocked tasks whose dependencies finished while the queen was down.
-        let blocked: Vec<TaskId> = core
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Blocked)
-            .map(|t| t.id)
-            .collect();
         for id in blocked {
             core.reevaluate_blocked(id, wall);
         }
@@ -402,7 +415,7 @@ impl Core {
             "recovered tasks from the store"
         );
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
-        (core, CoreHandle { tx }, rx)
+        Ok((core, CoreHandle { tx }, rx))
     }
 
     /// Serves requests until `shutdown`, then hands every queued commit to the writer.
@@ -429,6 +442,9 @@ impl Core {
                 self.tick(now, Utc::now());
             }
             self.dispatch(Utc::now());
+            // Every change made in this pass is in a commit numbered at most this.
+            self.tasks.seal(self.commits_made);
+            self.tasks.demote(self.writer.durable());
             self.flush_commits().await;
         }
         // Close every drone connection; their tasks stay `running` on disk and are
@@ -471,32 +487,31 @@ impl Core {
         match req {
             Request::Submit { tasks, reply } => self.submit(tasks, reply, wall),
             Request::Get { id, reply } => {
-                let _ = reply.send(
-                    self.tasks
-                        .get(&id)
-                        .or_else(|| self.recent.get(&id).map(|(_, t)| t))
-                        .map(Task::view),
-                );
+                let _ = reply.send(self.held(&id).map(|t| t.view()));
             }
             Request::List { filter, reply } => {
                 // The newest `limit` matches among active tasks (stopping once found; none
                 // when a finished state is asked for), plus the few recent finished ones.
                 let active_may_match = filter.state.is_none_or(|s| !s.is_terminal());
-                let mut out: Vec<&Task> = self
+                // Filtered on the index; only the tasks returned are read (demoted ones from
+                // the store).
+                let mut out: Vec<Cow<'_, Task>> = self
                     .tasks
                     .newest_first(filter.before)
-                    .filter(|t| active_may_match && filter.matches(t))
+                    .filter(|e| active_may_match && filter.matches_parts(e.id, e.queue, e.state))
                     .take(if active_may_match { filter.limit } else { 0 })
+                    .filter_map(|e| self.tasks.get(&e.id))
                     .chain(
                         self.recent
                             .values()
                             .map(|(_, t)| t)
-                            .filter(|t| filter.matches(t)),
+                            .filter(|t| filter.matches(t))
+                            .map(Cow::Borrowed),
                     )
                     .collect();
                 out.sort_unstable_by_key(|t| std::cmp::Reverse(t.id));
                 out.truncate(filter.limit);
-                let _ = reply.send(out.into_iter().map(Task::view).collect());
+                let _ = reply.send(out.iter().map(|t| t.view()).collect());
             }
             Request::Cancel { id, reason, reply } => self.cancel_request(id, reason, reply, wall),
             Request::Drones { reply } => {
@@ -700,13 +715,16 @@ impl Core {
         }
     }
 
+    /// An active task, or a finished one not yet known durable.
+    fn held(&self, id: &TaskId) -> Option<Cow<'_, Task>> {
+        self.tasks
+            .get(id)
+            .or_else(|| self.recent.get(id).map(|(_, t)| Cow::Borrowed(t)))
+    }
+
     fn lookup_idempotent(&self, key: &str) -> Result<Option<TaskView>, CoreError> {
         if let Some(id) = self.idem.get(key) {
-            if let Some(t) = self
-                .tasks
-                .get(id)
-                .or_else(|| self.recent.get(id).map(|(_, t)| t))
-            {
+            if let Some(t) = self.held(id) {
                 return Ok(Some(t.view()));
             }
         }
@@ -715,11 +733,7 @@ impl Core {
             .idempotent(key)
             .map_err(|e| CoreError::Unavailable(e.to_string()))?;
         let Some(id) = id else { return Ok(None) };
-        if let Some(t) = self
-            .tasks
-            .get(&id)
-            .or_else(|| self.recent.get(&id).map(|(_, t)| t))
-        {
+        if let Some(t) = self.held(&id) {
             return Ok(Some(t.view()));
         }
         Ok(self
@@ -731,12 +745,12 @@ impl Core {
 
     /// The state of any task the queen knows, wherever it lives.
     fn find_state(&self, id: TaskId) -> Option<TaskState> {
-        if let Some(t) = self
+        if let Some(state) = self
             .tasks
-            .get(&id)
-            .or_else(|| self.recent.get(&id).map(|(_, t)| t))
+            .state(&id)
+            .or_else(|| self.recent.get(&id).map(|(_, t)| t.state))
         {
-            return Some(t.state);
+            return Some(state);
         }
         self.reader.finished(id).ok().flatten().map(|t| t.state)
     }
@@ -1255,8 +1269,7 @@ impl Core {
             .filter(|tid| {
                 self.tasks
                     .get(tid)
-                    .and_then(|t| t.lease.as_ref())
-                    .is_some_and(|l| l.drone == id)
+                    .is_some_and(|t| t.lease.as_ref().is_some_and(|l| l.drone == id))
             })
             .copied()
             .collect();
@@ -1753,8 +1766,7 @@ impl Core {
                 let holder = self
                     .tasks
                     .get(&id)
-                    .and_then(|t| t.lease.as_ref())
-                    .map(|l| l.drone);
+                    .and_then(|t| t.lease.as_ref().map(|l| l.drone));
                 if let Some(drone) = holder.and_then(|h| self.drones.get_mut(&h)) {
                     drone.leases.remove(&id);
                     drone.cancelling.insert(id);
@@ -1907,7 +1919,7 @@ impl Core {
                     // This drone is still killing an older attempt of the task: give it
                     // to another drone (or to this one once the old attempt is gone).
                     if let Some(task) = self.tasks.get(&tid) {
-                        self.ready.push_since(task, since);
+                        self.ready.push_since(&task, since);
                     }
                     continue;
                 }
@@ -1986,6 +1998,17 @@ impl Core {
                 }
             })),
         );
+    }
+}
+
+/// Hands memory freed by the startup (decoded tasks that were demoted, the old index
+/// nodes) back to the OS. glibc keeps freed heap memory resident otherwise, so a queen
+/// that recovered a large backlog would look as big as its startup peak.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the OS; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -95,7 +95,8 @@ impl Queen {
             store.reader.clone(),
             recovered,
             metrics.clone(),
-        );
+            fatal.clone(),
+        )?;
         tracing::info!(
             read_ms = read.as_millis() as u64,
             rebuilt_ms = (started.elapsed() - read).as_millis() as u64,

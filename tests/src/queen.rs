@@ -102,6 +102,10 @@ impl QueenProc {
         assert!(self.proc.is_none(), "the queen is already running");
         self.starts += 1;
         let mut env = self.env.clone();
+        // A small in-memory budget unless a test sets one: most waiting tasks are demoted
+        // to the store, so every crash scenario also crosses the read-back path.
+        env.entry("HIVE_STORAGE__HOT_TASKS".into())
+            .or_insert_with(|| "8".into());
         env.insert("HIVE_QUEEN__LISTEN".into(), self.drones_addr.to_string());
         env.insert("HIVE_QUEEN__HTTP".into(), self.http_addr.to_string());
         env.insert(

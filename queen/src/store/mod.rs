@@ -203,11 +203,10 @@ impl std::fmt::Debug for Commit {
 }
 
 /// What the queen needs from disk to rebuild its in-memory state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Recovered {
-    /// Boxed: the scheduler keeps them boxed, and a million inline tasks would be one
-    /// huge vector next to the map they move into.
-    pub active: Vec<Box<Task>>,
+    /// Active tasks, read when the caller streams them.
+    pub active: ActiveScan,
     pub queues: Vec<(String, crate::queues::QueueSettings)>,
     pub schedules: Vec<crate::schedule::Schedule>,
     pub finished_counts: Vec<((String, TaskState), u64)>,
@@ -288,7 +287,6 @@ impl Store {
         tracing::info!(
             sled_open_ms = opened.as_millis() as u64,
             read_ms = (opening.elapsed() - opened).as_millis() as u64,
-            active = recovered.active.len(),
             "database opened"
         );
 
@@ -499,76 +497,15 @@ fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
         path: db_path.to_path_buf(),
         detail,
     };
-    let mut out = Recovered::default();
-    // Reading is one cursor; decoding (JSON, timestamps) is as much work again. The cursor
-    // hands chunks of records to decoder threads as it goes, so decoding overlaps reading
-    // and uses every core; results are put back in key order.
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8);
-    let decode_chunk = |chunk: Vec<(sled::IVec, sled::IVec)>| -> Decoded {
-        chunk
-            .iter()
-            .map(|(key, value)| {
-                record::decode(value).map(Box::new).map_err(|e| {
-                    corrupt(format!(
-                        "active task key {:?}: {e}",
-                        String::from_utf8_lossy(key)
-                    ))
-                })
-            })
-            .collect()
+    let mut out = Recovered {
+        active: ActiveScan {
+            tree: tree.clone(),
+            db_path: db_path.to_path_buf(),
+        },
+        queues: Vec::new(),
+        schedules: Vec::new(),
+        finished_counts: Vec::new(),
     };
-    let (work_tx, work_rx) =
-        std::sync::mpsc::sync_channel::<(usize, Vec<(sled::IVec, sled::IVec)>)>(workers * 2);
-    let work_rx = std::sync::Mutex::new(work_rx);
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let scanned: Result<(), StoreError> = std::thread::scope(|scope| {
-        for _ in 0..workers {
-            let (work_rx, done_tx) = (&work_rx, done_tx.clone());
-            scope.spawn(move || loop {
-                let next = match work_rx.lock() {
-                    Ok(rx) => rx.recv(),
-                    Err(_) => return,
-                };
-                let Ok((index, chunk)) = next else { return };
-                if done_tx.send((index, decode_chunk(chunk))).is_err() {
-                    return;
-                }
-            });
-        }
-        drop(done_tx);
-        let mut chunk = Vec::with_capacity(RECOVERY_CHUNK);
-        let mut index = 0;
-        for item in tree.scan_prefix(ACTIVE) {
-            chunk.push(item?);
-            if chunk.len() == RECOVERY_CHUNK {
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(RECOVERY_CHUNK));
-                if work_tx.send((index, full)).is_err() {
-                    break;
-                }
-                index += 1;
-            }
-        }
-        if !chunk.is_empty() {
-            let _ = work_tx.send((index, chunk));
-        }
-        drop(work_tx);
-        Ok(())
-    });
-    scanned?;
-    let mut decoded: Vec<(usize, Decoded)> = done_rx.iter().collect();
-    decoded.sort_by_key(|(index, _)| *index);
-    out.active.reserve(
-        decoded
-            .iter()
-            .map(|(_, d)| d.as_ref().map_or(0, Vec::len))
-            .sum(),
-    );
-    for (_, part) in decoded {
-        out.active.extend(part?);
-    }
     for item in tree.scan_prefix(SCHEDULES) {
         let (key, value) = item?;
         let schedule = record::decode_schedule(&value).map_err(|e| {
@@ -604,6 +541,128 @@ fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
     Ok(out)
 }
 
+/// The active task records, left by [`Store::open`] for the caller to stream into the
+/// scheduler: a million tasks are never all decoded and held at once.
+#[derive(Debug)]
+pub struct ActiveScan {
+    tree: sled::Tree,
+    db_path: PathBuf,
+}
+
+impl ActiveScan {
+    /// Calls `take` with every active task, in key (id) order, a chunk at a time; returns
+    /// how many there were. Reading is one cursor and decoding (JSON, timestamps) is as
+    /// much work again, so the cursor hands chunks to decoder threads as it goes: decoding
+    /// overlaps reading and uses every core, and `take` runs on this thread meanwhile.
+    /// Only a few chunks are in flight at once.
+    pub fn for_each_chunk(self, mut take: impl FnMut(Vec<Box<Task>>)) -> Result<usize, StoreError> {
+        let db_path = &self.db_path;
+        let corrupt = |detail: String| StoreError::Corrupt {
+            path: db_path.clone(),
+            detail,
+        };
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
+        let decode_chunk = |chunk: Vec<(sled::IVec, sled::IVec)>| -> Decoded {
+            chunk
+                .iter()
+                .map(|(key, value)| {
+                    record::decode(value).map(Box::new).map_err(|e| {
+                        corrupt(format!(
+                            "active task key {:?}: {e}",
+                            String::from_utf8_lossy(key)
+                        ))
+                    })
+                })
+                .collect()
+        };
+        type Raw = Vec<(sled::IVec, sled::IVec)>;
+        let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<(usize, Raw)>(workers);
+        let work_rx = std::sync::Mutex::new(work_rx);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<(usize, Decoded)>(workers);
+        let tree = &self.tree;
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let (work_rx, done_tx) = (&work_rx, done_tx.clone());
+                scope.spawn(move || loop {
+                    let next = match work_rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((index, chunk)) = next else { return };
+                    if done_tx.send((index, decode_chunk(chunk))).is_err() {
+                        return;
+                    }
+                });
+            }
+            // The cursor: a read error travels in order like a chunk of decoded records.
+            let cursor_done = done_tx;
+            scope.spawn(move || {
+                let mut chunk = Vec::with_capacity(RECOVERY_CHUNK);
+                let mut index = 0;
+                for item in tree.scan_prefix(ACTIVE) {
+                    match item {
+                        Ok(kv) => chunk.push(kv),
+                        Err(e) => {
+                            let _ = cursor_done.send((index, Err(e.into())));
+                            return;
+                        }
+                    }
+                    if chunk.len() == RECOVERY_CHUNK {
+                        let full =
+                            std::mem::replace(&mut chunk, Vec::with_capacity(RECOVERY_CHUNK));
+                        if work_tx.send((index, full)).is_err() {
+                            return;
+                        }
+                        index += 1;
+                    }
+                }
+                if !chunk.is_empty() {
+                    let _ = work_tx.send((index, chunk));
+                }
+            });
+            // Chunks come back in any order; hand them on in key order.
+            // After a failure the rest is drained unread, so no thread blocks on a send.
+            let mut waiting = std::collections::BTreeMap::new();
+            let mut next = 0;
+            let mut total = 0;
+            let mut failed = None;
+            for (index, decoded) in done_rx.iter() {
+                if failed.is_some() {
+                    continue;
+                }
+                waiting.insert(index, decoded);
+                while let Some(decoded) = waiting.remove(&next) {
+                    match decoded {
+                        Ok(tasks) => {
+                            total += tasks.len();
+                            take(tasks);
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    next += 1;
+                }
+            }
+            match failed {
+                Some(e) => Err(e),
+                None => Ok(total),
+            }
+        })
+    }
+
+    /// Every active task at once (tests and tools; the queen streams them).
+    pub fn collect(self) -> Result<Vec<Box<Task>>, StoreError> {
+        let mut all = Vec::new();
+        self.for_each_chunk(|chunk| all.extend(chunk))?;
+        Ok(all)
+    }
+}
+
 fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(prefix.len() + rest.len());
     k.extend_from_slice(prefix);
@@ -625,7 +684,7 @@ fn count_key(queue: &str, state: TaskState) -> Vec<u8> {
 }
 
 impl StoreReader {
-    /// A finished task (active ones live in the scheduler's memory).
+    /// A finished task.
     pub fn finished(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
         match self.tree.get(key(FINISHED, &id.to_bytes()))? {
             None => Ok(None),
@@ -633,6 +692,20 @@ impl StoreReader {
                 .map(Some)
                 .map_err(|detail| StoreError::Corrupt {
                     path: PathBuf::from("finished"),
+                    detail,
+                }),
+        }
+    }
+
+    /// An active task's stored record (the core holds active tasks; it reads back those it
+    /// demoted to save memory).
+    pub fn active(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
+        match self.tree.get(key(ACTIVE, &id.to_bytes()))? {
+            None => Ok(None),
+            Some(raw) => record::decode(&raw)
+                .map(Some)
+                .map_err(|detail| StoreError::Corrupt {
+                    path: PathBuf::from("active"),
                     detail,
                 }),
         }

@@ -48,7 +48,7 @@ async fn committed_tasks_survive_reopen_and_finished_ones_live_apart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (active, mut done) = (task(), task());
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
-    assert!(rec.active.is_empty());
+    assert!(rec.active.collect().expect("scan").is_empty());
     commit(&w, vec![Mutation::save(&active), Mutation::save(&done)])
         .await
         .expect("durable");
@@ -62,7 +62,7 @@ async fn committed_tasks_survive_reopen_and_finished_ones_live_apart() {
 
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
     assert_eq!(
-        rec.active,
+        rec.active.collect().expect("scan"),
         vec![Box::new(active)],
         "only the active task is loaded at start"
     );
@@ -165,7 +165,10 @@ async fn a_schema_1_database_with_v1_records_is_upgraded_and_read() {
 
     let (store, w, rec) =
         Store::open(&opts(dir.path()), CancellationToken::new()).expect("upgrade");
-    assert_eq!(rec.active, vec![Box::new(t.clone())]);
+    assert_eq!(
+        rec.active.collect().expect("scan"),
+        vec![Box::new(t.clone())]
+    );
     let schema = store
         .reader
         .tree
@@ -178,7 +181,10 @@ async fn a_schema_1_database_with_v1_records_is_upgraded_and_read() {
     commit(&w, vec![Mutation::save(&t)]).await.expect("durable");
     close(store, w);
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
-    assert_eq!(rec.active, vec![Box::new(t.clone())]);
+    assert_eq!(
+        rec.active.collect().expect("scan"),
+        vec![Box::new(t.clone())]
+    );
     let mut key = b"a/".to_vec();
     key.extend_from_slice(&t.id.to_bytes());
     let raw = store.reader.tree.get(key).expect("get").expect("present");
@@ -211,7 +217,13 @@ async fn recovery_over_many_chunks_returns_every_task_in_order() {
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
     let mut want: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
     want.sort();
-    let got: Vec<TaskId> = rec.active.iter().map(|t| t.id).collect();
+    let got: Vec<TaskId> = rec
+        .active
+        .collect()
+        .expect("scan")
+        .iter()
+        .map(|t| t.id)
+        .collect();
     assert_eq!(got, want);
     close(store, w);
 }
@@ -245,7 +257,7 @@ async fn an_unfinished_snapshot_is_removed_and_data_recovered() {
     let (store, w, rec) =
         Store::open(&opts(dir.path()), CancellationToken::new()).expect("recovers");
     assert!(!bogus.exists());
-    assert_eq!(rec.active, vec![Box::new(t)]);
+    assert_eq!(rec.active.collect().expect("scan"), vec![Box::new(t)]);
     close(store, w);
 }
 

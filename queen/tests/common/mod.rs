@@ -32,6 +32,9 @@ pub fn fast_config(dir: &std::path::Path) -> Config {
     cfg.tasks.retry_base_ms = 20;
     cfg.tasks.retry_max_ms = 100;
     cfg.storage.cache_capacity_mb = 8;
+    // A tiny in-memory budget, so most waiting tasks in every test are demoted to the
+    // store and read back: the scheduling tests cover both paths.
+    cfg.storage.hot_tasks = 2;
     cfg
 }
 
