@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +31,8 @@ use crate::queues::{QueueSettings, QueueState};
 use crate::ready::ReadyQueues;
 use crate::rules::{self, AfterFailure, AfterLostLease, LiveLease, Reattach, RetryPolicy, Verdict};
 use crate::schedule::{Every, Schedule};
-use crate::store::{Commit, Mutation, Recovered, StoreError, StoreReader, StoreWriter};
+use crate::store::record::Recovered;
+use crate::store::{Commit, Mutation, StoreError, StoreReader, StoreWriter};
 use crate::task::{Lease, Task};
 
 /// Requests queued for the core before senders wait (backpressure on drones and clients).
@@ -41,6 +43,12 @@ const REQUESTS_PER_PASS: usize = 512;
 /// How often timers (scheduled tasks, orphaned leases, attempt deadlines) are checked when
 /// nothing else wakes the core.
 const TICK: Duration = Duration::from_millis(50);
+/// Recovered tasks, a chunk at a time, in id order (or the error that ended the read).
+type Chunks = mpsc::Receiver<Result<Vec<Recovered>, StoreError>>;
+/// Requests held while recovering before the core stops taking more (backpressure).
+const MAX_DEFERRED: usize = 65_536;
+/// Decoded chunks of recovered tasks queued ahead of the core.
+const RECOVERY_CHUNKS_AHEAD: usize = 4;
 /// Most expired finished tasks purged per purge pass, so a purge never stalls dispatch.
 const PURGE_BATCH: usize = 1_000;
 /// Pause between purge batches while a backlog remains: keeps purging from competing
@@ -181,9 +189,16 @@ pub enum QueueChange {
 #[derive(Debug, Clone)]
 pub struct CoreHandle {
     tx: mpsc::Sender<Request>,
+    recovered: Arc<AtomicBool>,
 }
 
 impl CoreHandle {
+    /// Whether startup recovery is over: every active task is loaded and every request is
+    /// answered at once (before that, some wait; see [`Core::run`]).
+    pub fn is_recovered(&self) -> bool {
+        self.recovered.load(Ordering::Acquire)
+    }
+
     pub async fn send(&self, req: Request) -> Result<(), CoreError> {
         self.tx
             .send(req)
@@ -284,7 +299,29 @@ pub struct Core {
     ready_pushes_seen: u64,
     /// Reused by dispatch for its candidate list.
     dispatch_buf: Vec<DroneId>,
+    /// Set until every active task has been read from the store (see [`Core::run`]).
+    recovery: Option<Recovery>,
+    /// True once recovery is over (read by `/readyz` through the handle).
+    recovered_flag: Arc<AtomicBool>,
+    /// Cancelled when the queen must stop: a store read failed at startup.
+    fatal: CancellationToken,
     metrics: Metrics,
+}
+
+/// Startup in progress: the active tasks are being streamed in from the store while the
+/// queen already serves. Until it is over, requests that need every task (or any write)
+/// wait in `deferred`, in arrival order.
+struct Recovery {
+    /// Taken when the reading thread starts.
+    scan: Option<crate::store::ActiveScan>,
+    deferred: VecDeque<Request>,
+    /// Tasks recovered as running (their drones have a grace to come back).
+    running: usize,
+    /// Blocked tasks, re-checked at the end (their dependencies may have finished).
+    blocked: Vec<TaskId>,
+    started: std::time::Instant,
+    /// Time the core spent indexing chunks (the rest of recovery overlaps it).
+    indexing: Duration,
 }
 
 impl std::fmt::Debug for Core {
@@ -303,10 +340,10 @@ impl Core {
         cfg: Arc<Config>,
         writer: StoreWriter,
         reader: StoreReader,
-        recovered: Recovered,
+        recovered: crate::store::Recovered,
         metrics: Metrics,
         fatal: CancellationToken,
-    ) -> Result<(Core, CoreHandle, mpsc::Receiver<Request>), StoreError> {
+    ) -> (Core, CoreHandle, mpsc::Receiver<Request>) {
         let now = Instant::now();
         let wall = Utc::now();
         let retry = RetryPolicy {
@@ -317,7 +354,7 @@ impl Core {
         };
         let backing = Backing {
             reader: reader.clone(),
-            fatal,
+            fatal: fatal.clone(),
         };
         let mut core = Core {
             writer,
@@ -355,77 +392,92 @@ impl Core {
             dispatch_wanted: true,
             ready_pushes_seen: 0,
             dispatch_buf: Vec::new(),
+            recovery: Some(Recovery {
+                scan: Some(recovered.active),
+                deferred: VecDeque::new(),
+                running: 0,
+                blocked: Vec::new(),
+                started: std::time::Instant::now(),
+                indexing: Duration::ZERO,
+            }),
+            recovered_flag: Arc::new(AtomicBool::new(false)),
+            fatal,
             cfg,
             metrics,
         };
-        let grace = core.cfg.leases.heartbeat_timeout();
-        let mut running = 0usize;
-        let mut blocked = Vec::new();
-        // Streamed a chunk at a time: tasks beyond `storage.hot_tasks` are demoted as they
-        // arrive, so the whole set is never held.
-        recovered.active.for_each_chunk(|chunk| {
-            for mut task in chunk {
-                if let Some(key) = &task.idempotency_key {
-                    core.idem.insert(key.clone(), task.id);
-                }
-                match task.state {
-                    TaskState::Running => {
-                        running += 1;
-                        core.queues
-                            .entry(task.queue.clone())
-                            .or_default()
-                            .started(now);
-                        core.orphans.insert(task.id, now + grace);
-                    }
-                    TaskState::Pending | TaskState::Scheduled => {
-                        if task.run_at.is_some_and(|at| at > wall) {
-                            task.state = TaskState::Scheduled;
-                        } else {
-                            task.state = TaskState::Pending;
-                            task.run_at = None;
-                        }
-                        core.enqueue(&task);
-                    }
-                    TaskState::Blocked => {
-                        for dep in &task.depends_on {
-                            core.dependents.entry(*dep).or_default().push(task.id);
-                        }
-                        blocked.push(task.id);
-                    }
-                    _ => {}
-                }
-                core.tasks.insert_recovered(task);
-            }
-        })?;
         for schedule in recovered.schedules {
             let name = schedule.name.clone();
             core.schedules.insert(name.clone(), schedule);
             core.arm_schedule(&name, wall);
         }
-        core.tasks.compact();
-        core.ready.compact();
-        release_free_memory();
-        // Blocked tasks whose dependencies finished while the queen was down.
-        for id in blocked {
-            core.reevaluate_blocked(id, wall);
-        }
-        tracing::info!(
-            active = core.tasks.len(),
-            running_awaiting_drones = running,
-            "recovered tasks from the store"
-        );
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
-        Ok((core, CoreHandle { tx }, rx))
+        let handle = CoreHandle {
+            tx,
+            recovered: core.recovered_flag.clone(),
+        };
+        (core, handle, rx)
     }
 
     /// Serves requests until `shutdown`, then hands every queued commit to the writer.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Request>, shutdown: CancellationToken) {
+    ///
+    /// It starts serving at once and reads the active tasks from the store meanwhile, a
+    /// chunk per pass, so the API answers within a moment of a start with millions of
+    /// tasks. Until the last chunk is in, only requests that can be answered exactly are
+    /// (a task by id, through the store; drones; schedules); everything else, every write
+    /// and every drone hello included, waits in arrival order and runs when recovery ends.
+    /// Nothing is written before the whole store has been read, so a corrupt record still
+    /// stops the queen before it changes anything; no lease is granted before every task
+    /// is known.
+    ///
+    /// Returns the error that stopped recovery, if one did.
+    pub async fn run(
+        mut self,
+        rx: mpsc::Receiver<Request>,
+        shutdown: CancellationToken,
+    ) -> Result<(), StoreError> {
+        let chunks = self.start_recovery();
+        self.serve(rx, shutdown, chunks).await
+    }
+
+    /// The loop of [`Core::run`], taking recovered chunks from `chunks`.
+    async fn serve(
+        mut self,
+        mut rx: mpsc::Receiver<Request>,
+        shutdown: CancellationToken,
+        mut chunks: Option<Chunks>,
+    ) -> Result<(), StoreError> {
+        if chunks.is_none() {
+            // Nothing to read (or the reader could not start): recovery is over.
+            self.finish_recovery(Utc::now());
+        }
+        let mut failed = None;
         loop {
             let wake = self.next_wake();
+            // While recovering, stop taking requests once many wait: the bounded request
+            // channel then pushes back on clients instead of memory growing.
+            let accepting = self
+                .recovery
+                .as_ref()
+                .is_none_or(|r| r.deferred.len() < MAX_DEFERRED);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                req = rx.recv() => {
+                chunk = next_chunk(&mut chunks) => match chunk {
+                    Some(Ok(tasks)) => self.recover_chunk(tasks, Utc::now()),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "reading the active tasks failed; the queen must stop");
+                        self.fatal.cancel();
+                        failed = Some(e);
+                        break;
+                    }
+                    None => {
+                        chunks = None;
+                        if !self.fatal.is_cancelled() {
+                            self.finish_recovery(Utc::now());
+                        }
+                    }
+                },
+                req = rx.recv(), if accepting => {
                     let Some(req) = req else { break };
                     self.handle(req);
                     for _ in 1..REQUESTS_PER_PASS {
@@ -437,11 +489,13 @@ impl Core {
                 }
                 _ = tokio::time::sleep_until(wake) => {}
             }
-            let now = Instant::now();
-            if now >= self.next_tick {
-                self.tick(now, Utc::now());
+            if self.recovery.is_none() {
+                let now = Instant::now();
+                if now >= self.next_tick {
+                    self.tick(now, Utc::now());
+                }
+                self.dispatch(Utc::now());
             }
-            self.dispatch(Utc::now());
             // Every change made in this pass is in a commit numbered at most this.
             self.tasks.seal(self.commits_made);
             self.tasks.demote(self.writer.durable());
@@ -453,6 +507,110 @@ impl Core {
             drone.conn.close.cancel();
         }
         self.flush_commits().await;
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Starts the thread that reads the active tasks; chunks arrive in id order.
+    fn start_recovery(&mut self) -> Option<Chunks> {
+        let scan = self.recovery.as_mut()?.scan.take()?;
+        let hot_max = self.cfg.storage.hot_tasks;
+        let (tx, rx) = mpsc::channel(RECOVERY_CHUNKS_AHEAD);
+        let spawned = std::thread::Builder::new()
+            .name("hive-recovery".into())
+            .spawn(move || {
+                // Stops early once the core is gone (shutdown during startup).
+                let read =
+                    scan.for_each_chunk(hot_max, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
+                if let Err(e) = read {
+                    let _ = tx.blocking_send(Err(e));
+                }
+            });
+        match spawned {
+            Ok(_) => Some(rx),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the recovery thread; the queen must stop");
+                self.fatal.cancel();
+                None
+            }
+        }
+    }
+
+    /// Indexes one chunk of recovered tasks. Tasks beyond `storage.hot_tasks` are demoted
+    /// as they arrive, so the whole set is never held.
+    fn recover_chunk(&mut self, chunk: Vec<Recovered>, wall: DateTime<Utc>) {
+        let started = std::time::Instant::now();
+        let since = started;
+        let now = Instant::now();
+        let grace = self.cfg.leases.heartbeat_timeout();
+        for Recovered { mut task, whole } in chunk {
+            if let Some(key) = &task.idempotency_key {
+                self.idem.insert(key.clone(), task.id);
+            }
+            match task.state {
+                TaskState::Running => {
+                    if let Some(r) = self.recovery.as_mut() {
+                        r.running += 1;
+                    }
+                    self.queues
+                        .entry(task.queue.clone())
+                        .or_default()
+                        .started(now);
+                    self.orphans.insert(task.id, now + grace);
+                }
+                TaskState::Pending | TaskState::Scheduled => {
+                    normalize_waiting(&mut task, wall);
+                    match task.state {
+                        TaskState::Pending => self.ready.push_loading(&task, since),
+                        _ => self.enqueue(&task),
+                    }
+                }
+                TaskState::Blocked => {
+                    for dep in &task.depends_on {
+                        self.dependents.entry(*dep).or_default().push(task.id);
+                    }
+                    if let Some(r) = self.recovery.as_mut() {
+                        r.blocked.push(task.id);
+                    }
+                }
+                _ => {}
+            }
+            self.tasks.insert_recovered(task, whole);
+        }
+        if let Some(r) = self.recovery.as_mut() {
+            r.indexing += started.elapsed();
+        }
+    }
+
+    /// Every active task is in: finish the indexes, then serve what waited, in order.
+    fn finish_recovery(&mut self, wall: DateTime<Utc>) {
+        let Some(recovery) = self.recovery.take() else {
+            return;
+        };
+        let read = recovery.started.elapsed();
+        self.tasks.end_loading();
+        self.ready.end_loading();
+        release_free_memory();
+        let compacted = recovery.started.elapsed() - read;
+        // Blocked tasks whose dependencies finished while the queen was down.
+        for id in recovery.blocked {
+            self.reevaluate_blocked(id, wall);
+        }
+        tracing::info!(
+            active = self.tasks.len(),
+            held_whole = self.tasks.hot(),
+            running_awaiting_drones = recovery.running,
+            waited = recovery.deferred.len(),
+            read_ms = read.as_millis() as u64,
+            indexing_ms = recovery.indexing.as_millis() as u64,
+            build_ms = compacted.as_millis() as u64,
+            recovery_ms = recovery.started.elapsed().as_millis() as u64,
+            "recovered tasks from the store"
+        );
+        self.recovered_flag.store(true, Ordering::Release);
+        self.dispatch_wanted = true;
+        for req in recovery.deferred {
+            self.handle(req);
+        }
     }
 
     fn next_wake(&self) -> Instant {
@@ -465,7 +623,21 @@ impl Core {
     }
 
     async fn flush_commits(&mut self) {
-        for commit in std::mem::take(&mut self.outgoing) {
+        let outgoing = std::mem::take(&mut self.outgoing);
+        if self.fatal.is_cancelled() {
+            // A store read failed during this pass (a demoted task could not be read
+            // back), so what the pass decided may rest on a task it could not see: answer
+            // none of it.
+            for commit in outgoing {
+                if let Some(after) = commit.after {
+                    after(Err(crate::store::CommitError(
+                        "the queen is stopping after a store failure".into(),
+                    )));
+                }
+            }
+            return;
+        }
+        for commit in outgoing {
             self.writer.send(commit).await;
         }
     }
@@ -482,12 +654,27 @@ impl Core {
     }
 
     fn handle(&mut self, req: Request) {
+        if let Some(recovery) = self.recovery.as_mut() {
+            if !answerable_while_recovering(&req) {
+                recovery.deferred.push_back(req);
+                return;
+            }
+        }
         let wall = Utc::now();
         let now = Instant::now();
         match req {
             Request::Submit { tasks, reply } => self.submit(tasks, reply, wall),
             Request::Get { id, reply } => {
-                let _ = reply.send(self.held(&id).map(|t| t.view()));
+                let found = self.held(&id).map(|t| t.view());
+                // While recovering, a task not read yet is exactly as stored: nothing is
+                // written before recovery ends.
+                let found = found.or_else(|| {
+                    self.recovery.as_ref()?;
+                    let mut task = self.reader.active(id).ok().flatten()?;
+                    normalize_waiting(&mut task, wall);
+                    Some(task.view())
+                });
+                let _ = reply.send(found);
             }
             Request::List { filter, reply } => {
                 // The newest `limit` matches among active tasks (stopping once found; none
@@ -1057,8 +1244,8 @@ impl Core {
                 "task {id} is {state}; only failed or cancelled tasks can be retried"
             ))
         };
-        if let Some(t) = self.tasks.get(&id) {
-            let _ = reply.send(Err(conflict(t.state)));
+        if let Some(state) = self.tasks.state(&id) {
+            let _ = reply.send(Err(conflict(state)));
             return;
         }
         let found = match self.recent.get(&id) {
@@ -1336,6 +1523,11 @@ impl Core {
     fn checkpoints(&mut self, drone: DroneId, reports: Vec<shared::protocol::Checkpoint>) {
         let max = self.cfg.tasks.max_checkpoint_bytes;
         for c in reports {
+            // Only a running task (always held whole) can take one: a report naming any
+            // other task must not pull it back into memory.
+            if self.tasks.state(&c.task_id) != Some(TaskState::Running) {
+                continue;
+            }
             let Some(mut task) = self.tasks.get_mut(&c.task_id) else {
                 continue;
             };
@@ -1583,11 +1775,7 @@ impl Core {
             for dep in waiting {
                 if state == TaskState::Succeeded {
                     self.reevaluate_blocked(dep, wall);
-                } else if self
-                    .tasks
-                    .get(&dep)
-                    .is_some_and(|t| t.state == TaskState::Blocked)
-                {
+                } else if self.tasks.state(&dep) == Some(TaskState::Blocked) {
                     self.cancel_task(dep, format!("dependency {id} {state}"), wall);
                 }
             }
@@ -2001,6 +2189,34 @@ impl Core {
     }
 }
 
+/// Requests answered exactly while recovery is still reading tasks (see [`Core::run`]).
+fn answerable_while_recovering(req: &Request) -> bool {
+    matches!(
+        req,
+        Request::Get { .. } | Request::Drones { .. } | Request::Schedules { .. }
+    )
+}
+
+/// A waiting task as it is after a restart: pending once its `run_at` has passed.
+fn normalize_waiting(task: &mut Task, wall: DateTime<Utc>) {
+    if !matches!(task.state, TaskState::Pending | TaskState::Scheduled) {
+        return;
+    }
+    if task.run_at.is_some_and(|at| at > wall) {
+        task.state = TaskState::Scheduled;
+    } else {
+        task.state = TaskState::Pending;
+        task.run_at = None;
+    }
+}
+
+async fn next_chunk(chunks: &mut Option<Chunks>) -> Option<Result<Vec<Recovered>, StoreError>> {
+    match chunks {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Hands memory freed by the startup (decoded tasks that were demoted, the old index
 /// nodes) back to the OS. glibc keeps freed heap memory resident otherwise, so a queen
 /// that recovered a large backlog would look as big as its startup peak.
@@ -2052,6 +2268,169 @@ pub fn cap_result(result: Value, max_bytes: usize) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod recovery {
+        use super::*;
+        use crate::store::{OpenOptionsHive, Store};
+        use shared::api::TaskSpec;
+
+        fn opts(dir: &std::path::Path) -> OpenOptionsHive {
+            OpenOptionsHive {
+                data_dir: dir.to_path_buf(),
+                cache_capacity_bytes: 8 << 20,
+                sync: false,
+                metrics: Default::default(),
+            }
+        }
+
+        fn task(cfg: &Config) -> Task {
+            let spec = TaskSpec {
+                kind: "echo".into(),
+                ..Default::default()
+            };
+            Task::from_spec(spec, TaskId::generate(), Utc::now(), &cfg.tasks).expect("valid")
+        }
+
+        /// A store holding `tasks` as pending, reopened: the core built on it has read
+        /// nothing of them yet. The test feeds the recovered chunks itself.
+        async fn core_on(
+            dir: &std::path::Path,
+            tasks: &[Task],
+        ) -> (Core, CoreHandle, mpsc::Receiver<Request>, Store) {
+            let cfg = Config::default();
+            {
+                let (store, writer, _) =
+                    Store::open(&opts(dir), CancellationToken::new()).expect("open");
+                let (tx, rx) = oneshot::channel();
+                writer
+                    .send(Commit {
+                        mutations: tasks.iter().map(Mutation::save).collect(),
+                        after: Some(Box::new(move |r| drop(tx.send(r)))),
+                    })
+                    .await;
+                rx.await.expect("answered").expect("durable");
+                drop(writer);
+                let Store { writer_thread, .. } = store;
+                writer_thread.join().expect("writer exits");
+            }
+            let (store, writer, recovered) =
+                Store::open(&opts(dir), CancellationToken::new()).expect("reopen");
+            let reader = store.reader.clone();
+            let (core, handle, rx) = Core::new(
+                Arc::new(cfg),
+                writer,
+                reader,
+                recovered,
+                Metrics::new(),
+                CancellationToken::new(),
+            );
+            (core, handle, rx, store)
+        }
+
+        #[tokio::test]
+        async fn requests_wait_for_recovery_except_exact_reads_and_then_run_in_order() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cfg = Config::default();
+            let (a, b) = (task(&cfg), task(&cfg));
+            let (core, handle, rx, store) = core_on(dir.path(), &[a.clone(), b.clone()]).await;
+            let (chunk_tx, chunk_rx) = mpsc::channel(4);
+            let shutdown = CancellationToken::new();
+            let served = tokio::spawn(core.serve(rx, shutdown.clone(), Some(chunk_rx)));
+
+            let fresh = task(&cfg);
+            let (submit_tx, mut submit_rx) = oneshot::channel();
+            handle
+                .send(Request::Submit {
+                    tasks: vec![fresh.clone()],
+                    reply: submit_tx,
+                })
+                .await
+                .expect("sent");
+            let (stats_tx, mut stats_rx) = oneshot::channel();
+            handle
+                .send(Request::Stats { reply: stats_tx })
+                .await
+                .expect("sent");
+            // Answered in order after the two above: a task not read yet comes from the
+            // store, exactly as stored.
+            let got = handle
+                .ask(|reply| Request::Get { id: b.id, reply })
+                .await
+                .expect("answered")
+                .expect("found while recovering");
+            assert_eq!((got.id, got.state), (b.id, TaskState::Pending));
+            assert!(!handle.is_recovered());
+            assert!(
+                stats_rx.try_recv().is_err(),
+                "counts wait until every task is read"
+            );
+            assert!(submit_rx.try_recv().is_err(), "writes wait for recovery");
+            assert!(
+                store.reader.active(fresh.id).expect("read").is_none(),
+                "nothing is written before recovery ends"
+            );
+
+            chunk_tx
+                .send(Ok(vec![
+                    Recovered {
+                        task: a,
+                        whole: true,
+                    },
+                    Recovered {
+                        task: b,
+                        whole: true,
+                    },
+                ]))
+                .await
+                .expect("core takes chunks");
+            drop(chunk_tx);
+            let created = submit_rx.await.expect("answered").expect("accepted");
+            assert_eq!(created.len(), 1);
+            assert!(created[0].1, "created");
+            let stats = stats_rx.await.expect("answered after recovery");
+            assert_eq!(
+                stats.by_state.get("pending"),
+                Some(&3),
+                "the two recovered tasks and the one submitted meanwhile"
+            );
+            assert!(handle.is_recovered());
+            shutdown.cancel();
+            served.await.expect("join").expect("clean stop");
+        }
+
+        #[tokio::test]
+        async fn a_failed_read_stops_the_core_before_anything_waiting_is_written() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cfg = Config::default();
+            let (core, handle, rx, store) = core_on(dir.path(), &[task(&cfg)]).await;
+            let fatal = core.fatal.clone();
+            let (chunk_tx, chunk_rx) = mpsc::channel(4);
+            let served = tokio::spawn(core.serve(rx, CancellationToken::new(), Some(chunk_rx)));
+            let fresh = task(&cfg);
+            let submitted = handle.ask(|reply| Request::Submit {
+                tasks: vec![fresh.clone()],
+                reply,
+            });
+            let failing = async {
+                chunk_tx
+                    .send(Err(StoreError::Corrupt {
+                        path: dir.path().to_path_buf(),
+                        detail: "planted".into(),
+                    }))
+                    .await
+                    .expect("core takes chunks");
+            };
+            let (answer, ()) = tokio::join!(submitted, failing);
+            assert!(
+                answer.is_err(),
+                "the waiting submit is refused, not accepted"
+            );
+            let err = served.await.expect("join").expect_err("recovery failed");
+            assert!(err.to_string().contains("planted"), "{err}");
+            assert!(fatal.is_cancelled());
+            assert!(store.reader.active(fresh.id).expect("read").is_none());
+        }
+    }
 
     #[test]
     fn small_results_are_kept_and_large_ones_truncated_and_marked() {

@@ -70,6 +70,21 @@ impl From<CoreError> for ApiError {
     }
 }
 
+/// Readiness: 200 once startup recovery is over, 503 while the active tasks are still
+/// being read (the API already answers then, but requests that need every task wait).
+/// `/healthz` is liveness: 200 as soon as the queen listens.
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.core.is_recovered() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "recovering: reading the active tasks from the database".into(),
+        )
+        .into_response()
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let body_limit = state.cfg.tasks.max_body_bytes;
     let api = Router::new()
@@ -98,6 +113,7 @@ pub fn router(state: AppState) -> Router {
             "/healthz",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
+        .route("/readyz", get(readyz))
         .route("/", get(|| async { Html(DASHBOARD) }))
         .merge(api)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })

@@ -69,8 +69,9 @@ impl std::fmt::Debug for Queen {
 }
 
 impl Queen {
-    /// Opens the data dir (refusing one that is locked, corrupt or too new) and rebuilds
-    /// the in-memory state from it.
+    /// Opens the data dir (refusing one that is locked, corrupt or too new) and reads what
+    /// the scheduler needs besides the active tasks, which [`Queen::serve`] streams in while
+    /// it already answers (see [`core::Core::run`]).
     pub fn open(cfg: Config) -> Result<Queen, QueenError> {
         let fatal = CancellationToken::new();
         // Certificates first: a bad file must stop the queen before it touches the data.
@@ -96,11 +97,10 @@ impl Queen {
             recovered,
             metrics.clone(),
             fatal.clone(),
-        )?;
+        );
         tracing::info!(
-            read_ms = read.as_millis() as u64,
-            rebuilt_ms = (started.elapsed() - read).as_millis() as u64,
-            "store opened and scheduler state rebuilt"
+            open_ms = read.as_millis() as u64,
+            "store opened; active tasks are read while the queen serves"
         );
         Ok(Queen {
             cfg,
@@ -175,7 +175,7 @@ impl Queen {
         stop.cancel();
         tracing::info!("queen stopping");
         let _ = http_task.await;
-        let _ = core_task.await;
+        let recovery = core_task.await;
         tracker.close();
         tracker.wait().await;
         // The core, the only writer, has stopped: the writer thread drains and exits.
@@ -186,6 +186,9 @@ impl Queen {
         } = store;
         drop(reader);
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        if let Ok(Err(e)) = recovery {
+            return Err(QueenError::Store(e));
+        }
         if fatal.is_cancelled() {
             return Err(QueenError::StoreFailed);
         }

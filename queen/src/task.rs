@@ -73,7 +73,7 @@ impl Payload {
         Payload::from_json(text).unwrap_or_else(|_| Payload::null())
     }
 
-    fn null() -> Payload {
+    pub fn null() -> Payload {
         Payload(serde_json::value::RawValue::from_string("null".into()).expect("`null` is JSON"))
     }
 

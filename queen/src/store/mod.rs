@@ -52,7 +52,7 @@ pub const WRITE_QUEUE: usize = 16_384;
 const RECOVERY_CHUNK: usize = 4_096;
 
 /// One decoded chunk of active records.
-type Decoded = Result<Vec<Box<Task>>, StoreError>;
+type Decoded = Result<Vec<record::Recovered>, StoreError>;
 /// Most commits in one group commit, so one flush never waits behind an unbounded batch.
 pub const MAX_COMMITS_PER_BATCH: usize = 8_192;
 
@@ -86,6 +86,8 @@ pub enum StoreError {
     },
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("reading the active tasks was stopped before the end")]
+    Interrupted,
 }
 
 /// Why a commit did not become durable. Cloned to every waiter of a failed batch.
@@ -554,8 +556,16 @@ impl ActiveScan {
     /// how many there were. Reading is one cursor and decoding (JSON, timestamps) is as
     /// much work again, so the cursor hands chunks to decoder threads as it goes: decoding
     /// overlaps reading and uses every core, and `take` runs on this thread meanwhile.
-    /// Only a few chunks are in flight at once.
-    pub fn for_each_chunk(self, mut take: impl FnMut(Vec<Box<Task>>)) -> Result<usize, StoreError> {
+    /// Only a few chunks are in flight at once. `take` returning false stops the read.
+    ///
+    /// The first `whole_first` tasks (rounded up to a chunk) are decoded whole; waiting
+    /// tasks after them only as far as the scheduler's index needs
+    /// ([`record::decode_index`]), since the scheduler will not hold them whole anyway.
+    pub fn for_each_chunk(
+        self,
+        whole_first: usize,
+        mut take: impl FnMut(Vec<record::Recovered>) -> bool,
+    ) -> Result<usize, StoreError> {
         let db_path = &self.db_path;
         let corrupt = |detail: String| StoreError::Corrupt {
             path: db_path.clone(),
@@ -565,11 +575,17 @@ impl ActiveScan {
             .map(|n| n.get())
             .unwrap_or(1)
             .clamp(1, 8);
-        let decode_chunk = |chunk: Vec<(sled::IVec, sled::IVec)>| -> Decoded {
+        let decode_chunk = |index: usize, chunk: Vec<(sled::IVec, sled::IVec)>| -> Decoded {
+            let whole = index.saturating_mul(RECOVERY_CHUNK) < whole_first;
             chunk
                 .iter()
                 .map(|(key, value)| {
-                    record::decode(value).map(Box::new).map_err(|e| {
+                    let decoded = if whole {
+                        record::decode(value).map(|task| record::Recovered { task, whole })
+                    } else {
+                        record::decode_index(value)
+                    };
+                    decoded.map_err(|e| {
                         corrupt(format!(
                             "active task key {:?}: {e}",
                             String::from_utf8_lossy(key)
@@ -583,6 +599,7 @@ impl ActiveScan {
         let work_rx = std::sync::Mutex::new(work_rx);
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<(usize, Decoded)>(workers);
         let tree = &self.tree;
+        let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 let (work_rx, done_tx) = (&work_rx, done_tx.clone());
@@ -592,17 +609,21 @@ impl ActiveScan {
                         Err(_) => return,
                     };
                     let Ok((index, chunk)) = next else { return };
-                    if done_tx.send((index, decode_chunk(chunk))).is_err() {
+                    if done_tx.send((index, decode_chunk(index, chunk))).is_err() {
                         return;
                     }
                 });
             }
             // The cursor: a read error travels in order like a chunk of decoded records.
             let cursor_done = done_tx;
+            let stop = &stop;
             scope.spawn(move || {
                 let mut chunk = Vec::with_capacity(RECOVERY_CHUNK);
                 let mut index = 0;
                 for item in tree.scan_prefix(ACTIVE) {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
                     match item {
                         Ok(kv) => chunk.push(kv),
                         Err(e) => {
@@ -629,6 +650,8 @@ impl ActiveScan {
             let mut next = 0;
             let mut total = 0;
             let mut failed = None;
+            // Owned here, so a panic in `take` drops it and no sender blocks forever.
+            let done_rx = done_rx;
             for (index, decoded) in done_rx.iter() {
                 if failed.is_some() {
                     continue;
@@ -638,9 +661,14 @@ impl ActiveScan {
                     match decoded {
                         Ok(tasks) => {
                             total += tasks.len();
-                            take(tasks);
+                            if !take(tasks) {
+                                stop.store(true, Ordering::Relaxed);
+                                failed = Some(StoreError::Interrupted);
+                                break;
+                            }
                         }
                         Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
                             failed = Some(e);
                             break;
                         }
@@ -656,9 +684,12 @@ impl ActiveScan {
     }
 
     /// Every active task at once (tests and tools; the queen streams them).
-    pub fn collect(self) -> Result<Vec<Box<Task>>, StoreError> {
+    pub fn collect(self) -> Result<Vec<Task>, StoreError> {
         let mut all = Vec::new();
-        self.for_each_chunk(|chunk| all.extend(chunk))?;
+        self.for_each_chunk(usize::MAX, |chunk| {
+            all.extend(chunk.into_iter().map(|r| r.task));
+            true
+        })?;
         Ok(all)
     }
 }

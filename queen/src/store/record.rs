@@ -350,6 +350,78 @@ pub fn decode_queue(bytes: &[u8]) -> Result<crate::queues::QueueSettings, String
 }
 
 /// Decodes a record of any known version into the current task shape.
+/// What the scheduler's index needs of a waiting task: enough to queue it, not to run it.
+#[derive(Deserialize)]
+struct IndexRecord {
+    id: TaskId,
+    queue: String,
+    kind: String,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default)]
+    labels: Vec<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    depends_on: Vec<TaskId>,
+    state: v1::State,
+    #[serde(default)]
+    run_at: Option<DateTime<Utc>>,
+}
+
+/// A recovered task: whole, or only its index fields (see [`decode_index`]).
+#[derive(Debug)]
+pub struct Recovered {
+    pub task: Task,
+    /// False: only the index fields are real; the task must be read again to be used.
+    pub whole: bool,
+}
+
+/// Decodes a record for the startup index. A waiting task (pending, scheduled, blocked)
+/// of the current version comes back with only what the index needs (id, queue, kind,
+/// labels, priority, state, run_at, dependencies, idempotency key), skipping the payload,
+/// timestamps and history, which is about half the decoding; any other task comes back
+/// whole. The core demotes the partial ones at once and reads them whole when needed.
+pub fn decode_index(bytes: &[u8]) -> Result<Recovered, String> {
+    if let Some((&RECORD_V2, body)) = bytes.split_first() {
+        let r: IndexRecord =
+            serde_json::from_slice(body).map_err(|e| format!("bad v2 record: {e}"))?;
+        if matches!(
+            r.state,
+            v1::State::Pending | v1::State::Scheduled | v1::State::Blocked
+        ) {
+            let task = Task {
+                id: r.id,
+                queue: r.queue,
+                kind: r.kind,
+                payload: crate::task::Payload::null(),
+                priority: r.priority,
+                labels: r.labels,
+                idempotency_key: r.idempotency_key,
+                depends_on: r.depends_on,
+                retry: None,
+                max_attempts: 0,
+                timeout_ms: None,
+                state: state_from_v1(r.state),
+                attempts: 0,
+                lost: 0,
+                fence: Fence(0),
+                lease: None,
+                result: None,
+                errors: Vec::new(),
+                checkpoint: None,
+                cancel_reason: None,
+                created_at: DateTime::<Utc>::UNIX_EPOCH,
+                run_at: r.run_at,
+                started_at: None,
+                finished_at: None,
+            };
+            return Ok(Recovered { task, whole: false });
+        }
+    }
+    decode(bytes).map(|task| Recovered { task, whole: true })
+}
+
 pub fn decode(bytes: &[u8]) -> Result<Task, String> {
     let (&version, body) = bytes.split_first().ok_or("empty record")?;
     let r = match version {
@@ -440,6 +512,40 @@ mod tests {
             at: Utc::now(),
         });
         assert_eq!(decode(&encode(&t)), Ok(t));
+    }
+
+    #[test]
+    fn the_index_decode_keeps_every_field_the_scheduler_indexes() {
+        let spec = TaskSpec {
+            kind: "render".into(),
+            queue: Some("img".into()),
+            payload: serde_json::json!({"big": "x".repeat(100)}),
+            priority: Some(-3),
+            labels: vec!["gpu".into()],
+            idempotency_key: Some("k1".into()),
+            ..Default::default()
+        };
+        let mut t = Task::from_spec(spec, TaskId::generate(), Utc::now(), &Default::default())
+            .expect("valid spec");
+        t.state = TaskState::Scheduled;
+        t.run_at = Some(Utc::now());
+        t.depends_on = vec![TaskId::generate()];
+        let got = decode_index(&encode(&t)).expect("decodes");
+        assert!(!got.whole);
+        let i = got.task;
+        assert_eq!(
+            (i.id, &i.queue, &i.kind, i.priority, &i.labels, i.state, i.run_at),
+            (t.id, &t.queue, &t.kind, t.priority, &t.labels, t.state, t.run_at)
+        );
+        assert_eq!(
+            (&i.idempotency_key, &i.depends_on),
+            (&t.idempotency_key, &t.depends_on)
+        );
+        // A running task is needed whole at once (its drone may re-attach it).
+        t.state = TaskState::Running;
+        let got = decode_index(&encode(&t)).expect("decodes");
+        assert!(got.whole);
+        assert_eq!(got.task, t);
     }
 
     #[test]

@@ -63,7 +63,7 @@ async fn committed_tasks_survive_reopen_and_finished_ones_live_apart() {
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
     assert_eq!(
         rec.active.collect().expect("scan"),
-        vec![Box::new(active)],
+        vec![active],
         "only the active task is loaded at start"
     );
     assert_eq!(
@@ -165,10 +165,7 @@ async fn a_schema_1_database_with_v1_records_is_upgraded_and_read() {
 
     let (store, w, rec) =
         Store::open(&opts(dir.path()), CancellationToken::new()).expect("upgrade");
-    assert_eq!(
-        rec.active.collect().expect("scan"),
-        vec![Box::new(t.clone())]
-    );
+    assert_eq!(rec.active.collect().expect("scan"), vec![t.clone()]);
     let schema = store
         .reader
         .tree
@@ -181,10 +178,7 @@ async fn a_schema_1_database_with_v1_records_is_upgraded_and_read() {
     commit(&w, vec![Mutation::save(&t)]).await.expect("durable");
     close(store, w);
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
-    assert_eq!(
-        rec.active.collect().expect("scan"),
-        vec![Box::new(t.clone())]
-    );
+    assert_eq!(rec.active.collect().expect("scan"), vec![t.clone()]);
     let mut key = b"a/".to_vec();
     key.extend_from_slice(&t.id.to_bytes());
     let raw = store.reader.tree.get(key).expect("get").expect("present");
@@ -257,7 +251,7 @@ async fn an_unfinished_snapshot_is_removed_and_data_recovered() {
     let (store, w, rec) =
         Store::open(&opts(dir.path()), CancellationToken::new()).expect("recovers");
     assert!(!bogus.exists());
-    assert_eq!(rec.active.collect().expect("scan"), vec![Box::new(t)]);
+    assert_eq!(rec.active.collect().expect("scan"), vec![t]);
     close(store, w);
 }
 
