@@ -43,8 +43,16 @@ const REQUESTS_PER_PASS: usize = 512;
 /// How often timers (scheduled tasks, orphaned leases, attempt deadlines) are checked when
 /// nothing else wakes the core.
 const TICK: Duration = Duration::from_millis(50);
-/// Recovered tasks, a chunk at a time, in id order (or the error that ended the read).
-type Chunks = mpsc::Receiver<Result<Vec<Recovered>, StoreError>>;
+/// What the recovery thread sends: chunks of tasks in id order, then `Done` or the error
+/// that ended the read. A channel that closes without either means the thread died.
+#[derive(Debug)]
+enum Loaded {
+    Chunk(Vec<Recovered>),
+    Done,
+    Failed(StoreError),
+}
+
+type Chunks = mpsc::Receiver<Loaded>;
 /// Requests held while recovering before the core stops taking more (backpressure).
 const MAX_DEFERRED: usize = 65_536;
 /// Decoded chunks of recovered tasks queued ahead of the core.
@@ -447,7 +455,11 @@ impl Core {
         mut chunks: Option<Chunks>,
     ) -> Result<(), StoreError> {
         if chunks.is_none() {
-            // Nothing to read (or the reader could not start): recovery is over.
+            if self.fatal.is_cancelled() {
+                // The reader could not start.
+                return Err(StoreError::Interrupted);
+            }
+            // Nothing to read: recovery is over.
             self.finish_recovery(Utc::now());
         }
         let mut failed = None;
@@ -462,21 +474,29 @@ impl Core {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                chunk = next_chunk(&mut chunks) => match chunk {
-                    Some(Ok(tasks)) => self.recover_chunk(tasks, Utc::now()),
-                    Some(Err(e)) => {
+                loaded = next_chunk(&mut chunks) => {
+                    let failure = match loaded {
+                        Some(Loaded::Chunk(tasks)) => {
+                            self.recover_chunk(tasks, Utc::now());
+                            None
+                        }
+                        Some(Loaded::Done) => {
+                            chunks = None;
+                            self.finish_recovery(Utc::now());
+                            None
+                        }
+                        Some(Loaded::Failed(e)) => Some(e),
+                        // A reader that died without saying why (a panic) left tasks
+                        // unread: serving on would lose them.
+                        None => Some(StoreError::Interrupted),
+                    };
+                    if let Some(e) = failure {
                         tracing::error!(error = %e, "reading the active tasks failed; the queen must stop");
                         self.fatal.cancel();
                         failed = Some(e);
                         break;
                     }
-                    None => {
-                        chunks = None;
-                        if !self.fatal.is_cancelled() {
-                            self.finish_recovery(Utc::now());
-                        }
-                    }
-                },
+                }
                 req = rx.recv(), if accepting => {
                     let Some(req) = req else { break };
                     self.handle(req);
@@ -487,7 +507,8 @@ impl Core {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(wake) => {}
+                // Timers wait for recovery (the tick would be due at once, every pass).
+                _ = tokio::time::sleep_until(wake), if self.recovery.is_none() => {}
             }
             if self.recovery.is_none() {
                 let now = Instant::now();
@@ -498,7 +519,10 @@ impl Core {
             }
             // Every change made in this pass is in a commit numbered at most this.
             self.tasks.seal(self.commits_made);
-            self.tasks.demote(self.writer.durable());
+            if self.recovery.is_none() {
+                // Tasks read at startup join the map only when recovery ends.
+                self.tasks.demote(self.writer.durable());
+            }
             self.flush_commits().await;
         }
         // Close every drone connection; their tasks stay `running` on disk and are
@@ -519,11 +543,13 @@ impl Core {
             .name("hive-recovery".into())
             .spawn(move || {
                 // Stops early once the core is gone (shutdown during startup).
-                let read =
-                    scan.for_each_chunk(hot_max, |chunk| tx.blocking_send(Ok(chunk)).is_ok());
-                if let Err(e) = read {
-                    let _ = tx.blocking_send(Err(e));
-                }
+                let read = scan.for_each_chunk(hot_max, |chunk| {
+                    tx.blocking_send(Loaded::Chunk(chunk)).is_ok()
+                });
+                let _ = tx.blocking_send(match read {
+                    Ok(_) => Loaded::Done,
+                    Err(e) => Loaded::Failed(e),
+                });
             });
         match spawned {
             Ok(_) => Some(rx),
@@ -670,7 +696,11 @@ impl Core {
                 // written before recovery ends.
                 let found = found.or_else(|| {
                     self.recovery.as_ref()?;
-                    let mut task = self.reader.active(id).ok().flatten()?;
+                    let stored = self.reader.active(id).unwrap_or_else(|e| {
+                        tracing::error!(task_id = %id, error = %e, "reading a task while recovering failed");
+                        None
+                    });
+                    let mut task = stored?;
                     normalize_waiting(&mut task, wall);
                     Some(task.view())
                 });
@@ -2210,7 +2240,7 @@ fn normalize_waiting(task: &mut Task, wall: DateTime<Utc>) {
     }
 }
 
-async fn next_chunk(chunks: &mut Option<Chunks>) -> Option<Result<Vec<Recovered>, StoreError>> {
+async fn next_chunk(chunks: &mut Option<Chunks>) -> Option<Loaded> {
     match chunks {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
@@ -2371,7 +2401,7 @@ mod tests {
             );
 
             chunk_tx
-                .send(Ok(vec![
+                .send(Loaded::Chunk(vec![
                     Recovered {
                         task: a,
                         whole: true,
@@ -2383,7 +2413,10 @@ mod tests {
                 ]))
                 .await
                 .expect("core takes chunks");
-            drop(chunk_tx);
+            chunk_tx
+                .send(Loaded::Done)
+                .await
+                .expect("core takes chunks");
             let created = submit_rx.await.expect("answered").expect("accepted");
             assert_eq!(created.len(), 1);
             assert!(created[0].1, "created");
@@ -2413,7 +2446,7 @@ mod tests {
             });
             let failing = async {
                 chunk_tx
-                    .send(Err(StoreError::Corrupt {
+                    .send(Loaded::Failed(StoreError::Corrupt {
                         path: dir.path().to_path_buf(),
                         detail: "planted".into(),
                     }))

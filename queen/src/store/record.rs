@@ -349,7 +349,6 @@ pub fn decode_queue(bytes: &[u8]) -> Result<crate::queues::QueueSettings, String
     }
 }
 
-/// Decodes a record of any known version into the current task shape.
 /// What the scheduler's index needs of a waiting task: enough to queue it, not to run it.
 #[derive(Deserialize)]
 struct IndexRecord {
@@ -382,6 +381,10 @@ pub struct Recovered {
 /// labels, priority, state, run_at, dependencies, idempotency key), skipping the payload,
 /// timestamps and history, which is about half the decoding; any other task comes back
 /// whole. The core demotes the partial ones at once and reads them whole when needed.
+///
+/// It checks the JSON and the index fields only: a record whose other fields are wrong
+/// (which sled's own checksums make a writer bug, not disk damage) is found when the task
+/// is read back, and stops the queen then.
 pub fn decode_index(bytes: &[u8]) -> Result<Recovered, String> {
     if let Some((&RECORD_V2, body)) = bytes.split_first() {
         let r: IndexRecord =
@@ -422,6 +425,7 @@ pub fn decode_index(bytes: &[u8]) -> Result<Recovered, String> {
     decode(bytes).map(|task| Recovered { task, whole: true })
 }
 
+/// Decodes a record of any known version into the current task shape.
 pub fn decode(bytes: &[u8]) -> Result<Task, String> {
     let (&version, body) = bytes.split_first().ok_or("empty record")?;
     let r = match version {
