@@ -2247,13 +2247,15 @@ async fn next_chunk(chunks: &mut Option<Chunks>) -> Option<Loaded> {
     }
 }
 
-/// Hands memory freed by the startup (decoded tasks that were demoted, the old index
-/// nodes) back to the OS. glibc keeps freed heap memory resident otherwise, so a queen
-/// that recovered a large backlog would look as big as its startup peak.
+/// Hands memory freed by the startup (tasks decoded on other threads and demoted, the
+/// decode buffers) back to the OS; allocators otherwise keep it resident for reuse, so a
+/// queen that recovered a large backlog would look as big as its startup peak. The queen
+/// binary allocates with mimalloc; glibc's heap is trimmed too for embedders and tests.
 fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory to the OS; it takes no pointers.
+    // SAFETY: both calls only return free memory to the OS; they take no pointers.
     unsafe {
+        libmimalloc_sys::mi_collect(true);
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
         libc::malloc_trim(0);
     }
 }

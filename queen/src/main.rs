@@ -10,6 +10,10 @@ use queen::config::{Config, LogFormat};
 use queen::{Listeners, Queen};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// See the workspace `Cargo.toml` for why the queen does not use the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::EnvFilter;
 
 use queen::cli;
