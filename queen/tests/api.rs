@@ -218,6 +218,38 @@ async fn with_a_token_the_api_requires_it_but_health_does_not() {
     q.stop().await;
 }
 
+/// Guards readiness: `/readyz` needs no token and turns 200 once the restarted queen has read
+/// its tasks, and the counts it then serves include every task (they waited for recovery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_ready_after_recovery_and_counts_include_every_recovered_task() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_config(dir.path());
+    cfg.auth.token = Some(shared::ids::Secret("t0k".into()));
+    let q = TestQueen::start(cfg.clone()).await;
+    let tasks: Vec<_> = (0..50)
+        .map(|i| json!({"kind": "echo", "payload": i}))
+        .collect();
+    let (status, body) = q
+        .call_with(
+            "POST",
+            "/v1/tasks/batch",
+            Some(json!({ "tasks": tasks })),
+            Some("t0k"),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    q.stop().await;
+
+    let q = TestQueen::start(cfg).await;
+    // No sleeping: the first stats answer waits for recovery, so it must count all 50.
+    let (status, body) = q.call_with("GET", "/v1/stats", None, Some("t0k")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["by_state"]["pending"], 50, "{body}");
+    let (status, body) = q.call("GET", "/readyz", None).await;
+    assert_eq!((status, &body["status"]), (200, &json!("ready")), "{body}");
+    q.stop().await;
+}
+
 /// Guards dependencies: blocked until the dependency succeeds; cancelled when it fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dependent_task_is_cancelled_when_its_dependency_is() {
