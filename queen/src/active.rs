@@ -3,7 +3,7 @@
 //! change, so `/v1/stats`, `/v1/queues` and `/metrics` never walk the tasks, and a list
 //! of the newest tasks stops as soon as it has enough.
 //!
-//! **Hot and cold.** At most `hot_max` tasks are held whole ("hot"). Beyond that, waiting
+//! **Hot and cold.** About `hot_max` tasks are held whole ("hot"). Beyond that, waiting
 //! tasks (pending, scheduled, blocked) whose latest record is durable are *demoted*: the
 //! map keeps only their queue and state (16 bytes), and the task is read back from the
 //! store when it is next leased, viewed or changed ("faulted in"). Memory for a backlog of
@@ -550,8 +550,8 @@ mod tests {
         async fn waiting_tasks_beyond_the_limit_are_demoted_once_durable_and_read_back_whole() {
             let dir = tempfile::tempdir().expect("tempdir");
             let (_store, writer, backing) = open(dir.path());
-            let mut active = ActiveTasks::backed(backing.clone(), 1);
-            let mut waiting: Vec<Box<Task>> = (0..3).map(|_| task("mail")).collect();
+            let mut active = ActiveTasks::backed(backing.clone(), 2);
+            let mut waiting: Vec<Box<Task>> = (0..4).map(|_| task("mail")).collect();
             waiting[1].priority = 7;
             let mut running = task("img");
             running.state = TaskState::Running;
@@ -561,16 +561,25 @@ mod tests {
             active.seal(1);
             // Not durable yet: nothing may be demoted.
             active.demote(writer.durable());
-            assert_eq!(active.hot(), 4);
+            assert_eq!(active.hot(), 5);
             for t in waiting.iter().chain([&running]) {
                 save(&writer, t).await;
             }
-            active.seal(4);
+            active.seal(5);
             active.demote(writer.durable());
-            assert_eq!(active.hot(), 1, "only the running task stays whole");
-            assert_eq!(count(&active, "mail", TaskState::Pending), 3);
+            assert_eq!(
+                active.hot(),
+                2,
+                "the longest-unchanged waiting tasks go until two are held"
+            );
+            assert!(
+                matches!(active.get(&waiting[3].id), Some(Cow::Borrowed(_))),
+                "the newest waiting task stays whole"
+            );
+            assert!(matches!(active.get(&running.id), Some(Cow::Borrowed(_))));
+            assert_eq!(count(&active, "mail", TaskState::Pending), 4);
             assert_eq!(count(&active, "img", TaskState::Running), 1);
-            for t in &waiting {
+            for t in &waiting[..3] {
                 let got = active.get(&t.id).expect("present");
                 assert!(matches!(got, Cow::Owned(_)), "read back from the store");
                 assert_eq!(*got, **t);
@@ -580,22 +589,22 @@ mod tests {
                 .newest_first(None)
                 .map(|e| (e.id, e.queue.to_string()))
                 .collect();
-            assert_eq!(entries.len(), 4);
+            assert_eq!(entries.len(), 5);
             assert!(entries.iter().all(|(_, q)| q == "mail" || q == "img"));
             // Changing a demoted task makes it whole again, and the counts follow.
             if let Some(mut t) = active.get_mut(&waiting[1].id) {
                 assert_eq!(t.priority, 7);
                 t.state = TaskState::Running;
             }
-            assert_eq!(active.hot(), 2);
-            assert_eq!(count(&active, "mail", TaskState::Pending), 2);
+            assert_eq!(active.hot(), 3);
+            assert_eq!(count(&active, "mail", TaskState::Pending), 3);
             assert_eq!(count(&active, "mail", TaskState::Running), 1);
             let gone = active
                 .remove(&waiting[2].id)
                 .expect("read back and removed");
             assert_eq!(*gone, *waiting[2]);
-            assert_eq!(count(&active, "mail", TaskState::Pending), 1);
-            assert_eq!(active.len(), 3);
+            assert_eq!(count(&active, "mail", TaskState::Pending), 2);
+            assert_eq!(active.len(), 4);
             assert!(!backing.fatal.is_cancelled());
         }
 

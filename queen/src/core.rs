@@ -443,8 +443,17 @@ impl Core {
         rx: mpsc::Receiver<Request>,
         shutdown: CancellationToken,
     ) -> Result<(), StoreError> {
-        let chunks = self.start_recovery();
-        self.serve(rx, shutdown, chunks).await
+        let (chunks, reader) = match self.start_recovery() {
+            Some((chunks, reader)) => (Some(chunks), Some(reader)),
+            None => (None, None),
+        };
+        let result = self.serve(rx, shutdown, chunks).await;
+        // The reader holds the database: wait for it (it stops at once when the chunk
+        // channel is gone, e.g. after a shutdown during recovery) so nothing outlives us.
+        if let Some(reader) = reader {
+            let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+        }
+        result
     }
 
     /// The loop of [`Core::run`], taking recovered chunks from `chunks`.
@@ -512,8 +521,12 @@ impl Core {
             }
             if self.recovery.is_none() {
                 let now = Instant::now();
-                if now >= self.next_tick {
-                    self.tick(now, Utc::now());
+                let wall = Utc::now();
+                // A scheduled task that came due is promoted now, not at the next tick
+                // (its timer woke the loop; waiting would spin until the tick).
+                let due = self.scheduled.first().is_some_and(|(at, _)| *at <= wall);
+                if now >= self.next_tick || due {
+                    self.tick(now, wall);
                 }
                 self.dispatch(Utc::now());
             }
@@ -535,7 +548,7 @@ impl Core {
     }
 
     /// Starts the thread that reads the active tasks; chunks arrive in id order.
-    fn start_recovery(&mut self) -> Option<Chunks> {
+    fn start_recovery(&mut self) -> Option<(Chunks, std::thread::JoinHandle<()>)> {
         let scan = self.recovery.as_mut()?.scan.take()?;
         let hot_max = self.cfg.storage.hot_tasks;
         let (tx, rx) = mpsc::channel(RECOVERY_CHUNKS_AHEAD);
@@ -552,7 +565,7 @@ impl Core {
                 });
             });
         match spawned {
-            Ok(_) => Some(rx),
+            Ok(reader) => Some((rx, reader)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the recovery thread; the queen must stop");
                 self.fatal.cancel();
@@ -1843,11 +1856,8 @@ impl Core {
         let Some(mut task) = self.tasks.remove(&id).map(|b| *b) else {
             return;
         };
-        task.state = if task.run_at.is_some_and(|at| at > wall) {
-            TaskState::Scheduled
-        } else {
-            TaskState::Pending
-        };
+        task.state = TaskState::Pending;
+        normalize_waiting(&mut task, wall);
         self.enqueue(&task);
         let m = Mutation::save(&task);
         self.tasks.insert(Box::new(task));
@@ -2397,6 +2407,14 @@ mod tests {
                 "counts wait until every task is read"
             );
             assert!(submit_rx.try_recv().is_err(), "writes wait for recovery");
+            let unmade = handle
+                .ask(|reply| Request::Get {
+                    id: fresh.id,
+                    reply,
+                })
+                .await
+                .expect("answered");
+            assert!(unmade.is_none(), "the held submit created nothing yet");
             assert!(
                 store.reader.active(fresh.id).expect("read").is_none(),
                 "nothing is written before recovery ends"
@@ -2442,28 +2460,65 @@ mod tests {
             let (chunk_tx, chunk_rx) = mpsc::channel(4);
             let served = tokio::spawn(core.serve(rx, CancellationToken::new(), Some(chunk_rx)));
             let fresh = task(&cfg);
-            let submitted = handle.ask(|reply| Request::Submit {
-                tasks: vec![fresh.clone()],
-                reply,
-            });
-            let failing = async {
-                chunk_tx
-                    .send(Loaded::Failed(StoreError::Corrupt {
-                        path: dir.path().to_path_buf(),
-                        detail: "planted".into(),
-                    }))
-                    .await
-                    .expect("core takes chunks");
-            };
-            let (answer, ()) = tokio::join!(submitted, failing);
+            let (submit_tx, submit_rx) = oneshot::channel();
+            handle
+                .send(Request::Submit {
+                    tasks: vec![fresh.clone()],
+                    reply: submit_tx,
+                })
+                .await
+                .expect("sent");
+            // Answered after the submit was taken (and held): requests run in order.
+            let seen = handle
+                .ask(|reply| Request::Get {
+                    id: fresh.id,
+                    reply,
+                })
+                .await
+                .expect("answered");
+            assert!(seen.is_none(), "the held submit created nothing yet");
+            chunk_tx
+                .send(Loaded::Failed(StoreError::Corrupt {
+                    path: dir.path().to_path_buf(),
+                    detail: "planted".into(),
+                }))
+                .await
+                .expect("core takes chunks");
             assert!(
-                answer.is_err(),
-                "the waiting submit is refused, not accepted"
+                submit_rx.await.is_err(),
+                "the held submit is dropped unanswered, never accepted"
             );
             let err = served.await.expect("join").expect_err("recovery failed");
             assert!(err.to_string().contains("planted"), "{err}");
             assert!(fatal.is_cancelled());
             assert!(store.reader.active(fresh.id).expect("read").is_none());
+        }
+
+        #[tokio::test]
+        async fn a_reader_that_dies_without_finishing_stops_the_core() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let cfg = Config::default();
+            let (a, b) = (task(&cfg), task(&cfg));
+            let (core, handle, rx, _store) = core_on(dir.path(), &[a.clone(), b]).await;
+            let fatal = core.fatal.clone();
+            let (chunk_tx, chunk_rx) = mpsc::channel(4);
+            let served = tokio::spawn(core.serve(rx, CancellationToken::new(), Some(chunk_rx)));
+            // One chunk of two, then the reader is gone without saying Done (a panic).
+            chunk_tx
+                .send(Loaded::Chunk(vec![Recovered {
+                    task: a,
+                    whole: true,
+                }]))
+                .await
+                .expect("core takes chunks");
+            drop(chunk_tx);
+            let err = served
+                .await
+                .expect("join")
+                .expect_err("recovery incomplete");
+            assert!(matches!(err, StoreError::Interrupted), "{err}");
+            assert!(fatal.is_cancelled());
+            assert!(!handle.is_recovered(), "half the tasks is not a recovery");
         }
     }
 

@@ -39,6 +39,15 @@ impl Route {
 
 type Key = (Reverse<i32>, TaskId);
 
+/// The task's route, reusing `last` when it is the same (a free function so the caller can
+/// borrow its other fields meanwhile).
+fn cached_route<'a>(last: &'a mut Option<Route>, task: &Task) -> Option<&'a Route> {
+    if !last.as_ref().is_some_and(|r| r.is_of(task)) {
+        *last = Some(Route::of(task));
+    }
+    last.as_ref()
+}
+
 #[derive(Debug)]
 pub struct ReadyQueues {
     /// Each ready task with the moment it became ready (for the dispatch latency metric),
@@ -114,10 +123,7 @@ impl ReadyQueues {
     /// Makes a task ready, as of `since` (a task handed back keeps its place in time).
     pub fn push_since(&mut self, task: &Task, since: Instant) {
         let nanos = self.nanos(since);
-        if !self.last.as_ref().is_some_and(|r| r.is_of(task)) {
-            self.last = Some(Route::of(task));
-        }
-        let Some(route) = self.last.as_ref() else {
+        let Some(route) = cached_route(&mut self.last, task) else {
             return;
         };
         if !self.groups.contains_key(route) {
@@ -176,10 +182,7 @@ impl ReadyQueues {
     /// [`ReadyQueues::end_loading`] ran.
     pub fn push_loading(&mut self, task: &Task, since: Instant) {
         let nanos = self.nanos(since);
-        if !self.last.as_ref().is_some_and(|r| r.is_of(task)) {
-            self.last = Some(Route::of(task));
-        }
-        let Some(route) = self.last.as_ref() else {
+        let Some(route) = cached_route(&mut self.last, task) else {
             return;
         };
         let entry = ((Reverse(task.priority), task.id), nanos);
@@ -287,11 +290,14 @@ mod tests {
         assert_eq!(q.len(), 4);
         let echo = HashSet::from(["echo".to_string()]);
         let labels = BTreeSet::new();
-        // Not seen by dispatch before loading ends.
+        // Not seen by dispatch before loading ends (`high` would come first).
         assert_eq!(pop(&mut q, &echo, &labels, &|_| true), Some(live.id));
-        assert_eq!(pop(&mut q, &echo, &labels, &|_| true), None);
+        // A live task in the same group as loaded ones: loading merges into it.
+        let later = task("echo", 3, &[]);
+        q.push(&later);
         q.end_loading();
         assert_eq!(pop(&mut q, &echo, &labels, &|_| true), Some(high.id));
+        assert_eq!(pop(&mut q, &echo, &labels, &|_| true), Some(later.id));
         assert_eq!(pop(&mut q, &echo, &labels, &|_| true), Some(low.id));
         let render = HashSet::from(["render".to_string()]);
         assert_eq!(pop(&mut q, &render, &labels, &|_| true), Some(other.id));

@@ -553,6 +553,27 @@ mod tests {
     }
 
     #[test]
+    fn the_index_decode_refuses_a_record_with_a_bad_index_field() {
+        let spec = TaskSpec {
+            kind: "echo".into(),
+            ..Default::default()
+        };
+        let t = Task::from_spec(spec, TaskId::generate(), Utc::now(), &Default::default())
+            .expect("valid spec");
+        let good = encode(&t);
+        assert!(decode_index(&good).is_ok());
+        let mut json: serde_json::Value = serde_json::from_slice(&good[1..]).expect("json");
+        json["priority"] = serde_json::json!("high");
+        let mut bad = vec![RECORD_V2];
+        bad.extend(serde_json::to_vec(&json).expect("encode"));
+        assert!(decode_index(&bad).unwrap_err().contains("bad v2 record"));
+        assert!(
+            decode_index(&good[..good.len() - 3]).is_err(),
+            "truncated JSON"
+        );
+    }
+
+    #[test]
     fn an_unknown_version_is_refused_not_guessed() {
         assert!(decode(&[9, b'{', b'}']).unwrap_err().contains("version 9"));
         assert!(decode(&[]).is_err());
