@@ -330,17 +330,6 @@ impl ActiveTasks {
         })
     }
 
-    /// Ids of the active tasks in `state`, oldest first.
-    pub fn ids_in(&self, state: TaskState) -> Vec<TaskId> {
-        self.newest_first(None)
-            .filter(|e| e.state == state)
-            .map(|e| e.id)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect()
-    }
-
     pub fn counts(&self) -> impl Iterator<Item = (&str, TaskState, u64)> {
         self.counts.0.iter().enumerate().flat_map(move |(q, c)| {
             TaskState::ALL
