@@ -25,7 +25,8 @@ use shared::api::TaskState;
 use shared::TaskId;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::StoreReader;
+use crate::core::Lookup;
+use crate::store::record::Recovered;
 use crate::task::Task;
 
 const STATES: usize = TaskState::ALL.len();
@@ -96,7 +97,7 @@ enum Slot {
 /// Where demoted tasks are read back from, and what to stop if that ever fails.
 #[derive(Debug, Clone)]
 pub struct Backing {
-    pub reader: StoreReader,
+    pub reader: std::sync::Arc<dyn Lookup>,
     /// Cancelled when a read fails: the core's state no longer matches the disk.
     pub fatal: CancellationToken,
 }
@@ -241,32 +242,27 @@ impl ActiveTasks {
 
     /// Adds a task read from the store at startup: held whole while there is room, else
     /// demoted at once (its record is the one just read). A task decoded only for the
-    /// index (`whole` false, always a waiting one) is always demoted. Tasks must come in id
-    /// order, and are seen (by `get`, `state`, ...) once [`ActiveTasks::end_loading`] ran.
-    pub fn insert_recovered(&mut self, task: Task, whole: bool) {
-        let q = self.queues.id(&task.queue);
-        self.counts.add(q, task.state);
-        let id = task.id;
-        let keep = if whole {
-            self.backing.is_none() || self.hot < self.hot_max || !demotable(task.state)
-        } else {
-            debug_assert!(self.backing.is_some() && demotable(task.state));
-            self.backing.is_none()
-        };
-        let slot = if keep {
-            if demotable(task.state) {
-                self.candidates.push_back((0, id));
+    /// index (always a waiting one) is always demoted. Tasks must come in id order, and
+    /// are seen (by `get`, `state`, ...) once [`ActiveTasks::end_loading`] ran.
+    pub fn insert_recovered(&mut self, recovered: Recovered) {
+        let (id, state) = (recovered.id(), recovered.state());
+        let q = self.queues.id(recovered.queue());
+        self.counts.add(q, state);
+        let keep = self.backing.is_none() || self.hot < self.hot_max || !demotable(state);
+        let slot = match recovered {
+            Recovered::Whole(task) if keep => {
+                if demotable(state) {
+                    self.candidates.push_back((0, id));
+                }
+                self.hot += 1;
+                Slot::Hot {
+                    task: Box::new(task),
+                    stamp: 0,
+                }
             }
-            self.hot += 1;
-            Slot::Hot {
-                task: Box::new(task),
-                stamp: 0,
-            }
-        } else {
-            Slot::Cold {
-                queue: q,
-                state: task.state,
-            }
+            // An index entry is always demoted: the task is read whole from the store
+            // behind the map when it is needed (only a backed map is given entries).
+            Recovered::Whole(_) | Recovered::Index(_) => Slot::Cold { queue: q, state },
         };
         self.loading.push((id, slot));
     }
@@ -529,7 +525,7 @@ mod tests {
             };
             let (store, writer, _) = Store::open(&opts, CancellationToken::new()).expect("open");
             let backing = Backing {
-                reader: store.reader.clone(),
+                reader: std::sync::Arc::new(store.reader.clone()),
                 fatal: CancellationToken::new(),
             };
             (store, writer, backing)
@@ -656,7 +652,7 @@ mod tests {
             let (_store, writer, backing) = open(dir.path());
             let mut active = ActiveTasks::backed(backing.clone(), 0);
             let t = task("mail");
-            active.insert_recovered((*t).clone(), true);
+            active.insert_recovered(Recovered::Whole((*t).clone()));
             active.end_loading();
             // Never written: reading it back must fail loudly, not invent a task.
             assert_eq!(active.hot(), 0);

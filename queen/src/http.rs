@@ -23,7 +23,7 @@ use shared::api::{
 use shared::TaskId;
 
 use crate::config::Config;
-use crate::core::{CoreError, CoreHandle, ListFilter, QueueChange, Request};
+use crate::core::{CoreError, CoreHandle, ErrorKind, ListFilter, QueueChange, Request};
 use crate::store::StoreReader;
 use crate::task::Task;
 
@@ -60,11 +60,11 @@ impl IntoResponse for ApiError {
 
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
-        let status = match &e {
-            CoreError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            CoreError::NotFound(_) => StatusCode::NOT_FOUND,
-            CoreError::Conflict(_) => StatusCode::CONFLICT,
-            CoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        let status = match e.kind() {
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, e.to_string())
     }

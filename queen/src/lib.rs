@@ -93,7 +93,7 @@ impl Queen {
         let (core, handle, requests) = Core::new(
             cfg.clone(),
             writer,
-            store.reader.clone(),
+            Arc::new(store.reader.clone()),
             recovered,
             metrics.clone(),
             fatal.clone(),

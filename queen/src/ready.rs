@@ -19,16 +19,40 @@ pub struct Route {
     pub labels: Vec<String>,
 }
 
+/// What the ready queues need of a task: its route and its place in a group. Both a whole
+/// task and a recovered index entry give one.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadyKey<'a> {
+    pub id: TaskId,
+    pub priority: i32,
+    pub queue: &'a str,
+    pub kind: &'a str,
+    pub labels: &'a [String],
+}
+
+impl<'a> From<&'a Task> for ReadyKey<'a> {
+    fn from(task: &'a Task) -> ReadyKey<'a> {
+        ReadyKey {
+            id: task.id,
+            priority: task.priority,
+            queue: &task.queue,
+            kind: &task.kind,
+            labels: &task.labels,
+        }
+    }
+}
+
 impl Route {
-    pub fn of(task: &Task) -> Route {
+    pub fn of<'a>(task: impl Into<ReadyKey<'a>>) -> Route {
+        let task = task.into();
         Route {
-            queue: task.queue.clone(),
-            kind: task.kind.clone(),
-            labels: task.labels.clone(),
+            queue: task.queue.to_string(),
+            kind: task.kind.to_string(),
+            labels: task.labels.to_vec(),
         }
     }
 
-    fn is_of(&self, task: &Task) -> bool {
+    fn is_of(&self, task: &ReadyKey<'_>) -> bool {
         self.queue == task.queue && self.kind == task.kind && self.labels == task.labels
     }
 
@@ -41,9 +65,9 @@ type Key = (Reverse<i32>, TaskId);
 
 /// The task's route, reusing `last` when it is the same (a free function so the caller can
 /// borrow its other fields meanwhile).
-fn cached_route<'a>(last: &'a mut Option<Route>, task: &Task) -> Option<&'a Route> {
+fn cached_route<'a>(last: &'a mut Option<Route>, task: &ReadyKey<'_>) -> Option<&'a Route> {
     if !last.as_ref().is_some_and(|r| r.is_of(task)) {
-        *last = Some(Route::of(task));
+        *last = Some(Route::of(*task));
     }
     last.as_ref()
 }
@@ -116,14 +140,15 @@ impl ReadyQueues {
     }
 
     /// Makes a task ready as of now.
-    pub fn push(&mut self, task: &Task) {
+    pub fn push<'a>(&mut self, task: impl Into<ReadyKey<'a>>) {
         self.push_since(task, Instant::now());
     }
 
     /// Makes a task ready, as of `since` (a task handed back keeps its place in time).
-    pub fn push_since(&mut self, task: &Task, since: Instant) {
+    pub fn push_since<'a>(&mut self, task: impl Into<ReadyKey<'a>>, since: Instant) {
+        let task = task.into();
         let nanos = self.nanos(since);
-        let Some(route) = cached_route(&mut self.last, task) else {
+        let Some(route) = cached_route(&mut self.last, &task) else {
             return;
         };
         if !self.groups.contains_key(route) {
@@ -141,7 +166,8 @@ impl ReadyQueues {
         }
     }
 
-    pub fn remove(&mut self, task: &Task) {
+    pub fn remove<'a>(&mut self, task: impl Into<ReadyKey<'a>>) {
+        let task = task.into();
         let route = Route::of(task);
         if let Some(group) = self.groups.get_mut(&route) {
             if group.remove(&(Reverse(task.priority), task.id)).is_some() {
@@ -180,9 +206,10 @@ impl ReadyQueues {
 
     /// Makes a task read at startup ready, as of `since`; it is seen by dispatch once
     /// [`ReadyQueues::end_loading`] ran.
-    pub fn push_loading(&mut self, task: &Task, since: Instant) {
+    pub fn push_loading<'a>(&mut self, task: impl Into<ReadyKey<'a>>, since: Instant) {
+        let task = task.into();
         let nanos = self.nanos(since);
-        let Some(route) = cached_route(&mut self.last, task) else {
+        let Some(route) = cached_route(&mut self.last, &task) else {
             return;
         };
         let entry = ((Reverse(task.priority), task.id), nanos);

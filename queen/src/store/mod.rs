@@ -581,7 +581,7 @@ impl ActiveScan {
                 .iter()
                 .map(|(key, value)| {
                     let decoded = if whole {
-                        record::decode(value).map(|task| record::Recovered { task, whole })
+                        record::decode(value).map(record::Recovered::Whole)
                     } else {
                         record::decode_index(value)
                     };
@@ -686,8 +686,12 @@ impl ActiveScan {
     /// Every active task at once (tests and tools; the queen streams them).
     pub fn collect(self) -> Result<Vec<Task>, StoreError> {
         let mut all = Vec::new();
+        // Every chunk is decoded whole when `whole_first` is unbounded: no index entries.
         self.for_each_chunk(usize::MAX, |chunk| {
-            all.extend(chunk.into_iter().map(|r| r.task));
+            all.extend(chunk.into_iter().filter_map(|r| match r {
+                record::Recovered::Whole(task) => Some(task),
+                record::Recovered::Index(_) => None,
+            }));
             true
         })?;
         Ok(all)
@@ -819,6 +823,22 @@ impl StoreWriter {
                 after(Err(CommitError("the store is shut down".into())));
             }
         }
+    }
+
+    /// A writer with no store behind it, for tests of the core: commits sent to it come
+    /// out of the returned receiver, and the test says how many are durable.
+    #[cfg(test)]
+    pub(crate) fn detached() -> (StoreWriter, mpsc::Receiver<Commit>, Arc<AtomicU64>) {
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let durable = Arc::new(AtomicU64::new(0));
+        (
+            StoreWriter {
+                tx,
+                durable: durable.clone(),
+            },
+            rx,
+            durable,
+        )
     }
 
     /// How many commits are durable so far (commits are numbered from 1 in send order).

@@ -368,12 +368,93 @@ struct IndexRecord {
     run_at: Option<DateTime<Utc>>,
 }
 
-/// A recovered task: whole, or only its index fields (see [`decode_index`]).
-#[derive(Debug)]
-pub struct Recovered {
-    pub task: Task,
-    /// False: only the index fields are real; the task must be read again to be used.
-    pub whole: bool,
+/// What the startup index needs of a waiting task, decoded without the rest of its
+/// record (see [`decode_index`]). It is its own type so that a half-filled `Task` never
+/// exists: the task itself is read whole when it is next leased, viewed or changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexEntry {
+    pub id: TaskId,
+    pub queue: String,
+    pub kind: String,
+    pub priority: i32,
+    pub labels: Vec<String>,
+    pub idempotency_key: Option<String>,
+    pub depends_on: Vec<TaskId>,
+    pub state: TaskState,
+    pub run_at: Option<DateTime<Utc>>,
+}
+
+/// A recovered task: whole, or only its index fields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recovered {
+    Whole(Task),
+    /// Always a waiting task (pending, scheduled, blocked).
+    Index(IndexEntry),
+}
+
+impl Recovered {
+    pub fn id(&self) -> TaskId {
+        match self {
+            Recovered::Whole(t) => t.id,
+            Recovered::Index(e) => e.id,
+        }
+    }
+
+    pub fn state(&self) -> TaskState {
+        match self {
+            Recovered::Whole(t) => t.state,
+            Recovered::Index(e) => e.state,
+        }
+    }
+
+    pub fn queue(&self) -> &str {
+        match self {
+            Recovered::Whole(t) => &t.queue,
+            Recovered::Index(e) => &e.queue,
+        }
+    }
+
+    pub fn idempotency_key(&self) -> Option<&str> {
+        match self {
+            Recovered::Whole(t) => t.idempotency_key.as_deref(),
+            Recovered::Index(e) => e.idempotency_key.as_deref(),
+        }
+    }
+
+    pub fn depends_on(&self) -> &[TaskId] {
+        match self {
+            Recovered::Whole(t) => &t.depends_on,
+            Recovered::Index(e) => &e.depends_on,
+        }
+    }
+
+    /// The waiting fields a restart normalizes (see `core::lifecycle::normalize_parts`).
+    pub fn waiting_mut(&mut self) -> (&mut TaskState, &mut Option<DateTime<Utc>>) {
+        match self {
+            Recovered::Whole(t) => (&mut t.state, &mut t.run_at),
+            Recovered::Index(e) => (&mut e.state, &mut e.run_at),
+        }
+    }
+
+    pub fn run_at(&self) -> Option<DateTime<Utc>> {
+        match self {
+            Recovered::Whole(t) => t.run_at,
+            Recovered::Index(e) => e.run_at,
+        }
+    }
+
+    pub fn ready_key(&self) -> crate::ready::ReadyKey<'_> {
+        match self {
+            Recovered::Whole(t) => t.into(),
+            Recovered::Index(e) => crate::ready::ReadyKey {
+                id: e.id,
+                priority: e.priority,
+                queue: &e.queue,
+                kind: &e.kind,
+                labels: &e.labels,
+            },
+        }
+    }
 }
 
 /// Decodes a record for the startup index. A waiting task (pending, scheduled, blocked)
@@ -393,36 +474,20 @@ pub fn decode_index(bytes: &[u8]) -> Result<Recovered, String> {
             r.state,
             v1::State::Pending | v1::State::Scheduled | v1::State::Blocked
         ) {
-            let task = Task {
+            return Ok(Recovered::Index(IndexEntry {
                 id: r.id,
                 queue: r.queue,
                 kind: r.kind,
-                payload: crate::task::Payload::null(),
                 priority: r.priority,
                 labels: r.labels,
                 idempotency_key: r.idempotency_key,
                 depends_on: r.depends_on,
-                retry: None,
-                max_attempts: 0,
-                timeout_ms: None,
                 state: state_from_v1(r.state),
-                attempts: 0,
-                lost: 0,
-                fence: Fence(0),
-                lease: None,
-                result: None,
-                errors: Vec::new(),
-                checkpoint: None,
-                cancel_reason: None,
-                created_at: DateTime::<Utc>::UNIX_EPOCH,
                 run_at: r.run_at,
-                started_at: None,
-                finished_at: None,
-            };
-            return Ok(Recovered { task, whole: false });
+            }));
         }
     }
-    decode(bytes).map(|task| Recovered { task, whole: true })
+    decode(bytes).map(Recovered::Whole)
 }
 
 /// Decodes a record of any known version into the current task shape.
@@ -535,8 +600,9 @@ mod tests {
         t.run_at = Some(Utc::now());
         t.depends_on = vec![TaskId::generate()];
         let got = decode_index(&encode(&t)).expect("decodes");
-        assert!(!got.whole);
-        let i = got.task;
+        let Recovered::Index(i) = got else {
+            panic!("a waiting task is decoded for the index only: {got:?}")
+        };
         assert_eq!(
             (i.id, &i.queue, &i.kind, i.priority, &i.labels, i.state, i.run_at),
             (t.id, &t.queue, &t.kind, t.priority, &t.labels, t.state, t.run_at)
@@ -548,8 +614,7 @@ mod tests {
         // A running task is needed whole at once (its drone may re-attach it).
         t.state = TaskState::Running;
         let got = decode_index(&encode(&t)).expect("decodes");
-        assert!(got.whole);
-        assert_eq!(got.task, t);
+        assert_eq!(got, Recovered::Whole(t));
     }
 
     #[test]

@@ -1,0 +1,389 @@
+//! The fleet: connected drones, their leases and slots, heartbeats and checkpoints, and
+//! the leases whose drone is gone (orphans), given up when the drone does not come back
+//! in time. Liveness is in memory: every drone message refreshes `last_seen`.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use shared::api::{DroneView, TaskState};
+use shared::protocol::{
+    CancelTask, DroneMessage, Held, Hello, QueenMessage, Reject, Welcome, PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+};
+use shared::{DroneId, Fence, TaskId};
+use tokio::time::Instant;
+
+use super::api::Conn;
+use super::{Core, Now};
+use crate::rules::{self, LiveLease, Reattach};
+use crate::store::Mutation;
+
+#[derive(Debug)]
+pub(super) struct Drone {
+    pub id: DroneId,
+    pub name: String,
+    pub labels: BTreeSet<String>,
+    pub kinds: HashSet<String>,
+    pub slots: u32,
+    pub conn: Conn,
+    pub leases: HashMap<TaskId, LiveLease>,
+    /// Tasks the drone was told to cancel; they occupy a slot until it stops reporting them.
+    pub cancelling: HashSet<TaskId>,
+    /// Tasks whose outcome the drone reported; held until acked, but no longer in a slot.
+    pub reported: HashSet<TaskId>,
+    pub last_seen: Instant,
+    pub last_seen_wall: DateTime<Utc>,
+    pub assigns_sent: u64,
+    pub draining: bool,
+}
+
+impl Drone {
+    pub fn free_slots(&self) -> usize {
+        if self.draining {
+            return 0;
+        }
+        (self.slots as usize).saturating_sub(self.leases.len() + self.cancelling.len())
+    }
+
+    /// The one way to take an attempt away from a drone: its lease (if it is this
+    /// fence's) goes, the slot stays taken until the drone stops reporting the task, and
+    /// the returned message tells the drone to stop it.
+    pub fn stop(&mut self, task_id: TaskId, fence: Fence, reason: &str) -> QueenMessage {
+        if self.leases.get(&task_id).is_some_and(|l| l.fence == fence) {
+            self.leases.remove(&task_id);
+        }
+        self.cancelling.insert(task_id);
+        QueenMessage::Cancel(CancelTask {
+            task_id,
+            fence,
+            reason: reason.to_string(),
+        })
+    }
+
+    fn view(&self) -> DroneView {
+        let mut running: Vec<TaskId> = self.leases.keys().copied().collect();
+        running.sort();
+        let mut labels: Vec<String> = self.labels.iter().cloned().collect();
+        labels.sort();
+        let mut kinds: Vec<String> = self.kinds.iter().cloned().collect();
+        kinds.sort();
+        DroneView {
+            id: self.id,
+            name: self.name.clone(),
+            labels,
+            kinds,
+            slots: self.slots,
+            running,
+            connected: true,
+            draining: self.draining,
+            last_seen: self.last_seen_wall,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Fleet {
+    pub drones: HashMap<DroneId, Drone>,
+    pub by_conn: HashMap<u64, DroneId>,
+    /// Running leases with no connected holder, and when they are given up.
+    pub orphans: HashMap<TaskId, Instant>,
+    next_check: Instant,
+}
+
+impl Fleet {
+    pub fn new(now: Now) -> Fleet {
+        Fleet {
+            drones: HashMap::new(),
+            by_conn: HashMap::new(),
+            orphans: HashMap::new(),
+            next_check: now.mono,
+        }
+    }
+
+    /// Disconnects a drone; its leases become orphans given up at `deadline`.
+    pub fn detach(&mut self, id: DroneId, deadline: Instant) {
+        let Some(drone) = self.drones.remove(&id) else {
+            return;
+        };
+        self.by_conn.remove(&drone.conn.id);
+        drone.conn.close.cancel();
+        for tid in drone.leases.into_keys() {
+            self.orphans.insert(tid, deadline);
+        }
+    }
+
+    pub fn close_all(&self) {
+        for drone in self.drones.values() {
+            drone.conn.close.cancel();
+        }
+    }
+
+    pub fn views(&self) -> Vec<DroneView> {
+        let mut views: Vec<DroneView> = self.drones.values().map(Drone::view).collect();
+        views.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        views
+    }
+
+    /// The holder of a task's lease, if it is connected.
+    pub fn holder(&mut self, holder: Option<DroneId>) -> Option<&mut Drone> {
+        holder.and_then(|h| self.drones.get_mut(&h))
+    }
+}
+
+impl Core {
+    pub(super) fn hello(&mut self, hello: Hello, conn: Conn, now: Now) {
+        if let Some(reason) = self.hello_refusal(&hello) {
+            tracing::warn!(drone = %hello.drone_id, name = %hello.name, reason = %reason, "drone rejected");
+            conn.send(QueenMessage::Reject(Reject {
+                reason,
+                supported_versions: SUPPORTED_VERSIONS.to_vec(),
+            }));
+            return;
+        }
+        if self.fleet.drones.contains_key(&hello.drone_id) {
+            // The same drone on a new connection: the old one is dead or dying.
+            let grace = self.cfg.leases.reconnect_grace();
+            self.fleet.detach(hello.drone_id, now.mono + grace);
+        }
+        conn.send(QueenMessage::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_interval_ms: self.cfg.leases.heartbeat_interval_ms,
+            heartbeat_timeout_ms: self.cfg.leases.heartbeat_timeout_ms,
+        }));
+        let id = hello.drone_id;
+        let mut drone = Drone {
+            id,
+            name: hello.name,
+            labels: hello.labels.into_iter().collect(),
+            kinds: hello.kinds.into_iter().collect(),
+            slots: hello.slots,
+            conn,
+            leases: HashMap::new(),
+            cancelling: HashSet::new(),
+            reported: HashSet::new(),
+            last_seen: now.mono,
+            last_seen_wall: now.wall,
+            assigns_sent: 0,
+            draining: hello.draining,
+        };
+        let mut reattached = 0;
+        for held in &hello.held {
+            let current = self
+                .ledger
+                .tasks
+                .get(&held.task_id)
+                .map(|t| (t.state, t.fence, t.lease.as_ref().map(|l| l.drone)));
+            match rules::reattach(current, id, held.fence) {
+                Reattach::Keep => {
+                    self.fleet.orphans.remove(&held.task_id);
+                    drone.leases.insert(
+                        held.task_id,
+                        LiveLease {
+                            fence: held.fence,
+                            ordinal: 0,
+                        },
+                    );
+                    reattached += 1;
+                    tracing::info!(task_id = %held.task_id, drone = %id, fence = %held.fence, "lease re-attached");
+                }
+                Reattach::Cancel => {
+                    tracing::info!(task_id = %held.task_id, drone = %id, fence = %held.fence, "drone holds a stale lease; telling it to stop");
+                    let msg = drone.stop(held.task_id, held.fence, "lease is no longer valid");
+                    drone.conn.send(msg);
+                }
+            }
+        }
+        tracing::info!(drone = %id, name = %drone.name, slots = drone.slots, reattached, "drone connected");
+        self.fleet.by_conn.insert(drone.conn.id, id);
+        self.fleet.drones.insert(id, drone);
+        self.dispatch.slot_may_have_freed(id);
+        // Orphaned leases of this drone that it did not report are gone with its old life.
+        let tasks = &self.ledger.tasks;
+        let lost: Vec<TaskId> = self
+            .fleet
+            .orphans
+            .keys()
+            .filter(|tid| {
+                tasks
+                    .get(tid)
+                    .is_some_and(|t| t.lease.as_ref().is_some_and(|l| l.drone == id))
+            })
+            .copied()
+            .collect();
+        for tid in lost {
+            self.fleet.orphans.remove(&tid);
+            self.lose_lease(tid, "drone reconnected without the task", now);
+        }
+    }
+
+    /// Why a hello is refused, if it is. The connection edge (`server.rs`) checks the
+    /// same before a hello reaches the core; this stays as the core's own guard.
+    fn hello_refusal(&self, hello: &Hello) -> Option<String> {
+        if !SUPPORTED_VERSIONS.contains(&hello.protocol_version) {
+            return Some(format!(
+                "protocol version {} is not supported; this queen speaks {:?}",
+                hello.protocol_version, SUPPORTED_VERSIONS
+            ));
+        }
+        if let Some(token) = self.cfg.auth.drone() {
+            let ok = hello.token.as_ref().is_some_and(|t| token.matches(&t.0));
+            if !ok {
+                return Some("invalid or missing auth token".into());
+            }
+        }
+        if hello.slots == 0 || hello.slots > super::MAX_SLOTS {
+            return Some(format!(
+                "slots must be between 1 and {}, got {}",
+                super::MAX_SLOTS,
+                hello.slots
+            ));
+        }
+        if hello.name.is_empty() || hello.name.len() > crate::task::MAX_NAME_LEN {
+            return Some("name must be 1-128 bytes".into());
+        }
+        None
+    }
+
+    pub(super) fn closed(&mut self, conn: u64, now: Now) {
+        if let Some(drone) = self.fleet.by_conn.get(&conn).copied() {
+            tracing::info!(drone = %drone, "drone disconnected; its leases wait for it to reconnect");
+            let grace = self.cfg.leases.reconnect_grace();
+            self.fleet.detach(drone, now.mono + grace);
+        }
+    }
+
+    pub(super) fn drone_message(&mut self, conn: u64, msg: DroneMessage, now: Now) {
+        let Some(id) = self.fleet.by_conn.get(&conn).copied() else {
+            return;
+        };
+        let Some(drone) = self.fleet.drones.get_mut(&id) else {
+            return;
+        };
+        drone.last_seen = now.mono;
+        drone.last_seen_wall = now.wall;
+        match msg {
+            DroneMessage::Hello(_) => {
+                tracing::warn!(drone = %id, "second hello on one connection ignored");
+            }
+            DroneMessage::Drain => {
+                tracing::info!(drone = %id, "drone is draining: no new leases");
+                drone.draining = true;
+            }
+            DroneMessage::Heartbeat(hb) => {
+                self.checkpoints(id, hb.checkpoints);
+                self.heartbeat(id, &hb.held, hb.assigns_seen, now)
+            }
+            DroneMessage::TaskComplete(c) => {
+                let result = super::cap_result(c.result, self.cfg.tasks.max_result_bytes);
+                self.outcome(id, c.task_id, c.fence, Ok(result), now);
+            }
+            DroneMessage::TaskFailed(f) => {
+                let result = f
+                    .result
+                    .map(|r| super::cap_result(r, self.cfg.tasks.max_result_bytes));
+                self.outcome(
+                    id,
+                    f.task_id,
+                    f.fence,
+                    Err((f.error, f.retryable, result)),
+                    now,
+                );
+            }
+        }
+    }
+
+    /// Stores checkpoints reported for current leases of this drone; anything else (an
+    /// old fence, another drone's task, an oversized checkpoint) is ignored.
+    fn checkpoints(&mut self, drone: DroneId, reports: Vec<shared::protocol::Checkpoint>) {
+        let max = self.cfg.tasks.max_checkpoint_bytes;
+        for c in reports {
+            // Only a running task (always held whole) can take one: a report naming any
+            // other task must not pull it back into memory.
+            if self.ledger.tasks.state(&c.task_id) != Some(TaskState::Running) {
+                continue;
+            }
+            let Some(mut task) = self.ledger.tasks.get_mut(&c.task_id) else {
+                continue;
+            };
+            let current = task.state == TaskState::Running
+                && task.fence == c.fence
+                && task.lease.as_ref().is_some_and(|l| l.drone == drone);
+            if !current {
+                continue;
+            }
+            let size = c.data.to_string().len();
+            if size > max {
+                tracing::warn!(task_id = %c.task_id, fence = %c.fence, size, max, "checkpoint too large; ignored (tasks.max_checkpoint_bytes)");
+                continue;
+            }
+            task.checkpoint = Some(Box::new(c.data));
+            let m = Mutation::save(&task);
+            drop(task);
+            self.fx.write(vec![m]);
+        }
+    }
+
+    /// Compares what the drone says it holds with its leases: leases it lost are given
+    /// up, tasks it runs without a lease are stopped.
+    fn heartbeat(&mut self, id: DroneId, held: &[Held], assigns_seen: u64, now: Now) {
+        let Some(drone) = self.fleet.drones.get_mut(&id) else {
+            return;
+        };
+        let known: HashSet<TaskId> = drone.cancelling.union(&drone.reported).copied().collect();
+        let r = rules::reconcile(&drone.leases, &known, held, assigns_seen);
+        for tid in &r.released {
+            drone.cancelling.remove(tid);
+            drone.reported.remove(tid);
+        }
+        for h in &r.foreign {
+            tracing::info!(task_id = %h.task_id, drone = %id, fence = %h.fence, "drone runs a task it holds no lease for; telling it to stop");
+            let msg = drone.stop(h.task_id, h.fence, "lease is no longer valid");
+            drone.conn.send(msg);
+        }
+        for tid in &r.missing {
+            drone.leases.remove(tid);
+        }
+        if !r.released.is_empty() || !r.missing.is_empty() {
+            self.dispatch.slot_may_have_freed(id);
+        }
+        for tid in r.missing {
+            self.lose_lease(tid, "drone no longer reports the task", now);
+        }
+    }
+
+    /// Drones silent past the heartbeat timeout are detached; their leases are given up
+    /// at once.
+    pub(super) fn expire_silent_drones(&mut self, now: Now) {
+        if now.mono < self.fleet.next_check {
+            return;
+        }
+        self.fleet.next_check = now.mono + self.cfg.leases.heartbeat_interval() / 2;
+        let timeout = self.cfg.leases.heartbeat_timeout();
+        let silent: Vec<DroneId> = self
+            .fleet
+            .drones
+            .values()
+            .filter(|d| rules::is_silent(d.last_seen, now.mono, timeout))
+            .map(|d| d.id)
+            .collect();
+        for id in silent {
+            tracing::warn!(drone = %id, timeout_ms = timeout.as_millis() as u64, "drone silent past the heartbeat timeout; expiring its leases");
+            self.fleet.detach(id, now.mono);
+        }
+    }
+
+    /// Orphaned leases whose drone did not come back in time are lost.
+    pub(super) fn give_up_orphans(&mut self, now: Now) {
+        let expired: Vec<TaskId> = self
+            .fleet
+            .orphans
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now.mono)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.fleet.orphans.remove(&id);
+            self.lose_lease(id, "drone did not come back in time", now);
+        }
+    }
+}

@@ -1,0 +1,607 @@
+//! Decision-level tests, one group per room: each drives the core through the harness
+//! and checks what it decided, what it wrote and what it told drones — and when.
+
+use std::time::Duration;
+
+use shared::api::{TaskSpec, TaskState};
+use shared::protocol::{Held, QueenMessage};
+use shared::Fence;
+
+use super::harness::{assigns, config, spec, Hive};
+use crate::core::{CoreError, Request};
+
+fn hive() -> Hive {
+    Hive::new(config())
+}
+
+mod ledger {
+    use super::*;
+
+    #[test]
+    fn a_submit_is_answered_only_once_durable_and_then_found_on_disk() {
+        let mut h = hive();
+        let task = crate::task::Task::from_spec(
+            spec(),
+            shared::TaskId::generate(),
+            h.now.wall,
+            &h.cfg.tasks,
+        )
+        .expect("valid");
+        let id = task.id;
+        let mut rx = h.ask(|reply| Request::Submit {
+            tasks: vec![task],
+            reply,
+        });
+        h.pass();
+        assert!(
+            rx.try_recv().is_err(),
+            "no answer before the write is durable"
+        );
+        assert!(h.disk().active.is_empty());
+        h.flush();
+        let views = rx.try_recv().expect("answered").expect("accepted");
+        assert_eq!((views[0].0.id, views[0].1), (id, true));
+        assert_eq!(h.disk().task(id).map(|t| t.state), Some(TaskState::Pending));
+    }
+
+    #[test]
+    fn an_idempotency_key_returns_the_first_task_while_it_is_active_or_finished() {
+        let mut h = hive();
+        let keyed = || TaskSpec {
+            idempotency_key: Some("order-7".into()),
+            ..spec()
+        };
+        let first = h.submit(keyed()).expect("created");
+        let again = h.submit(keyed()).expect("matched");
+        assert_eq!(again.id, first.id);
+        assert_eq!(h.disk().active.len(), 1, "nothing new was written");
+        // Once finished and forgotten in memory, the key still names it (from the store).
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        h.complete(&drone, first.id, a[0].fence);
+        h.settle();
+        h.advance(Duration::from_millis(100));
+        h.settle();
+        assert!(
+            h.core.ledger.recent.is_empty(),
+            "finished tasks are read from the store"
+        );
+        assert_eq!(h.submit(keyed()).expect("matched").id, first.id);
+    }
+
+    #[test]
+    fn dependencies_block_then_release_or_cancel_and_unknown_ones_are_refused() {
+        let mut h = hive();
+        let unknown = shared::TaskId::generate();
+        let err = h
+            .submit(TaskSpec {
+                depends_on: vec![shared::api::Dependency::Id(unknown)],
+                ..spec()
+            })
+            .expect_err("refused");
+        assert_eq!(err, CoreError::UnknownDependency(unknown));
+        let a = h.submit(spec()).expect("a");
+        let b = h.submit(spec()).expect("b");
+        let after_a = h
+            .submit(TaskSpec {
+                depends_on: vec![shared::api::Dependency::Id(a.id)],
+                ..spec()
+            })
+            .expect("blocked");
+        let after_b = h
+            .submit(TaskSpec {
+                depends_on: vec![shared::api::Dependency::Id(b.id)],
+                ..spec()
+            })
+            .expect("blocked");
+        assert_eq!(after_a.state, TaskState::Blocked);
+        let mut drone = h.connect("d", 2, Vec::new(), None);
+        h.settle();
+        let granted = assigns(&drone.inbox());
+        assert_eq!(granted.len(), 2, "only a and b are runnable");
+        for g in &granted {
+            if g.task_id == a.id {
+                h.complete(&drone, g.task_id, g.fence);
+            } else {
+                h.fail(&drone, g.task_id, g.fence, false);
+            }
+        }
+        h.settle();
+        assert_ne!(h.state(after_a.id), Some(TaskState::Blocked), "released");
+        assert!(
+            assigns(&drone.inbox())
+                .iter()
+                .any(|g| g.task_id == after_a.id),
+            "and leased"
+        );
+        let cancelled = h.get(after_b.id).expect("known");
+        assert_eq!(cancelled.state, TaskState::Cancelled);
+        assert_eq!(
+            cancelled.cancel_reason.as_deref(),
+            Some(&*format!("dependency {} failed", b.id))
+        );
+        // A new task on a dependency that already failed is born cancelled.
+        let late = h
+            .submit(TaskSpec {
+                depends_on: vec![shared::api::Dependency::Id(b.id)],
+                ..spec()
+            })
+            .expect("accepted");
+        assert_eq!(late.state, TaskState::Cancelled);
+    }
+
+    /// The read-error fix: a failed read while re-checking a blocked task's dependencies
+    /// must stop the queen, not cancel the task for good as "no longer exists".
+    #[test]
+    fn a_failed_read_of_a_dependency_stops_the_queen_and_leaves_the_task_blocked() {
+        let mut h = hive();
+        let done = h.submit(spec()).expect("done");
+        let running = h.submit(spec()).expect("running");
+        let mut drone = h.connect("d", 2, Vec::new(), None);
+        h.settle();
+        let granted = assigns(&drone.inbox());
+        let fence_of = |id| {
+            granted
+                .iter()
+                .find(|g| g.task_id == id)
+                .map(|g| g.fence)
+                .expect("granted")
+        };
+        h.complete(&drone, done.id, fence_of(done.id));
+        h.settle();
+        h.advance(Duration::from_millis(100));
+        h.settle();
+        assert!(
+            h.core.ledger.recent.is_empty(),
+            "`done` now lives on disk only"
+        );
+        let blocked = h
+            .submit(TaskSpec {
+                depends_on: vec![
+                    shared::api::Dependency::Id(done.id),
+                    shared::api::Dependency::Id(running.id),
+                ],
+                ..spec()
+            })
+            .expect("blocked");
+        assert_eq!(blocked.state, TaskState::Blocked);
+        drone.inbox();
+        h.lookup
+            .fail
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // `running` succeeds: the blocked task's other dependency must be read.
+        h.complete(&drone, running.id, fence_of(running.id));
+        h.pass();
+        assert!(h.fatal(), "a failed read stops the queen");
+        assert_eq!(h.undurable(), 0, "nothing decided in that pass is written");
+        assert!(drone.inbox().is_empty(), "and nothing is acknowledged");
+        assert_eq!(
+            h.core.ledger.tasks.state(&blocked.id),
+            Some(TaskState::Blocked),
+            "the task is not cancelled for a dependency it could not read"
+        );
+        let on_disk = h.disk().task(blocked.id).expect("stored");
+        assert_eq!(on_disk.state, TaskState::Blocked);
+    }
+
+    #[test]
+    fn a_failed_idempotency_read_refuses_the_submit_and_stops_the_queen() {
+        let mut h = hive();
+        h.lookup
+            .fail
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let err = h
+            .submit(TaskSpec {
+                idempotency_key: Some("k".into()),
+                ..spec()
+            })
+            .expect_err("refused");
+        assert!(matches!(err, CoreError::ReadFailed(_)), "{err:?}");
+        assert!(h.fatal());
+        assert!(h.disk().active.is_empty());
+    }
+
+    #[test]
+    fn a_retry_revives_a_failed_task_with_a_fresh_set_of_attempts_and_the_fence_going_on() {
+        let mut h = hive();
+        let t = h
+            .submit(TaskSpec {
+                max_attempts: Some(1),
+                ..spec()
+            })
+            .expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        h.fail(&drone, t.id, a[0].fence, true);
+        h.settle();
+        assert_eq!(
+            h.state(t.id),
+            Some(TaskState::Failed),
+            "its only attempt failed"
+        );
+        let not_yet = h.ask(|reply| Request::Retry { id: t.id, reply });
+        drop(not_yet);
+        h.settle();
+        let again = assigns(&drone.inbox());
+        assert_eq!(again.len(), 1, "retried and leased again");
+        assert_eq!((again[0].attempt, again[0].fence), (1, Fence(2)));
+        let mut conflict = h.ask(|reply| Request::Retry { id: t.id, reply });
+        let err = conflict
+            .try_recv()
+            .expect("answered at once")
+            .expect_err("running");
+        assert_eq!(
+            err,
+            CoreError::NotRetryable {
+                id: t.id,
+                state: TaskState::Running
+            }
+        );
+    }
+}
+
+mod dispatch {
+    use super::*;
+
+    #[test]
+    fn a_grant_bumps_the_fence_and_the_assign_waits_for_the_grant_to_be_durable() {
+        let mut h = hive();
+        let t = h.submit(spec()).expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.pass();
+        let before: Vec<QueenMessage> = drone.inbox();
+        assert!(
+            assigns(&before).is_empty(),
+            "no assign before its grant is durable"
+        );
+        assert_eq!(h.state(t.id), Some(TaskState::Running));
+        h.flush();
+        let a = assigns(&drone.inbox());
+        assert_eq!(
+            (a[0].task_id, a[0].fence, a[0].attempt),
+            (t.id, Fence(1), 1)
+        );
+        let stored = h.disk().task(t.id).expect("stored");
+        assert_eq!((stored.state, stored.fence), (TaskState::Running, Fence(1)));
+    }
+
+    #[test]
+    fn a_drone_gets_no_more_tasks_than_slots_and_a_paused_queue_none() {
+        let mut h = hive();
+        for _ in 0..3 {
+            h.submit(spec()).expect("created");
+        }
+        let mut drone = h.connect("d", 2, Vec::new(), None);
+        h.settle();
+        assert_eq!(assigns(&drone.inbox()).len(), 2);
+        let mut paused = h.ask(|reply| Request::SetQueue {
+            name: "default".into(),
+            change: crate::core::QueueChange::Pause,
+            reply,
+        });
+        h.settle();
+        assert!(paused.try_recv().expect("answered").expect("ok").paused);
+        let mut other = h.connect("e", 4, Vec::new(), None);
+        h.settle();
+        assert!(
+            assigns(&other.inbox()).is_empty(),
+            "a paused queue starts nothing"
+        );
+    }
+}
+
+mod fleet {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_without_a_seen_lease_loses_it_and_a_foreign_task_is_stopped() {
+        let mut h = hive();
+        let t = h.submit(spec()).expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        // The drone has seen the assign but no longer holds it, and runs a task it was
+        // never given.
+        let stranger = shared::TaskId::generate();
+        h.heartbeat(
+            &drone,
+            vec![Held {
+                task_id: stranger,
+                fence: Fence(9),
+            }],
+        );
+        h.settle();
+        let msgs = drone.inbox();
+        assert!(
+            msgs.iter()
+                .any(|m| matches!(m, QueenMessage::Cancel(c) if c.task_id == stranger)),
+            "{msgs:?}"
+        );
+        let view = h.get(t.id).expect("known");
+        assert_eq!(view.errors.len(), 1, "the lost attempt is on record");
+        assert!(view.errors[0]
+            .error
+            .contains("drone no longer reports the task"));
+        // Requeued, and leased again under a new fence once the stranger's slot frees.
+        assert!(
+            assigns(&msgs).is_empty(),
+            "the slot is held while the stranger is stopped"
+        );
+        h.heartbeat(&drone, Vec::new());
+        h.settle();
+        let again = assigns(&drone.inbox());
+        assert_eq!(
+            (again[0].task_id, again[0].fence),
+            (t.id, a[0].fence.next())
+        );
+    }
+
+    #[test]
+    fn a_disconnected_drone_that_returns_in_time_keeps_its_lease_and_one_that_does_not_loses_it() {
+        let mut h = hive();
+        let t = h.submit(spec()).expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        h.close(&drone);
+        h.settle();
+        h.advance(h.cfg.leases.reconnect_grace() / 2);
+        h.settle();
+        assert_eq!(
+            h.state(t.id),
+            Some(TaskState::Running),
+            "an orphan waits for its drone"
+        );
+        let held = vec![Held {
+            task_id: t.id,
+            fence: a[0].fence,
+        }];
+        let mut back = h.connect("d", 1, held, Some(drone.drone));
+        h.settle();
+        assert!(
+            assigns(&back.inbox()).is_empty(),
+            "re-attached, not run a second time"
+        );
+        h.complete(&back, t.id, a[0].fence);
+        h.settle();
+        assert_eq!(h.state(t.id), Some(TaskState::Succeeded));
+
+        let u = h.submit(spec()).expect("created");
+        h.settle();
+        let b = assigns(&back.inbox());
+        assert_eq!(b[0].task_id, u.id);
+        h.close(&back);
+        h.settle();
+        h.advance(h.cfg.leases.reconnect_grace() + Duration::from_millis(100));
+        h.settle();
+        let view = h.get(u.id).expect("known");
+        assert_eq!(view.state, TaskState::Pending, "given up and requeued");
+        assert!(view.errors[0].error.contains("did not come back in time"));
+    }
+
+    #[test]
+    fn a_silent_drone_is_expired_after_the_heartbeat_timeout_and_its_work_requeued() {
+        let mut h = hive();
+        let t = h.submit(spec()).expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        assert_eq!(assigns(&drone.inbox()).len(), 1);
+        h.advance(h.cfg.leases.heartbeat_timeout() - Duration::from_millis(10));
+        h.settle();
+        assert_eq!(h.state(t.id), Some(TaskState::Running), "not silent yet");
+        h.advance(h.cfg.leases.heartbeat_timeout());
+        h.settle();
+        assert_eq!(h.state(t.id), Some(TaskState::Pending));
+        assert!(drone.close.is_cancelled(), "its connection is closed");
+    }
+}
+
+mod attempts {
+    use super::*;
+
+    #[test]
+    fn a_failed_attempt_retries_after_a_backoff_within_the_jitter_bounds() {
+        let mut h = hive();
+        let t = h.submit(spec()).expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        let failed_at = h.now.wall;
+        h.fail(&drone, t.id, a[0].fence, true);
+        h.settle();
+        let view = h.get(t.id).expect("known");
+        assert_eq!(view.state, TaskState::Scheduled);
+        let at = view.run_at.expect("a retry time");
+        let base = chrono::Duration::milliseconds(h.cfg.tasks.retry_base_ms as i64);
+        assert!(
+            at >= failed_at + base / 2 && at <= failed_at + base,
+            "{at} vs {failed_at}"
+        );
+        h.advance(Duration::from_millis(h.cfg.tasks.retry_base_ms + 60));
+        h.settle();
+        h.settle();
+        let again = assigns(&drone.inbox());
+        assert_eq!((again[0].attempt, again[0].fence), (2, Fence(2)));
+    }
+
+    #[test]
+    fn a_stale_or_duplicated_outcome_is_acked_stale_and_changes_nothing() {
+        let mut h = hive();
+        let t = h.submit(spec()).expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        h.complete(&drone, t.id, Fence(a[0].fence.0 + 7));
+        h.complete(&drone, t.id, a[0].fence);
+        h.complete(&drone, t.id, a[0].fence);
+        h.settle();
+        let statuses: Vec<_> = drone
+            .inbox()
+            .into_iter()
+            .filter_map(|m| match m {
+                QueenMessage::Ack(ack) => Some(ack.status),
+                _ => None,
+            })
+            .collect();
+        use shared::protocol::AckStatus::{Recorded, Stale};
+        assert_eq!(statuses, vec![Stale, Recorded, Stale]);
+        assert_eq!(h.state(t.id), Some(TaskState::Succeeded));
+    }
+
+    #[test]
+    fn an_attempt_past_its_deadline_fails_and_its_drone_is_told_to_stop() {
+        let mut h = hive();
+        let t = h
+            .submit(TaskSpec {
+                timeout_ms: Some(1_000),
+                ..spec()
+            })
+            .expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        // Heartbeats keep the drone alive; the attempt itself never reports.
+        let held = vec![Held {
+            task_id: t.id,
+            fence: a[0].fence,
+        }];
+        let step = h.cfg.leases.heartbeat_interval();
+        let limit = Duration::from_millis(1_000) + h.cfg.leases.heartbeat_timeout();
+        let mut waited = Duration::ZERO;
+        while waited <= limit {
+            h.advance(step);
+            waited += step;
+            h.heartbeat(&drone, held.clone());
+            h.settle();
+        }
+        let msgs = drone.inbox();
+        assert!(
+            msgs.iter().any(|m| matches!(m, QueenMessage::Cancel(c) if c.task_id == t.id && c.reason == "attempt timed out")),
+            "{msgs:?}"
+        );
+        let view = h.get(t.id).expect("known");
+        assert!(
+            view.errors[0].error.starts_with("timed out"),
+            "{:?}",
+            view.errors
+        );
+        assert_ne!(view.state, TaskState::Running);
+    }
+
+    #[test]
+    fn cancelling_a_running_task_tells_its_drone_only_once_the_cancel_is_durable() {
+        let mut h = hive();
+        let t = h.submit(spec()).expect("created");
+        let other = h.submit(spec()).expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        let running = a[0].task_id;
+        let mut rx = h.ask(|reply| Request::Cancel {
+            id: running,
+            reason: "operator".into(),
+            reply,
+        });
+        h.pass();
+        assert!(drone.inbox().is_empty(), "not before the cancel is durable");
+        assert!(rx.try_recv().is_err());
+        h.flush();
+        let view = rx.try_recv().expect("answered").expect("cancelled");
+        assert_eq!(view.state, TaskState::Cancelled);
+        let msgs = drone.inbox();
+        assert!(msgs
+            .iter()
+            .any(|m| matches!(m, QueenMessage::Cancel(c) if c.task_id == running)));
+        assert!(
+            assigns(&msgs).is_empty(),
+            "the slot stays taken while the drone stops it"
+        );
+        let held = vec![Held {
+            task_id: running,
+            fence: a[0].fence,
+        }];
+        h.heartbeat(&drone, held);
+        h.settle();
+        assert!(assigns(&drone.inbox()).is_empty());
+        h.heartbeat(&drone, Vec::new());
+        h.settle();
+        let next = assigns(&drone.inbox());
+        let waiting = if running == t.id { other.id } else { t.id };
+        assert_eq!(
+            next[0].task_id, waiting,
+            "the slot freed once the drone let go"
+        );
+    }
+}
+
+mod timers {
+    use super::*;
+
+    #[test]
+    fn a_schedule_fires_once_per_tick_with_a_per_tick_key() {
+        let mut h = hive();
+        let schedule = crate::schedule::Schedule {
+            name: "nightly".into(),
+            every: crate::schedule::Every::interval(1_000).expect("valid"),
+            task: serde_json::json!({"kind": "echo"}),
+            created_at: h.now.wall,
+            last_tick: h.now.wall,
+        };
+        let mut rx = h.ask(|reply| Request::PutSchedule {
+            schedule: Box::new(schedule),
+            reply,
+        });
+        h.settle();
+        assert!(
+            rx.try_recv().expect("answered").expect("saved").1,
+            "created"
+        );
+        h.advance(Duration::from_millis(1_100));
+        h.settle();
+        h.advance(Duration::from_millis(100));
+        h.settle();
+        let disk = h.disk();
+        let runs: Vec<_> = disk.active.keys().filter_map(|id| disk.task(*id)).collect();
+        assert_eq!(runs.len(), 1, "one run for one tick");
+        assert!(runs[0]
+            .idempotency_key
+            .as_deref()
+            .is_some_and(|k| k.contains("nightly")));
+        assert_eq!(disk.idem.len(), 1);
+    }
+
+    #[test]
+    fn finished_tasks_past_retention_are_purged_with_what_points_at_them() {
+        let mut cfg = config();
+        cfg.retention.finished_max_age_s = 60;
+        let mut h = Hive::new(cfg);
+        let t = h
+            .submit(TaskSpec {
+                idempotency_key: Some("once".into()),
+                ..spec()
+            })
+            .expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        h.complete(&drone, t.id, a[0].fence);
+        h.settle();
+        assert!(h.disk().finished.contains_key(&t.id));
+        h.advance(Duration::from_secs(30));
+        h.settle();
+        assert!(
+            h.disk().finished.contains_key(&t.id),
+            "kept within retention"
+        );
+        h.advance(
+            Duration::from_millis(h.cfg.retention.purge_interval_ms) + Duration::from_secs(31),
+        );
+        h.settle();
+        let disk = h.disk();
+        assert!(!disk.finished.contains_key(&t.id), "purged");
+        assert!(disk.idem.is_empty() && disk.retention.is_empty());
+        assert!(h.get(t.id).is_none());
+    }
+}
