@@ -202,6 +202,71 @@ mod ledger {
         assert!(h.disk().active.is_empty());
     }
 
+    /// Found by the model test: a dependent cancelled for its dependency's failure used
+    /// to run, once retried, without the dependency ever succeeding.
+    #[test]
+    fn a_retried_dependent_waits_for_its_dependency_and_is_refused_while_it_failed() {
+        let mut h = hive();
+        let dep = h
+            .submit(TaskSpec {
+                max_attempts: Some(1),
+                ..spec()
+            })
+            .expect("dep");
+        let after = h
+            .submit(TaskSpec {
+                depends_on: vec![shared::api::Dependency::Id(dep.id)],
+                ..spec()
+            })
+            .expect("dependent");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        h.fail(&drone, dep.id, a[0].fence, false);
+        h.settle();
+        assert_eq!(h.state(after.id), Some(TaskState::Cancelled));
+        let mut refused = h.ask(|reply| Request::Retry {
+            id: after.id,
+            reply,
+        });
+        let err = refused
+            .try_recv()
+            .expect("answered at once")
+            .expect_err("refused");
+        assert_eq!(
+            err,
+            CoreError::DependencyFailed {
+                id: after.id,
+                dep: dep.id,
+                state: TaskState::Failed
+            }
+        );
+        assert_eq!(
+            h.state(after.id),
+            Some(TaskState::Cancelled),
+            "nothing changed"
+        );
+        drop(h.ask(|reply| Request::Retry { id: dep.id, reply }));
+        let mut waits = h.ask(|reply| Request::Retry {
+            id: after.id,
+            reply,
+        });
+        h.settle();
+        let view = waits.try_recv().expect("answered").expect("accepted");
+        assert_eq!(
+            view.state,
+            TaskState::Blocked,
+            "it waits for the dependency again"
+        );
+        let again = assigns(&drone.inbox());
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].task_id, dep.id, "only the dependency runs");
+        h.complete(&drone, dep.id, again[0].fence);
+        h.settle();
+        let next = assigns(&drone.inbox());
+        assert_eq!(next[0].task_id, after.id, "and then the dependent");
+    }
+
     #[test]
     fn a_retry_revives_a_failed_task_with_a_fresh_set_of_attempts_and_the_fence_going_on() {
         let mut h = hive();
