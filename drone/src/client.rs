@@ -933,6 +933,7 @@ mod tests {
         Reject {
             reason: reason.to_owned(),
             supported_versions: versions.to_vec(),
+            code: None,
         }
     }
 

@@ -43,13 +43,10 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = shared::frame::DEFAULT_MAX_FRAME_LEN;
 /// fit, which would make the drone reconnect forever for no visible reason.
 pub const MIN_MAX_FRAME_LEN: usize = 4 * 1024;
 
-/// The most slots a queen accepts in a hello (the queen's `MAX_SLOTS`). Checked here so a
-/// typo fails at start with a clear message instead of an endless reconnect loop.
-pub const MAX_SLOTS: u32 = 10_000;
-
-/// The longest drone name a queen accepts, in bytes (the queen's `MAX_NAME_LEN`); checked
-/// here for the same reason.
-pub const MAX_NAME_LEN: usize = 128;
+/// The most slots a queen accepts in a hello, and the longest drone name it accepts in
+/// bytes: both sides compile against the same constants. Checked here so a typo fails at
+/// start with a clear message instead of as a reject on every reconnect.
+pub use shared::protocol::{MAX_NAME_LEN, MAX_SLOTS};
 
 /// The drone's name when the host has none we can read.
 pub const FALLBACK_NAME: &str = "drone";

@@ -1406,6 +1406,7 @@ impl Core {
             conn.send(QueenMessage::Reject(Reject {
                 reason,
                 supported_versions: SUPPORTED_VERSIONS.to_vec(),
+                code: None,
             }));
         };
         if !SUPPORTED_VERSIONS.contains(&hello.protocol_version) {
