@@ -149,6 +149,7 @@ impl Queen {
             listeners.drones,
             handle.clone(),
             server::Limits::from_config(&cfg),
+            server::Admission::from_config(&cfg),
             tls.drones.clone(),
             stop.clone(),
             tracker.clone(),
