@@ -18,8 +18,8 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use shared::frame::{self, FrameError};
 use shared::protocol::{
-    Assign, CancelTask, DroneMessage, Heartbeat, Held, Hello, QueenMessage, Reject, Welcome,
-    PROTOCOL_VERSION,
+    Assign, CancelTask, DroneMessage, Heartbeat, Held, Hello, QueenMessage, Reject, RejectCode,
+    Welcome, PROTOCOL_VERSION,
 };
 use shared::DroneId;
 use tokio::net::TcpStream;
@@ -124,27 +124,35 @@ pub enum HandshakeError {
 /// Whether a reject is worth retrying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectKind {
-    /// Retrying cannot help (wrong token, protocol version the queen does not speak):
-    /// the drone exits and says why.
+    /// Retrying cannot help (wrong token, protocol version the queen does not speak, a
+    /// hello out of bounds): the drone exits and says why.
     Fatal,
     /// Possibly transient (the queen is starting, overloaded, ...): retry with backoff.
     Transient,
 }
 
-/// Sorts a reject. The protocol carries no reject code, so auth problems are recognised
-/// by their wording; a version problem also by the queen's list of versions.
+/// Sorts a reject by its code and the queen's list of versions, never by its wording
+/// (the reason is for people and may change).
 pub fn classify_reject(reject: &Reject) -> RejectKind {
+    // A queen that does not list our version will never accept us, whatever it says.
     if !reject.supported_versions.is_empty()
         && !reject.supported_versions.contains(&PROTOCOL_VERSION)
     {
         return RejectKind::Fatal;
     }
-    let reason = reject.reason.to_lowercase();
-    let fatal_words = ["token", "auth", "version", "unsupported protocol"];
-    if fatal_words.iter().any(|w| reason.contains(w)) {
-        RejectKind::Fatal
-    } else {
-        RejectKind::Transient
+    match reject.code {
+        // The same hello gets the same answer: the token, the version and the hello's
+        // shape come from this drone's config, which does not change while it runs.
+        Some(RejectCode::UnsupportedVersion | RejectCode::Unauthorized | RejectCode::BadHello) => {
+            RejectKind::Fatal
+        }
+        // No code: a queen from before codes (which still lists its versions, checked
+        // above). Its reason text could say anything, so it is not searched; retrying
+        // with backoff is the safe reading: a transient refusal heals, and a permanent
+        // one costs a logged reconnect now and then instead of a drone that exited over
+        // a passing condition. A code this drone does not know (a newer queen's) reads
+        // the same way, for the same reason.
+        None | Some(RejectCode::Unknown) => RejectKind::Transient,
     }
 }
 
@@ -929,41 +937,45 @@ async fn handshake(
 mod tests {
     use super::*;
 
-    fn reject(reason: &str, versions: &[u32]) -> Reject {
+    fn reject(reason: &str, versions: &[u32], code: Option<RejectCode>) -> Reject {
         Reject {
             reason: reason.to_owned(),
             supported_versions: versions.to_vec(),
-            code: None,
+            code,
         }
     }
 
     #[test]
-    fn auth_and_version_rejects_are_fatal_others_are_retried() {
+    fn rejects_are_sorted_by_code_and_versions_never_by_their_words() {
         let v = PROTOCOL_VERSION;
+        for code in [
+            RejectCode::UnsupportedVersion,
+            RejectCode::Unauthorized,
+            RejectCode::BadHello,
+        ] {
+            // The wording is irrelevant: "queen is starting up" with a fatal code is fatal.
+            assert_eq!(
+                classify_reject(&reject("queen is starting up", &[v], Some(code))),
+                RejectKind::Fatal,
+                "{code:?}"
+            );
+        }
         assert_eq!(
-            classify_reject(&reject("bad token", &[v])),
-            RejectKind::Fatal
-        );
-        assert_eq!(
-            classify_reject(&reject("authentication failed", &[v])),
-            RejectKind::Fatal
-        );
-        assert_eq!(
-            classify_reject(&reject("protocol version 9 not supported", &[v])),
-            RejectKind::Fatal
-        );
-        assert_eq!(
-            classify_reject(&reject("no", &[v + 1, v + 2])),
+            classify_reject(&reject("no", &[v + 1, v + 2], None)),
             RejectKind::Fatal,
             "a queen that does not list our version will never accept us"
         );
-        assert_eq!(
-            classify_reject(&reject("queen is starting up", &[v])),
-            RejectKind::Transient
-        );
-        assert_eq!(
-            classify_reject(&reject("drone id already connected", &[])),
-            RejectKind::Transient
-        );
+        // Without a code (an older queen) or with one from a newer queen, the words are
+        // not searched: "bad token" is retried like anything else.
+        for code in [None, Some(RejectCode::Unknown)] {
+            assert_eq!(
+                classify_reject(&reject("bad token", &[v], code)),
+                RejectKind::Transient
+            );
+            assert_eq!(
+                classify_reject(&reject("drone id already connected", &[], code)),
+                RejectKind::Transient
+            );
+        }
     }
 }
