@@ -35,8 +35,7 @@ impl TlsClient {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
             _ => None,
         };
-        let config =
-            shared::tls::client_config(&settings.ca, identity).map_err(|e| e.to_string())?;
+        let config = hive_tls::client_config(&settings.ca, identity).map_err(|e| e.to_string())?;
         let name = settings.server_name.as_deref().unwrap_or(host);
         let server_name = ServerName::try_from(name.to_owned())
             .map_err(|e| format!("`{name}` is not a valid TLS server name: {e}"))?;

@@ -38,7 +38,7 @@ pub enum QueenError {
     #[error("a store write failed; stopped so that nothing unrecorded is acknowledged")]
     StoreFailed,
     #[error(transparent)]
-    Tls(#[from] shared::tls::TlsError),
+    Tls(#[from] hive_tls::TlsError),
 }
 
 /// The listeners a queen serves on, bound by the caller.
