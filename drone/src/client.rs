@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::checkpoint::{Checkpoints, Seen, MAX_CHECKPOINT_BYTES};
 use crate::config::{Config, QueenAddr};
 use crate::executor::{Executor, StopReason};
 use crate::link::{Stream, TlsClient};
@@ -94,8 +95,6 @@ pub enum DroneError {
     Spawner(#[source] std::io::Error),
     #[error("could not create the checkpoint directory: {0}")]
     Checkpoints(#[source] std::io::Error),
-    #[error("tls: {0}")]
-    Tls(String),
 }
 
 /// Why one connection attempt failed.
@@ -274,7 +273,7 @@ impl Phase {
 struct RunningTask {
     attempt: u32,
     /// The checkpoint file as last sent to the queen.
-    checkpoint: crate::checkpoint::Seen,
+    checkpoint: Seen,
     /// Taken when the task is asked to stop, so it is asked once.
     stop: Option<oneshot::Sender<StopReason>>,
 }
@@ -320,26 +319,16 @@ pub(crate) struct Drone {
     finished_rx: mpsc::Receiver<(Held, Outcome)>,
     executor: Arc<Executor>,
     tasks: TaskTracker,
-    /// TLS to the queen, loaded once at start.
-    tls: Option<TlsClient>,
 }
 
 impl Drone {
     pub(crate) fn new(config: Config, shutdown: Shutdown) -> Result<Self, DroneError> {
         let spawner = Spawner::start().map_err(DroneError::Spawner)?;
         let checkpoints =
-            crate::checkpoint::Checkpoints::new(crate::checkpoint::MAX_CHECKPOINT_BYTES)
-                .map_err(DroneError::Checkpoints)?;
+            Checkpoints::new(MAX_CHECKPOINT_BYTES).map_err(DroneError::Checkpoints)?;
         let executor = Executor::new(&config, spawner, checkpoints);
-        let tls = match &config.tls {
-            Some(settings) => {
-                Some(TlsClient::load(settings, config.queen.host()).map_err(DroneError::Tls)?)
-            }
-            None => None,
-        };
         let (finished_tx, finished_rx) = mpsc::channel(OUTCOME_CHANNEL_CAPACITY);
         Ok(Drone {
-            tls,
             config,
             drone_id: DroneId::generate(),
             shutdown,
@@ -515,7 +504,7 @@ impl Drone {
             attempt,
             handshake: Box::pin(handshake(
                 self.config.queen.clone(),
-                self.tls.clone(),
+                self.config.tls.clone(),
                 hello,
                 self.config.max_frame_len,
             )),
@@ -943,6 +932,26 @@ mod tests {
             supported_versions: versions.to_vec(),
             code,
         }
+    }
+
+    /// Guards "TLS files are loaded once": the drone connects with what the config loaded
+    /// at start, so a CA file removed (or replaced) afterwards is not read again.
+    #[tokio::test]
+    async fn tls_files_are_read_once_when_the_config_is_built() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = hive_tls::test_pki::Pki::new(dir.path(), "drone-unit");
+        let file = crate::config::FileConfig {
+            tls_ca: Some(pki.ca()),
+            ..Default::default()
+        };
+        let config = Config::from_layers(file, &crate::config::Cli::default()).expect("config");
+        assert_eq!(
+            config.tls.as_ref().map(|t| t.settings().ca.clone()),
+            Some(pki.ca())
+        );
+        std::fs::remove_file(pki.ca()).expect("remove the CA");
+        let drone = Drone::new(config, Shutdown::default()).expect("the drone starts");
+        assert!(drone.config.tls.is_some());
     }
 
     #[test]

@@ -12,7 +12,11 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use shared::ids::Secret;
 
+use crate::link::{TlsClient, TlsSettings};
 use crate::policy::{Policy, PolicyFile};
+
+/// The environment variable the token may come from, so it need not appear in `ps`.
+pub use crate::env::TOKEN_ENV;
 
 /// Where a drone looks for its queen when told nothing: the queen's own default `listen`
 /// address, so `queen` and `drone` started bare on one machine find each other.
@@ -58,9 +62,6 @@ const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
 /// `/proc/self/exe` names the running drone's own image even if its file was replaced or
 /// deleted by an upgrade, so a running drone never mixes with a newer binary's shim.
 const SELF_EXE: &str = "/proc/self/exe";
-
-/// The environment variable the token may come from, so it need not appear in `ps`.
-pub const TOKEN_ENV: &str = "HIVE_DRONE_TOKEN";
 
 /// How the drone writes its logs (always to stderr).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -265,19 +266,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Which kinds run, which programs, as whom, where and with what environment.
     pub policy: Policy,
-    /// TLS to the queen (none: plain TCP).
-    pub tls: Option<TlsSettings>,
-}
-
-/// TLS to the queen: the CA that signed the queen's certificate, and optionally this
-/// drone's own certificate for mutual TLS.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TlsSettings {
-    pub ca: PathBuf,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    /// The name to verify the queen's certificate against (default: the queen's host).
-    pub server_name: Option<String>,
+    /// TLS to the queen (none: plain TCP), its files already loaded.
+    pub tls: Option<TlsClient>,
 }
 
 impl Default for Config {
@@ -382,10 +372,9 @@ impl Config {
                     key: tls_key,
                     server_name: tls_server_name,
                 };
-                // Load the files now, so a bad one stops the drone at start, naming it.
-                crate::link::TlsClient::load(&settings, queen.host())
-                    .map_err(|m| invalid("tls_ca", m))?;
-                Some(settings)
+                // Loaded now and only now: a bad file stops the drone at start, naming it,
+                // and the drone connects with what was loaded here.
+                Some(TlsClient::load(settings, queen.host()).map_err(|m| invalid("tls_ca", m))?)
             }
             None if tls_cert.is_some() || tls_server_name.is_some() => {
                 return Err(invalid(
