@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use serde_json::Value;
 use shared::protocol::Held;
 
-use crate::policy::Identity;
+use crate::identity::Identity;
 
 /// Largest checkpoint sent to the queen (the queen's default `tasks.max_checkpoint_bytes`).
 pub const MAX_CHECKPOINT_BYTES: usize = 64 * 1024;

@@ -18,8 +18,8 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use shared::frame::{self, FrameError};
 use shared::protocol::{
-    Assign, CancelTask, DroneMessage, Heartbeat, Held, Hello, QueenMessage, Reject, Welcome,
-    PROTOCOL_VERSION,
+    Assign, CancelTask, DroneMessage, Heartbeat, Held, Hello, QueenMessage, Reject, RejectCode,
+    Welcome, PROTOCOL_VERSION,
 };
 use shared::DroneId;
 use tokio::net::TcpStream;
@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::checkpoint::{Checkpoints, Seen, MAX_CHECKPOINT_BYTES};
 use crate::config::{Config, QueenAddr};
 use crate::executor::{Executor, StopReason};
 use crate::link::{Stream, TlsClient};
@@ -94,8 +95,6 @@ pub enum DroneError {
     Spawner(#[source] std::io::Error),
     #[error("could not create the checkpoint directory: {0}")]
     Checkpoints(#[source] std::io::Error),
-    #[error("tls: {0}")]
-    Tls(String),
 }
 
 /// Why one connection attempt failed.
@@ -124,27 +123,35 @@ pub enum HandshakeError {
 /// Whether a reject is worth retrying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectKind {
-    /// Retrying cannot help (wrong token, protocol version the queen does not speak):
-    /// the drone exits and says why.
+    /// Retrying cannot help (wrong token, protocol version the queen does not speak, a
+    /// hello out of bounds): the drone exits and says why.
     Fatal,
     /// Possibly transient (the queen is starting, overloaded, ...): retry with backoff.
     Transient,
 }
 
-/// Sorts a reject. The protocol carries no reject code, so auth problems are recognised
-/// by their wording; a version problem also by the queen's list of versions.
+/// Sorts a reject by its code and the queen's list of versions, never by its wording
+/// (the reason is for people and may change).
 pub fn classify_reject(reject: &Reject) -> RejectKind {
+    // A queen that does not list our version will never accept us, whatever it says.
     if !reject.supported_versions.is_empty()
         && !reject.supported_versions.contains(&PROTOCOL_VERSION)
     {
         return RejectKind::Fatal;
     }
-    let reason = reject.reason.to_lowercase();
-    let fatal_words = ["token", "auth", "version", "unsupported protocol"];
-    if fatal_words.iter().any(|w| reason.contains(w)) {
-        RejectKind::Fatal
-    } else {
-        RejectKind::Transient
+    match reject.code {
+        // The same hello gets the same answer: the token, the version and the hello's
+        // shape come from this drone's config, which does not change while it runs.
+        Some(RejectCode::UnsupportedVersion | RejectCode::Unauthorized | RejectCode::BadHello) => {
+            RejectKind::Fatal
+        }
+        // No code: a queen from before codes (which still lists its versions, checked
+        // above). Its reason text could say anything, so it is not searched; retrying
+        // with backoff is the safe reading: a transient refusal heals, and a permanent
+        // one costs a logged reconnect now and then instead of a drone that exited over
+        // a passing condition. A code this drone does not know (a newer queen's) reads
+        // the same way, for the same reason.
+        None | Some(RejectCode::Unknown) => RejectKind::Transient,
     }
 }
 
@@ -266,7 +273,7 @@ impl Phase {
 struct RunningTask {
     attempt: u32,
     /// The checkpoint file as last sent to the queen.
-    checkpoint: crate::checkpoint::Seen,
+    checkpoint: Seen,
     /// Taken when the task is asked to stop, so it is asked once.
     stop: Option<oneshot::Sender<StopReason>>,
 }
@@ -312,26 +319,16 @@ pub(crate) struct Drone {
     finished_rx: mpsc::Receiver<(Held, Outcome)>,
     executor: Arc<Executor>,
     tasks: TaskTracker,
-    /// TLS to the queen, loaded once at start.
-    tls: Option<TlsClient>,
 }
 
 impl Drone {
     pub(crate) fn new(config: Config, shutdown: Shutdown) -> Result<Self, DroneError> {
         let spawner = Spawner::start().map_err(DroneError::Spawner)?;
         let checkpoints =
-            crate::checkpoint::Checkpoints::new(crate::checkpoint::MAX_CHECKPOINT_BYTES)
-                .map_err(DroneError::Checkpoints)?;
+            Checkpoints::new(MAX_CHECKPOINT_BYTES).map_err(DroneError::Checkpoints)?;
         let executor = Executor::new(&config, spawner, checkpoints);
-        let tls = match &config.tls {
-            Some(settings) => {
-                Some(TlsClient::load(settings, config.queen.host()).map_err(DroneError::Tls)?)
-            }
-            None => None,
-        };
         let (finished_tx, finished_rx) = mpsc::channel(OUTCOME_CHANNEL_CAPACITY);
         Ok(Drone {
-            tls,
             config,
             drone_id: DroneId::generate(),
             shutdown,
@@ -507,7 +504,7 @@ impl Drone {
             attempt,
             handshake: Box::pin(handshake(
                 self.config.queen.clone(),
-                self.tls.clone(),
+                self.config.tls.clone(),
                 hello,
                 self.config.max_frame_len,
             )),
@@ -929,40 +926,65 @@ async fn handshake(
 mod tests {
     use super::*;
 
-    fn reject(reason: &str, versions: &[u32]) -> Reject {
+    fn reject(reason: &str, versions: &[u32], code: Option<RejectCode>) -> Reject {
         Reject {
             reason: reason.to_owned(),
             supported_versions: versions.to_vec(),
+            code,
         }
     }
 
+    /// Guards "TLS files are loaded once": the drone connects with what the config loaded
+    /// at start, so a CA file removed (or replaced) afterwards is not read again.
+    #[tokio::test]
+    async fn tls_files_are_read_once_when_the_config_is_built() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = hive_tls::test_pki::Pki::new(dir.path(), "drone-unit");
+        let file = crate::config::FileConfig {
+            tls_ca: Some(pki.ca()),
+            ..Default::default()
+        };
+        let config = Config::from_layers(file, &crate::config::Cli::default()).expect("config");
+        assert_eq!(
+            config.tls.as_ref().map(|t| t.settings().ca.clone()),
+            Some(pki.ca())
+        );
+        std::fs::remove_file(pki.ca()).expect("remove the CA");
+        let drone = Drone::new(config, Shutdown::default()).expect("the drone starts");
+        assert!(drone.config.tls.is_some());
+    }
+
     #[test]
-    fn auth_and_version_rejects_are_fatal_others_are_retried() {
+    fn rejects_are_sorted_by_code_and_versions_never_by_their_words() {
         let v = PROTOCOL_VERSION;
+        for code in [
+            RejectCode::UnsupportedVersion,
+            RejectCode::Unauthorized,
+            RejectCode::BadHello,
+        ] {
+            // The wording is irrelevant: "queen is starting up" with a fatal code is fatal.
+            assert_eq!(
+                classify_reject(&reject("queen is starting up", &[v], Some(code))),
+                RejectKind::Fatal,
+                "{code:?}"
+            );
+        }
         assert_eq!(
-            classify_reject(&reject("bad token", &[v])),
-            RejectKind::Fatal
-        );
-        assert_eq!(
-            classify_reject(&reject("authentication failed", &[v])),
-            RejectKind::Fatal
-        );
-        assert_eq!(
-            classify_reject(&reject("protocol version 9 not supported", &[v])),
-            RejectKind::Fatal
-        );
-        assert_eq!(
-            classify_reject(&reject("no", &[v + 1, v + 2])),
+            classify_reject(&reject("no", &[v + 1, v + 2], None)),
             RejectKind::Fatal,
             "a queen that does not list our version will never accept us"
         );
-        assert_eq!(
-            classify_reject(&reject("queen is starting up", &[v])),
-            RejectKind::Transient
-        );
-        assert_eq!(
-            classify_reject(&reject("drone id already connected", &[])),
-            RejectKind::Transient
-        );
+        // Without a code (an older queen) or with one from a newer queen, the words are
+        // not searched: "bad token" is retried like anything else.
+        for code in [None, Some(RejectCode::Unknown)] {
+            assert_eq!(
+                classify_reject(&reject("bad token", &[v], code)),
+                RejectKind::Transient
+            );
+            assert_eq!(
+                classify_reject(&reject("drone id already connected", &[], code)),
+                RejectKind::Transient
+            );
+        }
     }
 }

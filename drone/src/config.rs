@@ -12,7 +12,11 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use shared::ids::Secret;
 
+use crate::link::{TlsClient, TlsSettings};
 use crate::policy::{Policy, PolicyFile};
+
+/// The environment variable the token may come from, so it need not appear in `ps`.
+pub use crate::env::TOKEN_ENV;
 
 /// Where a drone looks for its queen when told nothing: the queen's own default `listen`
 /// address, so `queen` and `drone` started bare on one machine find each other.
@@ -43,13 +47,10 @@ pub const DEFAULT_MAX_FRAME_LEN: usize = shared::frame::DEFAULT_MAX_FRAME_LEN;
 /// fit, which would make the drone reconnect forever for no visible reason.
 pub const MIN_MAX_FRAME_LEN: usize = 4 * 1024;
 
-/// The most slots a queen accepts in a hello (the queen's `MAX_SLOTS`). Checked here so a
-/// typo fails at start with a clear message instead of an endless reconnect loop.
-pub const MAX_SLOTS: u32 = 10_000;
-
-/// The longest drone name a queen accepts, in bytes (the queen's `MAX_NAME_LEN`); checked
-/// here for the same reason.
-pub const MAX_NAME_LEN: usize = 128;
+/// The most slots a queen accepts in a hello, and the longest drone name it accepts in
+/// bytes: both sides compile against the same constants. Checked here so a typo fails at
+/// start with a clear message instead of as a reject on every reconnect.
+pub use shared::protocol::{MAX_NAME_LEN, MAX_SLOTS};
 
 /// The drone's name when the host has none we can read.
 pub const FALLBACK_NAME: &str = "drone";
@@ -61,9 +62,6 @@ const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
 /// `/proc/self/exe` names the running drone's own image even if its file was replaced or
 /// deleted by an upgrade, so a running drone never mixes with a newer binary's shim.
 const SELF_EXE: &str = "/proc/self/exe";
-
-/// The environment variable the token may come from, so it need not appear in `ps`.
-pub const TOKEN_ENV: &str = "HIVE_DRONE_TOKEN";
 
 /// How the drone writes its logs (always to stderr).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -268,19 +266,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Which kinds run, which programs, as whom, where and with what environment.
     pub policy: Policy,
-    /// TLS to the queen (none: plain TCP).
-    pub tls: Option<TlsSettings>,
-}
-
-/// TLS to the queen: the CA that signed the queen's certificate, and optionally this
-/// drone's own certificate for mutual TLS.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TlsSettings {
-    pub ca: PathBuf,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    /// The name to verify the queen's certificate against (default: the queen's host).
-    pub server_name: Option<String>,
+    /// TLS to the queen (none: plain TCP), its files already loaded.
+    pub tls: Option<TlsClient>,
 }
 
 impl Default for Config {
@@ -385,10 +372,9 @@ impl Config {
                     key: tls_key,
                     server_name: tls_server_name,
                 };
-                // Load the files now, so a bad one stops the drone at start, naming it.
-                crate::link::TlsClient::load(&settings, queen.host())
-                    .map_err(|m| invalid("tls_ca", m))?;
-                Some(settings)
+                // Loaded now and only now: a bad file stops the drone at start, naming it,
+                // and the drone connects with what was loaded here.
+                Some(TlsClient::load(settings, queen.host()).map_err(|m| invalid("tls_ca", m))?)
             }
             None if tls_cert.is_some() || tls_server_name.is_some() => {
                 return Err(invalid(

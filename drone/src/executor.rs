@@ -17,16 +17,14 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::checkpoint::Checkpoints;
 use crate::config::Config;
+use crate::env::{ATTEMPT_ENV, CHECKPOINT_FILE_ENV, FENCE_ENV, TASK_ID_ENV};
+use crate::kind::Kind;
 use crate::outbox::Outcome;
-use crate::policy::{sandboxed_cwd, Policy, WorkDir};
+use crate::policy::Policy;
 use crate::process::{supervised_command, Launch, ProcessGroup, Spawner, StatusPipe};
-
-/// The kinds this drone has code for; `policy.kinds` picks which of them it runs and
-/// announces in its hello.
-pub const KINDS: [&str; 2] = [ECHO, EXEC];
-pub const ECHO: &str = "echo";
-pub const EXEC: &str = "exec";
+use crate::workdir::{sandboxed_cwd, WorkDir};
 
 /// How long the drone keeps reading a task's output after its process group is gone. Only
 /// a process that escaped the group (`setsid`) can still hold the pipes open then; the
@@ -248,7 +246,7 @@ pub fn exec_outcome(
 #[derive(Debug)]
 pub struct Executor {
     /// Where running tasks keep their checkpoint files.
-    pub checkpoints: crate::checkpoint::Checkpoints,
+    pub checkpoints: Checkpoints,
     spawner: Spawner,
     supervisor: PathBuf,
     max_output_bytes: usize,
@@ -271,11 +269,7 @@ struct Prepared {
 }
 
 impl Executor {
-    pub fn new(
-        config: &Config,
-        spawner: Spawner,
-        mut checkpoints: crate::checkpoint::Checkpoints,
-    ) -> Arc<Self> {
+    pub fn new(config: &Config, spawner: Spawner, mut checkpoints: Checkpoints) -> Arc<Self> {
         if let Some(user) = &config.policy.run_as {
             // Tasks write their checkpoint files as that user.
             if let Err(e) = checkpoints.hand_to(user) {
@@ -303,16 +297,16 @@ impl Executor {
         if let Err(refused) = policy.check_kind(&assign.kind) {
             return Some(Outcome::failed(held, refused, false));
         }
-        match assign.kind.as_str() {
-            ECHO => Some(Outcome::Complete(TaskComplete {
+        match Kind::from_name(&assign.kind) {
+            Some(Kind::Echo) => Some(Outcome::Complete(TaskComplete {
                 task_id: assign.task_id,
                 fence: assign.fence,
                 result: assign.payload.clone(),
             })),
-            EXEC => None,
-            other => Some(Outcome::failed(
+            Some(Kind::Exec) => None,
+            None => Some(Outcome::failed(
                 held,
-                format!("kind {other} is not supported by this drone"),
+                format!("kind {} is not supported by this drone", assign.kind),
                 false,
             )),
         }
@@ -393,11 +387,11 @@ impl Executor {
         };
         self.policy.check_payload_env(&spec.env).map_err(refuse)?;
         let lease = [
-            ("HIVE_TASK_ID", OsString::from(assign.task_id.to_string())),
-            ("HIVE_ATTEMPT", OsString::from(assign.attempt.to_string())),
-            ("HIVE_FENCE", OsString::from(assign.fence.to_string())),
+            (TASK_ID_ENV, OsString::from(assign.task_id.to_string())),
+            (ATTEMPT_ENV, OsString::from(assign.attempt.to_string())),
+            (FENCE_ENV, OsString::from(assign.fence.to_string())),
             (
-                "HIVE_CHECKPOINT_FILE",
+                CHECKPOINT_FILE_ENV,
                 self.checkpoints.path(held).into_os_string(),
             ),
         ];
@@ -823,26 +817,26 @@ mod tests {
         assert_eq!(f.error, "kind teleport is not supported by this drone");
         assert!(!f.retryable);
 
-        assign.kind = ECHO.into();
+        assign.kind = Kind::Echo.name().into();
         match Executor::immediate(&policy, &assign) {
             Some(Outcome::Complete(c)) => assert_eq!(c.result, json!({"x": 1})),
             other => panic!("echo gave {other:?}"),
         }
-        assign.kind = EXEC.into();
+        assign.kind = Kind::Exec.name().into();
         assert!(Executor::immediate(&policy, &assign).is_none());
     }
 
     #[test]
     fn a_kind_outside_the_policy_fails_permanently_even_if_the_queen_sends_it() {
         let policy = Policy {
-            kinds: vec![ECHO.to_owned()],
+            kinds: vec![Kind::Echo.name().to_owned()],
             ..Policy::default()
         };
         let assign = Assign {
             task_id: TaskId::generate(),
             fence: Fence(1),
             attempt: 1,
-            kind: EXEC.into(),
+            kind: Kind::Exec.name().into(),
             queue: "default".into(),
             payload: json!({"cmd": ["true"]}),
             timeout_ms: None,

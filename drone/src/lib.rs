@@ -1,30 +1,50 @@
 //! The Hive's drone: connects to a queen, runs the tasks it leases, heartbeats, and
 //! reports every outcome until the queen acknowledges it.
 //!
-//! Code map:
-//! - [`config`]: defaults, config file and flags, layered and validated.
-//! - [`client`]: the connection state machine, held tasks, outbox delivery, shutdown.
+//! Code map, leaves first (a module uses only the ones listed before it):
 //! - [`backoff`]: reconnect delays (pure).
+//! - [`env`]: the names in a task's environment the drone owns (lease, loader, token).
+//! - [`identity`]: Unix users tasks run as, looked up once at start.
+//! - [`kind`]: the built-in kinds (`echo`, `exec`) and their names.
 //! - [`outbox`]: outcomes awaiting an ack (pure).
-//! - [`executor`]: the `echo` and `exec` kinds; how an attempt's end becomes an outcome.
-//! - [`policy`]: what tasks may do on this host (kinds, programs, user, directory,
-//!   environment), validated at start and checked before every spawn.
-//! - [`process`]: the only code that forks or signals processes.
+//! - [`program`]: the `PATH` search, with symlinks and `..` resolved.
 //! - [`supervise`]: the shim every `exec` task runs under, so tasks die with the drone.
+//! - [`workdir`]: per-attempt work directories and where a task's `cwd` may lead in one.
+//! - [`checkpoint`]: checkpoint files of running attempts.
+//! - [`process`]: the only code that forks or signals processes.
+//! - [`policy`]: what tasks may do on this host (kinds, programs, user, directory,
+//!   environment): the rules, validated at start and checked before every spawn.
+//! - [`link`]: the byte stream to the queen; owns its TLS settings, loaded once.
+//! - [`config`]: defaults, config file and flags, layered and validated.
+//! - [`executor`]: runs `echo` and `exec`; how an attempt's end becomes an outcome.
+//! - [`client`]: the connection state machine, held tasks, outbox delivery, shutdown.
 //!
 //! Invariants: the connection loop never waits on a task; a task never waits on the
 //! connection; an outcome leaves the drone's memory only when the queen acknowledged it.
 
+// Leaves first: each module uses only modules above it (`tests/module_graph.rs` checks
+// that the graph has no cycle).
 pub mod backoff;
-pub mod checkpoint;
-pub mod client;
-pub mod config;
-pub mod executor;
-pub mod link;
+pub mod env;
+pub mod identity;
+pub mod kind;
 pub mod outbox;
-pub mod policy;
-pub mod process;
+pub mod program;
 pub mod supervise;
+pub mod workdir;
+
+pub mod checkpoint;
+pub mod process;
+
+pub mod policy;
+
+pub mod link;
+
+pub mod config;
+
+pub mod executor;
+
+pub mod client;
 
 pub use client::{DroneError, Shutdown};
 pub use config::{Cli, Config, LogFormat};
@@ -45,7 +65,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DroneError> {
         env_passthrough = ?p.env_passthrough,
         "task policy"
     );
-    for warning in p.startup_warnings(policy::effective_uid()) {
+    for warning in p.startup_warnings(identity::effective_uid()) {
         tracing::warn!("{warning}");
     }
     client::Drone::new(config, shutdown)?.run().await

@@ -1,7 +1,11 @@
 //! The byte stream to the queen: plain TCP, or TLS over it when the drone is given a CA to
 //! verify the queen with (and, for mutual TLS, its own certificate).
+//!
+//! It owns its TLS settings and loads their files once, when the config is built: a bad
+//! file stops the drone at start, naming it, and every reconnect reuses what was loaded.
 
 use std::io;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,11 +14,22 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::TlsSettings;
+/// TLS to the queen: the CA that signed the queen's certificate, and optionally this
+/// drone's own certificate for mutual TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name to verify the queen's certificate against (default: the queen's host).
+    pub server_name: Option<String>,
+}
 
 /// How the drone speaks TLS to its queen, loaded once at start.
 #[derive(Clone)]
 pub struct TlsClient {
+    /// What was loaded, for comparing configs and for logs.
+    settings: TlsSettings,
     config: Arc<rustls::ClientConfig>,
     server_name: ServerName<'static>,
 }
@@ -22,28 +37,42 @@ pub struct TlsClient {
 impl std::fmt::Debug for TlsClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsClient")
+            .field("settings", &self.settings)
             .field("server_name", &self.server_name)
             .finish_non_exhaustive()
+    }
+}
+
+/// Two clients are the same when they were loaded from the same settings for the same
+/// name (rustls configs cannot be compared; they are made from those files).
+impl PartialEq for TlsClient {
+    fn eq(&self, other: &TlsClient) -> bool {
+        self.settings == other.settings && self.server_name == other.server_name
     }
 }
 
 impl TlsClient {
     /// Reads the CA (and client identity) files; `host` is the queen's host as configured,
     /// used as the name to verify unless `settings.server_name` says otherwise.
-    pub fn load(settings: &TlsSettings, host: &str) -> Result<TlsClient, String> {
+    pub fn load(settings: TlsSettings, host: &str) -> Result<TlsClient, String> {
         let identity = match (&settings.cert, &settings.key) {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
             _ => None,
         };
-        let config =
-            shared::tls::client_config(&settings.ca, identity).map_err(|e| e.to_string())?;
+        let config = hive_tls::client_config(&settings.ca, identity).map_err(|e| e.to_string())?;
         let name = settings.server_name.as_deref().unwrap_or(host);
         let server_name = ServerName::try_from(name.to_owned())
             .map_err(|e| format!("`{name}` is not a valid TLS server name: {e}"))?;
         Ok(TlsClient {
+            settings,
             config,
             server_name,
         })
+    }
+
+    /// The settings this client was loaded from.
+    pub fn settings(&self) -> &TlsSettings {
+        &self.settings
     }
 
     pub async fn connect(&self, tcp: TcpStream) -> io::Result<Stream> {

@@ -7,76 +7,35 @@
 //! drone, against every assignment.
 //!
 //! Validation runs once, at start ([`Policy::resolve`]); the per-task checks
-//! ([`Policy::check_kind`], [`Policy::allowed_program`], [`sandboxed_cwd`],
-//! [`Policy::task_env`]) are pure apart from resolving paths in the file system, and the
-//! executor applies them before anything is spawned. [`WorkDir`] is the one piece that
-//! changes the file system.
+//! ([`Policy::check_kind`], [`Policy::allowed_program`], [`Policy::task_env`]) are pure
+//! apart from resolving paths in the file system, and the executor applies them before
+//! anything is spawned. The rules only: users live in [`crate::identity`], work
+//! directories in [`crate::workdir`], the `PATH` search in [`crate::program`], the
+//! environment's names in [`crate::env`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::{CStr, CString, OsStr, OsString};
-use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use shared::ids::Secret;
 
-use crate::config::TOKEN_ENV;
-use crate::executor::KINDS;
+use crate::env::{LEASE_ENV, LOADER_ENV, TASK_LANG, TOKEN_ENV};
+use crate::identity::{identity_to_switch_to, lookup_user, Identity};
+use crate::kind::Kind;
+use crate::program::{find_in_path, locate_program};
+
+/// Here too because `effective_uid` decides what `run_as` may be (see [`Policy::resolve`]).
+pub use crate::identity::effective_uid;
 
 /// The `PATH` tasks get when `task_path` is not set: the standard system directories and
 /// nothing from the drone's own environment (which may point into a deploy tool's or a
 /// user's directories).
 pub const DEFAULT_TASK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
-/// The `LANG` every task gets: UTF-8 without depending on which locales the host has
-/// generated (glibc has built `C.UTF-8` in since 2.35; Debian and Ubuntu ship it).
-pub const TASK_LANG: &str = "C.UTF-8";
-
-/// The variables the drone sets to describe the lease. Nothing else may set them: not
-/// the payload, not the config (a config that tries is refused at start).
-pub const LEASE_ENV: [&str; 4] = [
-    "HIVE_TASK_ID",
-    "HIVE_ATTEMPT",
-    "HIVE_FENCE",
-    "HIVE_CHECKPOINT_FILE",
-];
-
-/// Variables that make the dynamic loader or libc load code or data from a path of the
-/// caller's choosing: glibc's list of variables it drops for set-user-ID programs
-/// (`unsecvars.h`), less `TMPDIR` (which picks where files go, not what runs); every `LD_*`
-/// name is refused as well. With an allowlist a payload may not set them, or
-/// `LD_PRELOAD=/tmp/x.so` would run any code inside an allowed program.
-pub const LOADER_ENV: [&str; 12] = [
-    "GCONV_PATH",
-    "GETCONF_DIR",
-    "GLIBC_TUNABLES",
-    "HOSTALIASES",
-    "LOCALDOMAIN",
-    "LOCPATH",
-    "MALLOC_TRACE",
-    "NIS_PATH",
-    "NLSPATH",
-    "RESOLV_HOST_CONF",
-    "RES_OPTIONS",
-    "TZDIR",
-];
-
 /// Characters that would make an `allowed_programs` entry look like a pattern. Entries are
 /// exact, so these are refused rather than silently matched literally.
 const GLOB_CHARS: [char; 4] = ['*', '?', '[', ']'];
-
-/// The largest buffer a passwd lookup may use (1 MiB). Real entries are well under 1 KiB;
-/// the cap only stops a broken NSS module from making the lookup grow without end.
-const MAX_PASSWD_BUF: usize = 1024 * 1024;
-
-/// Mode of `work_root` when the drone has to create it: others may pass through (a task
-/// running as `run_as` must reach its own directory by absolute path, `$HOME`) but not
-/// list the other attempts' directories.
-const WORK_ROOT_MODE: u32 = 0o711;
-
-/// Mode of each attempt's directory: only its owner (the task's user) gets in.
-const WORK_DIR_MODE: u32 = 0o700;
 
 /// The `[policy]` section as written in the config file. Every key is optional; see
 /// `config/drone.toml` for what each means.
@@ -99,20 +58,10 @@ pub struct PolicyFile {
     pub env: Option<BTreeMap<String, Secret>>,
 }
 
-/// A user tasks run as, looked up once at start.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// The name from the passwd database, for logs and errors.
-    pub name: String,
-    pub uid: libc::uid_t,
-    /// The user's primary group; supplementary groups are cleared, not inherited.
-    pub gid: libc::gid_t,
-}
-
 /// The policy the drone enforces, validated and resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
-    /// The kinds this drone runs and announces in its hello, in [`KINDS`] order. An
+    /// The kinds this drone runs and announces in its hello, in [`Kind::ALL`] order. An
     /// assignment of any other kind fails permanently.
     pub kinds: Vec<String>,
     /// The canonical paths `exec` may run. Empty means any program.
@@ -135,7 +84,7 @@ impl Default for Policy {
     /// sandbox directory, and a minimal environment.
     fn default() -> Self {
         Policy {
-            kinds: KINDS.iter().map(|k| (*k).to_owned()).collect(),
+            kinds: Kind::names().map(str::to_owned).to_vec(),
             allowed_programs: BTreeSet::new(),
             run_as: None,
             work_root: None,
@@ -248,7 +197,7 @@ impl Policy {
     pub fn check_kind(&self, kind: &str) -> Result<(), String> {
         if self.kinds.iter().any(|k| k == kind) {
             Ok(())
-        } else if KINDS.contains(&kind) {
+        } else if Kind::from_name(kind).is_some() {
             Err(format!(
                 "kind {kind} is not allowed on this drone (policy.kinds = {:?})",
                 self.kinds
@@ -344,7 +293,7 @@ impl Policy {
     /// What an operator should hear at start about how open this drone is.
     pub fn startup_warnings(&self, euid: libc::uid_t) -> Vec<String> {
         let mut warnings = Vec::new();
-        if !self.kinds.iter().any(|k| k == crate::executor::EXEC) {
+        if !self.kinds.iter().any(|k| k == Kind::Exec.name()) {
             return warnings;
         }
         if self.allowed_programs.is_empty() {
@@ -364,29 +313,22 @@ impl Policy {
     }
 }
 
-/// This process's effective user id.
-pub fn effective_uid() -> libc::uid_t {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 /// The kinds to run: all built-in ones when unset; otherwise the listed ones, each of
 /// which must be a kind this drone has code for.
 fn resolve_kinds(listed: Option<Vec<String>>) -> Result<Vec<String>, String> {
+    let all = Kind::names();
     let Some(listed) = listed else {
-        return Ok(KINDS.iter().map(|k| (*k).to_owned()).collect());
+        return Ok(all.map(str::to_owned).to_vec());
     };
     if listed.is_empty() {
         return Err(format!(
-            "must list at least one kind (leave it out to run every kind: {KINDS:?})"
+            "must list at least one kind (leave it out to run every kind: {all:?})"
         ));
     }
-    if let Some(unknown) = listed.iter().find(|k| !KINDS.contains(&k.as_str())) {
-        return Err(format!(
-            "unknown kind `{unknown}`: this drone runs {KINDS:?}"
-        ));
+    if let Some(unknown) = listed.iter().find(|k| Kind::from_name(k).is_none()) {
+        return Err(format!("unknown kind `{unknown}`: this drone runs {all:?}"));
     }
-    Ok(KINDS
+    Ok(all
         .iter()
         .filter(|k| listed.iter().any(|l| l == *k))
         .map(|k| (*k).to_owned())
@@ -449,67 +391,6 @@ fn resolve_allowlist(entries: &[String], task_path: &str) -> Result<BTreeSet<Pat
     Ok(allowed)
 }
 
-/// The first executable file named `name` in the absolute directories of `path` (empty
-/// and relative entries are skipped: they would mean the task's own directory).
-fn find_in_path(name: &str, path: &OsStr) -> Option<PathBuf> {
-    std::env::split_paths(path)
-        .filter(|dir| dir.is_absolute())
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable_file(candidate))
-}
-
-fn is_executable_file(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Where a task's `cmd[0]` leads, with every symlink and `..` resolved: a name with a
-/// slash relative to `cwd`, a bare name through `path` the way `execvp` searches it.
-pub fn locate_program(program: &str, cwd: &Path, path: Option<&OsStr>) -> Result<PathBuf, String> {
-    let found = if program.contains('/') {
-        cwd.join(program)
-    } else {
-        let path = path.unwrap_or_default();
-        find_in_path(program, path).ok_or_else(|| {
-            format!(
-                "program `{program}` is not an executable file in PATH `{}`",
-                path.to_string_lossy()
-            )
-        })?
-    };
-    found
-        .canonicalize()
-        .map_err(|e| format!("program `{program}` cannot be resolved: {e}"))
-}
-
-/// A task's `cwd` inside its work directory, as a relative path without `.` or `..`.
-/// Absolute paths are refused, and so is any `..` that would climb out.
-pub fn sandboxed_cwd(requested: Option<&Path>) -> Result<PathBuf, String> {
-    let Some(requested) = requested else {
-        return Ok(PathBuf::new());
-    };
-    let refuse = |why: &str| {
-        Err(format!(
-            "invalid exec payload: cwd `{}` {why} (this drone runs every task in its own \
-             directory under policy.work_root; cwd must be relative to it)",
-            requested.display()
-        ))
-    };
-    let mut inside = PathBuf::new();
-    for part in requested.components() {
-        match part {
-            Component::Normal(name) => inside.push(name),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if !inside.pop() {
-                    return refuse("climbs out of the task's directory");
-                }
-            }
-            Component::RootDir | Component::Prefix(_) => return refuse("is absolute"),
-        }
-    }
-    Ok(inside)
-}
-
 /// A config variable name must be one a process can carry, and not one the drone owns.
 fn check_config_env_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.contains('=') || name.contains('\0') {
@@ -530,159 +411,10 @@ fn check_config_env_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Who `run_as` should make tasks: root may become anyone; any other user only itself
-/// (then there is nothing to switch, hence `None`).
-pub fn identity_to_switch_to(
-    euid: libc::uid_t,
-    wanted: Identity,
-) -> Result<Option<Identity>, String> {
-    if euid == 0 {
-        Ok(Some(wanted))
-    } else if wanted.uid == euid {
-        Ok(None)
-    } else {
-        Err(format!(
-            "the drone runs as uid {euid}, not as root, so it cannot run tasks as `{}` \
-             (uid {}); start the drone as root or remove `run_as`",
-            wanted.name, wanted.uid
-        ))
-    }
-}
-
-/// Looks a user up by name, or by uid when `spec` is a number.
-pub fn lookup_user(spec: &str) -> Result<Identity, String> {
-    let found = if let Ok(uid) = spec.parse::<libc::uid_t>() {
-        passwd_entry(|pwd, buf, result| {
-            // SAFETY: every pointer is valid for the call and `buf.len()` is its size.
-            unsafe { libc::getpwuid_r(uid, pwd, buf.as_mut_ptr(), buf.len(), result) }
-        })
-    } else {
-        let name =
-            CString::new(spec).map_err(|_| format!("user name {spec:?} contains a NUL byte"))?;
-        passwd_entry(|pwd, buf, result| {
-            // SAFETY: `name` is NUL-terminated; the rest as above.
-            unsafe { libc::getpwnam_r(name.as_ptr(), pwd, buf.as_mut_ptr(), buf.len(), result) }
-        })
-    };
-    match found {
-        Ok(Some(identity)) => Ok(identity),
-        Ok(None) => Err(format!("there is no user `{spec}` on this host")),
-        Err(e) => Err(format!("could not look up user `{spec}`: {e}")),
-    }
-}
-
-/// Runs a `getpw*_r` call with a buffer that grows until the entry fits.
-fn passwd_entry(
-    call: impl Fn(&mut libc::passwd, &mut [libc::c_char], &mut *mut libc::passwd) -> libc::c_int,
-) -> io::Result<Option<Identity>> {
-    let mut size = 1024;
-    loop {
-        let mut buf: Vec<libc::c_char> = vec![0; size];
-        // SAFETY: passwd is a plain C struct; all-zero (null pointers) is a valid value,
-        // and the call overwrites it before we read it.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = call(&mut pwd, &mut buf, &mut result);
-        if rc == libc::ERANGE && size < MAX_PASSWD_BUF {
-            size *= 2;
-            continue;
-        }
-        if rc != 0 {
-            return Err(io::Error::from_raw_os_error(rc));
-        }
-        if result.is_null() {
-            return Ok(None);
-        }
-        let name = if pwd.pw_name.is_null() {
-            String::new()
-        } else {
-            // SAFETY: on success pw_name points at a NUL-terminated string inside `buf`,
-            // which is still alive.
-            unsafe { CStr::from_ptr(pwd.pw_name) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        return Ok(Some(Identity {
-            name,
-            uid: pwd.pw_uid,
-            gid: pwd.pw_gid,
-        }));
-    }
-}
-
-/// One attempt's private directory under `work_root`, owned by the task's user. The
-/// executor removes it when the attempt ends ([`WorkDir::remove`]).
-#[derive(Debug)]
-pub struct WorkDir {
-    path: PathBuf,
-}
-
-impl WorkDir {
-    /// Creates `<root>/<name>` empty (a leftover from a drone that died is removed first),
-    /// creating `root` too if needed.
-    pub fn create(root: &Path, name: &str, owner: Option<&Identity>) -> io::Result<WorkDir> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(WORK_ROOT_MODE)
-            .create(root)?;
-        let path = root.join(name);
-        if std::fs::symlink_metadata(&path).is_ok() {
-            std::fs::remove_dir_all(&path)?;
-        }
-        std::fs::DirBuilder::new()
-            .mode(WORK_DIR_MODE)
-            .create(&path)?;
-        if let Some(owner) = owner {
-            if let Err(e) = std::os::unix::fs::chown(&path, Some(owner.uid), Some(owner.gid)) {
-                let _ = std::fs::remove_dir(&path);
-                return Err(e);
-            }
-        }
-        Ok(WorkDir { path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Creates the task's `cwd` (from [`sandboxed_cwd`]) inside the directory, each level
-    /// owned by `owner`, and returns its absolute path. The directory is fresh and nothing
-    /// has run in it yet, so no symlink can redirect this outside.
-    pub fn make_cwd(&self, relative: &Path, owner: Option<&Identity>) -> io::Result<PathBuf> {
-        let mut at = self.path.clone();
-        for part in relative.components() {
-            at.push(part);
-            match std::fs::DirBuilder::new().mode(WORK_DIR_MODE).create(&at) {
-                Ok(()) => {
-                    if let Some(owner) = owner {
-                        std::os::unix::fs::chown(&at, Some(owner.uid), Some(owner.gid))?;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(at)
-    }
-
-    /// Removes the directory and everything the task left in it. Failing is logged, not
-    /// fatal: the task's outcome does not depend on it.
-    pub async fn remove(self) {
-        let path = self.path.clone();
-        let removed = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path))
-            .await
-            .map_err(io::Error::other)
-            .and_then(|r| r);
-        if let Err(e) = removed {
-            tracing::warn!(dir = %self.path.display(), error = %e, "could not remove a task's work directory");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     /// The shipped example, to check that it documents every policy key.
     const EXAMPLE: &str = include_str!("../../config/drone.toml");
@@ -886,30 +618,6 @@ mod tests {
     }
 
     #[test]
-    fn a_cwd_stays_inside_the_work_directory() {
-        let ok_cases = [
-            (None, ""),
-            (Some("."), ""),
-            (Some("a/b"), "a/b"),
-            (Some("./a/../b/"), "b"),
-            (Some("a/.."), ""),
-        ];
-        for (requested, expected) in ok_cases {
-            assert_eq!(
-                sandboxed_cwd(requested.map(Path::new)),
-                Ok(PathBuf::from(expected)),
-                "{requested:?}"
-            );
-        }
-        for bad in ["/tmp", "..", "../x", "a/../../x", "a/../../a", "/"] {
-            let e = sandboxed_cwd(Some(Path::new(bad)))
-                .err()
-                .unwrap_or_default();
-            assert!(e.contains("cwd"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
     fn the_task_environment_is_built_from_named_layers_only() {
         let p = ok(PolicyFile {
             env_passthrough: Some(strings(&["KEEP", "ABSENT", "FORCED"])),
@@ -1047,16 +755,6 @@ mod tests {
     }
 
     #[test]
-    fn users_are_found_by_name_or_uid() {
-        let root = lookup_user("root").expect("root exists");
-        assert_eq!((root.uid, root.gid), (0, 0));
-        assert_eq!(lookup_user("0").map(|r| r.name), Ok("root".to_owned()));
-        let e = lookup_user("no-such-user-hive").err().unwrap_or_default();
-        assert!(e.contains("no-such-user-hive"), "{e}");
-        assert!(lookup_user("a\0b").is_err());
-    }
-
-    #[test]
     fn an_open_drone_says_so_at_start() {
         let open = Policy::default();
         assert_eq!(open.startup_warnings(1000).len(), 1);
@@ -1083,26 +781,6 @@ mod tests {
             2,
             "run_as root is still root"
         );
-    }
-
-    #[test]
-    fn a_work_dir_is_fresh_owned_and_removed() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let work_root = root.path().join("work");
-        let stale = work_root.join("t-1");
-        std::fs::create_dir_all(stale.join("old")).expect("mkdir");
-        let dir = WorkDir::create(&work_root, "t-1", None).expect("create");
-        assert_eq!(dir.path(), stale);
-        assert!(!stale.join("old").exists(), "a leftover is emptied");
-        let cwd = dir.make_cwd(Path::new("a/b"), None).expect("cwd");
-        assert_eq!(cwd, stale.join("a/b"));
-        assert!(cwd.is_dir());
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("runtime");
-        rt.block_on(dir.remove());
-        assert!(!stale.exists());
-        assert!(work_root.is_dir(), "the root stays");
     }
 
     #[test]

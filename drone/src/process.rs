@@ -10,7 +10,7 @@ use std::path::Path;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
-use crate::policy::Identity;
+use crate::identity::Identity;
 use crate::supervise;
 
 /// A process group the drone started: the supervisor shim's pid. Only ever built from a

@@ -461,6 +461,7 @@ async fn a_version_reject_stops_the_drone_with_the_reason() -> Result<()> {
     conn.send(QueenMessage::Reject(Reject {
         reason: "unsupported protocol version 1".into(),
         supported_versions: vec![PROTOCOL_VERSION + 1],
+        code: None,
     }))
     .await?;
     match drone.finished().await? {
@@ -482,6 +483,7 @@ async fn a_transient_reject_is_retried() -> Result<()> {
     conn.send(QueenMessage::Reject(Reject {
         reason: "queen is starting up".into(),
         supported_versions: vec![PROTOCOL_VERSION],
+        code: None,
     }))
     .await?;
     let mut again = queen.accept().await?;

@@ -38,7 +38,7 @@ pub enum QueenError {
     #[error("a store write failed; stopped so that nothing unrecorded is acknowledged")]
     StoreFailed,
     #[error(transparent)]
-    Tls(#[from] shared::tls::TlsError),
+    Tls(#[from] hive_tls::TlsError),
 }
 
 /// The listeners a queen serves on, bound by the caller.
@@ -149,6 +149,7 @@ impl Queen {
             listeners.drones,
             handle.clone(),
             server::Limits::from_config(&cfg),
+            server::Admission::from_config(&cfg),
             tls.drones.clone(),
             stop.clone(),
             tracker.clone(),

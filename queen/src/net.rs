@@ -40,13 +40,13 @@ impl std::fmt::Debug for Tls {
 
 impl Tls {
     /// Reads the certificate, key and client CA named in `[tls]`.
-    pub fn from_config(cfg: &Config) -> Result<Tls, shared::tls::TlsError> {
+    pub fn from_config(cfg: &Config) -> Result<Tls, hive_tls::TlsError> {
         let (Some(cert), Some(key)) = (&cfg.tls.cert, &cfg.tls.key) else {
             return Ok(Tls::default());
         };
-        let drones = shared::tls::server_config(cert, key, cfg.tls.client_ca.as_deref())?;
+        let drones = hive_tls::server_config(cert, key, cfg.tls.client_ca.as_deref())?;
         // The API is for browsers and the CLI: no client certificates there.
-        let http = shared::tls::server_config(cert, key, None)?;
+        let http = hive_tls::server_config(cert, key, None)?;
         Ok(Tls {
             drones: Some(TlsAcceptor::from(drones)),
             http: Some(TlsAcceptor::from(http)),

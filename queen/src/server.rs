@@ -1,6 +1,10 @@
-//! The drone protocol listener: accepts connections (bounded by a semaphore), reads the
-//! hello, then shuttles frames between the socket and the core. One bad frame closes that
-//! connection only, after an `error` message saying what was wrong.
+//! The drone protocol listener: accepts connections (bounded by a semaphore), reads and
+//! checks the hello, then shuttles frames between the socket and the core. One bad frame
+//! closes that connection only, after an `error` message saying what was wrong.
+//!
+//! The hello is checked here, at the edge (protocol version, drone token, its shape): the
+//! core only ever sees a hello from a drone it may take. A refused hello gets a `reject`
+//! with a code and the connection closes; nothing of it reaches the core.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +13,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use shared::frame;
-use shared::protocol::{DroneMessage, QueenMessage};
+use shared::ids::Secret;
+use shared::protocol::{self, DroneMessage, Hello, QueenMessage};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -40,16 +45,34 @@ impl Limits {
     }
 }
 
+/// Who may connect as a drone, from `[auth]`.
+#[derive(Debug, Clone, Default)]
+pub struct Admission {
+    /// The token a hello must carry (`auth.drone_token`, else `auth.token`); `None` takes
+    /// any drone.
+    pub token: Option<Secret>,
+}
+
+impl Admission {
+    pub fn from_config(cfg: &crate::config::Config) -> Admission {
+        Admission {
+            token: cfg.auth.drone().cloned(),
+        }
+    }
+}
+
 /// Serves drone connections until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     core: CoreHandle,
     limits: Limits,
+    admission: Admission,
     tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let limit = Arc::new(Semaphore::new(limits.max_connections));
+    let edge = Arc::new(Edge { limits, admission });
     let ids = AtomicU64::new(1);
     loop {
         let permit = tokio::select! {
@@ -73,19 +96,20 @@ pub async fn serve(
         let core = core.clone();
         let close = shutdown.child_token();
         let tls = tls.clone();
+        let edge = Arc::clone(&edge);
         tracker.spawn(async move {
             // The handshake counts against the hello timeout: a peer that stalls in it
             // holds one slot for that long, no more.
             let started = tokio::time::Instant::now();
             match tls {
-                None => connection(stream, peer, id, core, limits, started, close).await,
+                None => connection(stream, peer, id, core, &edge, started, close).await,
                 Some(acceptor) => {
                     let handshake = tokio::select! {
                         _ = close.cancelled() => return,
                         h = tokio::time::timeout(limits.hello_timeout, acceptor.accept(stream)) => h,
                     };
                     match handshake {
-                        Ok(Ok(s)) => connection(s, peer, id, core, limits, started, close).await,
+                        Ok(Ok(s)) => connection(s, peer, id, core, &edge, started, close).await,
                         Ok(Err(e)) => tracing::warn!(%peer, error = %e, "tls handshake failed"),
                         Err(_) => tracing::debug!(%peer, "no tls handshake in time; closing"),
                     }
@@ -96,15 +120,23 @@ pub async fn serve(
     }
 }
 
+/// What every connection on the drone port is held to.
+#[derive(Debug)]
+struct Edge {
+    limits: Limits,
+    admission: Admission,
+}
+
 async fn connection<S: Io>(
     stream: S,
     peer: SocketAddr,
     id: u64,
     core: CoreHandle,
-    limits: Limits,
+    edge: &Edge,
     started: tokio::time::Instant,
     close: CancellationToken,
 ) {
+    let limits = edge.limits;
     let framed = Framed::new(stream, frame::codec(limits.max_frame_len));
     let (mut sink, mut frames) = framed.split();
 
@@ -139,6 +171,9 @@ async fn connection<S: Io>(
             }
         },
     };
+    if !admit(&hello, &edge.admission, &mut sink, limits, &close).await {
+        return;
+    }
 
     let (tx, mut rx) = mpsc::unbounded_channel::<QueenMessage>();
     let conn = Conn {
@@ -224,6 +259,36 @@ async fn connection<S: Io>(
         let _ = core.send(Request::Closed { conn: id }).await;
     };
     tokio::join!(writer, reader);
+}
+
+/// Checks a hello at the edge. A refused one is answered with a `reject` (its code says
+/// why), written, flushed and the connection closed before this returns false; the hello
+/// never reaches the core.
+async fn admit<S: Io>(
+    hello: &Hello,
+    admission: &Admission,
+    sink: &mut Sink<S>,
+    limits: Limits,
+    close: &CancellationToken,
+) -> bool {
+    let Err(refusal) = protocol::check_hello(hello, admission.token.as_ref()) else {
+        return true;
+    };
+    tracing::warn!(drone = %hello.drone_id, name = %hello.name, reason = %refusal.reason, "drone rejected");
+    let reject = QueenMessage::Reject(refusal.to_reject());
+    // Bounded like the hello: a peer that stops reading holds the slot no longer than that.
+    // Closing the sink shuts the write side down (a TLS close_notify first), so the
+    // reject is on the wire before the socket is dropped.
+    let written = async {
+        if send(sink, &reject).await.is_ok() {
+            let _ = sink.close().await;
+        }
+    };
+    tokio::select! {
+        _ = close.cancelled() => {}
+        _ = tokio::time::timeout(limits.hello_timeout, written) => {}
+    }
+    false
 }
 
 /// What the drone is told about a frame that could not be read.

@@ -94,8 +94,9 @@ impl PartialEq for Payload {
 
 /// The queue a spec without one goes to.
 pub const DEFAULT_QUEUE: &str = "default";
-/// Longest queue name, label or kind: they are keys and log fields, not documents.
-pub const MAX_NAME_LEN: usize = 128;
+/// Longest queue name, label or kind: they are keys and log fields, not documents. The
+/// same limit as a drone's name, defined once where the drone can see it too.
+pub use shared::protocol::MAX_NAME_LEN;
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 /// Most attempts a spec may ask for.

@@ -8,7 +8,8 @@ use serde_json::json;
 use shared::api::TaskState;
 use shared::frame;
 use shared::protocol::{
-    AckStatus, DroneMessage, Held, QueenMessage, TaskComplete, TaskFailed, SUPPORTED_VERSIONS,
+    AckStatus, DroneMessage, Held, QueenMessage, RejectCode, TaskComplete, TaskFailed,
+    MAX_NAME_LEN, MAX_SLOTS, SUPPORTED_VERSIONS,
 };
 use shared::{DroneId, Fence};
 
@@ -369,6 +370,99 @@ async fn an_unsupported_protocol_version_is_rejected_with_the_supported_ones() {
         other => panic!("expected a reject, got {other:?}"),
     }
     assert!(raw.next().await.is_none());
+    q.stop().await;
+}
+
+/// Guards the edge: every hello the queen cannot take is refused by the connection
+/// handler with a machine-readable code (the core's own refusals never carried one), the
+/// reject is on the wire before the connection closes, and a good hello is still welcomed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_hello_is_rejected_at_the_edge_with_its_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_config(dir.path());
+    cfg.auth.token = Some(shared::ids::Secret("s3cret".into()));
+    let q = TestQueen::start(cfg).await;
+    let good = || {
+        let mut h = hello(DroneId::generate(), 1, vec![]);
+        h.token = Some(shared::ids::Secret("s3cret".into()));
+        h
+    };
+    let cases = [
+        (
+            shared::protocol::Hello {
+                protocol_version: 99,
+                ..good()
+            },
+            RejectCode::UnsupportedVersion,
+            "protocol version 99 is not supported; this queen speaks [1]".to_owned(),
+        ),
+        (
+            shared::protocol::Hello {
+                token: None,
+                ..good()
+            },
+            RejectCode::Unauthorized,
+            "invalid or missing auth token".to_owned(),
+        ),
+        (
+            shared::protocol::Hello {
+                token: Some(shared::ids::Secret("s3cre".into())),
+                ..good()
+            },
+            RejectCode::Unauthorized,
+            "invalid or missing auth token".to_owned(),
+        ),
+        (
+            shared::protocol::Hello { slots: 0, ..good() },
+            RejectCode::BadHello,
+            "slots must be between 1 and 10000, got 0".to_owned(),
+        ),
+        (
+            shared::protocol::Hello {
+                slots: MAX_SLOTS + 1,
+                ..good()
+            },
+            RejectCode::BadHello,
+            format!("slots must be between 1 and 10000, got {}", MAX_SLOTS + 1),
+        ),
+        (
+            shared::protocol::Hello {
+                name: String::new(),
+                ..good()
+            },
+            RejectCode::BadHello,
+            "name must be 1-128 bytes".to_owned(),
+        ),
+        (
+            shared::protocol::Hello {
+                name: "n".repeat(MAX_NAME_LEN + 1),
+                ..good()
+            },
+            RejectCode::BadHello,
+            "name must be 1-128 bytes".to_owned(),
+        ),
+    ];
+    for (bad, code, reason) in cases {
+        let mut raw = FakeDrone::raw(q.drones).await;
+        raw.send(frame::encode(&DroneMessage::Hello(bad)).expect("encode"))
+            .await
+            .expect("send");
+        let bytes = raw.next().await.expect("a reply").expect("a frame");
+        match frame::decode::<QueenMessage>(&bytes) {
+            Ok(QueenMessage::Reject(r)) => {
+                assert_eq!(r.code, Some(code), "{}", r.reason);
+                assert_eq!(r.reason, reason);
+                assert_eq!(r.supported_versions, SUPPORTED_VERSIONS);
+            }
+            other => panic!("expected a reject for {reason}, got {other:?}"),
+        }
+        assert!(
+            raw.next().await.is_none(),
+            "{reason}: the connection closes"
+        );
+    }
+    // Welcomed (`connect` panics otherwise): the edge let the good hello through.
+    let _welcomed = FakeDrone::connect(q.drones, good()).await;
     q.stop().await;
 }
 

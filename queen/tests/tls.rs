@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use common::{fast_config, hello, TestQueen};
 use futures_util::{SinkExt, StreamExt};
+use hive_tls::test_pki::Usage as ExtendedKeyUsagePurpose;
 use serde_json::json;
 use shared::frame;
 use shared::protocol::{AckStatus, DroneMessage, QueenMessage, TaskComplete};
-use shared::test_pki::Usage as ExtendedKeyUsagePurpose;
 use shared::DroneId;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -21,7 +21,7 @@ use tokio_util::codec::Framed;
 
 /// A throwaway CA with its own temp dir.
 struct Pki {
-    inner: shared::test_pki::Pki,
+    inner: hive_tls::test_pki::Pki,
     _dir: tempfile::TempDir,
 }
 
@@ -29,14 +29,14 @@ impl Pki {
     fn new(name: &str) -> Pki {
         let dir = tempfile::tempdir().expect("tempdir");
         Pki {
-            inner: shared::test_pki::Pki::new(dir.path(), name),
+            inner: hive_tls::test_pki::Pki::new(dir.path(), name),
             _dir: dir,
         }
     }
 }
 
 impl std::ops::Deref for Pki {
-    type Target = shared::test_pki::Pki;
+    type Target = hive_tls::test_pki::Pki;
     fn deref(&self) -> &Self::Target {
         &self.inner
     }
@@ -58,7 +58,7 @@ fn tls_config(data: &Path, pki: &Pki, mutual: bool) -> queen::config::Config {
 }
 
 fn https_agent(ca: &Path) -> ureq::Agent {
-    let config = shared::tls::client_config(ca, None).expect("client config");
+    let config = hive_tls::client_config(ca, None).expect("client config");
     ureq::AgentBuilder::new().tls_config(config).build()
 }
 
@@ -83,7 +83,7 @@ async fn connect_tls(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<TlsFramed, std::io::Error> {
-    let config = shared::tls::client_config(ca, identity).expect("client config");
+    let config = hive_tls::client_config(ca, identity).expect("client config");
     let tcp = TcpStream::connect(q.drones).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     let stream = TlsConnector::from(Arc::clone(&config))

@@ -8,8 +8,5 @@ pub mod api;
 pub mod frame;
 pub mod ids;
 pub mod protocol;
-#[cfg(feature = "test-pki")]
-pub mod test_pki;
-pub mod tls;
 
 pub use ids::{DroneId, Fence, TaskId};

@@ -15,6 +15,16 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Every protocol version this build's queen accepts in a hello.
 pub const SUPPORTED_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
 
+/// The most slots a drone may announce in its hello. The queen keeps per-slot state for
+/// every drone, so one hello must not be able to ask for an unbounded amount; 10,000 is far
+/// beyond what one host runs at once. The drone checks its own config against it at start,
+/// so a typo fails there with a clear message instead of as a reject on every reconnect.
+pub const MAX_SLOTS: u32 = 10_000;
+
+/// The longest name both sides must agree on, in bytes: a drone's name, and every queue
+/// name, label and kind. They are map keys and log fields, not documents.
+pub const MAX_NAME_LEN: usize = 128;
+
 /// A message from a drone to the queen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -85,9 +95,96 @@ pub struct Welcome {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reject {
+    /// For the operator: what was wrong, in words. Drones must not parse it; see `code`.
     pub reason: String,
     /// The protocol versions the queen speaks, so a drone can say what to upgrade.
     pub supported_versions: Vec<u32>,
+    /// Why, for the drone to act on. Optional on the wire in both directions: queens
+    /// before this field send none, and drones before it ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<RejectCode>,
+}
+
+/// Why a queen rejected a hello, as a drone can act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// The hello's `protocol_version` is not in the queen's `supported_versions`.
+    UnsupportedVersion,
+    /// The queen wants a drone token and the hello had none, or the wrong one.
+    Unauthorized,
+    /// The hello itself is out of bounds (slots, name): the same hello will be refused again.
+    BadHello,
+    /// A code this build does not know (from a newer queen). Receive-side only: a queen
+    /// never sends it.
+    #[serde(other)]
+    Unknown,
+}
+
+/// A hello the queen refuses, and why: the code for the drone, the reason for the
+/// operator. The texts are the ones queens have always sent; tests and operators' log
+/// searches depend on them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: RejectCode,
+    pub reason: String,
+}
+
+impl Refusal {
+    /// The `reject` message that tells a drone about this refusal.
+    pub fn to_reject(&self) -> Reject {
+        Reject {
+            reason: self.reason.clone(),
+            supported_versions: SUPPORTED_VERSIONS.to_vec(),
+            code: Some(self.code),
+        }
+    }
+}
+
+/// Whether a hello is one the queen can take, checked in the order queens always have:
+/// protocol version, then the token (`expected`, when the queen has one; compared in
+/// constant time), then the hello's shape. Pure, so both the queen's edge and tests use it.
+pub fn check_hello(hello: &Hello, expected: Option<&Secret>) -> Result<(), Refusal> {
+    if !SUPPORTED_VERSIONS.contains(&hello.protocol_version) {
+        return Err(Refusal {
+            code: RejectCode::UnsupportedVersion,
+            reason: format!(
+                "protocol version {} is not supported; this queen speaks {:?}",
+                hello.protocol_version, SUPPORTED_VERSIONS
+            ),
+        });
+    }
+    if let Some(token) = expected {
+        let ok = hello.token.as_ref().is_some_and(|t| token.matches(&t.0));
+        if !ok {
+            return Err(Refusal {
+                code: RejectCode::Unauthorized,
+                reason: "invalid or missing auth token".to_owned(),
+            });
+        }
+    }
+    check_hello_shape(hello)
+}
+
+/// Whether a hello's announced shape is within the limits both sides agree on: 1 to
+/// [`MAX_SLOTS`] slots, a name of 1 to [`MAX_NAME_LEN`] bytes.
+pub fn check_hello_shape(hello: &Hello) -> Result<(), Refusal> {
+    if hello.slots == 0 || hello.slots > MAX_SLOTS {
+        return Err(Refusal {
+            code: RejectCode::BadHello,
+            reason: format!(
+                "slots must be between 1 and {MAX_SLOTS}, got {}",
+                hello.slots
+            ),
+        });
+    }
+    if hello.name.is_empty() || hello.name.len() > MAX_NAME_LEN {
+        return Err(Refusal {
+            code: RejectCode::BadHello,
+            reason: format!("name must be 1-{MAX_NAME_LEN} bytes"),
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,6 +303,160 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("launch_missiles"), "{err}");
+    }
+
+    fn reject_from(json: &str) -> Reject {
+        match serde_json::from_str::<QueenMessage>(json) {
+            Ok(QueenMessage::Reject(r)) => r,
+            other => panic!("not a reject: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reject_from_an_older_queen_has_no_code_and_still_parses() {
+        let r = reject_from(r#"{"type":"reject","reason":"no","supported_versions":[1]}"#);
+        assert_eq!(r.code, None);
+        assert_eq!(r.reason, "no");
+        // And a codeless reject is written without the field, as older queens wrote it.
+        let v = serde_json::to_value(QueenMessage::Reject(r)).unwrap_or_default();
+        assert!(v.get("code").is_none(), "{v}");
+    }
+
+    #[test]
+    fn reject_codes_round_trip_in_snake_case() {
+        for (code, text) in [
+            (RejectCode::UnsupportedVersion, "unsupported_version"),
+            (RejectCode::Unauthorized, "unauthorized"),
+            (RejectCode::BadHello, "bad_hello"),
+        ] {
+            let sent = QueenMessage::Reject(Reject {
+                reason: "r".into(),
+                supported_versions: vec![1],
+                code: Some(code),
+            });
+            let v = serde_json::to_value(&sent).unwrap_or_default();
+            assert_eq!(v["code"], text);
+            let back = serde_json::from_value::<QueenMessage>(v).ok();
+            assert_eq!(back, Some(sent));
+        }
+    }
+
+    #[test]
+    fn a_code_from_a_newer_queen_parses_as_unknown() {
+        let r = reject_from(
+            r#"{"type":"reject","reason":"later","supported_versions":[1],"code":"queen_on_fire"}"#,
+        );
+        assert_eq!(r.code, Some(RejectCode::Unknown));
+    }
+
+    fn good_hello() -> Hello {
+        Hello {
+            protocol_version: PROTOCOL_VERSION,
+            drone_id: DroneId::generate(),
+            name: "d".into(),
+            labels: vec![],
+            slots: 1,
+            kinds: vec!["echo".into()],
+            token: None,
+            held: vec![],
+            draining: false,
+        }
+    }
+
+    fn refusal(hello: &Hello, token: Option<&Secret>) -> Option<(RejectCode, String)> {
+        check_hello(hello, token).err().map(|r| (r.code, r.reason))
+    }
+
+    #[test]
+    fn the_hello_check_refuses_with_the_code_and_the_queens_wording() {
+        assert_eq!(refusal(&good_hello(), None), None);
+        let edges = [
+            (1, "d".to_owned(), None),
+            (MAX_SLOTS, "n".repeat(MAX_NAME_LEN), None),
+            (
+                0,
+                "d".to_owned(),
+                Some("slots must be between 1 and 10000, got 0"),
+            ),
+            (
+                MAX_SLOTS + 1,
+                "d".to_owned(),
+                Some("slots must be between 1 and 10000, got 10001"),
+            ),
+            (1, String::new(), Some("name must be 1-128 bytes")),
+            (
+                1,
+                "n".repeat(MAX_NAME_LEN + 1),
+                Some("name must be 1-128 bytes"),
+            ),
+        ];
+        for (slots, name, want) in edges {
+            let h = Hello {
+                slots,
+                name,
+                ..good_hello()
+            };
+            let want = want.map(|w| (RejectCode::BadHello, w.to_owned()));
+            assert_eq!(refusal(&h, None), want, "slots {slots}");
+            assert_eq!(
+                check_hello_shape(&h).err().map(|r| (r.code, r.reason)),
+                want
+            );
+        }
+
+        let old = Hello {
+            protocol_version: 99,
+            ..good_hello()
+        };
+        assert_eq!(
+            refusal(&old, None),
+            Some((
+                RejectCode::UnsupportedVersion,
+                "protocol version 99 is not supported; this queen speaks [1]".to_owned()
+            ))
+        );
+
+        let secret = Secret("s3cret".into());
+        let unauthorized = Some((
+            RejectCode::Unauthorized,
+            "invalid or missing auth token".to_owned(),
+        ));
+        assert_eq!(refusal(&good_hello(), Some(&secret)), unauthorized);
+        let wrong = Hello {
+            token: Some(Secret("s3cre".into())),
+            ..good_hello()
+        };
+        assert_eq!(refusal(&wrong, Some(&secret)), unauthorized);
+        let right = Hello {
+            token: Some(secret.clone()),
+            ..good_hello()
+        };
+        assert_eq!(refusal(&right, Some(&secret)), None);
+
+        // The order queens have always checked in: version, then token, then shape.
+        let everything_wrong = Hello {
+            protocol_version: 99,
+            slots: 0,
+            ..good_hello()
+        };
+        assert_eq!(
+            refusal(&everything_wrong, Some(&secret)).map(|r| r.0),
+            Some(RejectCode::UnsupportedVersion)
+        );
+        let bad_token_and_shape = Hello {
+            slots: 0,
+            ..good_hello()
+        };
+        assert_eq!(
+            refusal(&bad_token_and_shape, Some(&secret)).map(|r| r.0),
+            Some(RejectCode::Unauthorized)
+        );
+        let r = check_hello(&old, None).err().map(|r| r.to_reject());
+        assert_eq!(
+            r.as_ref().map(|r| r.supported_versions.clone()),
+            Some(SUPPORTED_VERSIONS.to_vec())
+        );
+        assert_eq!(r.and_then(|r| r.code), Some(RejectCode::UnsupportedVersion));
     }
 
     #[test]

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use hive_tests::drone::DroneProc;
 use hive_tests::queen::QueenProc;
 use hive_tests::wait::{wait_until, DEADLINE};
+use hive_tls::test_pki::{Pki, Usage as ExtendedKeyUsagePurpose};
 use serde_json::{json, Value};
-use shared::test_pki::{Pki, Usage as ExtendedKeyUsagePurpose};
 
 /// The API over https, trusting only `ca`.
 struct Https {
@@ -65,7 +65,7 @@ fn a_hive_over_mutual_tls_runs_tasks_and_keeps_strangers_out() {
         BTreeMap::new(),
         Some(config),
     );
-    let tls = shared::tls::client_config(&pki.ca(), None).expect("client config");
+    let tls = hive_tls::client_config(&pki.ca(), None).expect("client config");
     let api = Https {
         agent: ureq::AgentBuilder::new().tls_config(tls).build(),
         base: format!("https://127.0.0.1:{}", queen.http_addr.port()),

@@ -54,7 +54,7 @@ impl Client {
             .timeout_connect(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT);
         if let Some(ca) = tls.as_ref().and_then(|t| t.ca.as_deref()) {
-            let config = shared::tls::client_config(ca, None)
+            let config = hive_tls::client_config(ca, None)
                 .map_err(|e| CliError::Invalid(format!("--ca: {e}")))?;
             agent = agent.tls_config(config);
         }

@@ -7,8 +7,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use shared::api::{DroneView, TaskState};
 use shared::protocol::{
-    CancelTask, DroneMessage, Held, Hello, QueenMessage, Reject, Welcome, PROTOCOL_VERSION,
-    SUPPORTED_VERSIONS,
+    CancelTask, DroneMessage, Held, Hello, QueenMessage, Welcome, PROTOCOL_VERSION,
 };
 use shared::{DroneId, Fence, TaskId};
 use tokio::time::Instant;
@@ -131,15 +130,10 @@ impl Fleet {
 }
 
 impl Core {
+    /// A drone joins. Its hello was checked at the connection edge (version, token,
+    /// shape: `shared::protocol::check_hello` in `server.rs`), so the core only ever sees
+    /// one it may accept.
     pub(super) fn hello(&mut self, hello: Hello, conn: Conn, now: Now) {
-        if let Some(reason) = self.hello_refusal(&hello) {
-            tracing::warn!(drone = %hello.drone_id, name = %hello.name, reason = %reason, "drone rejected");
-            conn.send(QueenMessage::Reject(Reject {
-                reason,
-                supported_versions: SUPPORTED_VERSIONS.to_vec(),
-            }));
-            return;
-        }
         if self.fleet.drones.contains_key(&hello.drone_id) {
             // The same drone on a new connection: the old one is dead or dying.
             let grace = self.cfg.leases.reconnect_grace();
@@ -214,34 +208,6 @@ impl Core {
             self.fleet.orphans.remove(&tid);
             self.lose_lease(tid, "drone reconnected without the task", now);
         }
-    }
-
-    /// Why a hello is refused, if it is. The connection edge (`server.rs`) checks the
-    /// same before a hello reaches the core; this stays as the core's own guard.
-    fn hello_refusal(&self, hello: &Hello) -> Option<String> {
-        if !SUPPORTED_VERSIONS.contains(&hello.protocol_version) {
-            return Some(format!(
-                "protocol version {} is not supported; this queen speaks {:?}",
-                hello.protocol_version, SUPPORTED_VERSIONS
-            ));
-        }
-        if let Some(token) = self.cfg.auth.drone() {
-            let ok = hello.token.as_ref().is_some_and(|t| token.matches(&t.0));
-            if !ok {
-                return Some("invalid or missing auth token".into());
-            }
-        }
-        if hello.slots == 0 || hello.slots > super::MAX_SLOTS {
-            return Some(format!(
-                "slots must be between 1 and {}, got {}",
-                super::MAX_SLOTS,
-                hello.slots
-            ));
-        }
-        if hello.name.is_empty() || hello.name.len() > crate::task::MAX_NAME_LEN {
-            return Some("name must be 1-128 bytes".into());
-        }
-        None
     }
 
     pub(super) fn closed(&mut self, conn: u64, now: Now) {

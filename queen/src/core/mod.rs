@@ -45,8 +45,6 @@ use tokio_util::sync::CancellationToken;
 pub use api::{Conn, CoreError, CoreHandle, ErrorKind, ListFilter, QueueChange, Request};
 pub use attempts::cap_result;
 pub use lookup::Lookup;
-/// Most slots a drone may announce.
-pub const MAX_SLOTS: u32 = 10_000;
 
 use crate::active::{ActiveTasks, Backing};
 use crate::config::Config;

@@ -1,6 +1,9 @@
 //! TLS settings shared by the queen (server), drones and the CLI (clients): PEM files in,
 //! rustls configs out. Only TLS 1.2 and 1.3 with rustls' safe defaults; the ring provider.
 //!
+//! A crate of its own so that `shared`, the wire types, depends on no TLS code: a client
+//! that only speaks the protocol or the API's JSON never builds rustls for it.
+//!
 //! Errors name the file and what was wrong with it, since they are read by an operator at
 //! startup.
 
@@ -11,6 +14,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+#[cfg(feature = "test-pki")]
+pub mod test_pki;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -99,4 +105,57 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir() -> tempfile::TempDir {
+        tempfile::tempdir().expect("temp dir")
+    }
+
+    #[test]
+    fn a_bad_file_is_named_in_the_error() {
+        let dir = dir();
+        let missing = dir.path().join("missing.crt");
+        let e = load_certs(&missing)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("missing.crt"), "{e}");
+
+        let empty = dir.path().join("empty.crt");
+        std::fs::write(&empty, "").expect("write");
+        let e = load_certs(&empty)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("empty.crt") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        let e = client_config(&empty, None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("empty.crt"), "{e}");
+    }
+
+    #[cfg(feature = "test-pki")]
+    #[test]
+    fn certificates_the_test_ca_issues_make_working_configs() {
+        let dir = dir();
+        let pki = test_pki::Pki::new(dir.path(), "unit");
+        let (crt, key) = pki.issue("queen", &["localhost"], test_pki::Usage::ServerAuth);
+        assert!(server_config(&crt, &key, Some(&pki.ca())).is_ok());
+        assert!(client_config(&pki.ca(), None).is_ok());
+        // A key that is not the certificate's is refused, naming the key file.
+        let (_, other) = pki.issue("other", &["localhost"], test_pki::Usage::ServerAuth);
+        let e = server_config(&crt, &other, None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("other.key") && e.contains("do not match"), "{e}");
+    }
 }

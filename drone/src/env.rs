@@ -1,0 +1,45 @@
+//! The names in a task's environment that the drone owns: the lease variables it sets for
+//! every attempt, the variables a payload may not set, the drone's own token (never given
+//! to a task), and the fixed base every task starts from. Names only; which variables a
+//! task gets is the policy's rule ([`crate::policy::Policy::task_env`]).
+
+/// The environment variable the drone's token may come from, so it need not appear in
+/// `ps`. Tasks never get it.
+pub const TOKEN_ENV: &str = "HIVE_DRONE_TOKEN";
+
+/// The task's id.
+pub const TASK_ID_ENV: &str = "HIVE_TASK_ID";
+/// The attempt number, 1 for the first.
+pub const ATTEMPT_ENV: &str = "HIVE_ATTEMPT";
+/// The lease's fence.
+pub const FENCE_ENV: &str = "HIVE_FENCE";
+/// The file the attempt may write its checkpoint to (see [`crate::checkpoint`]).
+pub const CHECKPOINT_FILE_ENV: &str = "HIVE_CHECKPOINT_FILE";
+
+/// The `LANG` every task gets: UTF-8 without depending on which locales the host has
+/// generated (glibc has built `C.UTF-8` in since 2.35; Debian and Ubuntu ship it).
+pub const TASK_LANG: &str = "C.UTF-8";
+
+/// The variables the drone sets to describe the lease. Nothing else may set them: not
+/// the payload, not the config (a config that tries is refused at start).
+pub const LEASE_ENV: [&str; 4] = [TASK_ID_ENV, ATTEMPT_ENV, FENCE_ENV, CHECKPOINT_FILE_ENV];
+
+/// Variables that make the dynamic loader or libc load code or data from a path of the
+/// caller's choosing: glibc's list of variables it drops for set-user-ID programs
+/// (`unsecvars.h`), less `TMPDIR` (which picks where files go, not what runs); every `LD_*`
+/// name is refused as well. With an allowlist a payload may not set them, or
+/// `LD_PRELOAD=/tmp/x.so` would run any code inside an allowed program.
+pub const LOADER_ENV: [&str; 12] = [
+    "GCONV_PATH",
+    "GETCONF_DIR",
+    "GLIBC_TUNABLES",
+    "HOSTALIASES",
+    "LOCALDOMAIN",
+    "LOCPATH",
+    "MALLOC_TRACE",
+    "NIS_PATH",
+    "NLSPATH",
+    "RESOLV_HOST_CONF",
+    "RES_OPTIONS",
+    "TZDIR",
+];
