@@ -43,6 +43,11 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
         "drone binary not found at {} (build it with `cargo build -p drone`, or pass --drone-bin)",
         drone_bin.display()
     );
+    // Signals are caught from the start: one arriving while the sample batch runs must
+    // stop the hive cleanly (and its drones with it), not kill the process outright.
+    let shutdown = CancellationToken::new();
+    let signals = Signals::install()?;
+    tokio::spawn(signals.cancel_on_first(shutdown.clone()));
     let data_dir = cfg.queen.data_dir.clone();
     let (listen, http) = (cfg.listen_addr()?, cfg.http_addr()?);
     let queen = tokio::task::spawn_blocking(move || Queen::open(cfg)).await??;
@@ -55,7 +60,6 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {http}"))?;
     let (drones_at, http_at) = (drones_l.local_addr()?, http_l.local_addr()?);
-    let shutdown = CancellationToken::new();
     let serving = tokio::spawn(queen.serve(
         Listeners {
             drones: drones_l,
@@ -96,9 +100,10 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
         println!("submitted a sample batch of {} tasks", ids.len());
         watch(&core, &reader, &ids, &shutdown).await;
     }
-    println!("the hive keeps running; press Ctrl-C to stop");
-    wait_for_signal(&shutdown).await;
-    shutdown.cancel();
+    if !shutdown.is_cancelled() {
+        println!("the hive keeps running; press Ctrl-C to stop");
+    }
+    shutdown.cancelled().await;
     for child in &mut children {
         if let Some(pid) = child.id() {
             // SAFETY: signalling a child process we started.
@@ -189,13 +194,27 @@ async fn watch(
     }
 }
 
-async fn wait_for_signal(shutdown: &CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {}, _ = shutdown.cancelled() => {} }
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn cancel_on_first(mut self, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = shutdown.cancelled() => {}
+        }
+        shutdown.cancel();
+    }
 }
