@@ -2,7 +2,7 @@
 //!
 //! An outcome leaves the outbox only on an `ack` for its task and fence (recorded or
 //! stale: either way the queen has it). It survives any number of disconnects and is
-//! sent again after every welcome, so a queen outage never loses a result (SPEC G6).
+//! sent again after every welcome, so a queen outage never loses a result (G6, docs/GUARANTEES.md).
 
 use shared::protocol::{DroneMessage, Held, TaskComplete, TaskFailed};
 

@@ -1,7 +1,7 @@
 //! The supervisor shim every `exec` task runs under: `drone __supervise --status-fd N --
 //! prog args...`.
 //!
-//! Why a shim: SPEC G6 says a drone that dies takes its children with it, including after
+//! Why a shim: G6 (docs/GUARANTEES.md) says a drone that dies takes its children with it, including after
 //! `kill -9` and including grandchildren (`sh -c 'sleep 100 & ...'`). The kernel can tell a
 //! child that its parent died (`PR_SET_PDEATHSIG`), but only the direct child, and only if
 //! the child has not exec'd into a program that resets it or ignores the signal. So the

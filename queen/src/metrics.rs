@@ -124,7 +124,7 @@ impl Metrics {
             .expect("static counter options are valid"),
             stale_completions: IntCounter::new(
                 "hive_stale_completions_total",
-                "Outcomes refused because their fence was no longer current (SPEC G2/G3).",
+                "Outcomes refused because their fence was no longer current (G2/G3, docs/GUARANTEES.md).",
             )
             .expect("static counter options are valid"),
             dispatch_latency: Histogram::with_opts(

@@ -1,6 +1,7 @@
 //! What stands between a socket and the protocol: TLS (rustls) for both listeners, and the
 //! HTTP accept loop with its limits: a connection cap, a header-read timeout (slow loris,
-//! idle keep-alives) and a whole-request timeout, each from config.
+//! idle keep-alives) and a body-read timeout (`http_request_timeout_ms`, which times the
+//! body only), each from config.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -59,7 +59,7 @@ pub enum AfterFailure {
     Fail,
 }
 
-/// Decides the fate of a task whose attempt number `attempts` failed (SPEC G8).
+/// Decides the fate of a task whose attempt number `attempts` failed (G8, docs/GUARANTEES.md).
 pub fn after_failure(
     attempts: u32,
     max_attempts: u32,
@@ -108,7 +108,7 @@ pub fn after_lost_lease(
     }
 }
 
-/// Whether an outcome reported with `fence` is the task's outcome (SPEC G3).
+/// Whether an outcome reported with `fence` is the task's outcome (G3, docs/GUARANTEES.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Record,
@@ -191,7 +191,7 @@ pub fn reconcile(
 /// or any running lease after a queen restart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reattach {
-    /// The drone still runs the current lease: keep it, no second run (SPEC G5).
+    /// The drone still runs the current lease: keep it, no second run (G5, docs/GUARANTEES.md).
     Keep,
     /// Not this lease (older fence, other drone, task moved on): tell the drone to stop.
     Cancel,

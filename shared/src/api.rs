@@ -14,7 +14,9 @@ use crate::ids::{DroneId, Fence, TaskId};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
-    /// What runs it: `exec`, `echo`, or a kind some drone registers.
+    /// What runs it: a kind a connected drone announces in its hello. The shipped drone
+    /// runs the built-in `echo` and `exec`; the queen routes any other kind to drones
+    /// that announce it.
     pub kind: String,
     #[serde(default)]
     pub payload: Value,
@@ -175,7 +177,7 @@ impl FromStr for TaskState {
     }
 }
 
-/// One attempt's failure, kept for every attempt (SPEC G8).
+/// One attempt's failure, kept for every attempt (G8, docs/GUARANTEES.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptError {
     pub attempt: u32,

@@ -1,10 +1,10 @@
-//! Property fuzzing of the drone protocol's framing (SPEC G7: a malformed, oversized or
-//! unknown message gets an error, never a panic). Random byte strings, random JSON shaped
-//! like messages, and valid frames of every `DroneMessage` variant with bits flipped, bytes
-//! inserted or deleted, lengths rewritten or cut short are fed — in random chunk sizes, as a
-//! socket delivers them — to the length-delimited codec both sides use and to
-//! `frame::decode`. Valid frames must round-trip; an oversized length prefix must be an
-//! error; nothing may panic.
+//! Property fuzzing of the drone protocol's framing (G7 in docs/GUARANTEES.md: a malformed,
+//! oversized or unknown message gets an error, never a panic). Random byte strings, random
+//! JSON shaped like messages, and valid frames of every `DroneMessage` variant with bits
+//! flipped, bytes inserted or deleted, lengths rewritten or cut short are fed — in random
+//! chunk sizes, as a socket delivers them — to the length-delimited codec both sides use
+//! and to `frame::decode`. Valid frames must round-trip; an oversized length prefix must be
+//! an error; nothing may panic.
 //!
 //! Each property runs `HIVE_FUZZ_CASES` cases (default 10,000). A failure prints the shrunk
 //! input; `PROPTEST_RNG_SEED=<n>` replays a run.

@@ -42,8 +42,8 @@ Examples:
 With --json, prints the API's answer: the task (one submit) or {\"tasks\": [...]} (--file);
 with --wait, their final state.")]
 pub struct SubmitArgs {
-    /// What runs the task: `exec`, `echo`, or a kind some drone registers. Defaults to `exec`
-    /// when a command follows `--`.
+    /// What runs the task: `exec` or `echo` (the shipped drone's kinds), or any kind a
+    /// connected drone announces. Defaults to `exec` when a command follows `--`.
     #[arg(required_unless_present_any = ["cmd", "file"], conflicts_with = "file")]
     kind: Option<String>,
     /// The payload, as JSON (default null). Not with `-- CMD`, which makes the payload.
