@@ -1,0 +1,175 @@
+//! Waiting on conditions: poll until a condition holds or a deadline passes.
+//!
+//! Deadlines are generous (a slow, shared 2-core machine must not fail a correct build) and
+//! cost nothing when things work, because the poll returns as soon as the condition holds.
+//! On timeout the panic names what was awaited, how long it waited, the last thing observed
+//! and whatever a test harness registered with [`set_failure_context`] (e.g. the tails of
+//! the logs of the processes it started).
+//!
+//! [`wait_until`] blocks the thread; [`wait_until_async`] sleeps on tokio's clock. A test
+//! whose condition must itself be awaited drives a [`Waiting`] in its own loop.
+
+use std::fmt::Debug;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How often a condition is polled: often enough that a wait ends within a few
+/// milliseconds of the condition holding, rarely enough that polling costs nothing.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// What a polled condition returns: `true`/`Some(v)`/`Ok(v)` when it holds. `Err(e)` says
+/// what was observed instead, and the last one is shown on timeout.
+pub trait Check {
+    type Output;
+    fn check(self) -> Result<Self::Output, String>;
+}
+
+impl Check for bool {
+    type Output = ();
+    fn check(self) -> Result<(), String> {
+        if self {
+            Ok(())
+        } else {
+            Err("condition false".into())
+        }
+    }
+}
+
+impl<T> Check for Option<T> {
+    type Output = T;
+    fn check(self) -> Result<T, String> {
+        self.ok_or_else(|| "None".into())
+    }
+}
+
+impl<T, E: Debug> Check for Result<T, E> {
+    type Output = T;
+    fn check(self) -> Result<T, String> {
+        self.map_err(|e| format!("{e:?}"))
+    }
+}
+
+/// Extra text for every timeout panic, set once by a harness (the first call wins).
+static FAILURE_CONTEXT: OnceLock<fn() -> String> = OnceLock::new();
+
+/// Registers what a timeout panic appends after the last observation: a harness that
+/// starts processes passes a function returning the tails of their logs. Later calls are
+/// ignored, so every test may call it.
+pub fn set_failure_context(context: fn() -> String) {
+    let _ = FAILURE_CONTEXT.set(context);
+}
+
+/// The registered failure context, or nothing.
+pub fn failure_context() -> String {
+    FAILURE_CONTEXT.get().map(|f| f()).unwrap_or_default()
+}
+
+/// One wait in progress: its deadline, what it waits for and what it last saw.
+#[derive(Debug)]
+pub struct Waiting<'a> {
+    what: &'a str,
+    start: Instant,
+    deadline: Instant,
+}
+
+impl<'a> Waiting<'a> {
+    pub fn new(within: Duration, what: &'a str) -> Waiting<'a> {
+        let start = Instant::now();
+        Waiting {
+            what,
+            start,
+            deadline: start + within,
+        }
+    }
+
+    /// The condition's value when it holds; `None` to poll again. Panics once the deadline
+    /// has passed, naming what was awaited and the observation that did not satisfy it.
+    pub fn check<C: Check>(&self, observed: C) -> Option<C::Output> {
+        let last = match observed.check() {
+            Ok(v) => return Some(v),
+            Err(e) => e,
+        };
+        if Instant::now() >= self.deadline {
+            panic!(
+                "timed out after {:?} waiting for: {}\nlast observed: {last}\n{}",
+                self.start.elapsed(),
+                self.what,
+                failure_context()
+            );
+        }
+        None
+    }
+
+    /// Sleeps one poll interval on this thread.
+    pub fn pause_blocking(&self) {
+        std::thread::sleep(POLL);
+    }
+
+    /// Sleeps one poll interval on tokio's clock.
+    pub async fn pause(&self) {
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Polls `cond` every [`POLL`] until it holds, for at most `within`, blocking the thread.
+/// Panics on timeout with `what` and the last observation.
+pub fn wait_until<C: Check>(
+    within: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> C,
+) -> C::Output {
+    let waiting = Waiting::new(within, what);
+    loop {
+        if let Some(v) = waiting.check(cond()) {
+            return v;
+        }
+        waiting.pause_blocking();
+    }
+}
+
+/// [`wait_until`] for async tests: the runtime keeps running between polls.
+pub async fn wait_until_async<C: Check>(
+    within: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> C,
+) -> C::Output {
+    let waiting = Waiting::new(within, what);
+    loop {
+        if let Some(v) = waiting.check(cond()) {
+            return v;
+        }
+        waiting.pause().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_condition_that_holds_returns_its_value_at_once() {
+        let started = Instant::now();
+        let v = wait_until(Duration::from_secs(5), "a value", || Some(7));
+        assert_eq!(v, 7);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_timeout_names_what_was_awaited_and_the_last_observation() {
+        let panic = std::panic::catch_unwind(|| {
+            let mut n = 0;
+            wait_until(Duration::from_millis(60), "n to reach ten", || {
+                n += 1;
+                if n >= 10_000 {
+                    Ok(())
+                } else {
+                    Err(format!("n is {n}"))
+                }
+            })
+        })
+        .expect_err("times out");
+        let text = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(text.contains("n to reach ten"), "{text}");
+        assert!(text.contains("last observed: \"n is"), "{text}");
+    }
+}
