@@ -6,10 +6,11 @@
 //! and whatever a test harness registered with [`set_failure_context`] (e.g. the tails of
 //! the logs of the processes it started).
 //!
-//! [`wait_until`] blocks the thread; [`wait_until_async`] sleeps on tokio's clock. A test
-//! whose condition must itself be awaited drives a [`Waiting`] in its own loop.
+//! [`wait_until`] blocks the thread; [`wait_until_async`] awaits its condition and sleeps
+//! on tokio's clock. Both are a [`Waiting`] in a loop.
 
 use std::fmt::Debug;
+use std::future::Future;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -127,15 +128,21 @@ pub fn wait_until<C: Check>(
     }
 }
 
-/// [`wait_until`] for async tests: the runtime keeps running between polls.
-pub async fn wait_until_async<C: Check>(
+/// [`wait_until`] for async tests, with a condition that may await (an HTTP call, a
+/// message): the runtime keeps running between polls. A plain condition is
+/// `|| std::future::ready(...)`.
+pub async fn wait_until_async<C, F>(
     within: Duration,
     what: &str,
-    mut cond: impl FnMut() -> C,
-) -> C::Output {
+    mut cond: impl FnMut() -> F,
+) -> C::Output
+where
+    C: Check,
+    F: Future<Output = C>,
+{
     let waiting = Waiting::new(within, what);
     loop {
-        if let Some(v) = waiting.check(cond()) {
+        if let Some(v) = waiting.check(cond().await) {
             return v;
         }
         waiting.pause().await;
