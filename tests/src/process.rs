@@ -38,6 +38,8 @@ struct Registration(u64);
 
 impl Registration {
     fn new(label: &str, path: &Path) -> Registration {
+        // A wait that times out, or a fake drone that hears nothing, shows these logs.
+        hive_testkit::wait::set_failure_context(dump_logs);
         let id = NEXT_ID.with(|n| {
             n.set(n.get() + 1);
             n.get()
