@@ -12,9 +12,7 @@ use common::{fast_config, hello, FakeDrone, TestQueen, PATIENCE};
 use hive_testkit::Incoming;
 use serde_json::{json, Value};
 use shared::api::{Stats, TaskState};
-use shared::protocol::{
-    AckStatus, Checkpoint, DroneMessage, Heartbeat, QueenMessage, TaskComplete,
-};
+use shared::protocol::{AckStatus, Checkpoint, DroneMessage, Heartbeat, QueenMessage};
 use shared::DroneId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -216,18 +214,8 @@ async fn idle_and_trickling_connections_are_closed_while_the_queen_keeps_serving
             .await;
         let a = d.expect_assign().await;
         assert_eq!(a.task_id, t.id);
-        d.send(DroneMessage::TaskComplete(TaskComplete {
-            task_id: a.task_id,
-            fence: a.fence,
-            result: json!("done"),
-        }))
-        .await;
-        let status = d
-            .expect("an ack", |m| match m {
-                QueenMessage::Ack(a) => Some(a.status),
-                _ => None,
-            })
-            .await;
+        d.complete(a.task_id, a.fence, json!("done")).await;
+        let (_, _, status) = d.expect_ack().await;
         assert_eq!(status, AckStatus::Recorded);
         let view = q.task(t.id).await;
         assert_eq!(view.state, TaskState::Succeeded);
@@ -565,18 +553,8 @@ async fn a_result_over_max_result_bytes_is_kept_truncated_and_marked() {
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
     let a = d.expect_assign().await;
     let huge = "r".repeat(10_000);
-    d.send(DroneMessage::TaskComplete(TaskComplete {
-        task_id: a.task_id,
-        fence: a.fence,
-        result: json!(huge),
-    }))
-    .await;
-    let status = d
-        .expect("an ack", |m| match m {
-            QueenMessage::Ack(a) => Some(a.status),
-            _ => None,
-        })
-        .await;
+    d.complete(a.task_id, a.fence, json!(huge)).await;
+    let (_, _, status) = d.expect_ack().await;
     assert_eq!(status, AckStatus::Recorded);
     let view = q.task(t.id).await;
     let result = view.result.expect("a result");

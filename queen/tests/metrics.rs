@@ -6,7 +6,7 @@ mod common;
 use common::{fast_config, hello, FakeDrone, TestQueen};
 use prometheus_parse::{Scrape, Value};
 use serde_json::json;
-use shared::protocol::{AckStatus, DroneMessage, TaskComplete, TaskFailed};
+use shared::protocol::{AckStatus, DroneMessage, TaskFailed};
 use shared::DroneId;
 
 async fn scrape(q: &TestQueen) -> Scrape {
@@ -94,12 +94,7 @@ async fn counters_and_histograms_move_as_tasks_run() {
 
     // One succeeds; the other fails once (retried), is leased again, and the drone then
     // drops it from its heartbeat (lease lost: requeued).
-    d.send(DroneMessage::TaskComplete(TaskComplete {
-        task_id: first.task_id,
-        fence: first.fence,
-        result: json!("done"),
-    }))
-    .await;
+    d.complete(first.task_id, first.fence, json!("done")).await;
     assert_eq!(d.expect_ack().await.2, AckStatus::Recorded);
     d.send(DroneMessage::TaskFailed(TaskFailed {
         task_id: second.task_id,
@@ -117,12 +112,7 @@ async fn counters_and_histograms_move_as_tasks_run() {
     let last = d.expect_assign().await;
     assert_eq!((last.task_id, last.attempt), (bad.id, 3));
     // The old lease's late outcome is stale.
-    d.send(DroneMessage::TaskComplete(TaskComplete {
-        task_id: again.task_id,
-        fence: again.fence,
-        result: json!("late"),
-    }))
-    .await;
+    d.complete(again.task_id, again.fence, json!("late")).await;
     assert_eq!(d.expect_ack().await.2, AckStatus::Stale);
 
     let s = scrape(&q).await;

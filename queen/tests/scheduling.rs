@@ -8,16 +8,11 @@ use std::time::Duration;
 use common::{fast_config, hello, wait_until_async, FakeDrone, TestQueen};
 use serde_json::json;
 use shared::api::{QueuesResponse, TaskState};
-use shared::protocol::{AckStatus, DroneMessage, QueenMessage, TaskComplete, TaskFailed};
+use shared::protocol::{AckStatus, DroneMessage, QueenMessage, TaskFailed};
 use shared::{DroneId, Fence};
 
 async fn finish(d: &mut FakeDrone, a: &shared::protocol::Assign) {
-    d.send(DroneMessage::TaskComplete(TaskComplete {
-        task_id: a.task_id,
-        fence: a.fence,
-        result: json!(null),
-    }))
-    .await;
+    d.complete(a.task_id, a.fence, json!(null)).await;
     let status = d
         .expect("an ack", |m| match m {
             QueenMessage::Ack(ack) if ack.task_id == a.task_id => Some(ack.status),

@@ -50,6 +50,16 @@ pub fn on_big_stack(f: impl FnOnce() + Send + 'static) {
     }
 }
 
+/// The runtime a fuzz target drives the queen with, from its big-stack thread: two
+/// workers, as the async tests get.
+pub fn fuzz_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// `shrink: false` for targets checked against a baseline taken once: after a failure the
 /// world has changed, so re-running smaller inputs against it would blame the wrong one;
 /// the input reported is then the one that first broke the property.

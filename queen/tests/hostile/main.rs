@@ -29,7 +29,7 @@ use proptest::test_runner::{TestCaseError, TestRunner};
 use queen::core::Request;
 use serde_json::{json, Value};
 use shared::frame;
-use shared::protocol::{AckStatus, DroneMessage, QueenMessage, TaskComplete, TaskFailed};
+use shared::protocol::{AckStatus, DroneMessage, TaskComplete, TaskFailed};
 use shared::DroneId;
 use tower::ServiceExt;
 
@@ -43,11 +43,7 @@ use harness::*;
 #[test]
 fn fuzzed_api_requests_never_fail_the_server_and_refusals_change_nothing() {
     on_big_stack(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = fuzz_runtime();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = fuzz_config(dir.path());
         // Small limits, so random input reaches them.
@@ -141,11 +137,7 @@ fn fuzzed_api_requests_never_fail_the_server_and_refusals_change_nothing() {
 #[test]
 fn fuzzed_drone_messages_change_no_task_the_drone_does_not_hold() {
     on_big_stack(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = fuzz_runtime();
         let dir = tempfile::tempdir().expect("tempdir");
         let hive = rt.block_on(Hive::start(fuzz_config(dir.path())));
         let (victim, known) = rt.block_on(victim_world(&hive));
@@ -216,18 +208,8 @@ fn fuzzed_drone_messages_change_no_task_the_drone_does_not_hold() {
             let t = hive.submit(json!({"kind": "final-check"})).await;
             let a = d.expect_assign().await;
             assert_eq!(a.task_id, t.id);
-            d.send(DroneMessage::TaskComplete(TaskComplete {
-                task_id: a.task_id,
-                fence: a.fence,
-                result: json!("ok"),
-            }))
-            .await;
-            let status = d
-                .expect("an ack", |m| match m {
-                    QueenMessage::Ack(a) => Some(a.status),
-                    _ => None,
-                })
-                .await;
+            d.complete(a.task_id, a.fence, json!("ok")).await;
+            let (_, _, status) = d.expect_ack().await;
             assert_eq!(status, AckStatus::Recorded);
             drop(victim);
             hive.stop().await;
@@ -243,11 +225,7 @@ fn fuzzed_drone_messages_change_no_task_the_drone_does_not_hold() {
 #[test]
 fn fuzzed_frames_over_tcp_are_handled_or_refused_with_an_error_and_a_close() {
     on_big_stack(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = fuzz_runtime();
         let dir = tempfile::tempdir().expect("tempdir");
         let cfg = fuzz_config(dir.path());
         let max_frame = cfg.queen.max_frame_len;
@@ -359,12 +337,7 @@ async fn a_drone_cannot_record_the_outcome_of_another_drone_s_lease() {
         }),
     ] {
         b.send(msg).await;
-        let status = b
-            .expect("an ack", |m| match m {
-                QueenMessage::Ack(a) => Some(a.status),
-                _ => None,
-            })
-            .await;
+        let (_, _, status) = b.expect_ack().await;
         let now = hive.tasks().await;
         let view = now.iter().find(|v| v.id == t.id).expect("listed");
         assert_eq!(
