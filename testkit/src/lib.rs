@@ -16,4 +16,4 @@ pub mod drone;
 pub mod wait;
 
 pub use drone::{hello, Closing, FakeDrone, Incoming, PATIENCE};
-pub use wait::{wait_until, wait_until_async, Check, Waiting, POLL};
+pub use wait::{poll_until, poll_until_async, wait_until, wait_until_async, Check, POLL};

@@ -7,7 +7,9 @@
 //! the logs of the processes it started).
 //!
 //! [`wait_until`] blocks the thread; [`wait_until_async`] awaits its condition and sleeps
-//! on tokio's clock. Both are a [`Waiting`] in a loop.
+//! on tokio's clock. Both fail the test on timeout; [`poll_until`] and
+//! [`poll_until_async`], which they are built on, return the last observation instead, for
+//! harness code that reports what it found by a deadline.
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -65,51 +67,48 @@ pub fn failure_context() -> String {
     FAILURE_CONTEXT.get().map(|f| f()).unwrap_or_default()
 }
 
-/// One wait in progress: its deadline, what it waits for and what it last saw.
-#[derive(Debug)]
-pub struct Waiting<'a> {
-    what: &'a str,
-    start: Instant,
-    deadline: Instant,
+/// Polls `cond` every [`POLL`] until it returns `Ok`, for at most `within` (at least
+/// once), blocking the thread. A timeout is an answer here, not a failure: the last `Err`.
+/// For harness code that gathers evidence until a deadline and reports it; a test that
+/// needs the condition calls [`wait_until`].
+pub fn poll_until<T, E>(within: Duration, mut cond: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let deadline = Instant::now() + within;
+    loop {
+        match cond() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(POLL),
+        }
+    }
 }
 
-impl<'a> Waiting<'a> {
-    pub fn new(within: Duration, what: &'a str) -> Waiting<'a> {
-        let start = Instant::now();
-        Waiting {
-            what,
-            start,
-            deadline: start + within,
+/// [`poll_until`] for async code, with a condition that may await; the runtime keeps
+/// running between polls.
+pub async fn poll_until_async<T, E, F>(
+    within: Duration,
+    mut cond: impl FnMut() -> F,
+) -> Result<T, E>
+where
+    F: Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match cond().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(POLL).await,
         }
     }
+}
 
-    /// The condition's value when it holds; `None` to poll again. Panics once the deadline
-    /// has passed, naming what was awaited and the observation that did not satisfy it.
-    pub fn check<C: Check>(&self, observed: C) -> Option<C::Output> {
-        let last = match observed.check() {
-            Ok(v) => return Some(v),
-            Err(e) => e,
-        };
-        if Instant::now() >= self.deadline {
-            panic!(
-                "timed out after {:?} waiting for: {}\nlast observed: {last}\n{}",
-                self.start.elapsed(),
-                self.what,
-                failure_context()
-            );
-        }
-        None
-    }
-
-    /// Sleeps one poll interval on this thread.
-    pub fn pause_blocking(&self) {
-        std::thread::sleep(POLL);
-    }
-
-    /// Sleeps one poll interval on tokio's clock.
-    pub async fn pause(&self) {
-        tokio::time::sleep(POLL).await;
-    }
+/// The panic of a wait that timed out: what was awaited, for how long, what was seen last
+/// and the registered failure context.
+fn timed_out(what: &str, start: Instant, last: &str) -> ! {
+    panic!(
+        "timed out after {:?} waiting for: {what}\nlast observed: {last}\n{}",
+        start.elapsed(),
+        failure_context()
+    )
 }
 
 /// Polls `cond` every [`POLL`] until it holds, for at most `within`, blocking the thread.
@@ -119,13 +118,8 @@ pub fn wait_until<C: Check>(
     what: &str,
     mut cond: impl FnMut() -> C,
 ) -> C::Output {
-    let waiting = Waiting::new(within, what);
-    loop {
-        if let Some(v) = waiting.check(cond()) {
-            return v;
-        }
-        waiting.pause_blocking();
-    }
+    let start = Instant::now();
+    poll_until(within, || cond().check()).unwrap_or_else(|last| timed_out(what, start, &last))
 }
 
 /// [`wait_until`] for async tests, with a condition that may await (an HTTP call, a
@@ -140,13 +134,13 @@ where
     C: Check,
     F: Future<Output = C>,
 {
-    let waiting = Waiting::new(within, what);
-    loop {
-        if let Some(v) = waiting.check(cond().await) {
-            return v;
-        }
-        waiting.pause().await;
-    }
+    let start = Instant::now();
+    let polled = poll_until_async(within, || {
+        let next = cond();
+        async move { next.await.check() }
+    })
+    .await;
+    polled.unwrap_or_else(|last| timed_out(what, start, &last))
 }
 
 #[cfg(test)]
@@ -159,6 +153,17 @@ mod tests {
         let v = wait_until(Duration::from_secs(5), "a value", || Some(7));
         assert_eq!(v, 7);
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_poll_that_times_out_answers_with_the_last_observation() {
+        let mut n = 0;
+        let got: Result<(), u32> = poll_until(Duration::from_millis(50), || {
+            n += 1;
+            Err(n)
+        });
+        assert_eq!(got, Err(n));
+        assert!(n >= 2, "polled again before the deadline: {n}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-pub use hive_testkit::wait::{wait_until, Check, POLL};
+pub use hive_testkit::wait::{poll_until, wait_until, Check, POLL};
 
 /// The default deadline for anything that should take well under a second when healthy.
 pub const DEADLINE: Duration = Duration::from_secs(20);
