@@ -125,12 +125,7 @@ async fn a_silent_drone_loses_its_lease_to_another_drone() {
         ),
     )
     .await;
-    let cancel = back
-        .expect("a cancel", |m| match m {
-            QueenMessage::Cancel(c) => Some(c),
-            _ => None,
-        })
-        .await;
+    let cancel = back.expect_cancel().await;
     assert_eq!((cancel.task_id, cancel.fence), (t.id, old.fence));
     back.send(complete(&old, json!("old"))).await;
     assert_eq!(back.expect_ack().await.2, AckStatus::Stale);
@@ -275,12 +270,7 @@ async fn cancelling_a_running_task_tells_its_drone() {
         .call("POST", &format!("/v1/tasks/{}/cancel", t.id), None)
         .await;
     assert_eq!(status, 200, "{body}");
-    let c = d
-        .expect("a cancel", |m| match m {
-            QueenMessage::Cancel(c) => Some(c),
-            _ => None,
-        })
-        .await;
+    let c = d.expect_cancel().await;
     assert_eq!((c.task_id, c.fence), (t.id, a.fence));
     d.send(complete(&a, json!("too late"))).await;
     assert_eq!(d.expect_ack().await.2, AckStatus::Stale);
