@@ -233,17 +233,7 @@ impl FakeDrone {
         self.name.clone_from(&hello.name);
         self.state.held().extend(hello.held.iter().copied());
         self.try_send(&DroneMessage::Hello(hello)).await.ok()?;
-        let answer = match self.next_within(self.patience).await {
-            Some(Incoming::Msg(m)) => Some(m),
-            Some(Incoming::Closed(_)) => None,
-            Some(Incoming::Unknown { frame, error }) => {
-                panic!("the queen answered the hello with an unknown frame ({error}): {frame:?}")
-            }
-            None => panic!(
-                "fake drone {}: the queen neither answered the hello nor closed within {:?}",
-                self.name, self.patience
-            ),
-        };
+        let answer = self.recv().await;
         if let Some(QueenMessage::Welcome(w)) = &answer {
             self.welcome = Some(w.clone());
         }
