@@ -209,9 +209,9 @@ async fn a_background_child_holding_the_output_open_does_not_hang_the_result() -
     conn.assign(task.clone()).await?;
     let done = completed(conn.outcome(task.task_id).await?)?;
     assert_eq!(done.result["stdout"], "done\n");
-    let pids = pids_in(&dir.path().join("pids"), 1).await?;
+    let pids = pids_in(&dir.path().join("pids"), 1).await;
     // Left behind by a finished attempt, it is an orphan: the drone kills it.
-    wait_all_gone(&pids).await?;
+    wait_all_gone(&pids).await;
     Ok(())
 }
 
@@ -229,7 +229,7 @@ async fn a_timeout_kills_the_whole_process_group() -> Result<()> {
     );
     task.timeout_ms = Some(1000);
     conn.assign(task.clone()).await?;
-    let pids = pids_in(&dir.path().join("pids"), 2).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await;
     assert!(
         pids.iter().all(|p| !is_gone(*p)),
         "the task should be running"
@@ -239,7 +239,7 @@ async fn a_timeout_kills_the_whole_process_group() -> Result<()> {
     assert_eq!(f.error, "timed out after 1000 ms");
     assert!(f.retryable);
     // The shell and its background grandchild both die, not just the shim.
-    wait_all_gone(&pids).await?;
+    wait_all_gone(&pids).await;
     Ok(())
 }
 
@@ -256,7 +256,7 @@ async fn cancel_kills_a_running_task_and_reports_it_permanently() -> Result<()> 
         dir.path(),
     );
     conn.assign(task.clone()).await?;
-    let pids = pids_in(&dir.path().join("pids"), 2).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await;
 
     conn.send(QueenMessage::Cancel(CancelTask {
         task_id: task.task_id,
@@ -267,7 +267,7 @@ async fn cancel_kills_a_running_task_and_reports_it_permanently() -> Result<()> 
     let f = failed(conn.outcome(task.task_id).await?)?;
     assert_eq!(f.error, "cancelled: operator said so");
     assert!(!f.retryable);
-    wait_all_gone(&pids).await?;
+    wait_all_gone(&pids).await;
     Ok(())
 }
 
@@ -284,7 +284,10 @@ async fn a_repeated_assign_runs_the_task_once() -> Result<()> {
         dir.path(),
     );
     conn.assign(task.clone()).await?;
-    wait_until("the first run started", || dir.path().join("runs").exists()).await?;
+    wait_until_async(DEADLINE, "the first run started", || {
+        std::future::ready(dir.path().join("runs").exists())
+    })
+    .await;
     conn.assign(task.clone()).await?;
     // Nothing about the task may come back before it is released: no second outcome,
     // no failure of a "superseded" first run.
@@ -366,7 +369,7 @@ async fn when_the_drain_grace_runs_out_running_tasks_are_killed_and_reported() -
         dir.path(),
     );
     conn.assign(task.clone()).await?;
-    let pids = pids_in(&dir.path().join("pids"), 2).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await;
     drone.shutdown.graceful.cancel();
     conn.recv_where("drain", |m| matches!(m, DroneMessage::Drain).then_some(()))
         .await?;
@@ -374,7 +377,7 @@ async fn when_the_drain_grace_runs_out_running_tasks_are_killed_and_reported() -
     assert_eq!(f.error, "drone shutting down");
     assert!(f.retryable);
     conn.ack(task.task_id, task.fence).await?;
-    wait_all_gone(&pids).await?;
+    wait_all_gone(&pids).await;
     assert!(drone.finished().await?.is_ok());
     Ok(())
 }
@@ -439,7 +442,10 @@ async fn a_task_keeps_running_through_a_queen_outage_and_reports_afterwards() ->
 
     // Finish the task while nobody is listening.
     std::fs::write(dir.path().join("go"), "")?;
-    wait_until("the task finished", || dir.path().join("done").exists()).await?;
+    wait_until_async(DEADLINE, "the task finished", || {
+        std::future::ready(dir.path().join("done").exists())
+    })
+    .await;
 
     let mut second = queen.accept().await?;
     let hello = second.welcome().await?;
@@ -506,12 +512,12 @@ async fn kill_minus_nine_of_the_drone_takes_its_tasks_and_their_children() -> Re
         dir.path(),
     );
     conn.assign(task).await?;
-    let pids = pids_in(&dir.path().join("pids"), 2).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await;
     assert!(pids.iter().all(|p| !is_gone(*p)));
 
     signal(drone.pid(), libc::SIGKILL)?;
     // No orphan may keep running a task the queen is about to requeue.
-    wait_all_gone(&pids).await?;
+    wait_all_gone(&pids).await;
     Ok(())
 }
 
@@ -534,7 +540,10 @@ async fn sigterm_drains_finishes_the_running_task_and_exits_zero() -> Result<()>
         dir.path(),
     );
     conn.assign(task.clone()).await?;
-    wait_until("the task started", || dir.path().join("started").exists()).await?;
+    wait_until_async(DEADLINE, "the task started", || {
+        std::future::ready(dir.path().join("started").exists())
+    })
+    .await;
 
     signal(drone.pid(), libc::SIGTERM)?;
     conn.recv_where("drain", |m| matches!(m, DroneMessage::Drain).then_some(()))
@@ -571,7 +580,7 @@ async fn a_second_sigterm_kills_running_tasks_and_reports_them() -> Result<()> {
         dir.path(),
     );
     conn.assign(task.clone()).await?;
-    let pids = pids_in(&dir.path().join("pids"), 2).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await;
 
     signal(drone.pid(), libc::SIGTERM)?;
     conn.recv_where("drain", |m| matches!(m, DroneMessage::Drain).then_some(()))
@@ -581,7 +590,7 @@ async fn a_second_sigterm_kills_running_tasks_and_reports_them() -> Result<()> {
     assert_eq!(f.error, "drone shutting down");
     assert!(f.retryable);
     conn.ack(task.task_id, task.fence).await?;
-    wait_all_gone(&pids).await?;
+    wait_all_gone(&pids).await;
     let status = drone.exit_status().await?;
     assert_eq!(status.code(), Some(0), "{status:?}");
     Ok(())

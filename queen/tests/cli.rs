@@ -867,7 +867,7 @@ async fn submit_wait_exits_0_when_all_succeed_and_1_when_one_fails() {
     let mut drone = FakeDrone::connect(q.drones, hello(DroneId::generate(), 2, vec![])).await;
 
     let ok = tokio::spawn(Run::at(&q, &["submit", "echo", "--payload", "\"ok\"", "--wait"]).run());
-    let a = drone.assign().await;
+    let a = drone.expect_assign().await;
     drone
         .send(DroneMessage::TaskComplete(TaskComplete {
             task_id: a.task_id,
@@ -890,7 +890,7 @@ async fn submit_wait_exits_0_when_all_succeed_and_1_when_one_fails() {
     let waiting = tokio::spawn(Run::at(&q, &["submit", "--wait", "--file", &file]).run());
     let mut failed = None;
     for _ in 0..2 {
-        let a = drone.assign().await;
+        let a = drone.expect_assign().await;
         let msg = if a.payload == json!("bad") {
             failed = Some(a.task_id);
             DroneMessage::TaskFailed(TaskFailed {

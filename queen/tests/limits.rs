@@ -1,7 +1,7 @@
-//! The queen's limits under hostile clients (SPEC G7, STYLE habit 3): idle and trickling
-//! connections are closed on time while real drones and API clients are served, the
-//! connection caps hold, and every limit that is exceeded answers with an error naming
-//! the config key.
+//! The queen's limits under hostile clients (G7 in docs/GUARANTEES.md; every limit is
+//! bounded): idle and trickling connections are closed on time while real drones and API
+//! clients are served, the connection caps hold, and every limit that is exceeded answers
+//! with an error naming the config key.
 
 mod common;
 
@@ -9,13 +9,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{fast_config, hello, FakeDrone, TestQueen, PATIENCE};
-use futures_util::StreamExt;
+use hive_testkit::Incoming;
 use serde_json::{json, Value};
 use shared::api::{Stats, TaskState};
-use shared::frame;
-use shared::protocol::{
-    AckStatus, Checkpoint, DroneMessage, Heartbeat, QueenMessage, TaskComplete,
-};
+use shared::protocol::{AckStatus, Checkpoint, DroneMessage, Heartbeat, QueenMessage};
 use shared::DroneId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -215,20 +212,10 @@ async fn idle_and_trickling_connections_are_closed_while_the_queen_keeps_serving
         let t = q
             .submit(json!({"kind": "echo", "payload": "under siege"}))
             .await;
-        let a = d.assign().await;
+        let a = d.expect_assign().await;
         assert_eq!(a.task_id, t.id);
-        d.send(DroneMessage::TaskComplete(TaskComplete {
-            task_id: a.task_id,
-            fence: a.fence,
-            result: json!("done"),
-        }))
-        .await;
-        let status = d
-            .expect("an ack", |m| match m {
-                QueenMessage::Ack(a) => Some(a.status),
-                _ => None,
-            })
-            .await;
+        d.complete(a.task_id, a.fence, json!("done")).await;
+        let (_, _, status) = d.expect_ack().await;
         assert_eq!(status, AckStatus::Recorded);
         let view = q.task(t.id).await;
         assert_eq!(view.state, TaskState::Succeeded);
@@ -342,29 +329,22 @@ async fn the_drone_connection_cap_holds_the_next_drone_until_one_leaves() {
     for _ in 0..CAP {
         drones.push(FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await);
     }
-    let mut next = FakeDrone::raw(q.drones).await;
-    futures_util::SinkExt::send(
-        &mut next,
-        frame::encode(&DroneMessage::Hello(hello(DroneId::generate(), 1, vec![]))).expect("encode"),
-    )
-    .await
-    .expect("send hello");
+    let mut next = FakeDrone::open(q.drones).await;
+    next.try_send(&DroneMessage::Hello(hello(DroneId::generate(), 1, vec![])))
+        .await
+        .expect("send hello");
     assert!(
-        tokio::time::timeout(QUIET, next.next()).await.is_err(),
+        next.next_within(QUIET).await.is_none(),
         "drone {} was answered with {CAP} connected and the cap at {CAP}",
         CAP + 1
     );
     drop(drones.pop());
-    let reply = tokio::time::timeout(PATIENCE, next.next())
+    let reply = next
+        .next_within(PATIENCE)
         .await
-        .expect("answered once a slot is free")
-        .expect("a frame")
-        .expect("frame");
+        .expect("answered once a slot is free");
     assert!(
-        matches!(
-            frame::decode::<QueenMessage>(&reply),
-            Ok(QueenMessage::Welcome(_))
-        ),
+        matches!(reply, Incoming::Msg(QueenMessage::Welcome(_))),
         "{reply:?}"
     );
     q.stop().await;
@@ -382,7 +362,7 @@ async fn a_frame_over_max_frame_len_is_refused_naming_the_limit() {
     let q = TestQueen::start(cfg).await;
     let t = q.submit(json!({"kind": "echo"})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     let big = DroneMessage::Heartbeat(Heartbeat {
         held: vec![shared::protocol::Held {
             task_id: a.task_id,
@@ -405,13 +385,11 @@ async fn a_frame_over_max_frame_len_is_refused_naming_the_limit() {
         }
     }
     messages.push(error.expect("an error before the close"));
-    let mut raw = FakeDrone::raw(q.drones).await;
-    futures_util::SinkExt::send(&mut raw, frame::encode(&big).expect("encode"))
-        .await
-        .expect("send");
+    let mut raw = FakeDrone::open(q.drones).await;
+    raw.try_send(&big).await.expect("send");
     let mut error = None;
-    while let Some(Ok(f)) = raw.next().await {
-        if let Ok(QueenMessage::Error { message }) = frame::decode::<QueenMessage>(&f) {
+    while let Some(m) = raw.recv().await {
+        if let QueenMessage::Error { message } = m {
             error = Some(message);
         }
     }
@@ -573,20 +551,10 @@ async fn a_result_over_max_result_bytes_is_kept_truncated_and_marked() {
     let q = TestQueen::start(cfg).await;
     let t = q.submit(json!({"kind": "echo"})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     let huge = "r".repeat(10_000);
-    d.send(DroneMessage::TaskComplete(TaskComplete {
-        task_id: a.task_id,
-        fence: a.fence,
-        result: json!(huge),
-    }))
-    .await;
-    let status = d
-        .expect("an ack", |m| match m {
-            QueenMessage::Ack(a) => Some(a.status),
-            _ => None,
-        })
-        .await;
+    d.complete(a.task_id, a.fence, json!(huge)).await;
+    let (_, _, status) = d.expect_ack().await;
     assert_eq!(status, AckStatus::Recorded);
     let view = q.task(t.id).await;
     let result = view.result.expect("a result");

@@ -6,7 +6,7 @@ mod common;
 use common::{fast_config, hello, FakeDrone, TestQueen};
 use prometheus_parse::{Scrape, Value};
 use serde_json::json;
-use shared::protocol::{AckStatus, DroneMessage, TaskComplete, TaskFailed};
+use shared::protocol::{AckStatus, DroneMessage, TaskFailed};
 use shared::DroneId;
 
 async fn scrape(q: &TestQueen) -> Scrape {
@@ -78,7 +78,7 @@ async fn counters_and_histograms_move_as_tasks_run() {
 
     // A drone takes both: dispatch latency observed twice, the gauge moves to running.
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 2, vec![])).await;
-    let (a1, a2) = (d.assign().await, d.assign().await);
+    let (a1, a2) = (d.expect_assign().await, d.expect_assign().await);
     let (first, second) = if a1.task_id == ok.id {
         (a1, a2)
     } else {
@@ -94,13 +94,8 @@ async fn counters_and_histograms_move_as_tasks_run() {
 
     // One succeeds; the other fails once (retried), is leased again, and the drone then
     // drops it from its heartbeat (lease lost: requeued).
-    d.send(DroneMessage::TaskComplete(TaskComplete {
-        task_id: first.task_id,
-        fence: first.fence,
-        result: json!("done"),
-    }))
-    .await;
-    assert_eq!(d.ack().await.2, AckStatus::Recorded);
+    d.complete(first.task_id, first.fence, json!("done")).await;
+    assert_eq!(d.expect_ack().await.2, AckStatus::Recorded);
     d.send(DroneMessage::TaskFailed(TaskFailed {
         task_id: second.task_id,
         fence: second.fence,
@@ -109,21 +104,16 @@ async fn counters_and_histograms_move_as_tasks_run() {
         retryable: true,
     }))
     .await;
-    assert_eq!(d.ack().await.2, AckStatus::Recorded);
-    let again = d.assign().await;
+    assert_eq!(d.expect_ack().await.2, AckStatus::Recorded);
+    let again = d.expect_assign().await;
     assert_eq!(again.task_id, bad.id);
     d.heartbeat(vec![]).await;
     // Requeued, and leased again to the only drone.
-    let last = d.assign().await;
+    let last = d.expect_assign().await;
     assert_eq!((last.task_id, last.attempt), (bad.id, 3));
     // The old lease's late outcome is stale.
-    d.send(DroneMessage::TaskComplete(TaskComplete {
-        task_id: again.task_id,
-        fence: again.fence,
-        result: json!("late"),
-    }))
-    .await;
-    assert_eq!(d.ack().await.2, AckStatus::Stale);
+    d.complete(again.task_id, again.fence, json!("late")).await;
+    assert_eq!(d.expect_ack().await.2, AckStatus::Stale);
 
     let s = scrape(&q).await;
     let mail = [("queue", "mail")];
@@ -149,7 +139,7 @@ async fn counters_and_histograms_move_as_tasks_run() {
         retryable: true,
     }))
     .await;
-    assert_eq!(d.ack().await.2, AckStatus::Recorded);
+    assert_eq!(d.expect_ack().await.2, AckStatus::Recorded);
     let s = scrape(&q).await;
     assert_eq!(value(&s, "hive_tasks_failed_total", &mail), 1.0);
     assert_eq!(

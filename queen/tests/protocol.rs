@@ -3,7 +3,6 @@
 mod common;
 
 use common::{fast_config, hello, FakeDrone, TestQueen};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use shared::api::TaskState;
 use shared::frame;
@@ -28,11 +27,11 @@ async fn a_completed_task_is_acked_recorded_and_succeeds() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let t = q.submit(json!({"kind": "echo", "payload": {"x": 1}})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 2, vec![])).await;
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     assert_eq!((a.task_id, a.fence, a.attempt), (t.id, Fence(1), 1));
     assert_eq!(a.payload, json!({"x": 1}));
     d.send(complete(&a, json!({"ok": true}))).await;
-    assert_eq!(d.ack().await, (t.id, Fence(1), AckStatus::Recorded));
+    assert_eq!(d.expect_ack().await, (t.id, Fence(1), AckStatus::Recorded));
     let done = q.task(t.id).await;
     assert_eq!(done.state, TaskState::Succeeded);
     assert_eq!(done.result, Some(json!({"ok": true})));
@@ -48,22 +47,22 @@ async fn a_completion_with_a_stale_fence_is_acked_stale_and_changes_nothing() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let t = q.submit(json!({"kind": "echo"})).await;
     let mut a = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    let first = a.assign().await;
+    let first = a.expect_assign().await;
     // Drone A drops the task from its heartbeat: the lease is lost and the task requeued.
     a.heartbeat(vec![]).await;
     q.wait_task(t.id, "requeue", |t| {
         t.state == TaskState::Pending || t.fence > Fence(1)
     })
     .await;
-    let second = a.assign().await;
+    let second = a.expect_assign().await;
     assert_eq!(second.fence, Fence(2), "a new lease gets a new fence");
     a.send(complete(&first, json!("from the lost lease"))).await;
-    assert_eq!(a.ack().await, (t.id, Fence(1), AckStatus::Stale));
+    assert_eq!(a.expect_ack().await, (t.id, Fence(1), AckStatus::Stale));
     let mid = q.task(t.id).await;
     assert_eq!(mid.state, TaskState::Running);
     assert_eq!(mid.result, None, "a stale completion must not set a result");
     a.send(complete(&second, json!("current"))).await;
-    assert_eq!(a.ack().await, (t.id, Fence(2), AckStatus::Recorded));
+    assert_eq!(a.expect_ack().await, (t.id, Fence(2), AckStatus::Recorded));
     let done = q.task(t.id).await;
     assert_eq!(
         (done.state, done.result),
@@ -78,7 +77,7 @@ async fn a_completion_with_a_stale_fence_is_acked_stale_and_changes_nothing() {
         retryable: true,
     }))
     .await;
-    assert_eq!(a.ack().await, (t.id, Fence(2), AckStatus::Stale));
+    assert_eq!(a.expect_ack().await, (t.id, Fence(2), AckStatus::Stale));
     assert_eq!(q.task(t.id).await.state, TaskState::Succeeded);
     q.stop().await;
 }
@@ -94,7 +93,7 @@ async fn a_silent_drone_loses_its_lease_to_another_drone() {
     let q = TestQueen::start(cfg).await;
     let t = q.submit(json!({"kind": "echo"})).await;
     let mut silent = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    let old = silent.assign().await;
+    let old = silent.expect_assign().await;
     // Say nothing; the queen must expire the drone and close its connection.
     assert!(
         silent.closed().await,
@@ -107,7 +106,7 @@ async fn a_silent_drone_loses_its_lease_to_another_drone() {
         "{after:?}"
     );
     let mut live = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    let new = live.assign().await;
+    let new = live.expect_assign().await;
     live.heartbeat(vec![Held {
         task_id: t.id,
         fence: new.fence,
@@ -127,17 +126,12 @@ async fn a_silent_drone_loses_its_lease_to_another_drone() {
         ),
     )
     .await;
-    let cancel = back
-        .expect("a cancel", |m| match m {
-            QueenMessage::Cancel(c) => Some(c),
-            _ => None,
-        })
-        .await;
+    let cancel = back.expect_cancel().await;
     assert_eq!((cancel.task_id, cancel.fence), (t.id, old.fence));
     back.send(complete(&old, json!("old"))).await;
-    assert_eq!(back.ack().await.2, AckStatus::Stale);
+    assert_eq!(back.expect_ack().await.2, AckStatus::Stale);
     live.send(complete(&new, json!("new"))).await;
-    assert_eq!(live.ack().await.2, AckStatus::Recorded);
+    assert_eq!(live.expect_ack().await.2, AckStatus::Recorded);
     assert_eq!(q.task(t.id).await.result, Some(json!("new")));
     q.stop().await;
 }
@@ -149,7 +143,7 @@ async fn a_disconnected_drone_s_task_is_requeued_after_the_grace() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let t = q.submit(json!({"kind": "echo"})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    d.assign().await;
+    d.expect_assign().await;
     drop(d);
     q.wait_task(t.id, "requeue after disconnect", |t| {
         t.state == TaskState::Pending
@@ -168,8 +162,8 @@ async fn after_a_restart_a_reporting_drone_keeps_its_task() {
     let lost = q.submit(json!({"kind": "echo"})).await;
     let id = DroneId::generate();
     let mut d = FakeDrone::connect(q.drones, hello(id, 2, vec![])).await;
-    let a1 = d.assign().await;
-    let a2 = d.assign().await;
+    let a1 = d.expect_assign().await;
+    let a2 = d.expect_assign().await;
     let (keep, _lose) = if a1.task_id == kept.id {
         (a1, a2)
     } else {
@@ -198,10 +192,13 @@ async fn after_a_restart_a_reporting_drone_keeps_its_task() {
     .await;
     // The unreported task is requeued and leased again (to this drone, which has a free
     // slot) with a new fence.
-    let again = d.assign().await;
+    let again = d.expect_assign().await;
     assert_eq!((again.task_id, again.fence), (lost.id, Fence(2)));
     d.send(complete(&keep, json!(1))).await;
-    assert_eq!(d.ack().await, (kept.id, keep.fence, AckStatus::Recorded));
+    assert_eq!(
+        d.expect_ack().await,
+        (kept.id, keep.fence, AckStatus::Recorded)
+    );
     let k = q.task(kept.id).await;
     assert_eq!(
         (k.state, k.attempts),
@@ -219,7 +216,7 @@ async fn failures_retry_then_fail_keeping_every_error() {
     let t = q.submit(json!({"kind": "echo", "max_attempts": 3})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
     for attempt in 1..=3 {
-        let a = d.assign().await;
+        let a = d.expect_assign().await;
         assert_eq!(a.attempt, attempt);
         d.send(DroneMessage::TaskFailed(TaskFailed {
             task_id: a.task_id,
@@ -229,7 +226,7 @@ async fn failures_retry_then_fail_keeping_every_error() {
             retryable: true,
         }))
         .await;
-        assert_eq!(d.ack().await.2, AckStatus::Recorded);
+        assert_eq!(d.expect_ack().await.2, AckStatus::Recorded);
     }
     let done = q.wait_task(t.id, "failed", |t| t.state.is_terminal()).await;
     assert_eq!(done.state, TaskState::Failed);
@@ -246,7 +243,7 @@ async fn a_non_retryable_failure_fails_at_once() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let t = q.submit(json!({"kind": "echo", "max_attempts": 5})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     d.send(DroneMessage::TaskFailed(TaskFailed {
         task_id: a.task_id,
         fence: a.fence,
@@ -255,7 +252,7 @@ async fn a_non_retryable_failure_fails_at_once() {
         retryable: false,
     }))
     .await;
-    assert_eq!(d.ack().await.2, AckStatus::Recorded);
+    assert_eq!(d.expect_ack().await.2, AckStatus::Recorded);
     let done = q.task(t.id).await;
     assert_eq!((done.state, done.attempts), (TaskState::Failed, 1));
     q.stop().await;
@@ -269,20 +266,15 @@ async fn cancelling_a_running_task_tells_its_drone() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let t = q.submit(json!({"kind": "echo"})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     let (status, body) = q
         .call("POST", &format!("/v1/tasks/{}/cancel", t.id), None)
         .await;
     assert_eq!(status, 200, "{body}");
-    let c = d
-        .expect("a cancel", |m| match m {
-            QueenMessage::Cancel(c) => Some(c),
-            _ => None,
-        })
-        .await;
+    let c = d.expect_cancel().await;
     assert_eq!((c.task_id, c.fence), (t.id, a.fence));
     d.send(complete(&a, json!("too late"))).await;
-    assert_eq!(d.ack().await.2, AckStatus::Stale);
+    assert_eq!(d.expect_ack().await.2, AckStatus::Stale);
     let done = q.task(t.id).await;
     assert_eq!(done.state, TaskState::Cancelled);
     assert_eq!(done.result, None);
@@ -302,26 +294,21 @@ async fn bad_frames_close_only_their_connection() {
         other => panic!("expected an error message, got {other:?}"),
     };
     // Garbage instead of a hello.
-    let mut raw = FakeDrone::raw(q.drones).await;
-    raw.send(bytes::Bytes::from_static(b"\x00\xffnot json"))
-        .await
-        .expect("send");
-    let msg = raw.next().await.expect("reply").expect("frame");
-    assert!(error_of(frame::decode(&msg).ok()).contains("malformed"));
-    assert!(raw.next().await.is_none(), "connection closed");
+    let mut raw = FakeDrone::open(q.drones).await;
+    raw.send_frame(b"\x00\xffnot json").await.expect("send");
+    assert!(error_of(raw.recv().await).contains("malformed"));
+    assert!(raw.recv().await.is_none(), "connection closed");
 
     // An unknown message type after a valid hello.
-    let mut raw = FakeDrone::raw(q.drones).await;
+    let mut raw = FakeDrone::open(q.drones).await;
     let h = DroneMessage::Hello(hello(DroneId::generate(), 1, vec![]));
-    raw.send(frame::encode(&h).expect("encode"))
-        .await
-        .expect("send");
-    raw.send(frame::encode(&json!({"type": "launch_missiles"})).expect("encode"))
+    raw.try_send(&h).await.expect("send");
+    raw.send_frame(&frame::encode(&json!({"type": "launch_missiles"})).expect("encode"))
         .await
         .expect("send");
     let mut saw_error = None;
-    while let Some(Ok(bytes)) = raw.next().await {
-        if let Ok(QueenMessage::Error { message }) = frame::decode::<QueenMessage>(&bytes) {
+    while let Some(m) = raw.recv().await {
+        if let QueenMessage::Error { message } = m {
             saw_error = Some(message);
         }
     }
@@ -329,24 +316,19 @@ async fn bad_frames_close_only_their_connection() {
     assert!(saw_error.contains("launch_missiles"), "{saw_error}");
 
     // An oversized length prefix: refused from the prefix alone, without reading the body.
-    let mut stream = tokio::net::TcpStream::connect(q.drones)
-        .await
-        .expect("connect");
-    tokio::io::AsyncWriteExt::write_all(&mut stream, &(1u32 << 30).to_be_bytes())
+    let mut big = FakeDrone::open(q.drones).await;
+    big.send_bytes(&(1u32 << 30).to_be_bytes())
         .await
         .expect("send");
-    let mut big =
-        tokio_util::codec::Framed::new(stream, frame::codec(frame::DEFAULT_MAX_FRAME_LEN));
-    let reply = big.next().await.expect("reply").expect("frame");
-    assert!(error_of(frame::decode(&reply).ok()).contains("frame"));
-    assert!(big.next().await.is_none(), "connection closed");
+    assert!(error_of(big.recv().await).contains("frame"));
+    assert!(big.recv().await.is_none(), "connection closed");
 
     // The well-behaved drone still gets work.
     let t = q.submit(json!({"kind": "echo"})).await;
-    let a = good.assign().await;
+    let a = good.expect_assign().await;
     assert_eq!(a.task_id, t.id);
     good.send(complete(&a, json!(null))).await;
-    assert_eq!(good.ack().await.2, AckStatus::Recorded);
+    assert_eq!(good.expect_ack().await.2, AckStatus::Recorded);
     q.stop().await;
 }
 
@@ -357,19 +339,15 @@ async fn an_unsupported_protocol_version_is_rejected_with_the_supported_ones() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let mut h = hello(DroneId::generate(), 1, vec![]);
     h.protocol_version = 99;
-    let mut raw = FakeDrone::raw(q.drones).await;
-    raw.send(frame::encode(&DroneMessage::Hello(h)).expect("encode"))
-        .await
-        .expect("send");
-    let bytes = raw.next().await.expect("reply").expect("frame");
-    match frame::decode::<QueenMessage>(&bytes) {
-        Ok(QueenMessage::Reject(r)) => {
+    let mut raw = FakeDrone::open(q.drones).await;
+    match raw.say_hello(h).await {
+        Some(QueenMessage::Reject(r)) => {
             assert!(r.reason.contains("99"), "{}", r.reason);
             assert_eq!(r.supported_versions, SUPPORTED_VERSIONS);
         }
         other => panic!("expected a reject, got {other:?}"),
     }
-    assert!(raw.next().await.is_none());
+    assert!(raw.recv().await.is_none());
     q.stop().await;
 }
 
@@ -443,13 +421,9 @@ async fn a_bad_hello_is_rejected_at_the_edge_with_its_code() {
         ),
     ];
     for (bad, code, reason) in cases {
-        let mut raw = FakeDrone::raw(q.drones).await;
-        raw.send(frame::encode(&DroneMessage::Hello(bad)).expect("encode"))
-            .await
-            .expect("send");
-        let bytes = raw.next().await.expect("a reply").expect("a frame");
-        match frame::decode::<QueenMessage>(&bytes) {
-            Ok(QueenMessage::Reject(r)) => {
+        let mut raw = FakeDrone::open(q.drones).await;
+        match raw.say_hello(bad).await {
+            Some(QueenMessage::Reject(r)) => {
                 assert_eq!(r.code, Some(code), "{}", r.reason);
                 assert_eq!(r.reason, reason);
                 assert_eq!(r.supported_versions, SUPPORTED_VERSIONS);
@@ -457,7 +431,7 @@ async fn a_bad_hello_is_rejected_at_the_edge_with_its_code() {
             other => panic!("expected a reject for {reason}, got {other:?}"),
         }
         assert!(
-            raw.next().await.is_none(),
+            raw.recv().await.is_none(),
             "{reason}: the connection closes"
         );
     }
@@ -473,16 +447,9 @@ async fn a_drone_without_the_token_is_rejected() {
     let mut cfg = fast_config(dir.path());
     cfg.auth.token = Some(shared::ids::Secret("s3cret".into()));
     let q = TestQueen::start(cfg).await;
-    let mut raw = FakeDrone::raw(q.drones).await;
-    raw.send(
-        frame::encode(&DroneMessage::Hello(hello(DroneId::generate(), 1, vec![]))).expect("encode"),
-    )
-    .await
-    .expect("send");
-    let bytes = raw.next().await.expect("reply").expect("frame");
-    assert!(
-        matches!(frame::decode::<QueenMessage>(&bytes), Ok(QueenMessage::Reject(r)) if r.reason.contains("token"))
-    );
+    let mut raw = FakeDrone::open(q.drones).await;
+    let reply = raw.say_hello(hello(DroneId::generate(), 1, vec![])).await;
+    assert!(matches!(reply, Some(QueenMessage::Reject(r)) if r.reason.contains("token")));
     let mut h = hello(DroneId::generate(), 1, vec![]);
     h.token = Some(shared::ids::Secret("s3cret".into()));
     let _ok = FakeDrone::connect(q.drones, h).await;

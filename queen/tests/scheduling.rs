@@ -5,19 +5,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{fast_config, hello, FakeDrone, TestQueen};
+use common::{fast_config, hello, wait_until_async, FakeDrone, TestQueen};
 use serde_json::json;
 use shared::api::{QueuesResponse, TaskState};
-use shared::protocol::{AckStatus, DroneMessage, QueenMessage, TaskComplete, TaskFailed};
+use shared::protocol::{AckStatus, DroneMessage, QueenMessage, TaskFailed};
 use shared::{DroneId, Fence};
 
 async fn finish(d: &mut FakeDrone, a: &shared::protocol::Assign) {
-    d.send(DroneMessage::TaskComplete(TaskComplete {
-        task_id: a.task_id,
-        fence: a.fence,
-        result: json!(null),
-    }))
-    .await;
+    d.complete(a.task_id, a.fence, json!(null)).await;
     let status = d
         .expect("an ack", |m| match m {
             QueenMessage::Ack(ack) if ack.task_id == a.task_id => Some(ack.status),
@@ -50,7 +45,7 @@ async fn a_paused_queue_leases_nothing_until_resumed_even_across_a_restart() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let other = q.submit(json!({"kind": "echo", "queue": "fast"})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 4, vec![])).await;
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     assert_eq!(
         a.task_id, other.id,
         "the paused queue's task must not be leased, despite its priority"
@@ -66,7 +61,7 @@ async fn a_paused_queue_leases_nothing_until_resumed_even_across_a_restart() {
     assert_eq!(slow.pending, 1);
     let (status, _) = q.call("POST", "/v1/queues/slow/resume", None).await;
     assert_eq!(status, 200);
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     assert_eq!(a.task_id, held_back.id);
     q.stop().await;
 }
@@ -89,7 +84,7 @@ async fn a_queue_never_runs_more_than_its_concurrency_limit() {
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 8, vec![])).await;
     // Two assigns arrive at once: one of q1 and the unlimited one; the unlimited one is
     // dispatched in the same pass, so seeing it proves q1 had its chance.
-    let (a1, a2) = (d.assign().await, d.assign().await);
+    let (a1, a2) = (d.expect_assign().await, d.expect_assign().await);
     let (limited, free) = if a1.task_id == marker.id {
         (a2, a1)
     } else {
@@ -103,7 +98,7 @@ async fn a_queue_never_runs_more_than_its_concurrency_limit() {
     let mut current = limited;
     for _ in 0..2 {
         finish(&mut d, &current).await;
-        current = d.assign().await;
+        current = d.expect_assign().await;
         let v = queues(&q).await;
         assert_eq!(
             v.queues.iter().find(|v| v.name == "q1").map(|v| v.running),
@@ -138,10 +133,10 @@ async fn a_rate_limited_queue_spreads_its_starts() {
         q.submit(json!({"kind": "echo", "queue": "r"})).await;
     }
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 8, vec![])).await;
-    d.assign().await;
+    d.expect_assign().await;
     let t0 = tokio::time::Instant::now();
     for _ in 0..5 {
-        d.assign().await;
+        d.expect_assign().await;
         d.heartbeat(vec![]).await;
     }
     // A burst of 4 (one second's quota), then one start per 250 ms: the 6th start comes at
@@ -162,7 +157,7 @@ async fn a_failed_task_can_be_retried_and_keeps_its_history() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let t = q.submit(json!({"kind": "echo", "max_attempts": 1})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     d.send(DroneMessage::TaskFailed(TaskFailed {
         task_id: a.task_id,
         fence: a.fence,
@@ -178,7 +173,7 @@ async fn a_failed_task_can_be_retried_and_keeps_its_history() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["state"], "pending");
-    let again = d.assign().await;
+    let again = d.expect_assign().await;
     assert_eq!(
         (again.task_id, again.fence, again.attempt),
         (t.id, Fence(2), 1)
@@ -220,7 +215,7 @@ async fn a_task_that_keeps_killing_its_drone_is_quarantined() {
     let t = q.submit(json!({"kind": "echo", "max_attempts": 10})).await;
     for _ in 0..2 {
         let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-        let a = d.assign().await;
+        let a = d.expect_assign().await;
         assert_eq!(a.task_id, t.id);
         drop(d); // the drone "dies"
         q.wait_task(t.id, "lease lost", |t| t.state != TaskState::Running)
@@ -277,10 +272,10 @@ async fn batch_refs_order_work_and_survive_a_restart() {
         "blocked survives a restart"
     );
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 2, vec![])).await;
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     assert_eq!(a.task_id, parent.id, "only the parent is runnable");
     finish(&mut d, &a).await;
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     assert_eq!(
         a.task_id, child.id,
         "the child runs once its parent succeeded"
@@ -334,28 +329,38 @@ async fn a_schedule_fires_once_per_tick_and_survives_a_restart() {
     let spec = json!({"name": "tick", "every_ms": 1000, "task": {"kind": "echo", "queue": "cron"}});
     let (status, body) = q.call("POST", "/v1/schedules", Some(spec)).await;
     assert_eq!(status, 201, "{body}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while scheduled_runs(&q).await.len() < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "schedule did not fire twice"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async(
+        Duration::from_secs(10),
+        "the schedule to fire twice",
+        || async {
+            let runs = scheduled_runs(&q).await.len();
+            if runs >= 2 {
+                Ok(())
+            } else {
+                Err(format!("{runs} runs"))
+            }
+        },
+    )
+    .await;
     q.stop().await;
 
     let q = TestQueen::start(fast_config(dir.path())).await;
     let (_, body) = q.call("GET", "/v1/schedules", None).await;
     assert_eq!(body["schedules"][0]["name"], "tick", "{body}");
     let before = scheduled_runs(&q).await.len();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while scheduled_runs(&q).await.len() <= before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "schedule did not fire after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async(
+        Duration::from_secs(10),
+        "the schedule to fire after the restart",
+        || async {
+            let runs = scheduled_runs(&q).await.len();
+            if runs > before {
+                Ok(())
+            } else {
+                Err(format!("{runs} runs, {before} before the restart"))
+            }
+        },
+    )
+    .await;
     let (status, _) = q.call("DELETE", "/v1/schedules/tick", None).await;
     assert_eq!(status, 200);
     let (status, _) = q.call("DELETE", "/v1/schedules/tick", None).await;
@@ -385,7 +390,7 @@ async fn a_checkpoint_is_kept_and_handed_to_the_next_attempt() {
     let q = TestQueen::start(fast_config(dir.path())).await;
     let t = q.submit(json!({"kind": "echo"})).await;
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
-    let a = d.assign().await;
+    let a = d.expect_assign().await;
     assert_eq!(a.checkpoint, None);
     let held = vec![Held {
         task_id: t.id,
@@ -435,19 +440,19 @@ async fn finished_tasks_beyond_the_retention_count_are_purged_oldest_first() {
         let t = q
             .submit(json!({"kind": "echo", "idempotency_key": format!("k{i}")}))
             .await;
-        let a = d.assign().await;
+        let a = d.expect_assign().await;
         finish(&mut d, &a).await;
         ids.push(t.id);
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until_async(Duration::from_secs(10), "the purge", || async {
         let (_, body) = q.call("GET", "/v1/stats", None).await;
         if body["by_state"]["succeeded"] == 3 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("not purged: {body}"))
         }
-        assert!(tokio::time::Instant::now() < deadline, "not purged: {body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     for (i, id) in ids.iter().enumerate() {
         let (status, _) = q.call("GET", &format!("/v1/tasks/{id}"), None).await;
         assert_eq!(status, if i < 3 { 404 } else { 200 }, "task {i}");
@@ -475,7 +480,7 @@ async fn a_labelled_task_waits_for_a_drone_with_its_labels() {
         .await;
     let mut plain = FakeDrone::connect(q.drones, hello(DroneId::generate(), 2, vec![])).await;
     let other = q.submit(json!({"kind": "echo"})).await;
-    let a = plain.assign().await;
+    let a = plain.expect_assign().await;
     assert_eq!(
         a.task_id, other.id,
         "the unlabelled drone gets only the unlabelled task"
@@ -486,7 +491,7 @@ async fn a_labelled_task_waits_for_a_drone_with_its_labels() {
     let mut h = hello(DroneId::generate(), 1, vec![]);
     h.labels = vec!["linux".into(), "gpu".into(), "big".into()];
     let mut labelled = FakeDrone::connect(q.drones, h).await;
-    let a = labelled.assign().await;
+    let a = labelled.expect_assign().await;
     assert_eq!(a.task_id, gpu.id);
     let (_, stats) = q.call("GET", "/v1/stats", None).await;
     assert_eq!(stats["unroutable"], 0, "{stats}");

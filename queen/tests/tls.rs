@@ -8,16 +8,14 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{fast_config, hello, TestQueen};
-use futures_util::{SinkExt, StreamExt};
+use common::{fast_config, hello, FakeDrone, TestQueen};
+use hive_testkit::Incoming;
 use hive_tls::test_pki::Usage as ExtendedKeyUsagePurpose;
 use serde_json::json;
-use shared::frame;
 use shared::protocol::{AckStatus, DroneMessage, QueenMessage, TaskComplete};
 use shared::DroneId;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_util::codec::Framed;
 
 /// A throwaway CA with its own temp dir.
 struct Pki {
@@ -74,51 +72,32 @@ async fn https_get(agent: ureq::Agent, url: String) -> Result<serde_json::Value,
     .expect("join")
 }
 
-type TlsFramed =
-    Framed<tokio_rustls::client::TlsStream<TcpStream>, tokio_util::codec::LengthDelimitedCodec>;
-
 /// A drone's TLS connection, or the handshake error.
 async fn connect_tls(
     q: &TestQueen,
     ca: &Path,
     identity: Option<(&Path, &Path)>,
-) -> Result<TlsFramed, std::io::Error> {
+) -> Result<FakeDrone, std::io::Error> {
     let config = hive_tls::client_config(ca, identity).expect("client config");
     let tcp = TcpStream::connect(q.drones).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     let stream = TlsConnector::from(Arc::clone(&config))
         .connect(name, tcp)
         .await?;
-    Ok(Framed::new(
-        stream,
-        frame::codec(frame::DEFAULT_MAX_FRAME_LEN),
-    ))
+    Ok(FakeDrone::over(stream))
 }
 
 /// Sends a hello; the queen's first answer, or `None` if it closed the connection (a
 /// TLS 1.3 server refuses a client certificate after the client's handshake completes, so
 /// a refusal may surface here rather than in the handshake).
-async fn say_hello(io: &mut TlsFramed, token: Option<&str>) -> Option<QueenMessage> {
+async fn say_hello(io: &mut FakeDrone, token: Option<&str>) -> Option<QueenMessage> {
     let mut h = hello(DroneId::generate(), 1, vec![]);
     h.token = token.map(|t| shared::ids::Secret(t.into()));
-    let bytes = frame::encode(&DroneMessage::Hello(h)).expect("encode");
-    io.send(bytes).await.ok()?;
-    let reply = tokio::time::timeout(common::PATIENCE, io.next())
-        .await
-        .expect("an answer or a close in time");
-    match reply {
-        Some(Ok(b)) => Some(frame::decode(&b).expect("a queen message")),
-        _ => None,
-    }
+    io.say_hello(h).await
 }
 
-async fn next_message(io: &mut TlsFramed) -> QueenMessage {
-    let b = tokio::time::timeout(common::PATIENCE, io.next())
-        .await
-        .expect("in time")
-        .expect("open")
-        .expect("frame");
-    frame::decode(&b).expect("a queen message")
+async fn next_message(io: &mut FakeDrone) -> QueenMessage {
+    io.recv().await.expect("open")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,13 +163,13 @@ async fn a_hive_over_tls_runs_a_task_and_refuses_plain_text() {
         }
     };
     assert_eq!(assign.task_id, task.id);
-    let done = frame::encode(&DroneMessage::TaskComplete(TaskComplete {
+    d.try_send(&DroneMessage::TaskComplete(TaskComplete {
         task_id: assign.task_id,
         fence: assign.fence,
         result: assign.payload.clone(),
     }))
-    .expect("encode");
-    d.send(done).await.expect("send");
+    .await
+    .expect("send");
     let status = loop {
         if let QueenMessage::Ack(a) = next_message(&mut d).await {
             break a.status;
@@ -204,15 +183,15 @@ async fn a_hive_over_tls_runs_a_task_and_refuses_plain_text() {
     assert_eq!(view["result"], json!({"over": "tls"}));
 
     // A plain-text drone gets nothing: the queen waits for a TLS handshake, not a hello.
-    let mut plain = common::FakeDrone::raw(q.drones).await;
-    let bytes =
-        frame::encode(&DroneMessage::Hello(hello(DroneId::generate(), 1, vec![]))).expect("encode");
-    let _ = plain.send(bytes).await;
-    let answer = tokio::time::timeout(common::PATIENCE, plain.next())
+    let mut plain = FakeDrone::open(q.drones).await;
+    let _ = plain
+        .try_send(&DroneMessage::Hello(hello(DroneId::generate(), 1, vec![])))
+        .await;
+    let answer = plain
+        .next_within(common::PATIENCE)
         .await
         .expect("closed in time");
-    let welcomed = matches!(&answer, Some(Ok(b))
-        if matches!(frame::decode::<QueenMessage>(b), Ok(QueenMessage::Welcome(_))));
+    let welcomed = matches!(&answer, Incoming::Msg(QueenMessage::Welcome(_)));
     assert!(!welcomed, "a plain-text hello must not be welcomed");
     q.stop().await;
 }
@@ -300,16 +279,8 @@ async fn drone_and_client_tokens_are_separate() {
     ] {
         let mut h = hello(DroneId::generate(), 1, vec![]);
         h.token = token.map(|t| shared::ids::Secret(t.into()));
-        let mut io = common::FakeDrone::raw(q.drones).await;
-        io.send(frame::encode(&DroneMessage::Hello(h)).expect("encode"))
-            .await
-            .expect("send");
-        let reply = tokio::time::timeout(common::PATIENCE, io.next())
-            .await
-            .expect("answer in time")
-            .expect("answer")
-            .expect("frame");
-        let msg: QueenMessage = frame::decode(&reply).expect("decode");
+        let mut io = FakeDrone::open(q.drones).await;
+        let msg = io.say_hello(h).await.expect("answer");
         assert_eq!(
             matches!(msg, QueenMessage::Welcome(_)),
             welcomed,

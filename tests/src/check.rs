@@ -1,7 +1,7 @@
 //! The invariant checker every chaos scenario ends with: what the queen says (task records
 //! read through the API), what really ran (the execution log), what the test did (the tasks
 //! the queen acknowledged, the drones it killed, froze or cut off) — held against the
-//! guarantees of SPEC §1.
+//! guarantees of docs/GUARANTEES.md.
 //!
 //! Gathering the evidence takes waiting and I/O and lives in [`crate::hive::Hive::check`];
 //! judging it is [`violations`], a pure function with unit tests that show every rule

@@ -21,7 +21,7 @@ use crate::execlog::{ExecLog, Execution};
 use crate::process::{dump_logs, pid_alive};
 use crate::proxy::{Fault, Proxy};
 use crate::queen::QueenProc;
-use crate::wait::{wait_until, DEADLINE, POLL};
+use crate::wait::{poll_until, wait_until, DEADLINE};
 
 /// How long [`Hive::check`] waits for the processes of finished tasks to be gone, and for
 /// live drones to be connected and idle. Milliseconds when healthy.
@@ -517,11 +517,11 @@ impl Hive {
         self.queen.assert_running();
 
         // G1 and G2: read every record until all are terminal or the bound runs out.
-        let deadline = Instant::now() + within;
         let ids: Vec<TaskId> = ev.acked.keys().copied().collect();
         let mut pending: Vec<TaskId> = ids.clone();
-        loop {
-            let mut still = Vec::new();
+        // Reads records in order, stopping at the first one still active (polled again from
+        // there); once the bound has run out, one last pass reads all that are left.
+        let mut read = |pending: &[TaskId], stop_at_active: bool| -> Vec<TaskId> {
             for (i, id) in pending.iter().enumerate() {
                 match self.read(*id) {
                     Ok(view) if view.state.is_terminal() => {
@@ -529,10 +529,8 @@ impl Hive {
                     }
                     Ok(view) => {
                         ev.first.insert(*id, view);
-                        // Not there yet: poll again from here, without reading the rest.
-                        if Instant::now() < deadline {
-                            still.extend_from_slice(&pending[i..]);
-                            break;
+                        if stop_at_active {
+                            return pending[i..].to_vec();
                         }
                     }
                     Err(e) => {
@@ -540,17 +538,24 @@ impl Hive {
                     }
                 }
             }
-            if still.is_empty() {
-                break;
+            Vec::new()
+        };
+        let settled = poll_until(within, || {
+            pending = read(&pending, true);
+            if pending.is_empty() {
+                Ok(())
+            } else {
+                Err(())
             }
-            pending = still;
-            std::thread::sleep(POLL);
+        });
+        if settled.is_err() {
+            read(&pending, false);
         }
 
         // G6: no process of any run outlives its task.
         let runs = self.exec_log.executions();
         let quiet = Instant::now() + QUIET_DEADLINE;
-        let lingering = loop {
+        let gone = poll_until(QUIET_DEADLINE, || {
             let alive: Vec<(Execution, Vec<i32>)> = runs
                 .iter()
                 .filter_map(|r| {
@@ -558,12 +563,13 @@ impl Hive {
                     (!pids.is_empty()).then(|| (r.clone(), pids))
                 })
                 .collect();
-            if alive.is_empty() || Instant::now() >= quiet {
-                break alive;
+            if alive.is_empty() {
+                Ok(())
+            } else {
+                Err(alive)
             }
-            std::thread::sleep(POLL);
-        };
-        ev.lingering = lingering;
+        });
+        ev.lingering = gone.err().unwrap_or_default();
 
         // Every live drone connected, idle, and through a barrier task of its own.
         self.barriers(&mut ev, quiet);
@@ -613,15 +619,12 @@ exec log: {}
     /// One record; a transport error (the queen busy) is retried, an HTTP error is the
     /// answer.
     fn read(&self, id: TaskId) -> Result<TaskView, String> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            match self.api.try_task(id) {
-                Ok(v) => return Ok(v),
-                Err(e @ crate::api::ApiError::Status(..)) => return Err(e.to_string()),
-                Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
-                Err(_) => std::thread::sleep(POLL),
-            }
-        }
+        poll_until(DEADLINE, || match self.api.try_task(id) {
+            Ok(v) => Ok(Ok(v)),
+            Err(e @ crate::api::ApiError::Status(..)) => Ok(Err(e.to_string())),
+            Err(e) => Err(e.to_string()),
+        })
+        .unwrap_or_else(Err)
     }
 
     /// Waits until every live drone is connected with no lease, then runs an `echo` task
@@ -640,16 +643,16 @@ exec log: {}
                 .collect()
         };
         let mut last = names.clone();
-        while Instant::now() < deadline {
-            last = match self.api.try_drones() {
-                Ok(views) => unsettled(&views),
-                Err(_) => last,
-            };
-            if last.is_empty() {
-                break;
+        let _ = poll_until(deadline.saturating_duration_since(Instant::now()), || {
+            if let Ok(views) = self.api.try_drones() {
+                last = unsettled(&views);
             }
-            std::thread::sleep(POLL);
-        }
+            if last.is_empty() {
+                Ok(())
+            } else {
+                Err(())
+            }
+        });
         if !last.is_empty() {
             ev.gathering.push(format!(
                 "live drones {last:?} were not connected and idle within {QUIET_DEADLINE:?}"
@@ -674,16 +677,18 @@ exec log: {}
             })
             .collect();
         let mut open: BTreeSet<TaskId> = barriers.iter().map(|(_, id)| *id).collect();
-        while !open.is_empty() && Instant::now() < deadline {
+        let _ = poll_until(deadline.saturating_duration_since(Instant::now()), || {
             open.retain(|id| {
                 self.api
                     .try_task(*id)
                     .map_or(true, |v| !v.state.is_terminal())
             });
-            if !open.is_empty() {
-                std::thread::sleep(POLL);
+            if open.is_empty() {
+                Ok(())
+            } else {
+                Err(())
             }
-        }
+        });
         for (name, id) in &barriers {
             match self.api.try_task(*id) {
                 Ok(v) if v.state == TaskState::Succeeded => {}

@@ -13,13 +13,15 @@
 //!   `/proc` liveness.
 //! - [`queen`], [`drone`]: the two binaries as processes.
 //! - [`hive`]: a temp dir, a queen, its drones and a client, for one test.
-//! - [`api`]: the HTTP client. [`wire`]: the drone protocol spoken by hand.
+//! - [`api`]: the HTTP client. [`FakeDrone`] (from `hive-testkit`): the drone protocol
+//!   spoken by hand, scripted and misbehaving on purpose.
 //! - [`execlog`]: counting real executions of `exec` tasks.
 //! - [`proxy`]: a fault-injecting TCP proxy (delay, drop, blackhole, reset) between a drone
 //!   and the queen.
 //! - [`check`]: the invariant checker every chaos scenario ends with ([`Hive::check`]).
 //! - [`seed`]: seeded randomness (`HIVE_CHAOS_SEED`) and soak mode (`HIVE_SOAK_MINUTES`).
-//! - [`wait`]: polling with deadlines.
+//! - [`wait`]: polling with deadlines (`hive-testkit`'s, with this harness's deadline and
+//!   logs).
 //! - [`webdriver`]: headless Chromium driven over WebDriver, for the dashboard test.
 //!
 //! Knobs for debugging a failure (all optional):
@@ -43,15 +45,15 @@ pub mod queen;
 pub mod seed;
 pub mod wait;
 pub mod webdriver;
-pub mod wire;
 
 pub use api::{echo, exec, sh, Api, ApiError};
 pub use check::Summary;
 pub use drone::DroneProc;
 pub use execlog::{Entry, ExecLog, Execution, Phase};
 pub use hive::{Hive, HiveBuilder};
+pub use hive_testkit::blocking::FakeDrone;
+pub use hive_testkit::drone::named_hello;
 pub use process::{pid_alive, pid_state};
 pub use proxy::{Fault, Proxy};
 pub use queen::QueenProc;
 pub use wait::{wait_until, DEADLINE};
-pub use wire::{FakeDrone, RawConn};

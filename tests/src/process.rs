@@ -15,13 +15,12 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use hive_testkit::wait::poll_until;
 
 /// How many lines of each log a failure prints (override with `HIVE_TEST_LOG_TAIL`).
 const DEFAULT_LOG_TAIL: usize = 80;
-
-/// How often a wait for a process to exit checks on it.
-const EXIT_POLL: Duration = Duration::from_millis(10);
 
 thread_local! {
     /// `(registration id, label, log path)` of the processes started on this thread.
@@ -38,6 +37,8 @@ struct Registration(u64);
 
 impl Registration {
     fn new(label: &str, path: &Path) -> Registration {
+        // A wait that times out, or a fake drone that hears nothing, shows these logs.
+        hive_testkit::wait::set_failure_context(dump_logs);
         let id = NEXT_ID.with(|n| {
             n.set(n.get() + 1);
             n.get()
@@ -241,16 +242,7 @@ impl Proc {
 
     /// Waits up to `within` for the process to exit on its own.
     pub fn wait_timeout(&mut self, within: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.exit_status() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(EXIT_POLL);
-        }
+        poll_until(within, || self.exit_status().ok_or(())).ok()
     }
 
     /// SIGTERM, then waits up to `within` for a graceful exit; panics (after a SIGKILL) if

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use crate::bins;
 use crate::process::{dump_logs, tail, Proc, Stdout};
+use crate::wait::poll_until;
 
 /// How long a queen may take to open its store and print `ready`. Opening is milliseconds
 /// when healthy; this only bounds a hung start on a loaded machine.
@@ -18,9 +19,6 @@ pub const START_DEADLINE: Duration = Duration::from_secs(20);
 
 /// How long a queen may take to stop after SIGTERM.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(20);
-
-/// How often [`run_to_exit`] looks for a `ready` line from a queen that should refuse.
-const READY_POLL: Duration = Duration::from_millis(20);
 
 /// Builds a `queen` command whose environment carries exactly the `HIVE_*` config we give
 /// it: the test runner's own `HIVE_*` variables are removed so they cannot change a
@@ -278,10 +276,9 @@ pub fn run_to_exit(
         Stdout::File(stdout_file),
     );
     // Wait for the exit, but give up at once if the queen says it is serving.
-    let deadline = std::time::Instant::now() + within;
-    let status = loop {
-        if let Some(status) = proc.wait_timeout(READY_POLL) {
-            break Some(status);
+    let status = poll_until(within, || {
+        if let Some(status) = proc.exit_status() {
+            return Ok(status);
         }
         let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
         if stdout.lines().any(|l| l.starts_with("ready ")) {
@@ -291,10 +288,9 @@ pub fn run_to_exit(
                 tail(&err_path, 40)
             );
         }
-        if std::time::Instant::now() >= deadline {
-            break None;
-        }
-    };
+        Err(())
+    })
+    .ok();
     let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
     let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
     match status {

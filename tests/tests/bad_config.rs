@@ -240,7 +240,7 @@ fn hive_with_history() -> (Hive, Vec<TaskView>) {
 
 /// Scenario 8: a database left mid-snapshot. A `kill -9` while sled writes its start-up
 /// snapshot leaves `snap.<lsn>.generating`, an unfinished snapshot that makes a plain
-/// `sled::open` fail with `Corruption` (SPEC §4). Guards against such a crash leaving the
+/// `sled::open` fail with `Corruption` (docs/STORAGE.md). Guards against such a crash leaving the
 /// hive unable to start, or starting with an emptied or partial database: with the file
 /// planted in a stopped queen's `db/` (and shown to break an unguarded open of a copy), the
 /// queen must start, drop the file, and serve every task exactly as it was; they then run.

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use hive_tests::api::count;
 use hive_tests::execlog::Phase;
-use hive_tests::wire::hello;
-use hive_tests::{echo, wait_until, Hive, RawConn, DEADLINE};
+use hive_tests::{echo, named_hello, wait_until, FakeDrone, Hive, DEADLINE};
 use serde_json::{json, Value};
 use shared::api::TaskState;
 use shared::protocol::{DroneMessage, Heartbeat, SUPPORTED_VERSIONS};
@@ -102,16 +101,16 @@ fn bad_frames_close_only_their_connection_and_a_real_drone_keeps_working() {
             case.name,
             if case.after_hello { "after" } else { "before" }
         );
-        let mut conn = RawConn::connect(addr);
+        let conn = FakeDrone::open(addr);
         if case.after_hello {
-            conn.send(&DroneMessage::Hello(hello(
+            conn.send(&DroneMessage::Hello(named_hello(
                 &format!("abuser-{}", case.name),
                 &["nothing"],
                 1,
             )))
             .expect("send hello");
             let welcome = conn
-                .recv(Duration::from_secs(10))
+                .recv_json(Duration::from_secs(10))
                 .unwrap_or_else(|| panic!("{label}: no welcome"));
             assert_eq!(msg_type(&welcome), "welcome", "{label}: {welcome}");
         }
@@ -143,14 +142,14 @@ fn bad_frames_close_only_their_connection_and_a_real_drone_keeps_working() {
     }
 
     // A frame cut short by the peer closing: nothing to answer, the queen just lets go.
-    let mut conn = RawConn::connect(addr);
+    let conn = FakeDrone::open(addr);
     conn.send_bytes(&[0, 0, 0, 100, b'{', b'"'])
         .expect("send a partial frame");
     drop(conn);
 
     // Version skew: a clear reject saying which versions this queen speaks.
-    let mut conn = RawConn::connect(addr);
-    let mut future = hello("from-the-future", &["echo"], 1);
+    let conn = FakeDrone::open(addr);
+    let mut future = named_hello("from-the-future", &["echo"], 1);
     future.protocol_version = 999;
     conn.send(&DroneMessage::Hello(future)).expect("send hello");
     let closing = conn.read_until_closed(DEADLINE);

@@ -16,7 +16,7 @@ use shared::api::{TaskSpec, TaskState, TaskView};
 use shared::TaskId;
 
 /// The lease bound of `Hive::start` (FAST_LEASES): a heartbeat timeout of 1 s plus one
-/// 200 ms heartbeat interval (SPEC G2).
+/// 200 ms heartbeat interval (G2, docs/GUARANTEES.md).
 const LEASE_BOUND: Duration = Duration::from_millis(1_200);
 
 /// On top of the bound: polling, and a loaded 2-core machine.

@@ -281,21 +281,12 @@ fn restart_dead_drones_until<T>(
     what: &str,
     mut done: impl FnMut(&Hive) -> Option<T>,
 ) -> T {
-    let deadline = Instant::now() + ROUND_DONE;
-    loop {
+    wait_until(ROUND_DONE, what, || {
         for name in hive.dead_drones() {
             hive.restart_drone(&name);
         }
-        if let Some(v) = done(hive) {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            hive_tests::process::dump_logs()
-        );
-        std::thread::sleep(hive_tests::wait::POLL);
-    }
+        done(hive)
+    })
 }
 
 /// Scenario 6. Guards against a task that kills its drone (`kill -9` of the drone running it:

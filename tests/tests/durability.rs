@@ -151,7 +151,7 @@ fn submits_acknowledged_while_the_queen_is_killed_are_not_lost() {
 }
 
 /// Guards against a crash while the queen opens its database leaving it unopenable (sled can
-/// leave an unfinished `snap.*.generating` behind, SPEC §4) or losing data: with 300 tasks
+/// leave an unfinished `snap.*.generating` behind, docs/STORAGE.md) or losing data: with 300 tasks
 /// stored, the queen is started and `kill -9`ed at random points of its start-up twelve
 /// times; the next start must succeed and find every task.
 #[test]

@@ -4,8 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use hive_tests::wire::hello;
-use hive_tests::{FakeDrone, Hive, DEADLINE};
+use hive_tests::{named_hello, FakeDrone, Hive, DEADLINE};
 use serde_json::json;
 use shared::api::{TaskSpec, TaskState, TaskView};
 use shared::protocol::{AckStatus, DroneMessage, Held, QueenMessage};
@@ -61,7 +60,7 @@ fn outcome_of(v: &TaskView) -> (TaskState, u32, Fence, Option<serde_json::Value>
 fn a_silent_drone_coming_back_with_an_old_fence_changes_nothing() {
     let hive = Hive::start();
     let addr = hive.queen.drones_addr;
-    let a_hello = hello("fake-a", &[KIND], 1);
+    let a_hello = named_hello("fake-a", &[KIND], 1);
     let a = FakeDrone::connect(addr, a_hello.clone());
     let id = hive.api().submit(&fake_task()).id;
     let first = a.expect_assign(REPLY);
@@ -69,7 +68,7 @@ fn a_silent_drone_coming_back_with_an_old_fence_changes_nothing() {
 
     a.go_silent();
     let silent_since = Instant::now();
-    let b = FakeDrone::connect(addr, hello("fake-b", &[KIND], 1));
+    let b = FakeDrone::connect(addr, named_hello("fake-b", &[KIND], 1));
     let second = b.expect_assign(DEADLINE);
     let requeued_after = silent_since.elapsed();
     assert_eq!((second.task_id, second.attempt), (id, 2));
@@ -156,13 +155,13 @@ fn a_silent_drone_coming_back_with_an_old_fence_changes_nothing() {
 fn a_late_report_for_a_dropped_lease_is_stale() {
     let hive = Hive::start();
     let addr = hive.queen.drones_addr;
-    let a = FakeDrone::connect(addr, hello("fake-a", &[KIND], 1));
+    let a = FakeDrone::connect(addr, named_hello("fake-a", &[KIND], 1));
     let id = hive.api().submit(&fake_task()).id;
     let first = a.expect_assign(REPLY);
     a.send(&DroneMessage::Drain).expect("send drain");
     a.release(id);
 
-    let b = FakeDrone::connect(addr, hello("fake-b", &[KIND], 1));
+    let b = FakeDrone::connect(addr, named_hello("fake-b", &[KIND], 1));
     let second = b.expect_assign(DEADLINE);
     assert_eq!(second.task_id, id);
     assert!(second.fence > first.fence);
@@ -196,7 +195,7 @@ fn a_late_report_for_a_dropped_lease_is_stale() {
 fn fences_keep_growing_across_a_queen_restart() {
     let mut hive = Hive::start();
     let addr = hive.queen.drones_addr;
-    let a_hello = hello("fake-a", &[KIND], 1);
+    let a_hello = named_hello("fake-a", &[KIND], 1);
     let a = FakeDrone::connect(addr, a_hello.clone());
     let id = hive.api().submit(&fake_task()).id;
     let first = a.expect_assign(REPLY);
@@ -207,7 +206,7 @@ fn fences_keep_growing_across_a_queen_restart() {
     hive.queen.kill9();
     drop(a);
     hive.queen.restart();
-    let b = FakeDrone::connect(addr, hello("fake-b", &[KIND], 1));
+    let b = FakeDrone::connect(addr, named_hello("fake-b", &[KIND], 1));
     let second = b.expect_assign(DEADLINE);
     assert_eq!(second.task_id, id);
     assert!(

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use hive_tests::execlog::{shell_quote, Phase};
 use hive_tests::hive::lingering;
-use hive_tests::wire::hello;
-use hive_tests::{echo, pid_alive, wait_until, Execution, FakeDrone, Hive, DEADLINE};
+use hive_tests::{echo, named_hello, pid_alive, wait_until, Execution, FakeDrone, Hive, DEADLINE};
 use serde_json::json;
 use shared::api::{TaskSpec, TaskState};
 use shared::TaskId;
@@ -119,7 +118,7 @@ fn lost_leases_count_as_attempts() {
     let mut hive = Hive::start();
     let addr = hive.queen.drones_addr;
     let kind = "fake-kind";
-    let a = FakeDrone::connect(addr, hello("fake-a", &[kind], 1));
+    let a = FakeDrone::connect(addr, named_hello("fake-a", &[kind], 1));
     let spec = TaskSpec {
         kind: kind.into(),
         max_attempts: Some(2),
@@ -127,7 +126,7 @@ fn lost_leases_count_as_attempts() {
     };
     let id = hive.api().submit(&spec).id;
     let first = a.expect_assign(Duration::from_secs(10));
-    let b = FakeDrone::connect(addr, hello("fake-b", &[kind], 1));
+    let b = FakeDrone::connect(addr, named_hello("fake-b", &[kind], 1));
     drop(a);
     let second = b.expect_assign(DEADLINE);
     assert_eq!((second.task_id, second.attempt), (id, 2));

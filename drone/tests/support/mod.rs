@@ -1,14 +1,17 @@
 //! A fake queen speaking the real protocol (shared types, shared codec), plus helpers to
-//! run a drone in-process or as the real binary and to watch processes.
+//! run a drone in-process or as the real binary and to watch processes. Waits go through
+//! the shared `hive_testkit::wait_until_async`.
 
 #![allow(dead_code)]
 
+use std::future::ready;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
+pub use hive_testkit::wait_until_async;
 use serde_json::Value;
 use shared::frame;
 use shared::protocol::{
@@ -30,9 +33,6 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 /// The heartbeat interval the fake queen asks for: fast, so tests that wait for a
 /// heartbeat finish quickly.
 pub const HEARTBEAT_MS: u64 = 100;
-
-/// How often condition polls look again.
-const POLL: Duration = Duration::from_millis(20);
 
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
@@ -241,31 +241,23 @@ impl Drop for InProcessDrone {
     }
 }
 
-/// Polls `condition` until it holds or the deadline passes.
-pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + DEADLINE;
-    while !condition() {
-        if Instant::now() >= deadline {
-            bail!("timed out waiting until {what}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    Ok(())
-}
-
 /// The pids a task script wrote to `file`, one per line, once there are `n` of them.
-pub async fn pids_in(file: &Path, n: usize) -> Result<Vec<i32>> {
+pub async fn pids_in(file: &Path, n: usize) -> Vec<i32> {
     let mut pids = Vec::new();
-    wait_until(&format!("{} lists {n} pids", file.display()), || {
-        pids = std::fs::read_to_string(file)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        pids.len() >= n
-    })
-    .await?;
-    Ok(pids)
+    wait_until_async(
+        DEADLINE,
+        &format!("{} lists {n} pids", file.display()),
+        || {
+            pids = std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
+            ready(pids.len() >= n)
+        },
+    )
+    .await;
+    pids
 }
 
 /// Whether a process no longer runs: gone, or a zombie nobody reaped yet (it runs no
@@ -281,11 +273,11 @@ pub fn is_gone(pid: i32) -> bool {
     }
 }
 
-pub async fn wait_all_gone(pids: &[i32]) -> Result<()> {
-    wait_until(&format!("processes {pids:?} are gone"), || {
-        pids.iter().all(|p| is_gone(*p))
+pub async fn wait_all_gone(pids: &[i32]) {
+    wait_until_async(DEADLINE, &format!("processes {pids:?} are gone"), || {
+        ready(pids.iter().all(|p| is_gone(*p)))
     })
-    .await
+    .await;
 }
 
 pub fn signal(pid: u32, sig: libc::c_int) -> Result<()> {
@@ -334,13 +326,11 @@ impl DroneProcess {
 
     /// Waits for the process to exit.
     pub async fn exit_status(&mut self) -> Result<std::process::ExitStatus> {
-        let mut status = None;
-        wait_until("the drone process exits", || {
-            status = self.child.try_wait().ok().flatten();
-            status.is_some()
+        let child = &mut self.child;
+        Ok(wait_until_async(DEADLINE, "the drone process exits", || {
+            ready(child.try_wait().ok().flatten())
         })
-        .await?;
-        status.ok_or_else(|| anyhow!("no exit status"))
+        .await)
     }
 }
 

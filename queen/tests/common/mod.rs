@@ -1,22 +1,19 @@
-//! In-process queen and a fake drone that speaks the protocol, for integration tests.
+//! An in-process queen for integration tests; the drones are played by the shared fake
+//! drone ([`hive_testkit::FakeDrone`]).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+// Not every test file plays a drone.
+pub use hive_testkit::wait_until_async;
+#[allow(unused_imports)]
+pub use hive_testkit::{hello, FakeDrone, PATIENCE};
 use queen::config::Config;
 use queen::{Listeners, Queen};
 use shared::api::TaskView;
-use shared::frame;
-use shared::protocol::{DroneMessage, Held, Hello, QueenMessage, PROTOCOL_VERSION};
-use shared::{DroneId, TaskId};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use shared::TaskId;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-/// How long a test waits for something that should happen in milliseconds.
-pub const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Fast retries and a heartbeat timeout long enough that a fake drone, which heartbeats
 /// only when a test says so, is not expired by a slow machine mid-test. Expiry tests
@@ -156,175 +153,21 @@ impl TestQueen {
         what: &str,
         pred: impl Fn(&TaskView) -> bool,
     ) -> TaskView {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
+        let pred = &pred;
+        wait_until_async(PATIENCE, what, || async move {
             let t = self.task(id).await;
             if pred(&t) {
-                return t;
+                Ok(t)
+            } else {
+                Err(format!("task is {t:?}"))
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}; task is {t:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 }
 
 impl Drop for TestQueen {
     fn drop(&mut self) {
         self.shutdown.cancel();
-    }
-}
-
-/// A drone played by the test, one frame at a time.
-pub struct FakeDrone {
-    pub id: DroneId,
-    io: Framed<TcpStream, LengthDelimitedCodec>,
-    pub assigns_seen: u64,
-}
-
-pub fn hello(id: DroneId, slots: u32, held: Vec<Held>) -> Hello {
-    Hello {
-        protocol_version: PROTOCOL_VERSION,
-        drone_id: id,
-        name: format!("fake-{}", &id.to_string()[..8]),
-        labels: vec![],
-        slots,
-        kinds: vec!["echo".into(), "exec".into()],
-        token: None,
-        held,
-        draining: false,
-    }
-}
-
-impl FakeDrone {
-    pub async fn raw(addr: SocketAddr) -> Framed<TcpStream, LengthDelimitedCodec> {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        Framed::new(stream, frame::codec(frame::DEFAULT_MAX_FRAME_LEN))
-    }
-
-    /// Connects and says hello; panics unless welcomed.
-    pub async fn connect(addr: SocketAddr, hello: Hello) -> FakeDrone {
-        let id = hello.drone_id;
-        let mut io = Self::raw(addr).await;
-        io.send(frame::encode(&DroneMessage::Hello(hello)).expect("encode"))
-            .await
-            .expect("send");
-        let mut d = FakeDrone {
-            id,
-            io,
-            assigns_seen: 0,
-        };
-        match d.recv().await {
-            Some(QueenMessage::Welcome(_)) => d,
-            other => panic!("expected welcome, got {other:?}"),
-        }
-    }
-
-    pub async fn send(&mut self, msg: DroneMessage) {
-        self.io
-            .send(frame::encode(&msg).expect("encode"))
-            .await
-            .expect("send");
-    }
-
-    /// The next message, or None when the queen closed the connection.
-    pub async fn recv(&mut self) -> Option<QueenMessage> {
-        let next = tokio::time::timeout(PATIENCE, self.io.next())
-            .await
-            .expect("queen said nothing in time");
-        let msg = match next {
-            None | Some(Err(_)) => return None,
-            Some(Ok(bytes)) => {
-                frame::decode::<QueenMessage>(&bytes).expect("queen sends valid messages")
-            }
-        };
-        if matches!(msg, QueenMessage::Assign(_)) {
-            self.assigns_seen += 1;
-        }
-        Some(msg)
-    }
-
-    /// Waits for the next message of interest, skipping the others.
-    pub async fn expect<T>(
-        &mut self,
-        what: &str,
-        mut pick: impl FnMut(QueenMessage) -> Option<T>,
-    ) -> T {
-        loop {
-            match self.recv().await {
-                None => panic!("connection closed while waiting for {what}"),
-                Some(m) => {
-                    if let Some(t) = pick(m) {
-                        return t;
-                    }
-                }
-            }
-        }
-    }
-
-    /// The next ack: (task, fence, status).
-    pub async fn ack(&mut self) -> (TaskId, shared::Fence, shared::protocol::AckStatus) {
-        self.expect("an ack", |m| match m {
-            QueenMessage::Ack(a) => Some((a.task_id, a.fence, a.status)),
-            _ => None,
-        })
-        .await
-    }
-
-    pub async fn assign(&mut self) -> shared::protocol::Assign {
-        self.expect("an assign", |m| match m {
-            QueenMessage::Assign(a) => Some(a),
-            _ => None,
-        })
-        .await
-    }
-
-    /// Waits for an assign while heartbeating (holding nothing) every `every`: for waits as
-    /// long as the heartbeat timeout (an orphan's expiry after a restart), so the queen
-    /// does not expire this silent drone first.
-    pub async fn assign_heartbeating(&mut self, every: Duration) -> shared::protocol::Assign {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            self.heartbeat(vec![]).await;
-            match tokio::time::timeout(every, self.recv()).await {
-                Ok(Some(QueenMessage::Assign(a))) => return a,
-                Ok(Some(_)) | Err(_) => {}
-                Ok(None) => panic!("connection closed while waiting for an assign"),
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no assign within {PATIENCE:?}"
-            );
-        }
-    }
-
-    pub async fn heartbeat(&mut self, held: Vec<Held>) {
-        self.heartbeat_with(held, vec![]).await;
-    }
-
-    pub async fn heartbeat_with(
-        &mut self,
-        held: Vec<Held>,
-        checkpoints: Vec<shared::protocol::Checkpoint>,
-    ) {
-        let assigns_seen = self.assigns_seen;
-        self.send(DroneMessage::Heartbeat(shared::protocol::Heartbeat {
-            held,
-            assigns_seen,
-            checkpoints,
-        }))
-        .await;
-    }
-
-    /// True when the queen closes the connection (after any messages still queued).
-    pub async fn closed(&mut self) -> bool {
-        loop {
-            match self.recv().await {
-                None => return true,
-                Some(_) => continue,
-            }
-        }
     }
 }
