@@ -37,18 +37,18 @@ fn processes_with(needle: &str) -> Vec<i32> {
         .collect()
 }
 
-#[test]
-fn queen_dev_runs_its_sample_batch_serves_and_stops_with_its_drones() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// `queen dev` with `args`, and its stdout a line at a time.
+fn spawn_dev(dir: &std::path::Path, args: &[&str]) -> (Proc, mpsc::Receiver<String>) {
     let mut cmd = Command::new(bins::queen());
     // `drone` is built next to `queen`, where `dev` looks for it.
     let _ = bins::drone();
-    cmd.args(["dev", "--drones", "2", "--slots", "2", "--tasks", "12"])
-        .env("HIVE_QUEEN__DATA_DIR", dir.path().join("data"))
+    cmd.arg("dev")
+        .args(args)
+        .env("HIVE_QUEEN__DATA_DIR", dir.join("data"))
         .env("HIVE_QUEEN__LISTEN", "127.0.0.1:0")
         .env("HIVE_QUEEN__HTTP", "127.0.0.1:0")
         .env_remove("HIVE_AUTH__TOKEN");
-    let mut queen = Proc::spawn("queen dev", cmd, &dir.path().join("dev.log"), Stdout::Piped);
+    let mut queen = Proc::spawn("queen dev", cmd, &dir.join("dev.log"), Stdout::Piped);
     let stdout = queen.child_mut().stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -58,6 +58,16 @@ fn queen_dev_runs_its_sample_batch_serves_and_stops_with_its_drones() {
             }
         }
     });
+    (queen, rx)
+}
+
+#[test]
+fn queen_dev_runs_its_sample_batch_serves_and_stops_with_its_drones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut queen, rx) = spawn_dev(
+        dir.path(),
+        &["--drones", "2", "--slots", "2", "--tasks", "12"],
+    );
     let mut lines = Vec::new();
     let next_line = |lines: &mut Vec<String>| -> Option<String> {
         let line = rx.recv_timeout(DEADLINE).ok()?;
@@ -108,6 +118,49 @@ fn queen_dev_runs_its_sample_batch_serves_and_stops_with_its_drones() {
     assert_eq!(drones.len(), 2, "two local drones: {drones:?}");
 
     // SIGTERM: a clean exit, and the drones go with it.
+    queen.signal(libc::SIGTERM);
+    wait_until(DEADLINE, "queen dev to exit", || queen.exit_status());
+    let status = queen.exit_status().expect("exited");
+    assert!(status.success(), "exit status {status}");
+    wait_until(
+        Duration::from_secs(10),
+        "the local drones to stop with the queen",
+        || processes_with(&drones_addr).is_empty(),
+    );
+}
+
+/// Guards the signal handling of `queen dev`: a SIGTERM that arrives while the sample
+/// batch still runs stops the hive cleanly, drones included. (Its handlers used to be
+/// installed only once the batch was done, so such a signal killed the process outright
+/// and left its drones running.)
+#[test]
+fn queen_dev_stops_cleanly_on_sigterm_while_its_sample_batch_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One slot for a few hundred tasks (a third of them sleep): the batch outlasts the test.
+    let (mut queen, rx) = spawn_dev(
+        dir.path(),
+        &["--drones", "1", "--slots", "1", "--tasks", "300"],
+    );
+    let mut lines = Vec::new();
+    let mut drones_addr = None;
+    loop {
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("queen dev stopped printing; so far: {lines:#?}"));
+        if let Some(rest) = line.strip_prefix("queen: drones connect to ") {
+            drones_addr = rest.split(',').next().map(str::to_owned);
+        }
+        let submitted = line.starts_with("submitted a sample batch");
+        lines.push(line);
+        if submitted {
+            break;
+        }
+    }
+    let drones_addr = drones_addr.expect("the drones' address");
+    assert!(
+        !lines.iter().any(|l| l == "sample batch complete"),
+        "the batch must still be running: {lines:#?}"
+    );
     queen.signal(libc::SIGTERM);
     wait_until(DEADLINE, "queen dev to exit", || queen.exit_status());
     let status = queen.exit_status().expect("exited");
