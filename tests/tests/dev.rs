@@ -61,6 +61,42 @@ fn spawn_dev(dir: &std::path::Path, args: &[&str]) -> (Proc, mpsc::Receiver<Stri
     (queen, rx)
 }
 
+/// Lines from queen dev's stdout up to and including the first that `last` accepts.
+fn lines_until(rx: &mpsc::Receiver<String>, last: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("queen dev stopped printing; so far: {lines:#?}"));
+        let done = last(&line);
+        lines.push(line);
+        if done {
+            return lines;
+        }
+    }
+}
+
+/// The rest of the first line that starts with `prefix`.
+fn after(lines: &[String], prefix: &str) -> Option<String> {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(prefix).map(|rest| rest.trim().to_owned()))
+}
+
+/// SIGTERM: a clean exit, and the local drones (found by the queen's address on their
+/// command line) go with it.
+fn stop_cleanly(queen: &mut Proc, drones_addr: &str) {
+    queen.signal(libc::SIGTERM);
+    wait_until(DEADLINE, "queen dev to exit", || queen.exit_status());
+    let status = queen.exit_status().expect("exited");
+    assert!(status.success(), "exit status {status}");
+    wait_until(
+        Duration::from_secs(10),
+        "the local drones to stop with the queen",
+        || processes_with(drones_addr).is_empty(),
+    );
+}
+
 #[test]
 fn queen_dev_runs_its_sample_batch_serves_and_stops_with_its_drones() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -68,29 +104,11 @@ fn queen_dev_runs_its_sample_batch_serves_and_stops_with_its_drones() {
         dir.path(),
         &["--drones", "2", "--slots", "2", "--tasks", "12"],
     );
-    let mut lines = Vec::new();
-    let next_line = |lines: &mut Vec<String>| -> Option<String> {
-        let line = rx.recv_timeout(DEADLINE).ok()?;
-        lines.push(line.clone());
-        Some(line)
-    };
-
     // The dashboard URL, then the sample batch running to completion.
-    let mut dashboard = None;
-    let mut drones_addr = None;
-    loop {
-        let line = next_line(&mut lines)
-            .unwrap_or_else(|| panic!("queen dev stopped printing; so far: {lines:#?}"));
-        if let Some(url) = line.strip_prefix("dashboard: ") {
-            dashboard = Some(url.trim().to_owned());
-        }
-        if let Some(rest) = line.strip_prefix("queen: drones connect to ") {
-            drones_addr = rest.split(',').next().map(str::to_owned);
-        }
-        if line == "sample batch complete" {
-            break;
-        }
-    }
+    let lines = lines_until(&rx, |l| l == "sample batch complete");
+    let dashboard = after(&lines, "dashboard: ");
+    let drones_addr = after(&lines, "queen: drones connect to ")
+        .and_then(|rest| rest.split(',').next().map(str::to_owned));
     let dashboard = dashboard.expect("a dashboard URL");
     let drones_addr = drones_addr.expect("the drones' address");
     assert!(
@@ -117,16 +135,7 @@ fn queen_dev_runs_its_sample_batch_serves_and_stops_with_its_drones() {
     let drones = processes_with(&drones_addr);
     assert_eq!(drones.len(), 2, "two local drones: {drones:?}");
 
-    // SIGTERM: a clean exit, and the drones go with it.
-    queen.signal(libc::SIGTERM);
-    wait_until(DEADLINE, "queen dev to exit", || queen.exit_status());
-    let status = queen.exit_status().expect("exited");
-    assert!(status.success(), "exit status {status}");
-    wait_until(
-        Duration::from_secs(10),
-        "the local drones to stop with the queen",
-        || processes_with(&drones_addr).is_empty(),
-    );
+    stop_cleanly(&mut queen, &drones_addr);
 }
 
 /// Guards the signal handling of `queen dev`: a SIGTERM that arrives while the sample
@@ -141,33 +150,13 @@ fn queen_dev_stops_cleanly_on_sigterm_while_its_sample_batch_runs() {
         dir.path(),
         &["--drones", "1", "--slots", "1", "--tasks", "300"],
     );
-    let mut lines = Vec::new();
-    let mut drones_addr = None;
-    loop {
-        let line = rx
-            .recv_timeout(DEADLINE)
-            .unwrap_or_else(|_| panic!("queen dev stopped printing; so far: {lines:#?}"));
-        if let Some(rest) = line.strip_prefix("queen: drones connect to ") {
-            drones_addr = rest.split(',').next().map(str::to_owned);
-        }
-        let submitted = line.starts_with("submitted a sample batch");
-        lines.push(line);
-        if submitted {
-            break;
-        }
-    }
+    let lines = lines_until(&rx, |l| l.starts_with("submitted a sample batch"));
+    let drones_addr = after(&lines, "queen: drones connect to ")
+        .and_then(|rest| rest.split(',').next().map(str::to_owned));
     let drones_addr = drones_addr.expect("the drones' address");
     assert!(
         !lines.iter().any(|l| l == "sample batch complete"),
         "the batch must still be running: {lines:#?}"
     );
-    queen.signal(libc::SIGTERM);
-    wait_until(DEADLINE, "queen dev to exit", || queen.exit_status());
-    let status = queen.exit_status().expect("exited");
-    assert!(status.success(), "exit status {status}");
-    wait_until(
-        Duration::from_secs(10),
-        "the local drones to stop with the queen",
-        || processes_with(&drones_addr).is_empty(),
-    );
+    stop_cleanly(&mut queen, &drones_addr);
 }

@@ -96,7 +96,7 @@ pub enum StoreError {
 pub struct CommitError(pub String);
 
 /// One change to stored state.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Mutation {
     /// Insert or replace an active task.
     SaveActive {

@@ -271,7 +271,7 @@ impl Hive {
             let mut disk = self.lookup.disk.lock().expect("disk lock");
             for c in &commits {
                 for m in &c.mutations {
-                    disk.apply(clone_mutation(m));
+                    disk.apply(m.clone());
                 }
             }
         }
@@ -439,59 +439,5 @@ pub fn spec() -> TaskSpec {
     TaskSpec {
         kind: "echo".into(),
         ..Default::default()
-    }
-}
-
-fn clone_mutation(m: &Mutation) -> Mutation {
-    match m {
-        Mutation::SaveActive { id, record } => Mutation::SaveActive {
-            id: *id,
-            record: record.clone(),
-        },
-        Mutation::Finish {
-            id,
-            record,
-            finished_ms,
-            index,
-            count,
-        } => Mutation::Finish {
-            id: *id,
-            record: record.clone(),
-            finished_ms: *finished_ms,
-            index: index.clone(),
-            count: *count,
-        },
-        Mutation::Idempotency { key, id } => Mutation::Idempotency {
-            key: key.clone(),
-            id: *id,
-        },
-        Mutation::SaveSchedule { name, record } => Mutation::SaveSchedule {
-            name: name.clone(),
-            record: record.clone(),
-        },
-        Mutation::DeleteSchedule { name } => Mutation::DeleteSchedule { name: name.clone() },
-        Mutation::SaveQueue { name, record } => Mutation::SaveQueue {
-            name: name.clone(),
-            record: record.clone(),
-        },
-        Mutation::Revive {
-            id,
-            record,
-            finished_ms,
-            queue,
-            state,
-            count,
-        } => Mutation::Revive {
-            id: *id,
-            record: record.clone(),
-            finished_ms: *finished_ms,
-            queue: queue.clone(),
-            state: *state,
-            count: *count,
-        },
-        Mutation::Purge { expired, count } => Mutation::Purge {
-            expired: expired.clone(),
-            count: *count,
-        },
     }
 }

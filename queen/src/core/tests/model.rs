@@ -139,6 +139,19 @@ struct FakeDrone {
     history: Vec<(TaskId, Fence)>,
 }
 
+impl FakeDrone {
+    /// What it says it holds, in a hello or a heartbeat.
+    fn held(&self) -> Vec<Held> {
+        self.runs
+            .iter()
+            .map(|(task_id, fence)| Held {
+                task_id: *task_id,
+                fence: *fence,
+            })
+            .collect()
+    }
+}
+
 struct Model {
     hive: Hive,
     drones: Vec<FakeDrone>,
@@ -235,14 +248,7 @@ impl Model {
             }
             Op::Connect(i) => {
                 let d = &mut self.drones[*i];
-                let held = d
-                    .runs
-                    .iter()
-                    .map(|(task_id, fence)| Held {
-                        task_id: *task_id,
-                        fence: *fence,
-                    })
-                    .collect();
+                let held = d.held();
                 d.link = Some(self.hive.connect(&format!("d{i}"), SLOTS, held, Some(d.id)));
             }
             Op::Disconnect(i) => {
@@ -259,14 +265,7 @@ impl Model {
                     }
                 }
                 if let Some(link) = &d.link {
-                    let held = d
-                        .runs
-                        .iter()
-                        .map(|(task_id, fence)| Held {
-                            task_id: *task_id,
-                            fence: *fence,
-                        })
-                        .collect();
+                    let held = d.held();
                     self.hive.heartbeat(link, held);
                 }
             }
