@@ -41,6 +41,8 @@ pub struct Metrics {
     pub cancelled: IntCounterVec,
     pub lease_expirations: IntCounter,
     pub stale_completions: IntCounter,
+    /// Times the queen noticed it had stalled (see `core::Core::notice_stall`).
+    pub stalls: IntCounter,
     pub dispatch_latency: Histogram,
     pub run_duration: HistogramVec,
     tasks: IntGaugeVec,
@@ -127,6 +129,11 @@ impl Metrics {
                 "Outcomes refused because their fence was no longer current (G2/G3, docs/GUARANTEES.md).",
             )
             .expect("static counter options are valid"),
+            stalls: IntCounter::new(
+                "hive_queen_stalls_total",
+                "Times the queen's own loop ran later than a heartbeat interval (stopped, starved or stuck); each gave every drone a fresh heartbeat timeout.",
+            )
+            .expect("static counter options are valid"),
             dispatch_latency: Histogram::with_opts(
                 HistogramOpts::new(
                     "hive_dispatch_latency_seconds",
@@ -170,6 +177,7 @@ impl Metrics {
             Box::new(m.cancelled.clone()),
             Box::new(m.lease_expirations.clone()),
             Box::new(m.stale_completions.clone()),
+            Box::new(m.stalls.clone()),
             Box::new(m.dispatch_latency.clone()),
             Box::new(m.run_duration.clone()),
             Box::new(m.tasks.clone()),

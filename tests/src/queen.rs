@@ -205,6 +205,19 @@ impl QueenProc {
         proc.kill9();
     }
 
+    /// Stops the queen where it is (SIGSTOP): a VM pause, a swap storm or a starved CPU
+    /// look the same to it.
+    pub fn sigstop(&mut self) {
+        let pid = self.pid().expect("sigstop: the queen is not running");
+        crate::process::signal(pid, libc::SIGSTOP);
+    }
+
+    /// Lets a stopped queen go on (SIGCONT).
+    pub fn sigcont(&mut self) {
+        let pid = self.pid().expect("sigcont: the queen is not running");
+        crate::process::signal(pid, libc::SIGCONT);
+    }
+
     /// SIGTERM, and waits for a graceful exit.
     pub fn stop(&mut self) -> ExitStatus {
         let mut proc = self.proc.take().expect("stop: the queen is not running");

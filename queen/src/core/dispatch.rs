@@ -120,6 +120,18 @@ impl Dispatch {
         }
     }
 
+    /// Moves every attempt deadline on by `by` (the queen stalled: no report could be
+    /// heard meanwhile).
+    pub fn postpone_deadlines(&mut self, by: Duration) {
+        self.deadlines = std::mem::take(&mut self.deadlines)
+            .into_iter()
+            .map(|(at, id, fence)| (at + by, id, fence))
+            .collect();
+        for (at, _) in self.deadline_of.values_mut() {
+            *at += by;
+        }
+    }
+
     /// The first attempt deadline that passed by `now`, taken off the timer.
     pub fn pop_expired_deadline(&mut self, now: Instant) -> Option<(TaskId, Fence)> {
         let &(deadline, id, fence) = self.deadlines.first()?;

@@ -111,6 +111,18 @@ impl Fleet {
         }
     }
 
+    /// After a stall of the queen's own: every drone is as if just heard from, and every
+    /// orphan's grace starts again where the stall stopped it.
+    pub fn forgive(&mut self, now: Instant, stalled: std::time::Duration) {
+        for drone in self.drones.values_mut() {
+            drone.last_seen = now;
+        }
+        for deadline in self.orphans.values_mut() {
+            *deadline += stalled;
+        }
+        self.next_check = now;
+    }
+
     pub fn close_all(&self) {
         for drone in self.drones.values() {
             drone.conn.close.cancel();

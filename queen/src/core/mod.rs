@@ -105,6 +105,9 @@ pub struct Core {
     schedules: Schedules,
     reaper: Reaper,
     next_tick: Instant,
+    /// When the previous pass ran, to notice the core's own stalls (see
+    /// [`Core::notice_stall`]).
+    last_pass: Option<Instant>,
     /// Set until every active task has been read from the store (see [`Core::run`]).
     recovery: Option<Recovery>,
     /// True once recovery is over (read by `/readyz` through the handle).
@@ -182,6 +185,7 @@ impl Core {
             schedules: Schedules::default(),
             reaper: Reaper::new(now),
             next_tick: now.mono,
+            last_pass: None,
             recovery: Some(Recovery::new(scan)),
             recovered_flag: Arc::new(AtomicBool::new(false)),
             fatal,
@@ -255,6 +259,7 @@ impl Core {
                 _ = shutdown.cancelled() => break,
                 loaded = recovery::next_chunk(&mut chunks) => {
                     let now = Now::read();
+                    self.notice_stall(now);
                     let failure = match loaded {
                         Some(Loaded::Chunk(tasks)) => {
                             self.recover_chunk(tasks, now);
@@ -281,6 +286,7 @@ impl Core {
                 req = rx.recv(), if accepting => {
                     let Some(req) = req else { break };
                     let now = Now::read();
+                    self.notice_stall(now);
                     self.handle(req, now);
                     for _ in 1..REQUESTS_PER_PASS {
                         match rx.try_recv() {
@@ -292,7 +298,9 @@ impl Core {
                 }
                 // Timers wait for recovery (the tick would be due at once, every pass).
                 _ = tokio::time::sleep_until(wake), if self.recovery.is_none() => {
-                    self.pass(Now::read());
+                    let now = Now::read();
+                    self.notice_stall(now);
+                    self.pass(now);
                 }
             }
             self.flush_commits().await;
@@ -320,6 +328,37 @@ impl Core {
             // Tasks read at startup join the map only when recovery ends.
             self.ledger.tasks.demote(self.writer.durable());
         }
+    }
+
+    /// Notices that the core itself stalled: the loop wakes at least every [`TICK`], so a
+    /// pass that comes more than a heartbeat interval late means the queen could not
+    /// listen (it was stopped, starved of CPU, swapped out, or waiting on a stuck disk).
+    /// Drones heartbeated meanwhile, and their frames wait unread in the sockets: the
+    /// queen must not judge them on silence it could not observe. So every drone gets a
+    /// fresh heartbeat timeout from now, and orphan and attempt deadlines move on by the
+    /// stall. A drone that really died during the stall is still found out: its closed
+    /// connection, or its silence from now on.
+    fn notice_stall(&mut self, now: Now) {
+        let Some(last) = self.last_pass.replace(now.mono) else {
+            return;
+        };
+        if self.recovery.is_some() {
+            // No timer runs while recovering, and no drone is registered yet.
+            return;
+        }
+        let late = now.mono.saturating_duration_since(last);
+        if late <= self.cfg.leases.heartbeat_interval() + TICK {
+            return;
+        }
+        let stalled = late.saturating_sub(TICK);
+        tracing::warn!(
+            stalled_ms = stalled.as_millis() as u64,
+            drones = self.fleet.drones.len(),
+            "the queen stalled and could not hear its drones; each gets a fresh heartbeat timeout, and lease deadlines move on by the stall"
+        );
+        self.metrics.stalls.inc();
+        self.fleet.forgive(now.mono, stalled);
+        self.dispatch.postpone_deadlines(stalled);
     }
 
     /// The timers, one unit of work each, in this order.

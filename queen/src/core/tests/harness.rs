@@ -243,6 +243,7 @@ impl Hive {
 
     /// Handles one request in the current pass.
     pub fn request(&mut self, req: Request) {
+        self.core.notice_stall(self.now);
         self.core.handle(req, self.now);
     }
 
@@ -258,6 +259,7 @@ impl Hive {
 
     /// Ends the pass: timers, dispatch, seal, demote, and the commits go to the writer.
     pub fn pass(&mut self) {
+        self.core.notice_stall(self.now);
         self.core.pass(self.now);
         let out = self.core.outgoing();
         self.pending.extend(out);
@@ -295,7 +297,24 @@ impl Hive {
         self.pending.len()
     }
 
+    /// Time passes with the core awake: a pass every tick, as the loop wakes.
     pub fn advance(&mut self, by: Duration) {
+        let tick = super::super::TICK;
+        let mut left = by;
+        while left > tick {
+            self.jump(tick);
+            self.pass();
+            left -= tick;
+        }
+        self.jump(left);
+    }
+
+    /// Time passes with the core stalled (stopped, starved): no pass meanwhile.
+    pub fn stall(&mut self, by: Duration) {
+        self.jump(by);
+    }
+
+    fn jump(&mut self, by: Duration) {
         self.now.mono += by;
         self.now.wall += chrono::Duration::from_std(by).expect("a short step");
     }

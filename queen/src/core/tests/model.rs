@@ -1,8 +1,8 @@
 //! A model-based property test of the core: random interleavings of submits (with
 //! dependencies and idempotency keys), grants, heartbeats, outcomes (current, stale,
-//! duplicated, reordered), drone deaths and reconnects, timeouts, cancels, retries and
-//! restarts (recovery from what was durable), checked after every step against what must
-//! always hold:
+//! duplicated, reordered), drone deaths and reconnects, timeouts, stalls of the queen,
+//! cancels, retries and restarts (recovery from what was durable), checked after every step
+//! against what must always hold:
 //!
 //! - one live lease per task: no task is leased to two drones at once;
 //! - a terminal task never changes, except by an accepted retry;
@@ -84,6 +84,8 @@ enum Op {
     Cancel(Index),
     Retry(Index),
     Advance(u64),
+    /// The queen itself stalls (stopped, starved) for this long.
+    Stall(u64),
     Flush,
     Restart,
 }
@@ -122,6 +124,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<Index>().prop_map(Op::Cancel),
         1 => any::<Index>().prop_map(Op::Retry),
         3 => prop_oneof![0u64..200, 200u64..3_000, Just(6_000)].prop_map(Op::Advance),
+        1 => (1_000u64..12_000).prop_map(Op::Stall),
         3 => Just(Op::Flush),
         1 => Just(Op::Restart),
     ]
@@ -311,6 +314,7 @@ impl Model {
                 }
             }
             Op::Advance(ms) => self.hive.advance(Duration::from_millis(*ms)),
+            Op::Stall(ms) => self.hive.stall(Duration::from_millis(*ms)),
             Op::Flush => self.hive.flush(),
             Op::Restart => return self.restart(),
         }

@@ -446,6 +446,99 @@ mod fleet {
         assert!(view.errors[0].error.contains("did not come back in time"));
     }
 
+    /// A queen that stalled (stopped, starved) past the heartbeat timeout could not hear
+    /// its drones: it gives each a fresh timeout instead of expiring them on resume, and a
+    /// drone that really went away meanwhile is still expired within the usual bound.
+    #[test]
+    fn a_stall_of_the_queen_is_not_held_against_its_drones() {
+        let mut h = hive();
+        let t = h.submit(spec()).expect("created");
+        let u = h.submit(spec()).expect("created");
+        let mut alive = h.connect("alive", 1, Vec::new(), None);
+        let mut gone = h.connect("gone", 1, Vec::new(), None);
+        h.settle();
+        let (a, g) = (assigns(&alive.inbox()), assigns(&gone.inbox()));
+        assert_eq!((a.len(), g.len()), (1, 1));
+        let timeout = h.cfg.leases.heartbeat_timeout();
+        h.stall(timeout * 3);
+        h.settle();
+        // What waited in the sockets is read first: `alive`'s heartbeat.
+        let held = vec![Held {
+            task_id: a[0].task_id,
+            fence: a[0].fence,
+        }];
+        h.heartbeat(&alive, held.clone());
+        h.settle();
+        for id in [t.id, u.id] {
+            assert_eq!(
+                h.state(id),
+                Some(TaskState::Running),
+                "no lease lost to the stall"
+            );
+        }
+        assert!(!alive.close.is_cancelled() && !gone.close.is_cancelled());
+        // From now on silence counts again: `gone` says nothing and is expired after one
+        // heartbeat timeout (and a check interval), `alive` keeps heartbeating.
+        let step = h.cfg.leases.heartbeat_interval();
+        let mut waited = Duration::ZERO;
+        while waited <= timeout + step {
+            h.advance(step);
+            waited += step;
+            h.heartbeat(&alive, held.clone());
+            h.settle();
+        }
+        assert!(
+            gone.close.is_cancelled(),
+            "a drone silent after the stall is expired"
+        );
+        assert_eq!(
+            h.state(g[0].task_id),
+            Some(TaskState::Pending),
+            "and its task requeued"
+        );
+        assert_eq!(h.state(a[0].task_id), Some(TaskState::Running));
+        assert!(!alive.close.is_cancelled());
+    }
+
+    /// An orphan's grace and an attempt's deadline do not run out during the queen's own
+    /// stall: the drone that left could not have come back while the queen was not
+    /// listening, nor could a report have been heard.
+    #[test]
+    fn a_stall_moves_orphan_and_attempt_deadlines_on() {
+        let mut h = hive();
+        let t = h
+            .submit(TaskSpec {
+                timeout_ms: Some(1_000),
+                ..spec()
+            })
+            .expect("created");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        h.close(&drone);
+        h.settle();
+        h.stall(h.cfg.leases.heartbeat_timeout() * 3);
+        h.settle();
+        assert_eq!(
+            h.state(t.id),
+            Some(TaskState::Running),
+            "the orphan waits on"
+        );
+        let held = vec![Held {
+            task_id: t.id,
+            fence: a[0].fence,
+        }];
+        let mut back = h.connect("d", 1, held, Some(drone.drone));
+        h.settle();
+        assert!(
+            assigns(&back.inbox()).is_empty(),
+            "re-attached, not run again"
+        );
+        h.complete(&back, t.id, a[0].fence);
+        h.settle();
+        assert_eq!(h.state(t.id), Some(TaskState::Succeeded));
+    }
+
     #[test]
     fn a_silent_drone_is_expired_after_the_heartbeat_timeout_and_its_work_requeued() {
         let mut h = hive();
