@@ -69,9 +69,11 @@ impl Dispatch {
     }
 
     /// Puts a pending task in its ready queue or a scheduled one on the timer.
-    pub fn enqueue(&mut self, task: &Task, now: Now) {
+    pub fn enqueue(&mut self, task: &Task) {
         match task.state {
-            TaskState::Pending => self.ready.push_since(task, now.mono.into_std()),
+            // The moment it became ready feeds the dispatch-latency metric only, so it is
+            // read from the real clock, as the grant's is.
+            TaskState::Pending => self.ready.push(task),
             TaskState::Scheduled => {
                 if let Some(at) = task.run_at {
                     self.scheduled.insert((at, task.id));
@@ -197,8 +199,7 @@ impl Core {
                     continue;
                 }
                 self.metrics.dispatch_latency.observe(
-                    now.mono
-                        .into_std()
+                    std::time::Instant::now()
                         .saturating_duration_since(since)
                         .as_secs_f64(),
                 );
@@ -285,7 +286,7 @@ impl Core {
                     && task.run_at == Some(at)
                     && lifecycle::apply(&mut task, Event::Due, now.wall).is_ok()
                 {
-                    self.dispatch.ready.push_since(&*task, now.mono.into_std());
+                    self.dispatch.ready.push(&*task);
                 }
             }
         }

@@ -111,16 +111,24 @@ impl Fleet {
         }
     }
 
-    /// After a stall of the queen's own: every drone is as if just heard from, and every
-    /// orphan's grace starts again where the stall stopped it.
-    pub fn forgive(&mut self, now: Instant, stalled: std::time::Duration) {
+    /// After a stall of the queen's own: every drone's silence and every orphan's grace
+    /// is paused for the stall (a drone's last contact moves on by it, never past now),
+    /// and silent drones are judged again only after `hold`, so frames that waited in the
+    /// sockets are read first (a short hold: a longer one, renewed by every stall, would
+    /// keep a queen that stalls often from ever judging).
+    pub fn forgive(
+        &mut self,
+        now: Instant,
+        stalled: std::time::Duration,
+        hold: std::time::Duration,
+    ) {
         for drone in self.drones.values_mut() {
-            drone.last_seen = now;
+            drone.last_seen = (drone.last_seen + stalled).min(now);
         }
         for deadline in self.orphans.values_mut() {
             *deadline += stalled;
         }
-        self.next_check = now;
+        self.next_check = self.next_check.max(now + hold);
     }
 
     pub fn close_all(&self) {

@@ -223,7 +223,7 @@ impl Core {
                 self.ledger.remember_recent(seq, task);
             } else {
                 mutations.push(Mutation::save(&task));
-                self.dispatch.enqueue(&task, now);
+                self.dispatch.enqueue(&task);
                 self.ledger.tasks.insert(Box::new(task));
             }
         }
@@ -385,8 +385,15 @@ impl Core {
         }
         // Its dependencies as for a new task: a task whose dependency ended without
         // succeeding could never run, and one whose dependencies are still running waits.
+        // A task that was ever leased (fence above zero) saw them all succeed, and a
+        // succeeded task stays so: it needs no check (its dependencies may be purged).
         let mut blocked = false;
-        for dep in task.depends_on.clone() {
+        let deps = if task.fence > shared::Fence::ZERO {
+            Vec::new()
+        } else {
+            task.depends_on.clone()
+        };
+        for dep in deps {
             let refusal = match self.find_state(dep) {
                 Ok(Some(TaskState::Succeeded)) => None,
                 Ok(Some(state @ (TaskState::Failed | TaskState::Cancelled))) => {
@@ -442,7 +449,7 @@ impl Core {
                 self.ledger.dependents.entry(*dep).or_default().push(id);
             }
         }
-        self.dispatch.enqueue(&task, now);
+        self.dispatch.enqueue(&task);
         let view = task.view();
         self.ledger.tasks.insert(Box::new(task));
         self.fx.reply_when_durable(vec![m], reply, Ok(view));
@@ -455,7 +462,7 @@ impl Core {
             self.finish(task, now);
             return;
         }
-        self.dispatch.enqueue(&task, now);
+        self.dispatch.enqueue(&task);
         let m = Mutation::save(&task);
         self.ledger.tasks.insert(Box::new(task));
         self.fx.write(vec![m]);

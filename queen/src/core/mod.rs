@@ -105,7 +105,7 @@ pub struct Core {
     schedules: Schedules,
     reaper: Reaper,
     next_tick: Instant,
-    /// When the previous pass ran, to notice the core's own stalls (see
+    /// When the previous pass ended, to notice the core's own stalls (see
     /// [`Core::notice_stall`]).
     last_pass: Option<Instant>,
     /// Set until every active task has been read from the store (see [`Core::run`]).
@@ -282,6 +282,7 @@ impl Core {
                         break;
                     }
                     self.pass(Now::read());
+                    self.last_pass = Some(Instant::now());
                 }
                 req = rx.recv(), if accepting => {
                     let Some(req) = req else { break };
@@ -295,12 +296,14 @@ impl Core {
                         }
                     }
                     self.pass(now);
+                    self.last_pass = Some(Instant::now());
                 }
                 // Timers wait for recovery (the tick would be due at once, every pass).
                 _ = tokio::time::sleep_until(wake), if self.recovery.is_none() => {
                     let now = Now::read();
                     self.notice_stall(now);
                     self.pass(now);
+                    self.last_pass = Some(Instant::now());
                 }
             }
             self.flush_commits().await;
@@ -330,35 +333,42 @@ impl Core {
         }
     }
 
-    /// Notices that the core itself stalled: the loop wakes at least every [`TICK`], so a
-    /// pass that comes more than a heartbeat interval late means the queen could not
-    /// listen (it was stopped, starved of CPU, swapped out, or waiting on a stuck disk).
-    /// Drones heartbeated meanwhile, and their frames wait unread in the sockets: the
-    /// queen must not judge them on silence it could not observe. So every drone gets a
-    /// fresh heartbeat timeout from now, and orphan and attempt deadlines move on by the
-    /// stall. A drone that really died during the stall is still found out: its closed
-    /// connection, or its silence from now on.
+    /// Notices that the core itself stalled: it could not hear its drones for longer than
+    /// a heartbeat interval, because it was stopped, paused, swapped out or starved of CPU,
+    /// or waited on a stuck disk. The deaf time is measured from the end of the previous
+    /// pass (time spent deciding is time spent hearing: every request handled is a message
+    /// heard) to the start of this one; an idle loop wakes every [`TICK`]. Drones
+    /// heartbeated meanwhile and their frames wait unread in the sockets, so the queen
+    /// must not judge them on silence it could not observe: every silence clock (a
+    /// drone's last contact, an orphan's grace, an attempt's deadline) is paused for the
+    /// deaf time, and silent drones are judged again only from the next pass on, once
+    /// what waited has been read. Silence heard outside stalls still adds
+    /// up, so a drone that really died is still found out: by its closed connection at
+    /// once, or by its silence after the resume.
     fn notice_stall(&mut self, now: Now) {
-        let Some(last) = self.last_pass.replace(now.mono) else {
+        let Some(last) = self.last_pass else {
             return;
         };
         if self.recovery.is_some() {
             // No timer runs while recovering, and no drone is registered yet.
             return;
         }
-        let late = now.mono.saturating_duration_since(last);
-        if late <= self.cfg.leases.heartbeat_interval() + TICK {
+        let deaf = now.mono.saturating_duration_since(last);
+        let interval = self.cfg.leases.heartbeat_interval();
+        if deaf <= interval + TICK {
             return;
         }
-        let stalled = late.saturating_sub(TICK);
+        let stalled = deaf.saturating_sub(TICK);
         tracing::warn!(
             stalled_ms = stalled.as_millis() as u64,
             drones = self.fleet.drones.len(),
-            "the queen stalled and could not hear its drones; each gets a fresh heartbeat timeout, and lease deadlines move on by the stall"
+            "the queen stalled and could not hear its drones; their silence clocks and lease deadlines are paused for the stall"
         );
         self.metrics.stalls.inc();
-        self.fleet.forgive(now.mono, stalled);
+        self.fleet.forgive(now.mono, stalled, TICK);
         self.dispatch.postpone_deadlines(stalled);
+        // Counted once: the next pass measures from the end of this one.
+        self.last_pass = Some(now.mono);
     }
 
     /// The timers, one unit of work each, in this order.

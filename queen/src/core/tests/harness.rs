@@ -261,6 +261,8 @@ impl Hive {
     pub fn pass(&mut self) {
         self.core.notice_stall(self.now);
         self.core.pass(self.now);
+        // A pass takes no time on the test's clock.
+        self.core.last_pass = Some(self.now.mono);
         let out = self.core.outgoing();
         self.pending.extend(out);
     }
@@ -268,7 +270,14 @@ impl Hive {
     /// Every commit handed over so far becomes durable, in order: applied to the disk,
     /// then answered.
     pub fn flush(&mut self) {
-        let commits = std::mem::take(&mut self.pending);
+        self.flush_first(usize::MAX);
+    }
+
+    /// The first `n` commits handed over become durable, in order (the writer is behind:
+    /// the rest are still in flight).
+    pub fn flush_first(&mut self, n: usize) {
+        let n = n.min(self.pending.len());
+        let commits: Vec<Commit> = self.pending.drain(..n).collect();
         {
             let mut disk = self.lookup.disk.lock().expect("disk lock");
             for c in &commits {

@@ -86,7 +86,8 @@ enum Op {
     Advance(u64),
     /// The queen itself stalls (stopped, starved) for this long.
     Stall(u64),
-    Flush,
+    /// All commits so far become durable, or (Some) only the first few.
+    Flush(Option<usize>),
     Restart,
 }
 
@@ -125,7 +126,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<Index>().prop_map(Op::Retry),
         3 => prop_oneof![0u64..200, 200u64..3_000, Just(6_000)].prop_map(Op::Advance),
         1 => (1_000u64..12_000).prop_map(Op::Stall),
-        3 => Just(Op::Flush),
+        3 => prop::option::weighted(0.3, 1usize..4).prop_map(Op::Flush),
         1 => Just(Op::Restart),
     ]
 }
@@ -315,7 +316,8 @@ impl Model {
             }
             Op::Advance(ms) => self.hive.advance(Duration::from_millis(*ms)),
             Op::Stall(ms) => self.hive.stall(Duration::from_millis(*ms)),
-            Op::Flush => self.hive.flush(),
+            Op::Flush(None) => self.hive.flush(),
+            Op::Flush(Some(n)) => self.hive.flush_first(*n),
             Op::Restart => return self.restart(),
         }
         self.hive.pass();
@@ -477,6 +479,20 @@ impl Model {
                         drone.id
                     )));
                 }
+            }
+        }
+        // Every lease a drone holds is its task's current lease: running, held by that
+        // drone, under that fence (a stale entry would leak a slot).
+        for drone in core.fleet.drones.values() {
+            for (task, lease) in &drone.leases {
+                let ok = core.ledger.tasks.get(task).is_some_and(|t| {
+                    t.state == TaskState::Running
+                        && t.fence == lease.fence
+                        && t.lease.as_ref().is_some_and(|l| l.drone == drone.id)
+                });
+                check(ok, || {
+                    format!("{} holds a lease on {task} that is not current", drone.id)
+                })?;
             }
         }
         // Counts match a walk; ready and timer hold exactly the waiting tasks.

@@ -267,6 +267,49 @@ mod ledger {
         assert_eq!(next[0].task_id, after.id, "and then the dependent");
     }
 
+    /// A dependent that ran (so its dependencies had succeeded) can be retried after its
+    /// dependencies were purged by retention.
+    #[test]
+    fn a_dependent_that_ran_can_be_retried_after_its_dependency_was_purged() {
+        let mut cfg = config();
+        // Retention keeps one finished task: the older one, the dependency, goes first.
+        cfg.retention.finished_max_count = 1;
+        let mut h = Hive::new(cfg);
+        let dep = h.submit(spec()).expect("dep");
+        let after = h
+            .submit(TaskSpec {
+                depends_on: vec![shared::api::Dependency::Id(dep.id)],
+                max_attempts: Some(1),
+                ..spec()
+            })
+            .expect("dependent");
+        let mut drone = h.connect("d", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&drone.inbox());
+        h.complete(&drone, dep.id, a[0].fence);
+        h.settle();
+        let b = assigns(&drone.inbox());
+        assert_eq!(b[0].task_id, after.id);
+        h.fail(&drone, after.id, b[0].fence, false);
+        h.settle();
+        assert_eq!(h.state(after.id), Some(TaskState::Failed));
+        h.advance(
+            Duration::from_millis(h.cfg.retention.purge_interval_ms) + Duration::from_secs(31),
+        );
+        h.settle();
+        assert!(
+            !h.disk().finished.contains_key(&dep.id),
+            "the dependency is purged"
+        );
+        let mut rx = h.ask(|reply| Request::Retry {
+            id: after.id,
+            reply,
+        });
+        h.settle();
+        let view = rx.try_recv().expect("answered").expect("retried");
+        assert_eq!(view.state, TaskState::Pending);
+    }
+
     #[test]
     fn a_retry_revives_a_failed_task_with_a_fresh_set_of_attempts_and_the_fence_going_on() {
         let mut h = hive();
@@ -503,6 +546,34 @@ mod fleet {
     /// An orphan's grace and an attempt's deadline do not run out during the queen's own
     /// stall: the drone that left could not have come back while the queen was not
     /// listening, nor could a report have been heard.
+    /// Stalls pause a drone's silence clock, they do not reset it: a drone that died with
+    /// its connection open is found out even when the queen keeps stalling.
+    #[test]
+    fn repeated_stalls_do_not_hide_a_dead_drone() {
+        let mut h = hive();
+        let t = h.submit(spec()).expect("created");
+        let mut dead = h.connect("dead", 1, Vec::new(), None);
+        h.settle();
+        assert_eq!(assigns(&dead.inbox()).len(), 1);
+        let listening = h.cfg.leases.heartbeat_interval() / 2;
+        let mut cycles = 0;
+        while !dead.close.is_cancelled() {
+            cycles += 1;
+            assert!(cycles <= 40, "a silent drone survived {cycles} stalls");
+            h.stall(h.cfg.leases.heartbeat_interval() * 2);
+            h.settle();
+            h.advance(listening);
+            h.settle();
+        }
+        assert_eq!(h.state(t.id), Some(TaskState::Pending), "its task requeued");
+        // The silence it was charged is the listening time, a heartbeat timeout's worth.
+        let heard = listening * cycles;
+        assert!(
+            heard >= h.cfg.leases.heartbeat_timeout() / 2,
+            "expired after {heard:?} heard"
+        );
+    }
+
     #[test]
     fn a_stall_moves_orphan_and_attempt_deadlines_on() {
         let mut h = hive();
