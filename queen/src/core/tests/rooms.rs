@@ -14,6 +14,30 @@ fn hive() -> Hive {
     Hive::new(config())
 }
 
+/// The drone behind `gone` reconnects holding `task` under `fence`: the lease is
+/// re-attached (no second run), and its completion is recorded. Returns the new link.
+fn come_back_and_finish(
+    h: &mut Hive,
+    gone: &super::harness::Link,
+    task: shared::TaskId,
+    fence: Fence,
+) -> super::harness::Link {
+    let held = vec![Held {
+        task_id: task,
+        fence,
+    }];
+    let mut back = h.connect("d", 1, held, Some(gone.drone));
+    h.settle();
+    assert!(
+        assigns(&back.inbox()).is_empty(),
+        "re-attached, not run a second time"
+    );
+    h.complete(&back, task, fence);
+    h.settle();
+    assert_eq!(h.state(task), Some(TaskState::Succeeded));
+    back
+}
+
 mod ledger {
     use super::*;
 
@@ -462,19 +486,7 @@ mod fleet {
             Some(TaskState::Running),
             "an orphan waits for its drone"
         );
-        let held = vec![Held {
-            task_id: t.id,
-            fence: a[0].fence,
-        }];
-        let mut back = h.connect("d", 1, held, Some(drone.drone));
-        h.settle();
-        assert!(
-            assigns(&back.inbox()).is_empty(),
-            "re-attached, not run a second time"
-        );
-        h.complete(&back, t.id, a[0].fence);
-        h.settle();
-        assert_eq!(h.state(t.id), Some(TaskState::Succeeded));
+        let mut back = come_back_and_finish(&mut h, &drone, t.id, a[0].fence);
 
         let u = h.submit(spec()).expect("created");
         h.settle();
@@ -595,19 +607,7 @@ mod fleet {
             Some(TaskState::Running),
             "the orphan waits on"
         );
-        let held = vec![Held {
-            task_id: t.id,
-            fence: a[0].fence,
-        }];
-        let mut back = h.connect("d", 1, held, Some(drone.drone));
-        h.settle();
-        assert!(
-            assigns(&back.inbox()).is_empty(),
-            "re-attached, not run again"
-        );
-        h.complete(&back, t.id, a[0].fence);
-        h.settle();
-        assert_eq!(h.state(t.id), Some(TaskState::Succeeded));
+        come_back_and_finish(&mut h, &drone, t.id, a[0].fence);
     }
 
     #[test]
