@@ -14,6 +14,23 @@ fn hive() -> Hive {
     Hive::new(config())
 }
 
+/// A task of `spec` submitted and leased to a new one-slot drone: the task, the drone,
+/// and what it was assigned.
+fn leased(
+    h: &mut Hive,
+    spec: TaskSpec,
+) -> (
+    shared::api::TaskView,
+    super::harness::Link,
+    Vec<shared::protocol::Assign>,
+) {
+    let t = h.submit(spec).expect("created");
+    let mut drone = h.connect("d", 1, Vec::new(), None);
+    h.settle();
+    let a = assigns(&drone.inbox());
+    (t, drone, a)
+}
+
 /// The drone behind `gone` reconnects holding `task` under `fence`: the lease is
 /// re-attached (no second run), and its completion is recorded. Returns the new link.
 fn come_back_and_finish(
@@ -430,10 +447,7 @@ mod fleet {
     #[test]
     fn a_heartbeat_without_a_seen_lease_loses_it_and_a_foreign_task_is_stopped() {
         let mut h = hive();
-        let t = h.submit(spec()).expect("created");
-        let mut drone = h.connect("d", 1, Vec::new(), None);
-        h.settle();
-        let a = assigns(&drone.inbox());
+        let (t, mut drone, a) = leased(&mut h, spec());
         // The drone has seen the assign but no longer holds it, and runs a task it was
         // never given.
         let stranger = shared::TaskId::generate();
@@ -473,10 +487,7 @@ mod fleet {
     #[test]
     fn a_disconnected_drone_that_returns_in_time_keeps_its_lease_and_one_that_does_not_loses_it() {
         let mut h = hive();
-        let t = h.submit(spec()).expect("created");
-        let mut drone = h.connect("d", 1, Vec::new(), None);
-        h.settle();
-        let a = assigns(&drone.inbox());
+        let (t, drone, a) = leased(&mut h, spec());
         h.close(&drone);
         h.settle();
         h.advance(h.cfg.leases.reconnect_grace() / 2);
@@ -633,10 +644,7 @@ mod attempts {
     #[test]
     fn a_failed_attempt_retries_after_a_backoff_within_the_jitter_bounds() {
         let mut h = hive();
-        let t = h.submit(spec()).expect("created");
-        let mut drone = h.connect("d", 1, Vec::new(), None);
-        h.settle();
-        let a = assigns(&drone.inbox());
+        let (t, mut drone, a) = leased(&mut h, spec());
         let failed_at = h.now.wall;
         h.fail(&drone, t.id, a[0].fence, true);
         h.settle();
@@ -658,10 +666,7 @@ mod attempts {
     #[test]
     fn a_stale_or_duplicated_outcome_is_acked_stale_and_changes_nothing() {
         let mut h = hive();
-        let t = h.submit(spec()).expect("created");
-        let mut drone = h.connect("d", 1, Vec::new(), None);
-        h.settle();
-        let a = assigns(&drone.inbox());
+        let (t, mut drone, a) = leased(&mut h, spec());
         h.complete(&drone, t.id, Fence(a[0].fence.0 + 7));
         h.complete(&drone, t.id, a[0].fence);
         h.complete(&drone, t.id, a[0].fence);
@@ -723,10 +728,7 @@ mod attempts {
     fn cancelling_a_running_task_tells_its_drone_only_once_the_cancel_is_durable() {
         let mut h = hive();
         let t = h.submit(spec()).expect("created");
-        let other = h.submit(spec()).expect("created");
-        let mut drone = h.connect("d", 1, Vec::new(), None);
-        h.settle();
-        let a = assigns(&drone.inbox());
+        let (other, mut drone, a) = leased(&mut h, spec());
         let running = a[0].task_id;
         let mut rx = h.ask(|reply| Request::Cancel {
             id: running,
