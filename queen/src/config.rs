@@ -66,6 +66,10 @@ pub const DEFAULT_CACHE_CAPACITY_MB: u64 = 64;
 /// held as a small index entry and read back from the database when needed, so a backlog
 /// of millions costs tens of bytes a task.
 pub const DEFAULT_HOT_TASKS: usize = 50_000;
+/// Default `[storage] min_free_mb`: room for the outcomes of the work already accepted
+/// (a finished record is a few hundred bytes; 256 MiB is about a million of them, plus
+/// sled's segment rewrites) while new work waits for space.
+pub const DEFAULT_MIN_FREE_MB: u64 = 256;
 /// Finished tasks are kept this long (7 days) for inspection, then purged.
 pub const DEFAULT_FINISHED_RETENTION_S: u64 = 7 * 24 * 3600;
 /// How often the purge of expired finished tasks runs.
@@ -203,6 +207,12 @@ pub struct StorageSection {
     /// are read back from the database when leased, viewed or changed. 0 holds only
     /// running tasks (and waiting tasks whose last write is not yet durable).
     pub hot_tasks: usize,
+    /// Free space (MiB) the data dir's filesystem must keep. Below it the queen refuses
+    /// new work (submits, batches, retries, schedule runs: 507) while it keeps serving
+    /// reads and recording the outcomes and grants of work already accepted, which is
+    /// what frees space once retention runs; it returns to normal by itself when space
+    /// comes back. 0 turns the guard off.
+    pub min_free_mb: u64,
 }
 
 impl Default for StorageSection {
@@ -211,6 +221,7 @@ impl Default for StorageSection {
             sync: false,
             cache_capacity_mb: DEFAULT_CACHE_CAPACITY_MB,
             hot_tasks: DEFAULT_HOT_TASKS,
+            min_free_mb: DEFAULT_MIN_FREE_MB,
         }
     }
 }

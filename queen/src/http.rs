@@ -65,6 +65,7 @@ impl From<CoreError> for ApiError {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
         };
         ApiError(status, e.to_string())
     }
@@ -74,7 +75,19 @@ impl From<CoreError> for ApiError {
 /// being read (the API already answers then, but requests that need every task wait).
 /// `/healthz` is liveness: 200 as soon as the queen listens.
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.core.is_recovered() {
+    let disk = state.core.disk();
+    if state.core.is_recovered() && disk.degraded() {
+        // Still 200: reads, outcomes and the dashboard are served; only new work waits.
+        Json(serde_json::json!({
+            "status": "degraded",
+            "reason": format!(
+                "the data dir's filesystem has {} MiB free, below [storage] min_free_mb = {}: new work is refused (507)",
+                disk.free_bytes() / (1024 * 1024),
+                state.cfg.storage.min_free_mb
+            ),
+        }))
+        .into_response()
+    } else if state.core.is_recovered() {
         Json(serde_json::json!({"status": "ready"})).into_response()
     } else {
         ApiError(

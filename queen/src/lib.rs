@@ -145,6 +145,11 @@ impl Queen {
         let tracker = TaskTracker::new();
 
         let core_task = tokio::spawn(core.run(requests, stop.clone()));
+        tracker.spawn(sample_free_space(
+            cfg.queen.data_dir.clone(),
+            handle.disk().clone(),
+            stop.clone(),
+        ));
         tracker.spawn(server::serve(
             listeners.drones,
             handle.clone(),
@@ -195,5 +200,31 @@ impl Queen {
         }
         tracing::info!("queen stopped");
         Ok(())
+    }
+}
+
+/// How often the data dir's free space is sampled for `[storage] min_free_mb`: often
+/// enough that a burst of writes is caught within a second, rarely enough to cost nothing.
+const FREE_SPACE_SAMPLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Samples the data dir's free space until `stop`, for the core's disk guard.
+async fn sample_free_space(
+    data_dir: std::path::PathBuf,
+    disk: Arc<core::DiskState>,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(FREE_SPACE_SAMPLE);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let dir = data_dir.clone();
+        match tokio::task::spawn_blocking(move || store::free_bytes(&dir)).await {
+            Ok(Ok(free)) => disk.set_free_bytes(free),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot read the data dir's free space"),
+            Err(_) => return,
+        }
     }
 }

@@ -48,6 +48,10 @@ pub struct Metrics {
     tasks: IntGaugeVec,
     drones_connected: IntGauge,
     unroutable: IntGauge,
+    /// Free bytes on the data dir's filesystem, as last sampled.
+    pub store_free_bytes: IntGauge,
+    /// 1 while the queen refuses new work for want of disk space (`[storage] min_free_mb`).
+    pub store_degraded: IntGauge,
     pub store: StoreMetrics,
 }
 
@@ -163,6 +167,16 @@ impl Metrics {
                 "Pending tasks no connected drone can run (kind or labels).",
             )
             .expect("static gauge options are valid"),
+            store_free_bytes: IntGauge::new(
+                "hive_store_free_bytes",
+                "Free bytes on the filesystem of the data dir, as last sampled.",
+            )
+            .expect("static gauge options are valid"),
+            store_degraded: IntGauge::new(
+                "hive_store_degraded",
+                "1 while free space is below [storage] min_free_mb and new work is refused (507).",
+            )
+            .expect("static gauge options are valid"),
             store: StoreMetrics {
                 batch_commits: store_batch_histogram(),
                 flush_seconds: store_flush_histogram(),
@@ -183,6 +197,8 @@ impl Metrics {
             Box::new(m.tasks.clone()),
             Box::new(m.drones_connected.clone()),
             Box::new(m.unroutable.clone()),
+            Box::new(m.store_free_bytes.clone()),
+            Box::new(m.store_degraded.clone()),
             Box::new(m.store.batch_commits.clone()),
             Box::new(m.store.flush_seconds.clone()),
         ];

@@ -45,12 +45,21 @@ pub const FAST_LEASES: [(&str, &str); 4] = [
 pub struct HiveBuilder {
     env: BTreeMap<String, String>,
     config_toml: Option<String>,
+    /// Put the queen's data dir on a tmpfs of this many MiB (a small filesystem to fill).
+    data_tmpfs_mb: Option<u64>,
 }
 
 impl HiveBuilder {
     /// Sets (or overrides) one `HIVE_<SECTION>__<KEY>` variable for the queen.
     pub fn env(mut self, key: &str, value: &str) -> HiveBuilder {
         self.env.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Puts the queen's data dir on a tmpfs of `size_mb` MiB, unmounted when the hive is
+    /// dropped (mounting needs root, which CI has).
+    pub fn data_on_tmpfs(mut self, size_mb: u64) -> HiveBuilder {
+        self.data_tmpfs_mb = Some(size_mb);
         self
     }
 
@@ -70,6 +79,9 @@ impl HiveBuilder {
             std::fs::write(&path, toml).expect("write the config file");
             path
         });
+        let data_mount = self
+            .data_tmpfs_mb
+            .map(|mb| TmpfsMount::mount(&dir.path().join("data"), mb));
         let default_max_attempts = self
             .env
             .get("HIVE_TASKS__MAX_ATTEMPTS")
@@ -92,8 +104,44 @@ impl HiveBuilder {
             api,
             exec_log,
             default_max_attempts,
+            _data_mount: data_mount,
             dir,
         }
+    }
+}
+
+/// A tmpfs mounted for one test, unmounted (lazily, so a process still holding a file
+/// there cannot block it) when dropped.
+#[derive(Debug)]
+pub struct TmpfsMount {
+    path: PathBuf,
+}
+
+impl TmpfsMount {
+    pub fn mount(path: &Path, size_mb: u64) -> TmpfsMount {
+        std::fs::create_dir_all(path).expect("create the mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a {size_mb} MiB tmpfs on {} failed ({status}); this test needs root, as CI runs",
+            path.display()
+        );
+        TmpfsMount {
+            path: path.to_owned(),
+        }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
     }
 }
 
@@ -207,6 +255,9 @@ pub struct Hive {
     exec_log: ExecLog,
     /// The queen's `[tasks] max_attempts`, for the checker.
     default_max_attempts: u32,
+    /// Held for its drop: after the queen's (declared after it), before the temp dir
+    /// holding it.
+    _data_mount: Option<TmpfsMount>,
     dir: tempfile::TempDir,
 }
 
@@ -224,6 +275,7 @@ impl Hive {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             config_toml: None,
+            data_tmpfs_mb: None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! What the rest of the queen sees of the core: the requests it takes, the handle that
 //! sends them, a drone connection as the core knows it, and why a request was refused.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use shared::api::{DroneView, QueueView, ScheduleView, Stats, TaskState, TaskView};
@@ -38,6 +38,8 @@ pub enum ErrorKind {
     NotFound,
     Conflict,
     Unavailable,
+    /// The disk reserve is reached (HTTP 507).
+    InsufficientStorage,
 }
 
 /// Why a client request was refused. Each cause carries what it is about, so callers
@@ -76,6 +78,9 @@ pub enum CoreError {
     ReadFailed(String),
     #[error("the queen is shutting down")]
     ShuttingDown,
+    /// Free space on the data dir's filesystem is below the reserve: new work waits.
+    #[error("the data dir's filesystem has {} MiB free, below [storage] min_free_mb = {min_free_mb}: new work is refused until space is freed (outcomes of accepted work are still recorded)", free_bytes / (1024 * 1024))]
+    InsufficientStorage { free_bytes: u64, min_free_mb: u64 },
 }
 
 impl CoreError {
@@ -92,6 +97,7 @@ impl CoreError {
             CoreError::NotDurable(_) | CoreError::ReadFailed(_) | CoreError::ShuttingDown => {
                 ErrorKind::Unavailable
             }
+            CoreError::InsufficientStorage { .. } => ErrorKind::InsufficientStorage,
         }
     }
 }
@@ -212,6 +218,44 @@ pub enum QueueChange {
 pub struct CoreHandle {
     pub(crate) tx: mpsc::Sender<Request>,
     pub(crate) recovered: Arc<AtomicBool>,
+    pub(crate) disk: Arc<DiskState>,
+}
+
+/// The data dir's free space as last sampled (by the queen's sampler, see `lib.rs`), and
+/// whether the core refuses new work for want of it (`[storage] min_free_mb`).
+#[derive(Debug)]
+pub struct DiskState {
+    free_bytes: AtomicU64,
+    degraded: AtomicBool,
+}
+
+impl Default for DiskState {
+    fn default() -> DiskState {
+        DiskState {
+            // Unknown until first sampled: never below any reserve.
+            free_bytes: AtomicU64::new(u64::MAX),
+            degraded: AtomicBool::new(false),
+        }
+    }
+}
+
+impl DiskState {
+    pub fn set_free_bytes(&self, free: u64) {
+        self.free_bytes.store(free, Ordering::Release);
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        self.free_bytes.load(Ordering::Acquire)
+    }
+
+    /// Whether new work is refused (set by the core only).
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_degraded(&self, degraded: bool) {
+        self.degraded.store(degraded, Ordering::Release);
+    }
 }
 
 impl CoreHandle {
@@ -219,6 +263,11 @@ impl CoreHandle {
     /// answered at once (before that, some wait; see [`super::Core::run`]).
     pub fn is_recovered(&self) -> bool {
         self.recovered.load(Ordering::Acquire)
+    }
+
+    /// The data dir's free space and whether new work is refused for it.
+    pub fn disk(&self) -> &Arc<DiskState> {
+        &self.disk
     }
 
     pub async fn send(&self, req: Request) -> Result<(), CoreError> {

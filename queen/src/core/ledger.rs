@@ -116,6 +116,10 @@ impl Core {
         reply: oneshot::Sender<Result<Vec<(TaskView, bool)>, CoreError>>,
         now: Now,
     ) {
+        if let Some(refused) = self.refuse_new_work() {
+            let _ = reply.send(Err(refused));
+            return;
+        }
         /// What each submitted spec turns out to be.
         enum Slot {
             New(Task),
@@ -362,6 +366,10 @@ impl Core {
     ) {
         if let Some(state) = self.ledger.tasks.state(&id) {
             let _ = reply.send(Err(CoreError::NotRetryable { id, state }));
+            return;
+        }
+        if let Some(refused) = self.refuse_new_work() {
+            let _ = reply.send(Err(refused));
             return;
         }
         let found = match self.ledger.recent.get(&id) {

@@ -42,7 +42,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub use api::{Conn, CoreError, CoreHandle, ErrorKind, ListFilter, QueueChange, Request};
+pub use api::{
+    Conn, CoreError, CoreHandle, DiskState, ErrorKind, ListFilter, QueueChange, Request,
+};
 pub use attempts::cap_result;
 pub use lookup::Lookup;
 
@@ -112,6 +114,9 @@ pub struct Core {
     recovery: Option<Recovery>,
     /// True once recovery is over (read by `/readyz` through the handle).
     recovered_flag: Arc<AtomicBool>,
+    /// The data dir's free space, sampled outside the core; below `[storage]
+    /// min_free_mb` the core refuses new work (see [`Core::check_disk`]).
+    disk: Arc<DiskState>,
     /// Cancelled when the queen must stop: a store read failed.
     fatal: CancellationToken,
     metrics: Metrics,
@@ -188,6 +193,7 @@ impl Core {
             last_pass: None,
             recovery: Some(Recovery::new(scan)),
             recovered_flag: Arc::new(AtomicBool::new(false)),
+            disk: Arc::new(DiskState::default()),
             fatal,
             cfg,
             metrics,
@@ -199,6 +205,7 @@ impl Core {
         let handle = CoreHandle {
             tx,
             recovered: core.recovered_flag.clone(),
+            disk: core.disk.clone(),
         };
         (core, handle, rx)
     }
@@ -376,6 +383,7 @@ impl Core {
         self.next_tick = now.mono + TICK;
         // Rate-limit tokens refill with time.
         self.dispatch.wanted = true;
+        self.check_disk();
         self.fire_schedules(now);
         self.promote_due(now);
         self.expire_silent_drones(now);
@@ -383,6 +391,45 @@ impl Core {
         self.expire_attempts(now);
         self.ledger.forget_durable(self.writer.durable());
         self.purge_if_due(now);
+    }
+
+    /// Enters or leaves the degraded mode of a filling disk: below `[storage]
+    /// min_free_mb` free, new work is refused; outcomes, grants, cancels and reads go on
+    /// (they are what frees space once retention runs).
+    fn check_disk(&mut self) {
+        let min_free_mb = self.cfg.storage.min_free_mb;
+        let free = self.disk.free_bytes();
+        if free != u64::MAX {
+            self.metrics
+                .store_free_bytes
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+        let low = min_free_mb > 0 && free < min_free_mb.saturating_mul(1024 * 1024);
+        if low == self.disk.degraded() {
+            return;
+        }
+        self.disk.set_degraded(low);
+        self.metrics.store_degraded.set(i64::from(low));
+        let free_mb = free / (1024 * 1024);
+        if low {
+            tracing::warn!(free_mb, min_free_mb, "the data dir's filesystem is nearly full: new work is refused (507) until space is freed; outcomes of accepted work are still recorded");
+        } else {
+            tracing::info!(
+                free_mb,
+                min_free_mb,
+                "space on the data dir's filesystem is back: new work is accepted again"
+            );
+        }
+    }
+
+    /// Why new work (a submit, a retry, a schedule run) is refused now, if it is.
+    fn refuse_new_work(&self) -> Option<CoreError> {
+        self.disk
+            .degraded()
+            .then(|| CoreError::InsufficientStorage {
+                free_bytes: self.disk.free_bytes(),
+                min_free_mb: self.cfg.storage.min_free_mb,
+            })
     }
 
     /// When the loop must wake with nothing else to do: the tick, or a scheduled task.

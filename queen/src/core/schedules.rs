@@ -121,6 +121,11 @@ impl Core {
 
     /// Runs the schedules whose time has come: at most one run per tick.
     pub(super) fn fire_schedules(&mut self, now: Now) {
+        if self.disk.degraded() {
+            // New work waits for disk space; a due schedule stays due, and its latest
+            // missed tick runs once space is back (the catch-up rule of `schedule.rs`).
+            return;
+        }
         while let Some(name) = self.schedules.pop_due(now.wall) {
             let Some(schedule) = self.schedules.by_name.get(&name) else {
                 continue;

@@ -836,3 +836,44 @@ mod timers {
         assert!(h.get(t.id).is_none());
     }
 }
+
+mod disk {
+    use super::*;
+
+    /// Below `[storage] min_free_mb` free, new work is refused with the free space and
+    /// the setting named, while the outcome of work already accepted is still recorded;
+    /// once space is back, new work is accepted again without a restart.
+    #[test]
+    fn below_the_reserve_new_work_is_refused_and_accepted_work_still_finishes() {
+        let mut h = hive();
+        let (t, drone, a) = leased(&mut h, spec());
+        let reserve = h.cfg.storage.min_free_mb * 1024 * 1024;
+        h.core.disk.set_free_bytes(reserve - 1);
+        h.advance(Duration::from_millis(100));
+        h.settle();
+        assert!(h.core.disk.degraded());
+        let err = h.submit(spec()).expect_err("refused");
+        assert!(
+            matches!(err, CoreError::InsufficientStorage { .. }),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("min_free_mb") && text.contains("MiB free"),
+            "{text}"
+        );
+        assert_eq!(err.kind(), crate::core::ErrorKind::InsufficientStorage);
+        // The running task's outcome is still recorded, durably.
+        h.complete(&drone, t.id, a[0].fence);
+        h.settle();
+        assert_eq!(h.state(t.id), Some(TaskState::Succeeded));
+        assert!(h.disk().finished.contains_key(&t.id));
+        // Space comes back: accepted again, by itself.
+        h.core.disk.set_free_bytes(reserve * 4);
+        h.advance(Duration::from_millis(100));
+        h.settle();
+        assert!(!h.core.disk.degraded());
+        let again = h.submit(spec()).expect("accepted");
+        assert_eq!(again.state, TaskState::Pending);
+    }
+}

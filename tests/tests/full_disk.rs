@@ -1,0 +1,99 @@
+//! A filling disk degrades the hive instead of stopping it. The data dir is on a small
+//! tmpfs; a filler file takes it below `[storage] min_free_mb`. Then new work is refused
+//! with 507, naming the free space and the setting, while reads, `/readyz` and `/metrics`
+//! say so and the work already accepted still finishes and is recorded; once the filler
+//! is gone the queen accepts new work again by itself, and nothing acknowledged is lost.
+
+use std::io::Write;
+use std::path::Path;
+
+use hive_tests::execlog::shell_quote;
+use hive_tests::{wait_until, Hive, DEADLINE};
+use shared::api::TaskState;
+
+/// The tmpfs under the data dir, and the reserve the queen keeps on it.
+const VOLUME_MB: u64 = 64;
+const MIN_FREE_MB: u64 = 24;
+
+/// Free bytes on the filesystem holding `path`, as `df` reports them.
+fn free_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .expect("run df");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("df gave no free space for {}: {out:?}", path.display()))
+}
+
+/// Writes real bytes (a sparse file would take no space) until `leave` bytes are free.
+fn fill_until(dir: &Path, leave: u64) -> std::path::PathBuf {
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).expect("create the filler");
+    let chunk = vec![0x5a_u8; 1 << 20];
+    while free_bytes(dir) > leave + chunk.len() as u64 {
+        file.write_all(&chunk).expect("write the filler");
+        file.sync_data().expect("sync the filler");
+    }
+    path
+}
+
+#[test]
+fn a_nearly_full_disk_refuses_new_work_keeps_recording_outcomes_and_recovers_by_itself() {
+    let mut hive = Hive::builder()
+        .data_on_tmpfs(VOLUME_MB)
+        .env("HIVE_STORAGE__MIN_FREE_MB", &MIN_FREE_MB.to_string())
+        .start();
+    hive.start_drone("a", 2);
+    let release = hive.path("release");
+    let wait_for_release = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done",
+        shell_quote(&release.to_string_lossy())
+    );
+    let accepted = hive
+        .api()
+        .submit(&hive.exec_log().task(&wait_for_release))
+        .id;
+    hive.wait_task(accepted, "running", |t| t.state == TaskState::Running);
+
+    let data_dir = hive.queen.data_dir().to_owned();
+    let filler = fill_until(&data_dir, (MIN_FREE_MB / 2) << 20);
+    let refusal = wait_until(DEADLINE, "a submit to be refused with 507", || {
+        match hive.api().try_submit(&hive.exec_log().task("true")) {
+            Err(e) if e.status() == Some(507) => Some(e.to_string()),
+            _ => None,
+        }
+    });
+    assert!(
+        refusal.contains("min_free_mb") && refusal.contains("MiB free"),
+        "{refusal}"
+    );
+    let (status, ready) = hive.api().get_raw("/readyz").expect("readyz");
+    assert!(
+        status == 200 && ready.contains("degraded"),
+        "{status} {ready}"
+    );
+    let (_, metrics) = hive.api().get_raw("/metrics").expect("metrics");
+    assert!(
+        metrics.lines().any(|l| l == "hive_store_degraded 1"),
+        "no degraded flag in /metrics"
+    );
+    // Work already accepted still finishes, and its outcome is recorded.
+    std::fs::write(&release, "").expect("write the release file");
+    let done = hive.wait_task(accepted, "succeeded", |t| t.state.is_terminal());
+    assert_eq!(done.state, TaskState::Succeeded, "{done:#?}");
+
+    // Space comes back: new work is accepted again, without a restart.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    let again = wait_until(DEADLINE, "a submit to be accepted again", || {
+        hive.api().try_submit(&hive.exec_log().task("true")).ok()
+    });
+    hive.wait_task(again.id, "succeeded", |t| t.state == TaskState::Succeeded);
+    let (_, ready) = hive.api().get_raw("/readyz").expect("readyz");
+    assert!(ready.contains("\"ready\""), "{ready}");
+    let summary = hive.check(DEADLINE);
+    assert_eq!(summary.rerun_tasks, 0, "{summary}");
+}
