@@ -65,6 +65,22 @@ const COUNTS: &[u8] = b"c/";
 const QUEUES: &[u8] = b"q/";
 const SCHEDULES: &[u8] = b"s/";
 
+/// A full filesystem says so, with what to do: an ENOSPC from any step of opening (sled
+/// writes its log and snapshot as it opens) becomes [`StoreError::NoSpace`].
+fn explain_no_space(e: StoreError, dir: &Path) -> StoreError {
+    let io = match &e {
+        StoreError::Io { source, .. } => Some(source),
+        StoreError::Sled(sled::Error::Io(source)) => Some(source),
+        _ => None,
+    };
+    if io.and_then(std::io::Error::raw_os_error) == Some(libc::ENOSPC) {
+        return StoreError::NoSpace {
+            path: dir.to_owned(),
+        };
+    }
+    e
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("data dir {0} is not a directory")]
@@ -88,6 +104,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("reading the active tasks was stopped before the end")]
     Interrupted,
+    #[error("no space left on the filesystem of the data dir {path}: free some space there (or grow the volume) and start the queen again; nothing stored is lost, and the queen keeps [storage] min_free_mb free once it runs")]
+    NoSpace { path: PathBuf },
 }
 
 /// Why a commit did not become durable. Cloned to every waiter of a failed batch.
@@ -254,6 +272,13 @@ impl Store {
     /// `fatal` is cancelled if a write ever fails, since the in-memory state can no longer
     /// be trusted to match the disk.
     pub fn open(
+        opts: &OpenOptionsHive,
+        fatal: CancellationToken,
+    ) -> Result<(Store, StoreWriter, Recovered), StoreError> {
+        Store::open_dir(opts, fatal).map_err(|e| explain_no_space(e, &opts.data_dir))
+    }
+
+    fn open_dir(
         opts: &OpenOptionsHive,
         fatal: CancellationToken,
     ) -> Result<(Store, StoreWriter, Recovered), StoreError> {

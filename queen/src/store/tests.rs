@@ -314,3 +314,40 @@ async fn a_database_that_lost_its_contents_is_refused_not_reinitialised() {
         assert!(err.to_string().contains("reads as empty"), "{err}");
     }
 }
+
+#[test]
+fn a_full_filesystem_at_open_says_what_to_do() {
+    let dir = std::path::Path::new("/var/lib/hive");
+    let full = StoreError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+    };
+    let explained = super::explain_no_space(full, dir);
+    assert!(
+        matches!(explained, StoreError::NoSpace { .. }),
+        "{explained:?}"
+    );
+    let text = explained.to_string();
+    assert!(
+        text.contains("no space left")
+            && text.contains("/var/lib/hive")
+            && text.contains("free some space"),
+        "{text}"
+    );
+    let sled_full = StoreError::Sled(sled::Error::Io(std::io::Error::from_raw_os_error(
+        libc::ENOSPC,
+    )));
+    assert!(matches!(
+        super::explain_no_space(sled_full, dir),
+        StoreError::NoSpace { .. }
+    ));
+    // Any other error is left as it is.
+    let denied = StoreError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::from_raw_os_error(libc::EACCES),
+    };
+    assert!(matches!(
+        super::explain_no_space(denied, dir),
+        StoreError::Io { .. }
+    ));
+}
