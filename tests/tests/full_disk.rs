@@ -97,3 +97,58 @@ fn a_nearly_full_disk_refuses_new_work_keeps_recording_outcomes_and_recovers_by_
     let summary = hive.check(DEADLINE);
     assert_eq!(summary.rerun_tasks, 0, "{summary}");
 }
+
+/// Writes real bytes until the filesystem holding `dir` is full.
+fn fill_completely(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).expect("create the filler");
+    let chunk = vec![0x5a_u8; 64 << 10];
+    loop {
+        match file.write_all(&chunk).and_then(|()| file.sync_data()) {
+            Ok(()) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return path,
+            Err(e) => panic!("filling {}: {e}", dir.display()),
+        }
+    }
+}
+
+#[test]
+fn a_restart_on_a_full_disk_says_what_is_needed_and_loses_nothing() {
+    let mut hive = Hive::builder()
+        .data_on_tmpfs(16)
+        .env("HIVE_STORAGE__MIN_FREE_MB", "4")
+        .start();
+    let ids: Vec<_> = (0..5)
+        .map(|_| hive.api().submit(&hive.exec_log().task("true")).id)
+        .collect();
+    hive.queen.stop();
+    let data_dir = hive.queen.data_dir().to_owned();
+    let filler = fill_completely(&data_dir);
+    let env = [
+        (
+            "HIVE_QUEEN__DATA_DIR",
+            data_dir.to_string_lossy().into_owned(),
+        ),
+        ("HIVE_QUEEN__LISTEN", "127.0.0.1:0".to_owned()),
+        ("HIVE_QUEEN__HTTP", "127.0.0.1:0".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let exited = hive_tests::queen::run_to_exit(hive.dir(), "full-disk", env, None, DEADLINE);
+    assert!(!exited.status.success(), "{exited:?}");
+    assert!(
+        exited
+            .stderr
+            .contains("no space left on the filesystem of the data dir")
+            && exited.stderr.contains("free some space"),
+        "the refusal must say what is needed: {}",
+        exited.stderr
+    );
+    // Space freed: everything acknowledged is there and runs.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    hive.queen.restart();
+    hive.start_drone("a", 2);
+    hive.wait_all_succeeded(DEADLINE, &ids);
+    hive.check(DEADLINE);
+}
