@@ -23,6 +23,19 @@ use crate::rules::{self, RetryPolicy};
 use crate::store::Mutation;
 use crate::task::Task;
 
+/// Where a task's dependencies stand (see [`Core::dependencies`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Deps {
+    AllSucceeded,
+    /// Some are still active.
+    Waiting,
+    /// This one ended without succeeding (`None`: it no longer exists).
+    Ended {
+        dep: TaskId,
+        state: Option<TaskState>,
+    },
+}
+
 #[derive(Debug)]
 pub(super) struct Ledger {
     /// The active tasks, each held whole or demoted (see `active.rs`).
@@ -276,6 +289,31 @@ impl Core {
         Ok(())
     }
 
+    /// Where dependencies stand, the first one that ended without succeeding (or is gone)
+    /// deciding. A failed read is an error (the queen stops).
+    fn dependencies(&self, deps: &[TaskId]) -> Result<Deps, CoreError> {
+        let mut out = Deps::AllSucceeded;
+        for dep in deps {
+            match self.find_state(*dep)? {
+                Some(TaskState::Succeeded) => {}
+                Some(state @ (TaskState::Failed | TaskState::Cancelled)) => {
+                    return Ok(Deps::Ended {
+                        dep: *dep,
+                        state: Some(state),
+                    })
+                }
+                None => {
+                    return Ok(Deps::Ended {
+                        dep: *dep,
+                        state: None,
+                    })
+                }
+                Some(_) => out = Deps::Waiting,
+            }
+        }
+        Ok(out)
+    }
+
     /// The task an idempotency key names, wherever it lives.
     fn lookup_idempotent(&self, key: &str) -> Result<Option<TaskView>, CoreError> {
         if let Some(id) = self.ledger.idem.get(key) {
@@ -395,30 +433,32 @@ impl Core {
         // succeeding could never run, and one whose dependencies are still running waits.
         // A task that was ever leased (fence above zero) saw them all succeed, and a
         // succeeded task stays so: it needs no check (its dependencies may be purged).
-        let mut blocked = false;
         let deps = if task.fence > shared::Fence::ZERO {
-            Vec::new()
+            Deps::AllSucceeded
         } else {
-            task.depends_on.clone()
+            match self.dependencies(&task.depends_on) {
+                Ok(deps) => deps,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
         };
-        for dep in deps {
-            let refusal = match self.find_state(dep) {
-                Ok(Some(TaskState::Succeeded)) => None,
-                Ok(Some(state @ (TaskState::Failed | TaskState::Cancelled))) => {
-                    Some(CoreError::DependencyFailed { id, dep, state })
-                }
-                Ok(Some(_)) => {
-                    blocked = true;
-                    None
-                }
-                Ok(None) => Some(CoreError::DependencyGone { id, dep }),
-                Err(e) => Some(e),
-            };
-            if let Some(e) = refusal {
-                let _ = reply.send(Err(e));
+        let blocked = match deps {
+            Deps::AllSucceeded => false,
+            Deps::Waiting => true,
+            Deps::Ended {
+                dep,
+                state: Some(state),
+            } => {
+                let _ = reply.send(Err(CoreError::DependencyFailed { id, dep, state }));
                 return;
             }
-        }
+            Deps::Ended { dep, state: None } => {
+                let _ = reply.send(Err(CoreError::DependencyGone { id, dep }));
+                return;
+            }
+        };
         let finished_ms = task.finished_at.map(|t| t.timestamp_millis()).unwrap_or(0);
         let was = match lifecycle::apply(&mut task, Event::Retry { blocked }, now.wall) {
             Ok(Moved::Revived { was }) => was,
@@ -507,24 +547,18 @@ impl Core {
             Some(task) if task.state == TaskState::Blocked => task.depends_on.clone(),
             _ => return,
         };
-        let mut all_ok = true;
-        for dep in deps {
-            match self.find_state(dep) {
-                Err(_) => return,
-                Ok(Some(TaskState::Succeeded)) => {}
-                Ok(Some(st @ (TaskState::Failed | TaskState::Cancelled))) => {
-                    self.cancel_task(id, format!("dependency {dep} {st}"), now);
-                    return;
-                }
-                Ok(None) => {
-                    self.cancel_task(id, format!("dependency {dep} no longer exists"), now);
-                    return;
-                }
-                Ok(Some(_)) => all_ok = false,
+        match self.dependencies(&deps) {
+            Err(_) => return,
+            Ok(Deps::AllSucceeded) => {}
+            Ok(Deps::Waiting) => return,
+            Ok(Deps::Ended { dep, state }) => {
+                let reason = match state {
+                    Some(st) => format!("dependency {dep} {st}"),
+                    None => format!("dependency {dep} no longer exists"),
+                };
+                self.cancel_task(id, reason, now);
+                return;
             }
-        }
-        if !all_ok {
-            return;
         }
         let Some(mut task) = self.ledger.tasks.remove(&id).map(|b| *b) else {
             return;
