@@ -29,10 +29,16 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_RECONNECT_GRACE_MS: u64 = 500;
 /// Attempts per task unless its spec says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-/// Lost leases (drone died, hung, cut off) after which a task is quarantined as failed even
-/// if it has attempts left: a task that kills every drone it lands on must not take down
-/// the fleet one drone at a time.
-pub const DEFAULT_MAX_LOST_ATTEMPTS: u32 = 3;
+/// Lost leases (drone died, hung, cut off), wherever they happened, after which a task
+/// becomes a suspect: its next attempts run alone on a drone, so a drone death can be
+/// told apart from its co-tenants'.
+pub const DEFAULT_SUSPECT_AFTER_LOST: u32 = 2;
+/// Isolated attempts of a suspect that lose their drone (with no other drone lost around
+/// the same time) after which the task is quarantined as failed even if it has attempts
+/// left: a task that kills every drone it lands on must not take down the fleet one drone
+/// at a time. Only isolated attempts count, so the co-tenants of a drone that died, and
+/// the victims of a mass failure, are never convicted.
+pub const DEFAULT_MAX_LOST_ATTEMPTS: u32 = 1;
 /// First retry backoff; doubles per attempt up to the max, with jitter.
 pub const DEFAULT_RETRY_BASE_MS: u64 = 1_000;
 /// Backoff ceiling: a failing task is retried at least every five minutes.
@@ -170,6 +176,7 @@ impl LeaseSection {
 #[serde(deny_unknown_fields, default)]
 pub struct TaskSection {
     pub max_attempts: u32,
+    pub suspect_after_lost: u32,
     pub max_lost_attempts: u32,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
@@ -184,6 +191,7 @@ impl Default for TaskSection {
     fn default() -> Self {
         TaskSection {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            suspect_after_lost: DEFAULT_SUSPECT_AFTER_LOST,
             max_lost_attempts: DEFAULT_MAX_LOST_ATTEMPTS,
             retry_base_ms: DEFAULT_RETRY_BASE_MS,
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
@@ -389,6 +397,9 @@ impl Config {
         }
         if self.tasks.max_attempts == 0 {
             return Err(invalid("tasks.max_attempts", "must be at least 1"));
+        }
+        if self.tasks.suspect_after_lost == 0 {
+            return Err(invalid("tasks.suspect_after_lost", "must be at least 1"));
         }
         if self.tasks.max_lost_attempts == 0 {
             return Err(invalid("tasks.max_lost_attempts", "must be at least 1"));

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub failed: IntCounterVec,
     pub retried: IntCounterVec,
     pub requeued: IntCounterVec,
+    /// Tasks that became suspects of killing their drones (they then run alone).
+    pub suspected: IntCounterVec,
+    /// Suspects convicted by an isolated attempt that lost its drone.
+    pub quarantined: IntCounterVec,
     pub cancelled: IntCounterVec,
     pub lease_expirations: IntCounter,
     pub stale_completions: IntCounter,
@@ -122,6 +126,14 @@ impl Metrics {
                 "hive_tasks_requeued_total",
                 "Tasks put back to pending because their lease was lost (drone died, went silent or did not come back).",
             ),
+            suspected: counter_by_queue(
+                "hive_tasks_suspected_total",
+                "Tasks that lost their lease often enough (tasks.suspect_after_lost) to be suspected of killing their drones; they run alone on a drone from then on.",
+            ),
+            quarantined: counter_by_queue(
+                "hive_tasks_quarantined_total",
+                "Suspects failed because an isolated attempt lost its drone with no other drone lost around it (tasks.max_lost_attempts); also counted in hive_tasks_failed_total.",
+            ),
             cancelled: counter_by_queue("hive_tasks_cancelled_total", "Tasks cancelled."),
             lease_expirations: IntCounter::new(
                 "hive_lease_expirations_total",
@@ -188,6 +200,8 @@ impl Metrics {
             Box::new(m.failed.clone()),
             Box::new(m.retried.clone()),
             Box::new(m.requeued.clone()),
+            Box::new(m.suspected.clone()),
+            Box::new(m.quarantined.clone()),
             Box::new(m.cancelled.clone()),
             Box::new(m.lease_expirations.clone()),
             Box::new(m.stale_completions.clone()),

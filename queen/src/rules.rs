@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use shared::api::TaskState;
+use shared::api::{LossVerdict, TaskState};
 use shared::protocol::Held;
 use shared::{DroneId, Fence, TaskId};
 use tokio::time::Instant;
@@ -85,24 +85,54 @@ pub fn after_failure(
 pub enum AfterLostLease {
     /// Back to `pending` at once: the drone, not the task, failed.
     Requeue,
+    /// Back to `pending`, as a suspect: it lost its drone too often to be sure it is not
+    /// what kills them, so its next attempts run alone on a drone.
+    Suspect,
     /// The lost lease was its last allowed attempt.
     Fail,
-    /// Too many of its attempts ended with the drone lost: the task itself may be what
-    /// kills drones (a poison pill), so it fails before it takes down more of the fleet.
+    /// Isolated attempts lost their drone: the task alone ran there, so it is what kills
+    /// drones (a poison pill), and it fails before it takes down more of the fleet.
     Quarantine,
 }
 
-/// `lost` counts lost leases including this one.
+/// The quarantine settings (`[tasks] suspect_after_lost`, `max_lost_attempts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuarantineRules {
+    /// Lost leases, anywhere, that make a task a suspect.
+    pub suspect_after: u32,
+    /// Isolated losses that convict a suspect.
+    pub convict_after: u32,
+}
+
+/// How a lost lease counts, from where the attempt ran: `co_tenants` is how many other
+/// tasks the drone held, `correlated` whether other drones (that this task never ran on)
+/// were lost around the same time. Only a suspect's attempt alone on a drone that died by
+/// itself is evidence against the task.
+pub fn judge_loss(suspect: bool, co_tenants: u32, correlated: bool) -> LossVerdict {
+    match (co_tenants, suspect, correlated) {
+        (1.., _, _) => LossVerdict::Shared,
+        (0, false, _) => LossVerdict::Alone,
+        (0, true, true) => LossVerdict::Inconclusive,
+        (0, true, false) => LossVerdict::Isolated,
+    }
+}
+
+/// `lost` counts lost leases including this one, `isolated` the isolated losses
+/// including this one; `suspect` is whether the task was a suspect before it.
 pub fn after_lost_lease(
     attempts: u32,
     max_attempts: u32,
     lost: u32,
-    max_lost: u32,
+    isolated: u32,
+    suspect: bool,
+    rules: QuarantineRules,
 ) -> AfterLostLease {
-    if lost >= max_lost && attempts < max_attempts {
+    if isolated >= rules.convict_after && attempts < max_attempts {
         AfterLostLease::Quarantine
     } else if attempts >= max_attempts {
         AfterLostLease::Fail
+    } else if !suspect && lost >= rules.suspect_after {
+        AfterLostLease::Suspect
     } else {
         AfterLostLease::Requeue
     }
@@ -270,18 +300,59 @@ mod tests {
         );
     }
 
+    const Q: QuarantineRules = QuarantineRules {
+        suspect_after: 2,
+        convict_after: 1,
+    };
+
     #[test]
     fn a_lost_lease_counts_as_an_attempt() {
-        assert_eq!(after_lost_lease(1, 2, 1, 3), AfterLostLease::Requeue);
-        assert_eq!(after_lost_lease(2, 2, 2, 3), AfterLostLease::Fail);
+        assert_eq!(
+            after_lost_lease(1, 3, 1, 0, false, Q),
+            AfterLostLease::Requeue
+        );
+        assert_eq!(after_lost_lease(2, 2, 1, 0, false, Q), AfterLostLease::Fail);
     }
 
     #[test]
-    fn a_task_that_keeps_losing_its_drone_is_quarantined_before_max_attempts() {
-        assert_eq!(after_lost_lease(2, 10, 2, 3), AfterLostLease::Requeue);
-        assert_eq!(after_lost_lease(3, 10, 3, 3), AfterLostLease::Quarantine);
-        // Ordinary failures in between do not count toward the quarantine.
-        assert_eq!(after_lost_lease(6, 10, 2, 3), AfterLostLease::Requeue);
+    fn lost_leases_make_a_suspect_and_only_isolated_losses_convict() {
+        // The second loss anywhere makes a suspect; a suspect is not made twice.
+        assert_eq!(
+            after_lost_lease(2, 10, 2, 0, false, Q),
+            AfterLostLease::Suspect
+        );
+        assert_eq!(
+            after_lost_lease(5, 10, 5, 0, true, Q),
+            AfterLostLease::Requeue
+        );
+        // Shared or inconclusive losses, however many, never convict.
+        assert_eq!(
+            after_lost_lease(9, 10, 9, 0, true, Q),
+            AfterLostLease::Requeue
+        );
+        assert_eq!(
+            after_lost_lease(3, 10, 3, 1, true, Q),
+            AfterLostLease::Quarantine
+        );
+        let two = QuarantineRules {
+            convict_after: 2,
+            ..Q
+        };
+        assert_eq!(
+            after_lost_lease(3, 10, 3, 1, true, two),
+            AfterLostLease::Requeue
+        );
+        // With no attempt left, the task fails for its attempts, not as a poison.
+        assert_eq!(after_lost_lease(3, 3, 3, 1, true, Q), AfterLostLease::Fail);
+    }
+
+    #[test]
+    fn only_a_suspect_alone_on_a_drone_that_died_by_itself_is_evidence() {
+        assert_eq!(judge_loss(true, 3, false), LossVerdict::Shared);
+        assert_eq!(judge_loss(false, 1, true), LossVerdict::Shared);
+        assert_eq!(judge_loss(false, 0, false), LossVerdict::Alone);
+        assert_eq!(judge_loss(true, 0, true), LossVerdict::Inconclusive);
+        assert_eq!(judge_loss(true, 0, false), LossVerdict::Isolated);
     }
 
     #[test]

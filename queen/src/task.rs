@@ -3,7 +3,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::api::{AttemptError, Dependency, LeaseView, RetrySpec, TaskSpec, TaskState, TaskView};
+use shared::api::{
+    AttemptError, Dependency, LeaseView, RetrySpec, Suspicion, TaskSpec, TaskState, TaskView,
+};
 use shared::{DroneId, Fence, TaskId};
 
 use crate::config::TaskSection;
@@ -36,8 +38,12 @@ pub struct Task {
     /// Leases granted so far (lost leases count).
     pub attempts: u32,
     /// Attempts that ended with the lease lost: the drone died, hung or was cut off. Too
-    /// many of them quarantine the task (it may be what kills its drones).
+    /// many of them make the task a suspect (it may be what kills its drones).
     pub lost: u32,
+    /// The evidence of those lost leases, and whether the task is a suspect (its attempts
+    /// then run alone on a drone, and an isolated attempt that loses its drone counts
+    /// toward quarantine). None for the many tasks that never lost a lease.
+    pub suspicion: Option<Box<Suspicion>>,
     /// The current (or last) lease's fence.
     pub fence: Fence,
     pub lease: Option<Box<Lease>>,
@@ -240,11 +246,17 @@ impl Task {
             errors: Vec::new(),
             checkpoint: None,
             cancel_reason: None,
+            suspicion: None,
             created_at: now,
             run_at,
             started_at: None,
             finished_at: None,
         })
+    }
+
+    /// Whether the task's attempts must run alone on a drone.
+    pub fn is_suspect(&self) -> bool {
+        self.suspicion.as_ref().is_some_and(|s| s.is_suspect())
     }
 
     pub fn view(&self) -> TaskView {
@@ -276,6 +288,7 @@ impl Task {
                 .and_then(Value::as_f64),
             checkpoint: self.checkpoint.as_deref().cloned(),
             cancel_reason: self.cancel_reason.clone(),
+            suspicion: self.suspicion.as_deref().cloned(),
             created_at: self.created_at,
             run_at: self.run_at,
             started_at: self.started_at,

@@ -188,6 +188,63 @@ pub struct AttemptError {
     pub at: DateTime<Utc>,
 }
 
+/// How the queen judged one lost lease of a task (its drone died, hung or was cut off),
+/// by where the attempt ran when the drone was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossVerdict {
+    /// The drone was running other tasks too: nothing points at this one.
+    Shared,
+    /// The drone was running only this task, but not on purpose (the task was not a
+    /// suspect yet): it counts toward suspicion, never toward a conviction.
+    Alone,
+    /// An isolated attempt of a suspect (its drone ran nothing else) lost its drone,
+    /// and no other drone was lost around the same time: evidence against the task.
+    Isolated,
+    /// An isolated attempt lost its drone while other drones were lost around the same
+    /// time (a rack, a deploy, an OOM storm): not held against the task.
+    Inconclusive,
+}
+
+/// One lost lease, as evidence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LostLease {
+    pub attempt: u32,
+    pub fence: Fence,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drone: Option<DroneId>,
+    /// Other tasks the drone held when it was lost.
+    pub co_tenants: u32,
+    pub verdict: LossVerdict,
+    pub at: DateTime<Utc>,
+}
+
+/// What the queen holds against a task whose leases were lost: every lost lease since the
+/// task was submitted (or last retried), and, once it lost `tasks.suspect_after_lost` of
+/// them, since when it is a suspect. A suspect's attempts run isolated (alone on a drone);
+/// `tasks.max_lost_attempts` isolated losses quarantine it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Suspicion {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspect_since: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub losses: Vec<LostLease>,
+}
+
+impl Suspicion {
+    pub fn is_suspect(&self) -> bool {
+        self.suspect_since.is_some()
+    }
+
+    /// Isolated attempts that lost their drone: the evidence that convicts.
+    pub fn isolated_losses(&self) -> u32 {
+        self.losses
+            .iter()
+            .filter(|l| l.verdict == LossVerdict::Isolated)
+            .count() as u32
+    }
+}
+
 /// Who holds a running task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseView {
@@ -233,6 +290,10 @@ pub struct TaskView {
     /// Why a task was cancelled, when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancel_reason: Option<String>,
+    /// Lost leases held as evidence, and whether the task is a suspect (it then runs
+    /// alone on a drone). Absent for a task that never lost a lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspicion: Option<Suspicion>,
     pub created_at: DateTime<Utc>,
     /// When a scheduled task becomes runnable.
     #[serde(default, skip_serializing_if = "Option::is_none")]

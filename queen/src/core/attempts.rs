@@ -9,9 +9,10 @@ use shared::api::TaskState;
 use shared::protocol::{Ack, AckStatus, QueenMessage};
 use shared::{DroneId, Fence, TaskId};
 
+use super::fleet::LOSS_CORRELATION;
 use super::lifecycle::{self, Event, Moved};
 use super::{Core, Now};
-use crate::rules::{self, Verdict};
+use crate::rules::{self, QuarantineRules, Verdict};
 use crate::task::Task;
 
 /// What a drone reported: a result, or (error, retryable, partial result).
@@ -92,12 +93,35 @@ impl Core {
         }
     }
 
-    /// A running task's lease is gone (drone died, went silent, dropped it): requeue it,
-    /// or fail it when that was its last attempt (lost leases count, G8).
-    pub(super) fn lose_lease(&mut self, id: TaskId, reason: &str, now: Now) {
+    /// A running task's lease is gone (drone died, went silent, dropped it): requeue it
+    /// (as a suspect once it lost too many), quarantine it when isolated attempts keep
+    /// losing their drone, or fail it when that was its last attempt (lost leases count,
+    /// G8). `co_tenants`: the other tasks its drone held when it was lost.
+    pub(super) fn lose_lease(&mut self, id: TaskId, reason: &str, co_tenants: u32, now: Now) {
+        // Only a suspect alone on its drone can be convicted; for it, ask whether other
+        // drones (that it never ran on) were lost around the same time.
+        let correlated = match self.ledger.tasks.get(&id) {
+            Some(t) if co_tenants == 0 && t.is_suspect() => {
+                let ran_on: Vec<DroneId> = t
+                    .suspicion
+                    .iter()
+                    .flat_map(|s| s.losses.iter().filter_map(|l| l.drone))
+                    .collect();
+                let window = LOSS_CORRELATION.max(self.cfg.leases.heartbeat_timeout() * 2);
+                t.lease
+                    .as_ref()
+                    .is_some_and(|l| self.fleet.lost_together(l.drone, &ran_on, now.mono, window))
+            }
+            _ => false,
+        };
         let event = Event::LeaseLost {
             reason: reason.to_string(),
-            max_lost: self.cfg.tasks.max_lost_attempts,
+            co_tenants,
+            correlated,
+            rules: QuarantineRules {
+                suspect_after: self.cfg.tasks.suspect_after_lost,
+                convict_after: self.cfg.tasks.max_lost_attempts,
+            },
         };
         self.end_running(id, event, now);
     }
@@ -154,7 +178,7 @@ impl Core {
         let queue = [task.queue.as_str()];
         if matches!(
             moved,
-            Moved::Requeued | Moved::Quarantined | Moved::LostLastAttempt
+            Moved::Requeued | Moved::Suspected | Moved::Quarantined | Moved::LostLastAttempt
         ) {
             self.metrics.lease_expirations.inc();
         }
@@ -173,8 +197,14 @@ impl Core {
                 self.metrics.requeued.with_label_values(&queue).inc();
                 tracing::warn!(task_id = %id, drone = ?drone, fence = %fence, error, "lease lost; task requeued");
             }
+            Moved::Suspected => {
+                self.metrics.requeued.with_label_values(&queue).inc();
+                self.metrics.suspected.with_label_values(&queue).inc();
+                tracing::warn!(task_id = %id, drone = ?drone, fence = %fence, lost = task.lost, error, "lease lost too often to rule the task out; requeued as a suspect: it runs alone on a drone from now on");
+            }
             Moved::Quarantined => {
-                tracing::error!(task_id = %id, drone = ?drone, fence = %fence, lost = task.lost, "task lost its lease too often (it may be killing its drones); quarantined as failed");
+                self.metrics.quarantined.with_label_values(&queue).inc();
+                tracing::error!(task_id = %id, drone = ?drone, fence = %fence, lost = task.lost, "a suspect's isolated attempt lost its drone, with no other drone lost around it: the task kills its drones; quarantined as failed");
             }
             Moved::LostLastAttempt => {
                 tracing::warn!(task_id = %id, drone = ?drone, fence = %fence, error, "lease lost on the last attempt; task failed");
@@ -186,6 +216,14 @@ impl Core {
     /// Bookkeeping when a running attempt ends, however it ends (outcome, timeout, lost
     /// lease, cancel): its deadline goes, its queue has one task fewer running.
     pub(super) fn end_attempt(&mut self, task: &Task, now: Now) {
+        if let Some(drone) = self.fleet.holder(task.lease.as_ref().map(|l| l.drone)) {
+            if drone.isolating == Some(task.id) {
+                // The suspect's attempt is over: the drone takes other work again.
+                drone.isolating = None;
+                let id = drone.id;
+                self.dispatch.slot_may_have_freed(id);
+            }
+        }
         if let Some(started) = task.started_at {
             let secs = (now.wall - started).num_microseconds().unwrap_or(0) as f64 / 1e6;
             self.metrics

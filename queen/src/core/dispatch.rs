@@ -3,7 +3,7 @@
 //! deadline. Dispatch runs only when something changed that could let it progress, and
 //! looks only at drones that may have a free slot and at the heads of the ready groups.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -46,6 +46,23 @@ pub(super) struct Dispatch {
     pushes_seen: u64,
     /// Reused by dispatch for its candidate list.
     buf: Vec<DroneId>,
+    /// Active tasks that must run alone on a drone (suspects of killing their drones).
+    pub suspects: HashSet<TaskId>,
+    /// Suspects out of the ready queues, waiting for a drone to run them alone, oldest
+    /// first.
+    pub waiting_alone: Vec<Alone>,
+    /// Drones held for a waiting suspect: they take no new task, so their running ones
+    /// end and the suspect gets the drone to itself.
+    pub reserved: HashMap<DroneId, TaskId>,
+}
+
+/// A pending suspect waiting for a drone of its own, with what it needs of one.
+#[derive(Debug, Clone)]
+pub(super) struct Alone {
+    pub id: TaskId,
+    pub queue: String,
+    pub kind: String,
+    pub labels: Vec<String>,
 }
 
 impl Dispatch {
@@ -61,6 +78,9 @@ impl Dispatch {
             wanted: true,
             pushes_seen: 0,
             buf: Vec::new(),
+            suspects: HashSet::new(),
+            waiting_alone: Vec::new(),
+            reserved: HashMap::new(),
         }
     }
 
@@ -83,10 +103,16 @@ impl Dispatch {
         }
     }
 
-    /// Takes a waiting task out of its ready queue or off the timer.
+    /// Takes a waiting task out of its ready queue (or the suspects' wait) or off the
+    /// timer.
     pub fn dequeue(&mut self, task: &Task) {
         match task.state {
-            TaskState::Pending => self.ready.remove(task),
+            TaskState::Pending => {
+                self.ready.remove(task);
+                if !self.waiting_alone.is_empty() {
+                    self.stop_waiting_alone(task.id);
+                }
+            }
             TaskState::Scheduled => {
                 if let Some(at) = task.run_at {
                     self.scheduled.remove(&(at, task.id));
@@ -94,6 +120,12 @@ impl Dispatch {
             }
             _ => {}
         }
+    }
+
+    /// A suspect no longer waits for a drone of its own (it got one, or left).
+    pub fn stop_waiting_alone(&mut self, id: TaskId) {
+        self.waiting_alone.retain(|s| s.id != id);
+        self.reserved.retain(|_, t| *t != id);
     }
 
     pub fn slot_may_have_freed(&mut self, drone: DroneId) {
@@ -151,10 +183,16 @@ impl Core {
     /// so work spreads across the hive). No scan of drones or tasks.
     pub(super) fn dispatch(&mut self, now: Now) {
         let d = &mut self.dispatch;
-        if d.ready.is_empty() || (!d.wanted && d.ready.pushes() == d.pushes_seen) {
+        if (d.ready.is_empty() && d.waiting_alone.is_empty())
+            || (!d.wanted && d.ready.pushes() == d.pushes_seen)
+        {
             return;
         }
         d.wanted = false;
+        if !d.waiting_alone.is_empty() {
+            self.dispatch_alone(now);
+        }
+        let d = &mut self.dispatch;
         let drones = &self.fleet.drones;
         d.maybe_free
             .retain(|id| drones.get(id).is_some_and(|d| d.free_slots() > 0));
@@ -178,9 +216,13 @@ impl Core {
                 let Some(drone) = self.fleet.drones.get(id) else {
                     continue;
                 };
-                if drone.free_slots() == 0 {
+                if drone.free_slots() == 0
+                    || (!self.dispatch.reserved.is_empty()
+                        && self.dispatch.reserved.contains_key(id))
+                {
                     continue;
                 }
+                let idle = drone.is_idle();
                 let queues = &self.dispatch.queues;
                 let open = |q: &str| queues.get(q).is_none_or(|q| q.may_start(now.mono));
                 let Some((tid, since)) =
@@ -198,6 +240,15 @@ impl Core {
                     }
                     continue;
                 }
+                if !self.dispatch.suspects.is_empty()
+                    && self.dispatch.suspects.contains(&tid)
+                    && !idle
+                {
+                    // A suspect runs alone: it waits for a drone of its own.
+                    self.wait_alone(tid);
+                    progress = true;
+                    continue;
+                }
                 self.metrics.dispatch_latency.observe(
                     std::time::Instant::now()
                         .saturating_duration_since(since)
@@ -211,6 +262,87 @@ impl Core {
             }
             if !progress {
                 return;
+            }
+        }
+    }
+
+    /// Takes a suspect out of the ready queues to wait for a drone of its own.
+    fn wait_alone(&mut self, id: TaskId) {
+        let Some(task) = self.ledger.tasks.get(&id) else {
+            return;
+        };
+        let alone = Alone {
+            id,
+            queue: task.queue.clone(),
+            kind: task.kind.clone(),
+            labels: task.labels.clone(),
+        };
+        drop(task);
+        tracing::info!(task_id = %id, "suspect waits for a drone to run it alone");
+        self.dispatch.waiting_alone.push(alone);
+        self.dispatch.wanted = true;
+    }
+
+    /// Gives each waiting suspect an idle drone that can run it, which then takes nothing
+    /// else until the attempt ends. With none idle, one capable drone (the least busy) is
+    /// held for it: it takes no new task, and the suspect runs there once it is empty.
+    fn dispatch_alone(&mut self, now: Now) {
+        let mut i = 0;
+        while i < self.dispatch.waiting_alone.len() {
+            let s = self.dispatch.waiting_alone[i].clone();
+            let open = self
+                .dispatch
+                .queues
+                .get(&s.queue)
+                .is_none_or(|q| q.may_start(now.mono));
+            if !open {
+                // Its queue is paused or at its limits: hold no drone meanwhile.
+                self.dispatch.reserved.retain(|_, t| *t != s.id);
+                i += 1;
+                continue;
+            }
+            let fleet = &self.fleet;
+            let reserved = &self.dispatch.reserved;
+            let usable = |d: &super::fleet::Drone| {
+                d.could_isolate(&s.kind, &s.labels, s.id)
+                    && reserved.get(&d.id).is_none_or(|t| *t == s.id)
+            };
+            let held = reserved
+                .iter()
+                .find(|(_, t)| **t == s.id)
+                .and_then(|(d, _)| fleet.drones.get(d))
+                .filter(|d| usable(d));
+            let chosen = match held {
+                Some(d) => d.is_idle().then_some(d.id),
+                None => {
+                    let idle = fleet
+                        .drones
+                        .values()
+                        .find(|d| usable(d) && d.is_idle())
+                        .map(|d| d.id);
+                    if idle.is_none() {
+                        let least_busy = fleet
+                            .drones
+                            .values()
+                            .filter(|d| usable(d))
+                            .min_by_key(|d| (d.leases.len() + d.cancelling.len(), d.id))
+                            .map(|d| d.id);
+                        self.dispatch.reserved.retain(|_, t| *t != s.id);
+                        if let Some(d) = least_busy {
+                            tracing::info!(task_id = %s.id, drone = %d, "drone held for a suspect: no new work until it can run the suspect alone");
+                            self.dispatch.reserved.insert(d, s.id);
+                        }
+                    }
+                    idle
+                }
+            };
+            match chosen {
+                Some(drone) => {
+                    self.dispatch.waiting_alone.remove(i);
+                    self.dispatch.reserved.retain(|_, t| *t != s.id);
+                    self.grant(drone, s.id, now);
+                }
+                None => i += 1,
             }
         }
     }
@@ -234,6 +366,11 @@ impl Core {
             return;
         }
         drone.assigns_sent += 1;
+        if !self.dispatch.suspects.is_empty() && self.dispatch.suspects.contains(&tid) {
+            // Alone on this drone until the attempt ends (see `dispatch_alone`).
+            drone.isolating = Some(tid);
+            tracing::info!(task_id = %tid, drone = %drone_id, "suspect runs alone on this drone");
+        }
         self.dispatch
             .queues
             .entry(task.queue.clone())

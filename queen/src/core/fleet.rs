@@ -2,7 +2,8 @@
 //! the leases whose drone is gone (orphans), given up when the drone does not come back
 //! in time. Liveness is in memory: every drone message refreshes `last_seen`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use shared::api::{DroneView, TaskState};
@@ -34,14 +35,31 @@ pub(super) struct Drone {
     pub last_seen_wall: DateTime<Utc>,
     pub assigns_sent: u64,
     pub draining: bool,
+    /// The suspect this drone runs alone, or is held for: it takes no other task until
+    /// that attempt ends (or the suspect goes elsewhere).
+    pub isolating: Option<TaskId>,
 }
 
 impl Drone {
     pub fn free_slots(&self) -> usize {
-        if self.draining {
+        if self.draining || self.isolating.is_some() {
             return 0;
         }
         (self.slots as usize).saturating_sub(self.leases.len() + self.cancelling.len())
+    }
+
+    /// Nothing runs here and nothing is being stopped: a suspect may run here alone.
+    pub fn is_idle(&self) -> bool {
+        self.leases.is_empty() && self.cancelling.is_empty()
+    }
+
+    /// Could run `task` alone here, now or once its other tasks end.
+    pub fn could_isolate(&self, kind: &str, labels: &[String], suspect: TaskId) -> bool {
+        !self.draining
+            && self.slots > 0
+            && self.isolating.is_none_or(|t| t == suspect)
+            && self.kinds.contains(kind)
+            && labels.iter().all(|l| self.labels.contains(l))
     }
 
     /// The one way to take an attempt away from a drone: its lease (if it is this
@@ -86,8 +104,19 @@ pub(super) struct Fleet {
     pub by_conn: HashMap<u64, DroneId>,
     /// Running leases with no connected holder, and when they are given up.
     pub orphans: HashMap<TaskId, Instant>,
+    /// Drones lost lately (connection closed, or silent), oldest first: a suspect's
+    /// isolated attempt lost around the same time as other drones is no evidence (a rack,
+    /// a deploy or an OOM storm took them all).
+    pub recent_losses: VecDeque<(Instant, DroneId)>,
     next_check: Instant,
 }
+
+/// Drones lost within this of each other are lost together: a cause outside the tasks
+/// (a rack, a deploy, an OOM killer) is as likely as a poison task. Widened to twice the
+/// heartbeat timeout when that is longer, since silence is noticed that late.
+pub const LOSS_CORRELATION: Duration = Duration::from_secs(10);
+/// Most recent drone losses remembered.
+const MAX_RECENT_LOSSES: usize = 4_096;
 
 impl Fleet {
     pub fn new(now: Now) -> Fleet {
@@ -95,8 +124,47 @@ impl Fleet {
             drones: HashMap::new(),
             by_conn: HashMap::new(),
             orphans: HashMap::new(),
+            recent_losses: VecDeque::new(),
             next_check: now.mono,
         }
+    }
+
+    /// Remembers that a drone was lost at `at` (its connection closed or it went silent),
+    /// forgetting losses too old to correlate with anything still running.
+    pub fn record_loss(&mut self, id: DroneId, at: Instant, window: Duration) {
+        while self.recent_losses.len() >= MAX_RECENT_LOSSES
+            || self
+                .recent_losses
+                .front()
+                .is_some_and(|(t, _)| *t + window * 4 < at)
+        {
+            self.recent_losses.pop_front();
+        }
+        self.recent_losses.push_back((at, id));
+    }
+
+    /// Whether another drone, not one of `ran_on`, was lost within `window` of `drone`'s
+    /// last loss (or of `now`, for a drone that is still here).
+    pub fn lost_together(
+        &self,
+        drone: DroneId,
+        ran_on: &[DroneId],
+        now: Instant,
+        window: Duration,
+    ) -> bool {
+        let at = self
+            .recent_losses
+            .iter()
+            .rev()
+            .find(|(_, d)| *d == drone)
+            .map_or(now, |(t, _)| *t);
+        self.recent_losses.iter().any(|(t, d)| {
+            *d != drone
+                && !ran_on.contains(d)
+                && t.saturating_duration_since(at)
+                    .max(at.saturating_duration_since(*t))
+                    <= window
+        })
     }
 
     /// Disconnects a drone; its leases become orphans given up at `deadline`.
@@ -179,6 +247,7 @@ impl Core {
             last_seen_wall: now.wall,
             assigns_sent: 0,
             draining: hello.draining,
+            isolating: None,
         };
         let mut reattached = 0;
         for held in &hello.held {
@@ -190,6 +259,9 @@ impl Core {
             match rules::reattach(current, id, held.fence) {
                 Reattach::Keep => {
                     self.fleet.orphans.remove(&held.task_id);
+                    if self.dispatch.suspects.contains(&held.task_id) {
+                        drone.isolating = Some(held.task_id);
+                    }
                     drone.leases.insert(
                         held.task_id,
                         LiveLease {
@@ -224,9 +296,11 @@ impl Core {
             })
             .copied()
             .collect();
+        // They were lost together, beside the ones it did bring back.
+        let co_tenants = (lost.len() + reattached).saturating_sub(1) as u32;
         for tid in lost {
             self.fleet.orphans.remove(&tid);
-            self.lose_lease(tid, "drone reconnected without the task", now);
+            self.lose_lease(tid, "drone reconnected without the task", co_tenants, now);
         }
     }
 
@@ -235,7 +309,14 @@ impl Core {
             tracing::info!(drone = %drone, "drone disconnected; its leases wait for it to reconnect");
             let grace = self.cfg.leases.reconnect_grace();
             self.fleet.detach(drone, now.mono + grace);
+            self.fleet.record_loss(drone, now.mono, self.loss_window());
         }
+    }
+
+    /// Drones lost within this of each other were lost together (see
+    /// [`LOSS_CORRELATION`]).
+    pub(super) fn loss_window(&self) -> Duration {
+        LOSS_CORRELATION.max(self.cfg.leases.heartbeat_timeout() * 2)
     }
 
     pub(super) fn drone_message(&mut self, conn: u64, msg: DroneMessage, now: Now) {
@@ -326,6 +407,8 @@ impl Core {
             let msg = drone.stop(h.task_id, h.fence, "lease is no longer valid");
             drone.conn.send(msg);
         }
+        // What it held, the forgotten ones included, when it forgot them.
+        let co_tenants = drone.leases.len().saturating_sub(1) as u32;
         for tid in &r.missing {
             drone.leases.remove(tid);
         }
@@ -333,7 +416,7 @@ impl Core {
             self.dispatch.slot_may_have_freed(id);
         }
         for tid in r.missing {
-            self.lose_lease(tid, "drone no longer reports the task", now);
+            self.lose_lease(tid, "drone no longer reports the task", co_tenants, now);
         }
     }
 
@@ -352,9 +435,11 @@ impl Core {
             .filter(|d| rules::is_silent(d.last_seen, now.mono, timeout))
             .map(|d| d.id)
             .collect();
+        let window = self.loss_window();
         for id in silent {
             tracing::warn!(drone = %id, timeout_ms = timeout.as_millis() as u64, "drone silent past the heartbeat timeout; expiring its leases");
             self.fleet.detach(id, now.mono);
+            self.fleet.record_loss(id, now.mono, window);
         }
     }
 
@@ -367,9 +452,38 @@ impl Core {
             .filter(|(_, deadline)| **deadline <= now.mono)
             .map(|(id, _)| *id)
             .collect();
-        for id in expired {
+        if expired.is_empty() {
+            return;
+        }
+        // Each orphan's co-tenants: the other orphans of its drone, all lost with it.
+        let tasks = &self.ledger.tasks;
+        let holder = |id: &TaskId| {
+            tasks
+                .get(id)
+                .and_then(|t| t.lease.as_ref().map(|l| l.drone))
+        };
+        let mut held: HashMap<DroneId, u32> = HashMap::new();
+        for id in self.fleet.orphans.keys() {
+            if let Some(d) = holder(id) {
+                *held.entry(d).or_default() += 1;
+            }
+        }
+        let lost: Vec<(TaskId, Option<DroneId>)> =
+            expired.into_iter().map(|id| (id, holder(&id))).collect();
+        // A drone that never came back after a restart of the queen is lost now.
+        let window = self.loss_window();
+        for d in lost.iter().filter_map(|(_, d)| *d).collect::<BTreeSet<_>>() {
+            let known = self.fleet.recent_losses.iter().any(|(_, x)| *x == d);
+            if !known && !self.fleet.drones.contains_key(&d) {
+                self.fleet.record_loss(d, now.mono, window);
+            }
+        }
+        for (id, drone) in lost {
+            let co_tenants = drone
+                .and_then(|d| held.get(&d))
+                .map_or(0, |n| n.saturating_sub(1));
             self.fleet.orphans.remove(&id);
-            self.lose_lease(id, "drone did not come back in time", now);
+            self.lose_lease(id, "drone did not come back in time", co_tenants, now);
         }
     }
 }

@@ -510,6 +510,11 @@ impl Core {
             self.finish(task, now);
             return;
         }
+        if task.is_suspect() {
+            self.dispatch.suspects.insert(task.id);
+        } else if !self.dispatch.suspects.is_empty() {
+            self.dispatch.suspects.remove(&task.id);
+        }
         self.dispatch.enqueue(&task);
         let m = Mutation::save(&task);
         self.ledger.tasks.insert(Box::new(task));
@@ -519,6 +524,9 @@ impl Core {
     /// Records a terminal task (already removed from the active tasks) and settles its
     /// dependents.
     pub(super) fn finish(&mut self, task: Task, now: Now) {
+        if !self.dispatch.suspects.is_empty() {
+            self.dispatch.suspects.remove(&task.id);
+        }
         if let Some(key) = &task.idempotency_key {
             if self.ledger.idem.get(key) == Some(&task.id) {
                 self.ledger.idem.remove(key);

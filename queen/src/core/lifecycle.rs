@@ -13,8 +13,9 @@
 //!   pending ── grant (fence+1, attempts+1) ─▶ running ── complete ─▶ succeeded
 //!   running ── attempt failed ─┬─ attempts left ─▶ scheduled (retry at backoff)
 //!                              └─ final ─────────▶ failed
-//!   running ── lease lost ─┬─ attempts left ─▶ pending (requeued)
-//!                          ├─ too many lost ─▶ failed (quarantined)
+//!   running ── lease lost ─┬─ attempts left ─▶ pending (requeued; a suspect after
+//!                          │                   suspect_after_lost losses: runs isolated)
+//!                          ├─ isolated losses ─▶ failed (quarantined)
 //!                          └─ last attempt ──▶ failed
 //!   pending|scheduled|blocked|running ── cancel ─▶ cancelled
 //!   failed|cancelled ── retry ─▶ pending, or blocked while a dependency has not
@@ -23,10 +24,10 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use shared::api::{AttemptError, TaskState};
+use shared::api::{AttemptError, LostLease, TaskState};
 use shared::DroneId;
 
-use crate::rules::{self, AfterFailure, AfterLostLease, RetryPolicy};
+use crate::rules::{self, AfterFailure, AfterLostLease, QuarantineRules, RetryPolicy};
 use crate::task::{Lease, Task};
 
 /// Something that happens to a task.
@@ -46,8 +47,15 @@ pub enum Event {
         /// A uniform sample in [0, 1) for the backoff's jitter.
         jitter: f64,
     },
-    /// The current attempt's drone died, went silent or dropped it.
-    LeaseLost { reason: String, max_lost: u32 },
+    /// The current attempt's drone died, went silent or dropped it. `co_tenants`: the
+    /// other tasks that drone held when it was lost; `correlated`: other drones, which
+    /// this task never ran on, were lost around the same time.
+    LeaseLost {
+        reason: String,
+        co_tenants: u32,
+        correlated: bool,
+        rules: QuarantineRules,
+    },
     /// An operator, or a dependency that did not succeed, cancels the task.
     Cancel { reason: String },
     /// A scheduled task's time came.
@@ -85,7 +93,10 @@ pub enum Moved {
     Failed,
     /// The lease was lost and the task is runnable again at once.
     Requeued,
-    /// The lease was lost too often: the task may be what kills drones.
+    /// The lease was lost once too often to rule the task out: runnable again at once,
+    /// as a suspect (alone on a drone).
+    Suspected,
+    /// Isolated attempts lost their drone: the task is what kills drones.
     Quarantined,
     /// The lease was lost on the last allowed attempt.
     LostLastAttempt,
@@ -172,27 +183,59 @@ pub fn apply(task: &mut Task, event: Event, now: DateTime<Utc>) -> Result<Moved,
                 }
             }
         }
-        (Running, Event::LeaseLost { reason, max_lost }) => {
+        (
+            Running,
+            Event::LeaseLost {
+                reason,
+                co_tenants,
+                correlated,
+                rules,
+            },
+        ) => {
             task.lost += 1;
+            let drone = task.lease.as_ref().map(|l| l.drone);
             task.errors.push(AttemptError {
                 attempt: task.attempts,
                 fence: task.fence,
-                drone: task.lease.as_ref().map(|l| l.drone),
+                drone,
                 error: format!("lease lost: {reason}"),
                 at: now,
             });
             task.lease = None;
-            match rules::after_lost_lease(task.attempts, task.max_attempts, task.lost, max_lost) {
+            let suspicion = task.suspicion.get_or_insert_with(Box::default);
+            let suspect = suspicion.is_suspect();
+            suspicion.losses.push(LostLease {
+                attempt: task.attempts,
+                fence: task.fence,
+                drone,
+                co_tenants,
+                verdict: rules::judge_loss(suspect, co_tenants, correlated),
+                at: now,
+            });
+            let isolated = suspicion.isolated_losses();
+            match rules::after_lost_lease(
+                task.attempts,
+                task.max_attempts,
+                task.lost,
+                isolated,
+                suspect,
+                rules,
+            ) {
                 AfterLostLease::Requeue => {
                     task.state = Pending;
                     Ok(Moved::Requeued)
+                }
+                AfterLostLease::Suspect => {
+                    suspicion.suspect_since = Some(now);
+                    task.state = Pending;
+                    Ok(Moved::Suspected)
                 }
                 AfterLostLease::Quarantine => {
                     // One error per attempt: the verdict goes on this attempt's entry.
                     if let Some(last) = task.errors.last_mut() {
                         last.error = format!(
-                            "{}; quarantined: {} attempts ended with the drone lost (tasks.max_lost_attempts = {max_lost})",
-                            last.error, task.lost
+                            "{}; quarantined: {isolated} isolated attempt(s) lost their drone with no other drone lost around them (tasks.max_lost_attempts = {})",
+                            last.error, rules.convict_after
                         );
                     }
                     task.state = Failed;
@@ -228,6 +271,7 @@ pub fn apply(task: &mut Task, event: Event, now: DateTime<Utc>) -> Result<Moved,
             task.state = if blocked { Blocked } else { Pending };
             task.attempts = 0;
             task.lost = 0;
+            task.suspicion = None;
             task.result = None;
             task.checkpoint = None;
             task.cancel_reason = None;
@@ -272,7 +316,7 @@ pub fn normalize_parts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shared::api::TaskSpec;
+    use shared::api::{LossVerdict, TaskSpec};
     use shared::{Fence, TaskId};
     use std::time::Duration;
     use TaskState::*;
@@ -328,7 +372,9 @@ mod tests {
             },
             Event::LeaseLost {
                 reason: "drone died".into(),
-                max_lost: 3,
+                co_tenants: 0,
+                correlated: false,
+                rules: RULES,
             },
             Event::Cancel {
                 reason: "operator".into(),
@@ -453,29 +499,102 @@ mod tests {
         assert_eq!(apply(&mut fatal, fail(false), now), Ok(Moved::Failed));
     }
 
-    #[test]
-    fn lost_leases_requeue_then_quarantine_or_fail_on_the_last_attempt() {
-        let now = Utc::now();
-        let lost = || Event::LeaseLost {
+    const RULES: QuarantineRules = QuarantineRules {
+        suspect_after: 2,
+        convict_after: 1,
+    };
+
+    fn lost(co_tenants: u32, correlated: bool) -> Event {
+        Event::LeaseLost {
             reason: "drone died".into(),
-            max_lost: 2,
-        };
+            co_tenants,
+            correlated,
+            rules: RULES,
+        }
+    }
+
+    /// Runs the task again (the grant's bookkeeping, without the lifecycle's checks).
+    fn rerun(t: &mut Task) {
+        t.state = Running;
+        t.attempts += 1;
+        t.fence = t.fence.next();
+    }
+
+    #[test]
+    fn lost_leases_make_a_suspect_and_only_an_isolated_loss_quarantines() {
+        let now = Utc::now();
         let mut t = task_in(Running, now);
-        assert_eq!(apply(&mut t, lost(), now), Ok(Moved::Requeued));
+        t.max_attempts = 10;
+        // Two losses beside other tasks: requeued, then a suspect; nothing convicts.
+        assert_eq!(apply(&mut t, lost(3, false), now), Ok(Moved::Requeued));
         assert_eq!((t.state, t.lost), (Pending, 1));
         assert_eq!(t.errors[0].error, "lease lost: drone died");
-        t.state = Running;
-        t.attempts = 2;
-        assert_eq!(apply(&mut t, lost(), now), Ok(Moved::Quarantined));
+        assert!(!t.is_suspect());
+        rerun(&mut t);
+        assert_eq!(apply(&mut t, lost(1, false), now), Ok(Moved::Suspected));
+        assert!(t.is_suspect() && t.state == Pending);
+        // Alone, but its drone was lost with others: inconclusive, requeued again.
+        rerun(&mut t);
+        assert_eq!(apply(&mut t, lost(0, true), now), Ok(Moved::Requeued));
+        // Alone on a drone that died by itself: convicted.
+        rerun(&mut t);
+        assert_eq!(apply(&mut t, lost(0, false), now), Ok(Moved::Quarantined));
+        assert_eq!(t.state, Failed);
         assert!(
-            t.errors[1].error.contains("quarantined: 2 attempts"),
+            t.errors[3]
+                .error
+                .contains("quarantined: 1 isolated attempt"),
             "{:?}",
             t.errors
         );
-        let mut last = task_in(Running, now);
-        last.attempts = 3;
-        assert_eq!(apply(&mut last, lost(), now), Ok(Moved::LostLastAttempt));
-        assert_eq!(last.state, Failed);
+        let verdicts: Vec<LossVerdict> = t
+            .suspicion
+            .as_ref()
+            .map(|s| s.losses.iter().map(|l| l.verdict).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            verdicts,
+            [
+                LossVerdict::Shared,
+                LossVerdict::Shared,
+                LossVerdict::Inconclusive,
+                LossVerdict::Isolated
+            ]
+        );
+    }
+
+    #[test]
+    fn a_task_alone_by_chance_is_not_convicted_and_the_last_attempt_fails() {
+        let now = Utc::now();
+        let mut t = task_in(Running, now);
+        // Not a suspect: alone on its drone by chance is no evidence.
+        assert_eq!(apply(&mut t, lost(0, false), now), Ok(Moved::Requeued));
+        rerun(&mut t);
+        assert_eq!(apply(&mut t, lost(0, false), now), Ok(Moved::Suspected));
+        rerun(&mut t);
+        // Its third attempt was its last: it fails for its attempts (G8), even though
+        // this isolated loss is evidence.
+        assert_eq!(t.attempts, 3);
+        assert_eq!(
+            apply(&mut t, lost(0, false), now),
+            Ok(Moved::LostLastAttempt)
+        );
+        assert_eq!(t.state, Failed);
+    }
+
+    #[test]
+    fn a_retry_clears_the_suspicion() {
+        let now = Utc::now();
+        let mut t = task_in(Running, now);
+        t.max_attempts = 10;
+        apply(&mut t, lost(0, false), now).expect("requeued");
+        rerun(&mut t);
+        apply(&mut t, lost(0, false), now).expect("suspected");
+        rerun(&mut t);
+        apply(&mut t, lost(0, false), now).expect("quarantined");
+        assert_eq!(t.state, Failed);
+        apply(&mut t, Event::Retry { blocked: false }, now).expect("retried");
+        assert!(t.suspicion.is_none() && t.lost == 0);
     }
 
     #[test]

@@ -111,6 +111,11 @@ impl Core {
         let grace = self.cfg.leases.heartbeat_timeout();
         for mut task in chunk {
             let id = task.id();
+            if let Recovered::Whole(t) = &task {
+                if t.is_suspect() && !t.state.is_terminal() {
+                    self.dispatch.suspects.insert(id);
+                }
+            }
             if let Some(key) = task.idempotency_key() {
                 self.ledger.idem.insert(key.to_string(), id);
             }

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 use crate::task::Task;
 
 /// The storage schema this build writes. See `migrations-notes/`.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Commits queued for the writer before submitters wait: enough to keep a batch full
 /// while the previous one flushes, small enough to bound memory.
@@ -505,7 +505,9 @@ fn check_schema_key(tree: &sled::Tree, db_path: &Path, marked: bool) -> Result<(
             if found < SCHEMA_VERSION {
                 // 1 → 2: task records are written in the compact v2 form from now on;
                 // v1 records are read as they are and rewritten as v2 when they next
-                // change. Marking the database 2 keeps an older queen from opening it.
+                // change. 2 → 3: a task with lost-lease evidence is written as a v3
+                // record (v2 plus `suspicion`); nothing existing is rewritten. Marking
+                // the database keeps an older queen, which cannot read v3, from opening it.
                 tracing::info!(
                     from = found,
                     to = SCHEMA_VERSION,

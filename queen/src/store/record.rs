@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use shared::api::{AttemptError, TaskState};
+use shared::api::{AttemptError, LossVerdict, LostLease, Suspicion, TaskState};
 use shared::{DroneId, Fence, TaskId};
 
 use crate::task::{Lease, Task};
@@ -196,10 +196,100 @@ pub mod v2 {
     }
 }
 
+/// Schema 3: a task record may carry the evidence of its lost leases (`suspicion`). A task
+/// without any (nearly all of them) is still written as a v2 record, byte for byte; one
+/// with some is written as v3: the v2 record's JSON with one more field, `suspicion`.
+pub mod v3 {
+    use super::*;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum VerdictRec {
+        Shared,
+        Alone,
+        Isolated,
+        Inconclusive,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct LostLeaseRec {
+        pub attempt: u32,
+        pub fence: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub drone: Option<DroneId>,
+        pub co_tenants: u32,
+        pub verdict: VerdictRec,
+        pub at: DateTime<Utc>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct SuspicionRec {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub suspect_since: Option<DateTime<Utc>>,
+        #[serde(default)]
+        pub losses: Vec<LostLeaseRec>,
+    }
+
+    /// The one field v3 adds, read from the same JSON object as the v2 fields (serde
+    /// skips the fields it does not name, as the v2 decoder skips this one).
+    #[derive(Debug, Deserialize)]
+    pub struct Extra {
+        pub suspicion: SuspicionRec,
+    }
+
+    pub fn to_rec(s: &Suspicion) -> SuspicionRec {
+        SuspicionRec {
+            suspect_since: s.suspect_since,
+            losses: s
+                .losses
+                .iter()
+                .map(|l| LostLeaseRec {
+                    attempt: l.attempt,
+                    fence: l.fence.0,
+                    drone: l.drone,
+                    co_tenants: l.co_tenants,
+                    verdict: match l.verdict {
+                        LossVerdict::Shared => VerdictRec::Shared,
+                        LossVerdict::Alone => VerdictRec::Alone,
+                        LossVerdict::Isolated => VerdictRec::Isolated,
+                        LossVerdict::Inconclusive => VerdictRec::Inconclusive,
+                    },
+                    at: l.at,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn from_rec(r: SuspicionRec) -> Suspicion {
+        Suspicion {
+            suspect_since: r.suspect_since,
+            losses: r
+                .losses
+                .into_iter()
+                .map(|l| LostLease {
+                    attempt: l.attempt,
+                    fence: Fence(l.fence),
+                    drone: l.drone,
+                    co_tenants: l.co_tenants,
+                    verdict: match l.verdict {
+                        VerdictRec::Shared => LossVerdict::Shared,
+                        VerdictRec::Alone => LossVerdict::Alone,
+                        VerdictRec::Isolated => LossVerdict::Isolated,
+                        VerdictRec::Inconclusive => LossVerdict::Inconclusive,
+                    },
+                    at: l.at,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The version byte written before every record.
 pub const RECORD_V1: u8 = 1;
 /// The version byte of task records written since schema 2.
 pub const RECORD_V2: u8 = 2;
+/// The version byte of task records with lost-lease evidence (schema 3).
+pub const RECORD_V3: u8 = 3;
 
 fn state_to_v1(s: TaskState) -> v1::State {
     match s {
@@ -271,7 +361,20 @@ pub fn encode(task: &Task) -> Vec<u8> {
         started_at: task.started_at,
         finished_at: task.finished_at,
     };
-    versioned(RECORD_V2, &rec)
+    let Some(suspicion) = task.suspicion.as_deref() else {
+        return versioned(RECORD_V2, &rec);
+    };
+    // The v2 object with `suspicion` added before its closing brace.
+    let mut out = versioned(RECORD_V3, &rec);
+    if out.last() == Some(&b'}') {
+        out.pop();
+        out.extend_from_slice(b",\"suspicion\":");
+        if serde_json::to_writer(&mut out, &v3::to_rec(suspicion)).is_err() {
+            return versioned(RECORD_V2, &rec);
+        }
+        out.push(b'}');
+    }
+    out
 }
 
 /// One version byte, then the record's JSON. Serializing plain structs of strings, numbers
@@ -498,9 +601,16 @@ pub fn decode(bytes: &[u8]) -> Result<Task, String> {
             serde_json::from_slice::<v1::TaskRecord>(body)
                 .map_err(|e| format!("bad v1 record: {e}"))?,
         ),
-        RECORD_V2 => serde_json::from_slice::<v2::TaskRecord>(body)
-            .map_err(|e| format!("bad v2 record: {e}"))?,
+        RECORD_V2 | RECORD_V3 => serde_json::from_slice::<v2::TaskRecord>(body)
+            .map_err(|e| format!("bad v{version} record: {e}"))?,
         other => return Err(format!("unknown record version {other}")),
+    };
+    let suspicion = if version == RECORD_V3 {
+        let extra: v3::Extra =
+            serde_json::from_slice(body).map_err(|e| format!("bad v3 record: {e}"))?;
+        Some(Box::new(v3::from_rec(extra.suspicion)))
+    } else {
+        None
     };
     Ok(Task {
         id: r.id,
@@ -545,6 +655,7 @@ pub fn decode(bytes: &[u8]) -> Result<Task, String> {
             .collect(),
         checkpoint: r.checkpoint.map(Box::new),
         cancel_reason: r.cancel_reason,
+        suspicion,
         created_at: r.created_at,
         run_at: r.run_at,
         started_at: r.started_at,
@@ -581,6 +692,50 @@ mod tests {
             at: Utc::now(),
         });
         assert_eq!(decode(&encode(&t)), Ok(t));
+    }
+
+    #[test]
+    fn a_suspect_round_trips_as_v3_and_an_unsuspected_task_stays_v2() {
+        let spec = TaskSpec {
+            kind: "echo".into(),
+            payload: serde_json::json!({"suspicion": "a payload may say anything"}),
+            ..Default::default()
+        };
+        let mut t = Task::from_spec(spec, TaskId::generate(), Utc::now(), &Default::default())
+            .expect("valid spec");
+        let plain = encode(&t);
+        assert_eq!(plain[0], RECORD_V2, "no evidence, no new version");
+        t.lost = 2;
+        t.suspicion = Some(Box::new(Suspicion {
+            suspect_since: Some(Utc::now()),
+            losses: vec![
+                LostLease {
+                    attempt: 1,
+                    fence: Fence(1),
+                    drone: Some(DroneId::generate()),
+                    co_tenants: 3,
+                    verdict: LossVerdict::Shared,
+                    at: Utc::now(),
+                },
+                LostLease {
+                    attempt: 2,
+                    fence: Fence(2),
+                    drone: None,
+                    co_tenants: 0,
+                    verdict: LossVerdict::Inconclusive,
+                    at: Utc::now(),
+                },
+            ],
+        }));
+        let bytes = encode(&t);
+        assert_eq!(bytes[0], RECORD_V3);
+        assert_eq!(decode(&bytes), Ok(t.clone()));
+        // A v3 record is never decoded as an index entry: the core needs the suspicion.
+        assert!(matches!(decode_index(&bytes), Ok(Recovered::Whole(_))));
+        // Its v2 part is the v2 record: a v2 decoder reads every other field.
+        let v2: v2::TaskRecord = serde_json::from_slice(&bytes[1..]).expect("v2 fields");
+        assert_eq!(v2.lost, 2);
+        assert_eq!(v2.payload, t.payload);
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! `HIVE_MODEL_CASES` sets the number of cases (default below, about 20 s in a debug
 //! build on two cores); `PROPTEST_RNG_SEED=<n>` replays a run.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -190,7 +190,13 @@ fn key_of(t: &TaskView) -> (TaskState, Fence, u32, usize) {
 impl Model {
     fn new() -> Model {
         Model {
-            hive: Hive::new(config()),
+            hive: Hive::new({
+                // Suspects after one lost lease: isolation is crossed in most runs.
+                let mut cfg = config();
+                cfg.tasks.suspect_after_lost = 1;
+                cfg.tasks.max_lost_attempts = 2;
+                cfg
+            }),
             drones: (0..DRONES)
                 .map(|_| FakeDrone {
                     id: DroneId::generate(),
@@ -514,13 +520,69 @@ impl Model {
             format!("counts {counted:?} but the tasks are {walked:?}")
         })?;
         let n = |s| walked.get(&s).copied().unwrap_or(0) as usize;
-        check(core.dispatch.ready.len() == n(TaskState::Pending), || {
+        let alone = core.dispatch.waiting_alone.len();
+        check(
+            core.dispatch.ready.len() + alone == n(TaskState::Pending),
+            || {
+                format!(
+                    "{} ready entries and {alone} suspects waiting for a drone for {} pending tasks",
+                    core.dispatch.ready.len(),
+                    n(TaskState::Pending)
+                )
+            },
+        )?;
+        // Suspects: exactly the active tasks under suspicion; each runs alone on its
+        // drone; only a pending suspect holds a drone, and only one.
+        let mut suspects = HashSet::new();
+        for (id, state) in &entries {
+            let Some(task) = core.ledger.tasks.get(id) else {
+                continue;
+            };
+            if !task.is_suspect() {
+                continue;
+            }
+            suspects.insert(*id);
+            if *state != TaskState::Running {
+                continue;
+            }
+            let Some(drone) = task
+                .lease
+                .as_ref()
+                .and_then(|l| core.fleet.drones.get(&l.drone))
+            else {
+                continue;
+            };
+            check(
+                drone.leases.len() == 1 && drone.isolating == Some(*id),
+                || {
+                    format!(
+                        "suspect {id} does not run alone on {}: leases {:?}, isolating {:?}",
+                        drone.id,
+                        drone.leases.keys().collect::<Vec<_>>(),
+                        drone.isolating
+                    )
+                },
+            )?;
+        }
+        check(core.dispatch.suspects == suspects, || {
             format!(
-                "{} ready entries for {} pending tasks",
-                core.dispatch.ready.len(),
-                n(TaskState::Pending)
+                "suspects {:?} but the tasks under suspicion are {suspects:?}",
+                core.dispatch.suspects
             )
         })?;
+        for (drone, id) in &core.dispatch.reserved {
+            let waiting = core.dispatch.waiting_alone.iter().any(|s| s.id == *id);
+            check(waiting, || {
+                format!("{drone} is held for {id}, which does not wait for a drone")
+            })?;
+        }
+        for drone in core.fleet.drones.values() {
+            if let Some(id) = drone.isolating {
+                check(drone.leases.contains_key(&id), || {
+                    format!("{} is kept for {id}, which it does not run", drone.id)
+                })?;
+            }
+        }
         check(
             core.dispatch.scheduled.len() == n(TaskState::Scheduled),
             || {
