@@ -933,3 +933,35 @@ async fn submit_wait_exits_0_when_all_succeed_and_1_when_one_fails() {
     );
     q.stop().await;
 }
+
+/// Guards the suspicion in `task`: a task whose drone died while it ran alone is shown as
+/// a suspect, with the lost lease and how it was judged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_shows_the_suspicion_of_a_task_that_lost_its_drone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = fast_config(dir.path());
+    cfg.tasks.suspect_after_lost = 1;
+    cfg.tasks.max_lost_attempts = 2;
+    let q = TestQueen::start(cfg).await;
+    let t = q.submit(json!({"kind": "echo", "max_attempts": 10})).await;
+    let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
+    assert_eq!(d.expect_assign().await.task_id, t.id);
+    drop(d); // the drone dies
+    q.wait_task(t.id, "the lease lost", |t| t.suspicion.is_some())
+        .await;
+    let out = cli(&q, &["task", &t.id.to_string()]).await.expect(0);
+    for needle in [
+        "suspicion:",
+        "suspect since",
+        "runs alone on a drone",
+        "attempt 1 (fence 1) on drone",
+        "alone by chance (not yet a suspect): no evidence",
+    ] {
+        assert!(
+            out.stdout.contains(needle),
+            "lacks {needle}: {}",
+            out.stdout
+        );
+    }
+    q.stop().await;
+}

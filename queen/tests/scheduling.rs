@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{fast_config, hello, wait_until_async, FakeDrone, TestQueen};
 use serde_json::json;
-use shared::api::{QueuesResponse, TaskState};
+use shared::api::{LossVerdict, QueuesResponse, TaskState};
 use shared::protocol::{AckStatus, DroneMessage, QueenMessage, TaskFailed};
 use shared::{DroneId, Fence};
 
@@ -204,13 +204,15 @@ async fn a_failed_task_can_be_retried_and_keeps_its_history() {
     q.stop().await;
 }
 
-/// Guards poison-pill quarantine: a task whose drone is lost every time fails after
-/// max_lost_attempts, even with attempts left.
+/// Guards poison-pill quarantine: a task whose drone is lost (alone) becomes a suspect
+/// after `suspect_after_lost` losses, and an isolated attempt that loses its drone too
+/// quarantines it, even with attempts left; the evidence is in the task record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_keeps_killing_its_drone_is_quarantined() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = fast_config(dir.path());
-    cfg.tasks.max_lost_attempts = 2;
+    cfg.tasks.suspect_after_lost = 1;
+    cfg.tasks.max_lost_attempts = 1;
     let q = TestQueen::start(cfg).await;
     let t = q.submit(json!({"kind": "echo", "max_attempts": 10})).await;
     for _ in 0..2 {
@@ -231,6 +233,10 @@ async fn a_task_that_keeps_killing_its_drone_is_quarantined() {
         "{:?}",
         done.errors
     );
+    let suspicion = done.suspicion.expect("the evidence is kept");
+    assert!(suspicion.suspect_since.is_some());
+    let verdicts: Vec<LossVerdict> = suspicion.losses.iter().map(|l| l.verdict).collect();
+    assert_eq!(verdicts, [LossVerdict::Alone, LossVerdict::Isolated]);
     q.stop().await;
 }
 

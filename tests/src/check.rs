@@ -33,7 +33,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
-use shared::api::{AttemptError, TaskState, TaskView};
+use shared::api::{AttemptError, LossVerdict, TaskState, TaskView};
 use shared::TaskId;
 
 use crate::drone::Harm;
@@ -127,6 +127,8 @@ pub struct Summary {
     pub duplicate_completions: usize,
     /// Attempt errors that are lost leases.
     pub lost_leases: usize,
+    /// Tasks the queen quarantined (failed as what kills its drones).
+    pub quarantined: usize,
     pub drones_started: usize,
     pub drones_disturbed: usize,
 }
@@ -135,13 +137,14 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} tasks {:?}; {} runs, {} tasks re-run, {} duplicate completions, {} lost leases; {} drone processes ({} killed/cut off)",
+            "{} tasks {:?}; {} runs, {} tasks re-run, {} duplicate completions, {} lost leases, {} quarantined; {} drone processes ({} killed/cut off)",
             self.tasks,
             self.by_state,
             self.runs,
             self.rerun_tasks,
             self.duplicate_completions,
             self.lost_leases,
+            self.quarantined,
             self.drones_started,
             self.drones_disturbed
         )
@@ -314,6 +317,31 @@ pub fn violations(ev: &Evidence) -> (Vec<Violation>, Summary) {
             .iter()
             .filter(|e| is_lost_lease(&e.error))
             .count();
+        // Quarantine convicts only on evidence: the lost lease that ended the task was an
+        // isolated attempt's (the task alone on a drone that died by itself).
+        if rec.state == TaskState::Failed
+            && rec
+                .errors
+                .last()
+                .is_some_and(|e| e.error.contains("quarantined"))
+        {
+            summary.quarantined += 1;
+            let convicted = rec
+                .suspicion
+                .as_ref()
+                .and_then(|s| s.losses.last())
+                .is_some_and(|l| l.verdict == LossVerdict::Isolated && l.fence == rec.fence);
+            if !convicted {
+                v(
+                    "Q",
+                    Some(id),
+                    format!(
+                        "quarantined without an isolated lost lease under its final fence {}: {:?}",
+                        rec.fence, rec.suspicion
+                    ),
+                );
+            }
+        }
 
         // What really ran.
         let runs = runs_of.get(&id).map(Vec::as_slice).unwrap_or_default();
@@ -567,6 +595,61 @@ mod tests {
         .expect("a valid task record")
     }
 
+    /// Lost-lease evidence with these verdicts, one attempt (and fence) each.
+    fn evidence(verdicts: &[LossVerdict]) -> shared::api::Suspicion {
+        shared::api::Suspicion {
+            suspect_since: Some(Utc::now()),
+            losses: verdicts
+                .iter()
+                .zip(1u32..)
+                .map(|(v, n)| shared::api::LostLease {
+                    attempt: n,
+                    fence: shared::Fence(u64::from(n)),
+                    drone: None,
+                    co_tenants: 0,
+                    verdict: *v,
+                    at: Utc::now(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_quarantine_needs_an_isolated_loss_under_the_final_fence() {
+        let id = TaskId::generate();
+        let lost = "lease lost: drone did not come back in time";
+        let quarantined = "lease lost: drone did not come back in time; quarantined: 1 isolated attempt(s) lost their drone";
+        let judge = |verdicts: &[LossVerdict]| {
+            let mut rec = record(
+                id,
+                TaskState::Failed,
+                2,
+                2,
+                &[(1, 1, lost), (2, 2, quarantined)],
+            );
+            rec.suspicion = Some(evidence(verdicts));
+            let ev = Evidence {
+                acked: [(id, Some(3))].into(),
+                default_max_attempts: 3,
+                first: [(id, rec.clone())].into(),
+                second: [(id, rec)].into(),
+                ..Evidence::default()
+            };
+            rules(&ev)
+        };
+        assert!(judge(&[LossVerdict::Shared, LossVerdict::Isolated]).is_empty());
+        assert_eq!(judge(&[LossVerdict::Shared, LossVerdict::Shared]), ["Q"]);
+        assert_eq!(
+            judge(&[LossVerdict::Isolated, LossVerdict::Inconclusive]),
+            ["Q"]
+        );
+        assert_eq!(
+            judge(&[LossVerdict::Isolated]),
+            ["Q"],
+            "not the final fence's"
+        );
+    }
+
     fn run(task: TaskId, fence: u64, attempt: u32, done: bool, drone: i32, at: usize) -> Execution {
         Execution {
             task,
@@ -709,7 +792,8 @@ mod tests {
         let lost = "lease lost: drone did not come back in time";
         let note = "quarantined: 2 attempts ended with the drone lost";
         let judge = |state, errors: &[(u32, u64, &str)]| {
-            let rec = record(id, state, 2, 2, errors);
+            let mut rec = record(id, state, 2, 2, errors);
+            rec.suspicion = Some(evidence(&[LossVerdict::Shared, LossVerdict::Isolated]));
             let ev = Evidence {
                 acked: [(id, Some(3))].into(),
                 default_max_attempts: 3,

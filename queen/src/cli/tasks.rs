@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use serde_json::{json, Value};
-use shared::api::{TaskPage, TaskState, TaskView};
+use shared::api::{LossVerdict, Suspicion, TaskPage, TaskState, TaskView};
 use shared::TaskId;
 
 use super::table::{fields, Table};
@@ -81,6 +81,44 @@ fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
 }
 
+/// The evidence of a task's lost leases: whether it is a suspect (it runs alone on a
+/// drone), and how each lost lease was judged.
+fn suspicion(s: &Suspicion) -> String {
+    let mut lines = vec![match s.suspect_since {
+        Some(at) => format!(
+            "suspect since {} (runs alone on a drone); {} isolated loss(es) count toward quarantine",
+            time(&at),
+            s.isolated_losses()
+        ),
+        None => "not a suspect".to_string(),
+    }];
+    for l in &s.losses {
+        let drone = l
+            .drone
+            .map(|d| format!(" on drone {d}"))
+            .unwrap_or_default();
+        let why = match l.verdict {
+            LossVerdict::Shared => {
+                format!("shared with {} other task(s): no evidence", l.co_tenants)
+            }
+            LossVerdict::Alone => "alone by chance (not yet a suspect): no evidence".to_string(),
+            LossVerdict::Isolated => {
+                "isolated, no other drone lost around it: evidence".to_string()
+            }
+            LossVerdict::Inconclusive => {
+                "isolated, but other drones were lost around it: no evidence".to_string()
+            }
+        };
+        lines.push(format!(
+            "attempt {} (fence {}){drone} at {}: {why}",
+            l.attempt,
+            l.fence.0,
+            time(&l.at)
+        ));
+    }
+    lines.join("\n") + "\n"
+}
+
 fn write_detail(out: &mut impl Write, t: &TaskView) -> Result<(), CliError> {
     let mut f: Vec<(&str, String)> = vec![
         ("id", t.id.to_string()),
@@ -146,6 +184,9 @@ fn write_detail(out: &mut impl Write, t: &TaskView) -> Result<(), CliError> {
             .collect();
         // Always a block under the label, even for one error.
         f.push(("errors", lines.join("\n") + "\n"));
+    }
+    if let Some(s) = &t.suspicion {
+        f.push(("suspicion", suspicion(s)));
     }
     if let Some(r) = &t.result {
         f.push(("result", pretty(r)));

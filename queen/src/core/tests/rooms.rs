@@ -877,3 +877,262 @@ mod disk {
         assert_eq!(again.state, TaskState::Pending);
     }
 }
+
+/// Poison-task quarantine: who becomes a suspect, how a suspect runs alone, and what
+/// convicts it (only an isolated attempt whose drone died by itself).
+mod quarantine {
+    use super::super::harness::Link;
+    use super::*;
+    use shared::api::LossVerdict;
+    use shared::TaskId;
+
+    /// Suspects after one lost lease, convicted by one isolated loss.
+    fn strict() -> Hive {
+        let mut cfg = config();
+        cfg.tasks.suspect_after_lost = 1;
+        cfg.tasks.max_lost_attempts = 1;
+        Hive::new(cfg)
+    }
+
+    fn many_attempts() -> TaskSpec {
+        TaskSpec {
+            max_attempts: Some(10),
+            ..spec()
+        }
+    }
+
+    /// The drone behind `link` dies: its connection closes and it does not come back.
+    fn die(h: &mut Hive, link: &Link) {
+        h.close(link);
+        h.settle();
+    }
+
+    fn give_up_orphans(h: &mut Hive) {
+        h.advance(h.cfg.leases.reconnect_grace() + Duration::from_millis(100));
+        h.settle();
+    }
+
+    /// The verdicts on a task's lost leases, as stored.
+    fn verdicts(h: &mut Hive, id: TaskId) -> Vec<LossVerdict> {
+        h.disk()
+            .task(id)
+            .and_then(|t| t.suspicion)
+            .map(|s| s.losses.iter().map(|l| l.verdict).collect())
+            .unwrap_or_default()
+    }
+
+    /// The state of a task, as stored (finished tasks leave memory once durable).
+    fn stored(h: &Hive, id: TaskId) -> Option<TaskState> {
+        h.disk().task(id).map(|t| t.state)
+    }
+
+    /// A task made a suspect: leased alone to a drone that dies (no other drone lost).
+    fn suspect(h: &mut Hive) -> TaskId {
+        let t = h.submit(many_attempts()).expect("created");
+        let mut d = h.connect("first", 1, Vec::new(), None);
+        h.settle();
+        assert_eq!(assigns(&d.inbox())[0].task_id, t.id);
+        die(h, &d);
+        give_up_orphans(h);
+        let view = h.get(t.id).expect("known");
+        assert!(
+            view.state == TaskState::Pending
+                && view.suspicion.is_some_and(|s| s.suspect_since.is_some()),
+            "a suspect, pending again"
+        );
+        t.id
+    }
+
+    /// A poison task kills the three-slot drones it shares with two innocent tasks:
+    /// all three become suspects, each runs alone, and only the poison's lone drone dies.
+    /// The poison is convicted; the innocents, which shared every death, are not.
+    #[test]
+    fn the_co_tenants_of_a_poison_task_are_never_convicted() {
+        let mut h = hive();
+        let poison = h.submit(many_attempts()).expect("created").id;
+        let innocent: Vec<TaskId> = (0..2)
+            .map(|_| h.submit(many_attempts()).expect("created").id)
+            .collect();
+        for round in 0..h.cfg.tasks.suspect_after_lost {
+            let mut d = h.connect(&format!("shared{round}"), 3, Vec::new(), None);
+            h.settle();
+            assert_eq!(assigns(&d.inbox()).len(), 3, "all three share the drone");
+            die(&mut h, &d);
+            give_up_orphans(&mut h);
+        }
+        // Three drones of three slots: each suspect gets one to itself.
+        let mut drones: Vec<Link> = (0..3)
+            .map(|i| h.connect(&format!("alone{i}"), 3, Vec::new(), None))
+            .collect();
+        h.settle();
+        let mut runs = Vec::new();
+        for d in &mut drones {
+            let a = assigns(&d.inbox());
+            assert_eq!(a.len(), 1, "a suspect runs alone");
+            runs.push(a[0].clone());
+        }
+        for (d, a) in drones.iter().zip(&runs) {
+            if a.task_id == poison {
+                die(&mut h, d);
+            } else {
+                h.complete(d, a.task_id, a.fence);
+            }
+        }
+        give_up_orphans(&mut h);
+        let view = h.disk().task(poison).expect("stored");
+        assert_eq!(view.state, TaskState::Failed);
+        assert!(view
+            .errors
+            .last()
+            .is_some_and(|e| e.error.contains("quarantined")));
+        assert_eq!(
+            verdicts(&mut h, poison),
+            [
+                LossVerdict::Shared,
+                LossVerdict::Shared,
+                LossVerdict::Isolated
+            ]
+        );
+        for id in innocent {
+            assert_eq!(stored(&h, id), Some(TaskState::Succeeded));
+            assert_eq!(
+                verdicts(&mut h, id),
+                [LossVerdict::Shared, LossVerdict::Shared]
+            );
+        }
+    }
+
+    #[test]
+    fn a_suspect_runs_alone_on_an_idle_drone_which_takes_nothing_else_meanwhile() {
+        let mut h = strict();
+        let s = suspect(&mut h);
+        let others: Vec<TaskId> = (0..2)
+            .map(|_| h.submit(spec()).expect("created").id)
+            .collect();
+        let mut lone = h.connect("lone", 3, Vec::new(), None);
+        h.settle();
+        let a = assigns(&lone.inbox());
+        assert_eq!(
+            a.iter().map(|a| a.task_id).collect::<Vec<_>>(),
+            [s],
+            "the suspect (oldest) alone, though the drone has three slots"
+        );
+        let mut other = h.connect("other", 3, Vec::new(), None);
+        h.settle();
+        assert_eq!(assigns(&other.inbox()).len(), 2, "the rest run elsewhere");
+        // Once the suspect's attempt ends, the drone takes other work again.
+        h.complete(&lone, s, a[0].fence);
+        h.settle();
+        assert_eq!(h.state(s), Some(TaskState::Succeeded));
+        let more = h.submit(spec()).expect("created");
+        h.settle();
+        let got: Vec<TaskId> = assigns(&lone.inbox())
+            .into_iter()
+            .chain(assigns(&other.inbox()))
+            .map(|a| a.task_id)
+            .collect();
+        assert_eq!(got, [more.id]);
+        assert!(others
+            .iter()
+            .all(|o| h.state(*o) == Some(TaskState::Running)));
+    }
+
+    #[test]
+    fn with_no_idle_drone_one_is_held_for_the_suspect_until_its_work_ends() {
+        let mut h = strict();
+        let s = suspect(&mut h);
+        let busy = h
+            .submit(TaskSpec {
+                priority: Some(10),
+                ..spec()
+            })
+            .expect("created");
+        let mut d = h.connect("busy", 2, Vec::new(), None);
+        h.settle();
+        // `busy` goes first (priority); the suspect cannot run beside it: the drone is
+        // held for the suspect, and takes no new task though it has a free slot.
+        let running = assigns(&d.inbox());
+        assert_eq!(
+            running.iter().map(|a| a.task_id).collect::<Vec<_>>(),
+            [busy.id]
+        );
+        let late = h.submit(spec()).expect("created");
+        h.settle();
+        assert!(assigns(&d.inbox()).is_empty(), "held: nothing new");
+        assert_eq!(h.state(late.id), Some(TaskState::Pending));
+        assert_eq!(h.state(s), Some(TaskState::Pending));
+        // Its work ends: the suspect runs there, alone; the late task still waits.
+        h.complete(&d, busy.id, running[0].fence);
+        h.settle();
+        let a = assigns(&d.inbox());
+        assert_eq!(a.iter().map(|a| a.task_id).collect::<Vec<_>>(), [s]);
+        h.complete(&d, s, a[0].fence);
+        h.settle();
+        assert_eq!(assigns(&d.inbox())[0].task_id, late.id);
+    }
+
+    #[test]
+    fn a_suspect_alone_on_a_drone_that_dies_by_itself_is_quarantined() {
+        let mut h = strict();
+        let s = suspect(&mut h);
+        let d = h.connect("victim", 1, Vec::new(), None);
+        h.settle();
+        die(&mut h, &d);
+        give_up_orphans(&mut h);
+        let view = h.disk().task(s).expect("stored");
+        assert_eq!(view.state, TaskState::Failed);
+        assert_eq!(view.attempts, 2, "with attempts left: quarantined");
+        assert!(view.errors[1].error.contains("quarantined"), "{view:?}");
+        assert_eq!(
+            verdicts(&mut h, s),
+            [LossVerdict::Alone, LossVerdict::Isolated]
+        );
+    }
+
+    #[test]
+    fn a_suspect_whose_drone_died_with_others_is_not_convicted() {
+        let mut h = strict();
+        let s = suspect(&mut h);
+        let ordinary = h.submit(spec()).expect("created");
+        let mut lone = h.connect("lone", 1, Vec::new(), None);
+        let mut other = h.connect("other", 1, Vec::new(), None);
+        h.settle();
+        let got: Vec<TaskId> = assigns(&lone.inbox())
+            .into_iter()
+            .chain(assigns(&other.inbox()))
+            .map(|a| a.task_id)
+            .collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        // A rack goes: both drones at once.
+        die(&mut h, &lone);
+        die(&mut h, &other);
+        give_up_orphans(&mut h);
+        assert_eq!(
+            h.state(s),
+            Some(TaskState::Pending),
+            "requeued, not convicted"
+        );
+        assert_eq!(
+            verdicts(&mut h, s),
+            [LossVerdict::Alone, LossVerdict::Inconclusive]
+        );
+        assert_eq!(h.state(ordinary.id), Some(TaskState::Pending));
+    }
+
+    #[test]
+    fn a_suspect_stays_one_across_a_restart_and_still_runs_alone() {
+        let mut h = strict();
+        let s = suspect(&mut h);
+        h.submit(spec()).expect("created");
+        h.settle();
+        let mut h = h.restart();
+        let mut d = h.connect("after", 2, Vec::new(), None);
+        h.settle();
+        let a = assigns(&d.inbox());
+        assert_eq!(
+            a.iter().map(|a| a.task_id).collect::<Vec<_>>(),
+            [s],
+            "alone, though the drone has two slots"
+        );
+    }
+}
