@@ -12,7 +12,7 @@ use hive_tests::execlog::{shell_quote, Phase, DRONE_PID_VAR};
 use hive_tests::{pid_alive, seed, wait_until, Hive, DEADLINE};
 use rand::rngs::StdRng;
 use rand::Rng;
-use shared::api::{TaskSpec, TaskState, TaskView};
+use shared::api::{LossVerdict, TaskSpec, TaskState, TaskView};
 use shared::TaskId;
 
 /// A task body that, on attempt 1 only, starts a grandchild (`sleep 30 &`), publishes both
@@ -354,4 +354,146 @@ fn a_poison_task_that_kills_its_drone_fails_after_its_attempts_and_the_hive_keep
         3 + 3,
         "three drones, three restarts: {summary}"
     );
+}
+
+/// The churn scenario's drones: four of four slots.
+const CHURN_DRONES: [&str; 4] = ["c1", "c2", "c3", "c4"];
+
+/// Guards issue 13's churn failure: a mass failure of drones (a rack losing power, spot
+/// instances reclaimed, a deploy) must not fail the innocent tasks it hit. 300 short exec
+/// tasks run on four drones of four slots while drones are `kill -9`ed two at a time, four
+/// times (eight kills), each replaced at once; every pair takes the drone of one long task
+/// that the storm chases, so that task loses its lease four times — twice as a suspect
+/// running alone. The queen used to quarantine it (and any task that lost three leases);
+/// now no task is quarantined, every task succeeds, the chased task's isolated losses are
+/// judged inconclusive (other drones died with them), and the invariant checker passes.
+#[test]
+fn a_storm_of_drone_kills_quarantines_no_task_and_every_task_succeeds() {
+    let mut rng = seed::rng("a_storm_of_drone_kills_quarantines_no_task_and_every_task_succeeds");
+    let mut hive = Hive::start();
+    for d in CHURN_DRONES {
+        hive.start_drone(d, 4);
+    }
+    let chased = TaskSpec {
+        max_attempts: Some(10),
+        priority: Some(10),
+        ..hive.exec_log().task("sleep 2")
+    };
+    let chased = hive.api().submit(&chased).id;
+    let specs: Vec<TaskSpec> = (0..300)
+        .map(|_| TaskSpec {
+            max_attempts: Some(10),
+            ..hive
+                .exec_log()
+                .task(&format!("sleep {}", rng.random_range(5..20) as f64 / 100.0))
+        })
+        .collect();
+    let mut ids: Vec<TaskId> = hive.api().batch(specs).into_iter().map(|v| v.id).collect();
+    for kill in 1..=4 {
+        let running = hive.wait_task(chased, &format!("running before kill {kill}"), |t| {
+            t.state == TaskState::Running
+        });
+        let holder = running
+            .lease
+            .map(|l| l.drone_name)
+            .expect("a running task has a lease");
+        let others: Vec<&str> = CHURN_DRONES
+            .iter()
+            .copied()
+            .filter(|d| *d != holder)
+            .collect();
+        let other = others[rng.random_range(0..others.len())];
+        hive.drone(&holder).kill9();
+        hive.drone(other).kill9();
+        hive.restart_drone(&holder);
+        hive.restart_drone(other);
+        hive.wait_task(chased, &format!("requeued after kill {kill}"), |t| {
+            t.errors.len() >= kill
+        });
+    }
+    ids.push(chased);
+    let views = hive.wait_all_succeeded(ROUND_DONE, &ids);
+    let chased = views
+        .iter()
+        .find(|v| v.id == chased)
+        .expect("the chased task is among them");
+    let verdicts: Vec<LossVerdict> = chased
+        .suspicion
+        .as_ref()
+        .map(|s| s.losses.iter().map(|l| l.verdict).collect())
+        .unwrap_or_default();
+    assert_eq!(verdicts.len(), 4, "{chased:#?}");
+    assert!(
+        verdicts[2..]
+            .iter()
+            .all(|v| *v == LossVerdict::Inconclusive),
+        "a suspect alone on a drone that died with another is not convicted: {verdicts:?}"
+    );
+    let summary = hive.check(DEADLINE);
+    assert_eq!(summary.quarantined, 0, "{summary}");
+    assert!(summary.lost_leases >= 4, "{summary}");
+}
+
+/// Guards the other side of quarantine: a real poison task (it `kill -9`s the drone that
+/// runs it) is quarantined once it killed a drone it ran on alone, and costs at most
+/// `tasks.suspect_after_lost + tasks.max_lost_attempts` drones (2 + 1 by default) though it
+/// has ten attempts; none of the ordinary tasks that shared its drones fails.
+#[test]
+fn a_poison_task_is_quarantined_after_its_isolated_attempt_and_no_co_tenant_fails() {
+    let mut hive = Hive::start();
+    for d in ["p1", "p2", "p3"] {
+        hive.start_drone(d, 3);
+    }
+    let mut ids = quick_tasks(&hive, 30);
+    let poison = TaskSpec {
+        max_attempts: Some(10),
+        ..hive
+            .exec_log()
+            .task(&format!("kill -9 \"${DRONE_PID_VAR}\"; sleep 30"))
+    };
+    let poison = hive.api().submit(&poison).id;
+    ids.extend(quick_tasks(&hive, 30));
+
+    let api = hive.api().clone();
+    let failed = restart_dead_drones_until(&mut hive, "the poison task to end", |_| {
+        api.try_task(poison).ok().filter(|v| v.state.is_terminal())
+    });
+    assert_eq!(failed.state, TaskState::Failed, "{failed:#?}");
+    assert!(
+        failed
+            .errors
+            .last()
+            .is_some_and(|e| e.error.contains("quarantined")),
+        "quarantined, not out of attempts: {failed:#?}"
+    );
+    let suspicion = failed.suspicion.clone().expect("the evidence is kept");
+    let verdicts: Vec<LossVerdict> = suspicion.losses.iter().map(|l| l.verdict).collect();
+    assert_eq!(
+        verdicts.len(),
+        3,
+        "2 lost leases make a suspect, 1 isolated loss convicts: {verdicts:?}"
+    );
+    assert!(
+        verdicts[..2]
+            .iter()
+            .all(|v| matches!(v, LossVerdict::Shared | LossVerdict::Alone)),
+        "{verdicts:?}"
+    );
+    assert_eq!(verdicts[2], LossVerdict::Isolated);
+    assert_eq!(suspicion.losses[2].co_tenants, 0, "it ran alone");
+    let runs: Vec<_> = hive
+        .exec_log()
+        .executions()
+        .into_iter()
+        .filter(|r| r.task == poison)
+        .collect();
+    assert_eq!(runs.len(), 3, "three drones killed, no more: {runs:#?}");
+
+    restart_dead_drones_until(&mut hive, "every drone to be back", |h| {
+        (h.api().drones().len() == 3).then_some(())
+    });
+    ids.extend(quick_tasks(&hive, 20));
+    hive.wait_all_succeeded(ROUND_DONE, &ids);
+    let summary = hive.check(DEADLINE);
+    assert_eq!(summary.quarantined, 1, "{summary}");
 }

@@ -9,7 +9,6 @@ use shared::api::TaskState;
 use shared::protocol::{Ack, AckStatus, QueenMessage};
 use shared::{DroneId, Fence, TaskId};
 
-use super::fleet::LOSS_CORRELATION;
 use super::lifecycle::{self, Event, Moved};
 use super::{Core, Now};
 use crate::rules::{self, QuarantineRules, Verdict};
@@ -99,18 +98,21 @@ impl Core {
     /// G8). `co_tenants`: the other tasks its drone held when it was lost.
     pub(super) fn lose_lease(&mut self, id: TaskId, reason: &str, co_tenants: u32, now: Now) {
         // Only a suspect alone on its drone can be convicted; for it, ask whether other
-        // drones (that it never ran on) were lost around the same time.
+        // drones were lost around the same time (since its own previous loss).
+        let window = self.loss_window();
         let correlated = match self.ledger.tasks.get(&id) {
             Some(t) if co_tenants == 0 && t.is_suspect() => {
-                let ran_on: Vec<DroneId> = t
+                // Its previous loss on the monotonic clock (recorded in wall time).
+                let previous = t
                     .suspicion
-                    .iter()
-                    .flat_map(|s| s.losses.iter().filter_map(|l| l.drone))
-                    .collect();
-                let window = LOSS_CORRELATION.max(self.cfg.leases.heartbeat_timeout() * 2);
-                t.lease
                     .as_ref()
-                    .is_some_and(|l| self.fleet.lost_together(l.drone, &ran_on, now.mono, window))
+                    .and_then(|s| s.losses.last())
+                    .and_then(|l| (now.wall - l.at).to_std().ok())
+                    .and_then(|ago| now.mono.checked_sub(ago));
+                t.lease.as_ref().is_some_and(|l| {
+                    self.fleet
+                        .lost_together(l.drone, previous, now.mono, window)
+                })
             }
             _ => false,
         };

@@ -143,12 +143,14 @@ impl Fleet {
         self.recent_losses.push_back((at, id));
     }
 
-    /// Whether another drone, not one of `ran_on`, was lost within `window` of `drone`'s
-    /// last loss (or of `now`, for a drone that is still here).
+    /// Whether another drone was lost within `window` of `drone`'s last loss (or of
+    /// `now`, for a drone that is still here), counting only losses after `after`: the
+    /// task's own previous loss, so that the drones it took down itself (a poison kills
+    /// its drones one after the other) are not taken for a mass failure.
     pub fn lost_together(
         &self,
         drone: DroneId,
-        ran_on: &[DroneId],
+        after: Option<Instant>,
         now: Instant,
         window: Duration,
     ) -> bool {
@@ -160,7 +162,7 @@ impl Fleet {
             .map_or(now, |(t, _)| *t);
         self.recent_losses.iter().any(|(t, d)| {
             *d != drone
-                && !ran_on.contains(d)
+                && after.is_none_or(|a| *t > a)
                 && t.saturating_duration_since(at)
                     .max(at.saturating_duration_since(*t))
                     <= window
