@@ -112,6 +112,56 @@ async fn a_newer_schema_is_refused_and_the_database_left_alone() {
     assert!(err.to_string().contains("newer than this queen"), "{err}");
 }
 
+/// Guards the 2 → 3 upgrade: a schema-2 database opens, is marked 3 (so a schema-2 queen
+/// would refuse it), gives its v2 records back unchanged, and a task saved with lost-lease
+/// evidence afterwards is a v3 record that reads back equal.
+#[tokio::test]
+async fn a_schema_2_database_is_upgraded_and_takes_v3_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut t = task();
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    commit(&w, vec![Mutation::save(&t)]).await.expect("durable");
+    store
+        .reader
+        .tree
+        .insert(SCHEMA_KEY, &2u32.to_be_bytes())
+        .expect("insert");
+    store.reader.tree.flush().expect("flush");
+    close(store, w);
+
+    let (store, w, rec) =
+        Store::open(&opts(dir.path()), CancellationToken::new()).expect("upgrade");
+    assert_eq!(rec.active.collect().expect("scan"), vec![t.clone()]);
+    let schema = store
+        .reader
+        .tree
+        .get(SCHEMA_KEY)
+        .expect("get")
+        .expect("set");
+    assert_eq!(schema.as_ref(), &3u32.to_be_bytes());
+    t.lost = 1;
+    t.suspicion = Some(Box::new(shared::api::Suspicion {
+        suspect_since: None,
+        losses: vec![shared::api::LostLease {
+            attempt: 1,
+            fence: shared::Fence(1),
+            drone: None,
+            co_tenants: 2,
+            verdict: shared::api::LossVerdict::Shared,
+            at: chrono::Utc::now(),
+        }],
+    }));
+    commit(&w, vec![Mutation::save(&t)]).await.expect("durable");
+    close(store, w);
+    let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
+    assert_eq!(rec.active.collect().expect("scan"), vec![t.clone()]);
+    let mut key = b"a/".to_vec();
+    key.extend_from_slice(&t.id.to_bytes());
+    let raw = store.reader.tree.get(key).expect("get").expect("present");
+    assert_eq!(raw[0], crate::store::record::RECORD_V3);
+    close(store, w);
+}
+
 /// Guards the 1 → 2 upgrade: a schema-1 database whose task records are v1 JSON (every
 /// field present) opens, is marked schema 2, and gives its tasks back unchanged; records
 /// written afterwards are the compact v2 form and read back equal.
