@@ -157,6 +157,33 @@ fn the_dashboard_shows_tasks_queues_drones_and_throughput_as_they_change() {
     );
     browser.click("#detail button[data-action=close]");
 
+    // A task whose drone dies shows the lost lease and its verdict.
+    let orphan = api.submit(&TaskSpec {
+        queue: Some("dash".into()),
+        max_attempts: Some(5),
+        ..sh("sleep 30")
+    });
+    hive.wait_task(orphan.id, "running on d1", |t| {
+        t.state == TaskState::Running
+    });
+    hive.drone("d1").kill9();
+    hive.wait_task(orphan.id, "its lease lost", |t| t.suspicion.is_some());
+    hive.restart_drone("d1");
+    browser
+        .goto(&api.url(&format!("/#task/{}", orphan.id)))
+        .expect("open the task's detail");
+    browser.wait_text(
+        &format!(
+            "#detail[data-task-id='{}'] #detail-losses [data-field=verdict]",
+            orphan.id
+        ),
+        "the lost lease and its verdict in the detail view",
+        |t| t == "alone" || t == "shared",
+    );
+    browser.screenshot("detail-lost-lease").expect("screenshot");
+    api.try_cancel(orphan.id).expect("cancel the orphaned task");
+    browser.click("#detail button[data-action=close]");
+
     // A burst of finished tasks moves the throughput off zero.
     let burst: Vec<TaskSpec> = (0..30)
         .map(|i| TaskSpec {
