@@ -312,14 +312,19 @@ impl Core {
                 .find(|(_, t)| **t == s.id)
                 .and_then(|(d, _)| fleet.drones.get(d))
                 .filter(|d| usable(d));
+            let idle_one = || {
+                fleet
+                    .drones
+                    .values()
+                    .find(|d| usable(d) && d.is_idle())
+                    .map(|d| d.id)
+            };
             let chosen = match held {
-                Some(d) => d.is_idle().then_some(d.id),
+                // The drone held for it, once empty, or any drone that is empty first.
+                Some(d) if d.is_idle() => Some(d.id),
+                Some(_) => idle_one(),
                 None => {
-                    let idle = fleet
-                        .drones
-                        .values()
-                        .find(|d| usable(d) && d.is_idle())
-                        .map(|d| d.id);
+                    let idle = idle_one();
                     if idle.is_none() {
                         let least_busy = fleet
                             .drones

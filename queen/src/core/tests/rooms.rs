@@ -1072,6 +1072,30 @@ mod quarantine {
     }
 
     #[test]
+    fn a_suspect_waiting_for_a_held_drone_takes_an_empty_one_that_comes_first() {
+        let mut h = strict();
+        let s = suspect(&mut h);
+        let busy = h
+            .submit(TaskSpec {
+                priority: Some(10),
+                ..spec()
+            })
+            .expect("created");
+        let mut held = h.connect("busy", 2, Vec::new(), None);
+        h.settle();
+        assert_eq!(assigns(&held.inbox())[0].task_id, busy.id);
+        assert_eq!(h.state(s), Some(TaskState::Pending), "waits for a drone");
+        let mut fresh = h.connect("fresh", 1, Vec::new(), None);
+        h.settle();
+        let a = assigns(&fresh.inbox());
+        assert_eq!(a.iter().map(|a| a.task_id).collect::<Vec<_>>(), [s]);
+        // The held drone is released: it takes new work again.
+        let late = h.submit(spec()).expect("created");
+        h.settle();
+        assert_eq!(assigns(&held.inbox())[0].task_id, late.id);
+    }
+
+    #[test]
     fn a_suspect_alone_on_a_drone_that_dies_by_itself_is_quarantined() {
         let mut h = strict();
         let s = suspect(&mut h);
