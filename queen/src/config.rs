@@ -39,6 +39,10 @@ pub const DEFAULT_SUSPECT_AFTER_LOST: u32 = 2;
 /// at a time. Only isolated attempts count, so the co-tenants of a drone that died, and
 /// the victims of a mass failure, are never convicted.
 pub const DEFAULT_MAX_LOST_ATTEMPTS: u32 = 1;
+/// Drones lost within this of each other (and at least twice the heartbeat timeout, as
+/// silence is noticed that late) were lost together: a suspect's lone drone lost around
+/// other drones' deaths is no evidence, and its verdict waits this long for them.
+pub const DEFAULT_LOSS_CORRELATION_MS: u64 = 10_000;
 /// First retry backoff; doubles per attempt up to the max, with jitter.
 pub const DEFAULT_RETRY_BASE_MS: u64 = 1_000;
 /// Backoff ceiling: a failing task is retried at least every five minutes.
@@ -178,6 +182,7 @@ pub struct TaskSection {
     pub max_attempts: u32,
     pub suspect_after_lost: u32,
     pub max_lost_attempts: u32,
+    pub loss_correlation_ms: u64,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
     pub max_payload_bytes: usize,
@@ -193,6 +198,7 @@ impl Default for TaskSection {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             suspect_after_lost: DEFAULT_SUSPECT_AFTER_LOST,
             max_lost_attempts: DEFAULT_MAX_LOST_ATTEMPTS,
+            loss_correlation_ms: DEFAULT_LOSS_CORRELATION_MS,
             retry_base_ms: DEFAULT_RETRY_BASE_MS,
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
@@ -403,6 +409,12 @@ impl Config {
         }
         if self.tasks.max_lost_attempts == 0 {
             return Err(invalid("tasks.max_lost_attempts", "must be at least 1"));
+        }
+        if self.tasks.loss_correlation_ms > 3_600_000 {
+            return Err(invalid(
+                "tasks.loss_correlation_ms",
+                "must be at most 3600000 (an hour)",
+            ));
         }
         if self.tasks.retry_base_ms == 0 || self.tasks.retry_max_ms < self.tasks.retry_base_ms {
             return Err(invalid(

@@ -88,54 +88,64 @@ pub enum AfterLostLease {
     /// Back to `pending`, as a suspect: it lost its drone too often to be sure it is not
     /// what kills them, so its next attempts run alone on a drone.
     Suspect,
+    /// A suspect alone on a drone that died, with no other drone lost so far: it waits
+    /// out the correlation window (`scheduled`), then is judged (see [`convicted`]).
+    Await,
     /// The lost lease was its last allowed attempt.
     Fail,
-    /// Isolated attempts lost their drone: the task alone ran there, so it is what kills
-    /// drones (a poison pill), and it fails before it takes down more of the fleet.
-    Quarantine,
 }
 
-/// The quarantine settings (`[tasks] suspect_after_lost`, `max_lost_attempts`).
+/// The quarantine settings (`[tasks] suspect_after_lost`, `max_lost_attempts`) and the
+/// correlation window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuarantineRules {
     /// Lost leases, anywhere, that make a task a suspect.
     pub suspect_after: u32,
     /// Isolated losses that convict a suspect.
     pub convict_after: u32,
+    /// Drones lost within this of each other were lost together.
+    pub window: Duration,
 }
 
 /// How a lost lease counts, from where the attempt ran: `co_tenants` is how many other
-/// tasks the drone held, `correlated` whether other drones (that this task never ran on)
-/// were lost around the same time. Only a suspect's attempt alone on a drone that died by
-/// itself is evidence against the task.
+/// tasks the drone held, `correlated` whether other drones were lost around the same time
+/// (or the drone did not die). Only a suspect's attempt alone on a drone that died by
+/// itself can be evidence against the task, and it is judged only once the window has
+/// passed (`Awaiting`).
 pub fn judge_loss(suspect: bool, co_tenants: u32, correlated: bool) -> LossVerdict {
     match (co_tenants, suspect, correlated) {
         (1.., _, _) => LossVerdict::Shared,
         (0, false, _) => LossVerdict::Alone,
         (0, true, true) => LossVerdict::Inconclusive,
-        (0, true, false) => LossVerdict::Isolated,
+        (0, true, false) => LossVerdict::Awaiting,
     }
 }
 
-/// `lost` counts lost leases including this one, `isolated` the isolated losses
-/// including this one; `suspect` is whether the task was a suspect before it.
+/// `lost` counts lost leases including this one; `suspect` is whether the task was a
+/// suspect before it; `verdict` is this loss's.
 pub fn after_lost_lease(
     attempts: u32,
     max_attempts: u32,
     lost: u32,
-    isolated: u32,
     suspect: bool,
+    verdict: LossVerdict,
     rules: QuarantineRules,
 ) -> AfterLostLease {
-    if isolated >= rules.convict_after && attempts < max_attempts {
-        AfterLostLease::Quarantine
-    } else if attempts >= max_attempts {
+    if attempts >= max_attempts {
         AfterLostLease::Fail
+    } else if verdict == LossVerdict::Awaiting {
+        AfterLostLease::Await
     } else if !suspect && lost >= rules.suspect_after {
         AfterLostLease::Suspect
     } else {
         AfterLostLease::Requeue
     }
+}
+
+/// Whether a suspect with `isolated` isolated losses (its last one judged) is convicted:
+/// it kills its drones, and is quarantined (failed) instead of running again.
+pub fn convicted(isolated: u32, rules: QuarantineRules) -> bool {
+    isolated >= rules.convict_after
 }
 
 /// Whether an outcome reported with `fence` is the task's outcome (G3, docs/GUARANTEES.md).
@@ -303,56 +313,66 @@ mod tests {
     const Q: QuarantineRules = QuarantineRules {
         suspect_after: 2,
         convict_after: 1,
+        window: Duration::from_secs(10),
     };
 
     #[test]
     fn a_lost_lease_counts_as_an_attempt() {
+        let shared = LossVerdict::Shared;
         assert_eq!(
-            after_lost_lease(1, 3, 1, 0, false, Q),
+            after_lost_lease(1, 3, 1, false, shared, Q),
             AfterLostLease::Requeue
         );
-        assert_eq!(after_lost_lease(2, 2, 1, 0, false, Q), AfterLostLease::Fail);
+        assert_eq!(
+            after_lost_lease(2, 2, 1, false, shared, Q),
+            AfterLostLease::Fail
+        );
+        // The last attempt fails for its attempts (G8), whatever the evidence.
+        let awaiting = LossVerdict::Awaiting;
+        assert_eq!(
+            after_lost_lease(3, 3, 3, true, awaiting, Q),
+            AfterLostLease::Fail
+        );
     }
 
     #[test]
-    fn lost_leases_make_a_suspect_and_only_isolated_losses_convict() {
+    fn lost_leases_make_a_suspect_and_only_its_lone_losses_wait_for_a_verdict() {
+        use LossVerdict::*;
         // The second loss anywhere makes a suspect; a suspect is not made twice.
         assert_eq!(
-            after_lost_lease(2, 10, 2, 0, false, Q),
+            after_lost_lease(2, 10, 2, false, Shared, Q),
             AfterLostLease::Suspect
         );
         assert_eq!(
-            after_lost_lease(5, 10, 5, 0, true, Q),
+            after_lost_lease(5, 10, 5, true, Shared, Q),
             AfterLostLease::Requeue
         );
-        // Shared or inconclusive losses, however many, never convict.
+        // Inconclusive losses, however many, never wait for a verdict.
         assert_eq!(
-            after_lost_lease(9, 10, 9, 0, true, Q),
+            after_lost_lease(9, 10, 9, true, Inconclusive, Q),
             AfterLostLease::Requeue
         );
         assert_eq!(
-            after_lost_lease(3, 10, 3, 1, true, Q),
-            AfterLostLease::Quarantine
+            after_lost_lease(3, 10, 3, true, Awaiting, Q),
+            AfterLostLease::Await
         );
-        let two = QuarantineRules {
-            convict_after: 2,
-            ..Q
-        };
-        assert_eq!(
-            after_lost_lease(3, 10, 3, 1, true, two),
-            AfterLostLease::Requeue
-        );
-        // With no attempt left, the task fails for its attempts, not as a poison.
-        assert_eq!(after_lost_lease(3, 3, 3, 1, true, Q), AfterLostLease::Fail);
+        assert!(convicted(1, Q));
+        assert!(!convicted(
+            1,
+            QuarantineRules {
+                convict_after: 2,
+                ..Q
+            }
+        ));
     }
 
     #[test]
-    fn only_a_suspect_alone_on_a_drone_that_died_by_itself_is_evidence() {
+    fn only_a_suspect_alone_on_a_drone_that_died_by_itself_awaits_a_verdict() {
         assert_eq!(judge_loss(true, 3, false), LossVerdict::Shared);
         assert_eq!(judge_loss(false, 1, true), LossVerdict::Shared);
         assert_eq!(judge_loss(false, 0, false), LossVerdict::Alone);
         assert_eq!(judge_loss(true, 0, true), LossVerdict::Inconclusive);
-        assert_eq!(judge_loss(true, 0, false), LossVerdict::Isolated);
+        assert_eq!(judge_loss(true, 0, false), LossVerdict::Awaiting);
     }
 
     #[test]

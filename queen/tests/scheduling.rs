@@ -213,6 +213,9 @@ async fn a_task_that_keeps_killing_its_drone_is_quarantined() {
     let mut cfg = fast_config(dir.path());
     cfg.tasks.suspect_after_lost = 1;
     cfg.tasks.max_lost_attempts = 1;
+    // The verdict waits max(loss_correlation_ms, 2 x heartbeat timeout): 2 s here.
+    cfg.leases.heartbeat_timeout_ms = 1_000;
+    cfg.tasks.loss_correlation_ms = 0;
     let q = TestQueen::start(cfg).await;
     let t = q.submit(json!({"kind": "echo", "max_attempts": 10})).await;
     for _ in 0..2 {
@@ -223,7 +226,15 @@ async fn a_task_that_keeps_killing_its_drone_is_quarantined() {
         q.wait_task(t.id, "lease lost", |t| t.state != TaskState::Running)
             .await;
     }
-    let done = q.task(t.id).await;
+    let awaiting = q.task(t.id).await;
+    assert_eq!(
+        awaiting.state,
+        TaskState::Scheduled,
+        "waits for its verdict"
+    );
+    let done = q
+        .wait_task(t.id, "the verdict", |t| t.state.is_terminal())
+        .await;
     assert_eq!(done.state, TaskState::Failed);
     assert_eq!(done.attempts, 2);
     assert!(

@@ -202,8 +202,13 @@ pub enum LossVerdict {
     /// and no other drone was lost around the same time: evidence against the task.
     Isolated,
     /// An isolated attempt lost its drone while other drones were lost around the same
-    /// time (a rack, a deploy, an OOM storm): not held against the task.
+    /// time (a rack, a deploy, an OOM storm), or its drone did not die (it stopped
+    /// reporting the task): not held against the task.
     Inconclusive,
+    /// An isolated attempt lost its drone and no other drone has been lost around it so
+    /// far: the task waits (`scheduled`) until the rest of a mass failure would have
+    /// shown, then the verdict becomes `isolated` or `inconclusive`.
+    Awaiting,
 }
 
 /// One lost lease, as evidence.
@@ -234,6 +239,13 @@ pub struct Suspicion {
 impl Suspicion {
     pub fn is_suspect(&self) -> bool {
         self.suspect_since.is_some()
+    }
+
+    /// Whether its last lost lease waits for a verdict (see [`LossVerdict::Awaiting`]).
+    pub fn awaiting(&self) -> bool {
+        self.losses
+            .last()
+            .is_some_and(|l| l.verdict == LossVerdict::Awaiting)
     }
 
     /// Isolated attempts that lost their drone: the evidence that convicts.

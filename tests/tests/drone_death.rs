@@ -440,7 +440,10 @@ fn a_storm_of_drone_kills_quarantines_no_task_and_every_task_succeeds() {
 /// has ten attempts; none of the ordinary tasks that shared its drones fails.
 #[test]
 fn a_poison_task_is_quarantined_after_its_isolated_attempt_and_no_co_tenant_fails() {
-    let mut hive = Hive::start();
+    // Its verdict comes 2 s (2 x the heartbeat timeout) after its lone drone died.
+    let mut hive = Hive::builder()
+        .env("HIVE_TASKS__LOSS_CORRELATION_MS", "0")
+        .start();
     for d in ["p1", "p2", "p3"] {
         hive.start_drone(d, 3);
     }
@@ -455,8 +458,13 @@ fn a_poison_task_is_quarantined_after_its_isolated_attempt_and_no_co_tenant_fail
     ids.extend(quick_tasks(&hive, 30));
 
     let api = hive.api().clone();
+    let mut awaited = false;
     let failed = restart_dead_drones_until(&mut hive, "the poison task to end", |_| {
-        api.try_task(poison).ok().filter(|v| v.state.is_terminal())
+        let v = api.try_task(poison).ok()?;
+        // Between its lone drone's death and the verdict it waits, and runs nowhere.
+        awaited |=
+            v.state == TaskState::Scheduled && v.suspicion.as_ref().is_some_and(|s| s.awaiting());
+        v.state.is_terminal().then_some(v)
     });
     assert_eq!(failed.state, TaskState::Failed, "{failed:#?}");
     assert!(
@@ -466,6 +474,7 @@ fn a_poison_task_is_quarantined_after_its_isolated_attempt_and_no_co_tenant_fail
             .is_some_and(|e| e.error.contains("quarantined")),
         "quarantined, not out of attempts: {failed:#?}"
     );
+    assert!(awaited, "it waited for its verdict");
     let suspicion = failed.suspicion.clone().expect("the evidence is kept");
     let verdicts: Vec<LossVerdict> = suspicion.losses.iter().map(|l| l.verdict).collect();
     assert_eq!(

@@ -106,7 +106,11 @@ fn suspicion(s: &Suspicion) -> String {
                 "isolated, no other drone lost around it: evidence".to_string()
             }
             LossVerdict::Inconclusive => {
-                "isolated, but other drones were lost around it: no evidence".to_string()
+                "isolated, but other drones were lost around it (or it did not die): no evidence"
+                    .to_string()
+            }
+            LossVerdict::Awaiting => {
+                "isolated, no other drone lost so far: the verdict waits for the window".to_string()
             }
         };
         lines.push(format!(

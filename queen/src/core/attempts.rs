@@ -45,6 +45,8 @@ impl Core {
         if drone.leases.get(&task_id).is_some_and(|l| l.fence == fence) {
             drone.leases.remove(&task_id);
         }
+        // A stopped suspect that reports at last no longer holds the drone alone.
+        drone.settle_isolation();
         let conn = drone.conn.clone();
         self.dispatch.slot_may_have_freed(drone_id);
         let status = match verdict {
@@ -92,40 +94,87 @@ impl Core {
         }
     }
 
+    /// The quarantine settings, with the correlation window.
+    pub(super) fn quarantine_rules(&self) -> QuarantineRules {
+        QuarantineRules {
+            suspect_after: self.cfg.tasks.suspect_after_lost,
+            convict_after: self.cfg.tasks.max_lost_attempts,
+            window: self.loss_window(),
+        }
+    }
+
     /// A running task's lease is gone (drone died, went silent, dropped it): requeue it
-    /// (as a suspect once it lost too many), quarantine it when isolated attempts keep
-    /// losing their drone, or fail it when that was its last attempt (lost leases count,
-    /// G8). `co_tenants`: the other tasks its drone held when it was lost.
-    pub(super) fn lose_lease(&mut self, id: TaskId, reason: &str, co_tenants: u32, now: Now) {
-        // Only a suspect alone on its drone can be convicted; for it, ask whether other
-        // drones were lost around the same time (since its own previous loss).
-        let window = self.loss_window();
+    /// (as a suspect once it lost too many), hold a suspect whose lone drone died for its
+    /// verdict, or fail it when that was its last attempt (lost leases count, G8).
+    pub(super) fn lose_lease(&mut self, id: TaskId, reason: &str, loss: Loss, now: Now) {
+        let rules = self.quarantine_rules();
+        // Only a suspect alone on a drone that died can be evidence; for it, ask whether
+        // other drones were lost around the same time (since its own previous loss).
         let correlated = match self.ledger.tasks.get(&id) {
-            Some(t) if co_tenants == 0 && t.is_suspect() => {
-                // Its previous loss on the monotonic clock (recorded in wall time).
-                let previous = t
-                    .suspicion
-                    .as_ref()
-                    .and_then(|s| s.losses.last())
-                    .and_then(|l| (now.wall - l.at).to_std().ok())
-                    .and_then(|ago| now.mono.checked_sub(ago));
-                t.lease.as_ref().is_some_and(|l| {
-                    self.fleet
-                        .lost_together(l.drone, previous, now.mono, window)
-                })
+            Some(t) if loss.co_tenants == 0 && t.is_suspect() => {
+                !loss.drone_died
+                    || t.lease.as_ref().is_some_and(|l| {
+                        let previous = t
+                            .suspicion
+                            .as_ref()
+                            .and_then(|s| s.losses.last())
+                            .and_then(|l| mono_of(l.at, now));
+                        self.fleet
+                            .lost_together(l.drone, loss.at, previous, rules.window)
+                    })
             }
             _ => false,
         };
+        let ago = now.mono.saturating_duration_since(loss.at);
+        let lost_at = now.wall - chrono::Duration::from_std(ago).unwrap_or_default();
         let event = Event::LeaseLost {
             reason: reason.to_string(),
-            co_tenants,
+            co_tenants: loss.co_tenants,
             correlated,
-            rules: QuarantineRules {
-                suspect_after: self.cfg.tasks.suspect_after_lost,
-                convict_after: self.cfg.tasks.max_lost_attempts,
-            },
+            lost_at,
+            rules,
         };
         self.end_running(id, event, now);
+    }
+
+    /// A suspect held after its lone drone died has waited out the window: other drones
+    /// lost around that death make it inconclusive (the task runs again, alone); none
+    /// make it evidence, and enough evidence quarantines the task.
+    pub(super) fn deliver_verdict(&mut self, id: TaskId, now: Now) {
+        let Some(mut task) = self.ledger.tasks.remove(&id).map(|b| *b) else {
+            return;
+        };
+        let rules = self.quarantine_rules();
+        let losses = task
+            .suspicion
+            .as_ref()
+            .map(|s| s.losses.as_slice())
+            .unwrap_or_default();
+        let correlated = match losses {
+            [.., previous, last] => (last.drone, Some(previous.at), last.at),
+            [last] => (last.drone, None, last.at),
+            [] => (None, None, now.wall),
+        };
+        let (drone, previous, at) = correlated;
+        let correlated = drone.is_some_and(|d| {
+            let at = mono_of(at, now).unwrap_or(now.mono);
+            let previous = previous.and_then(|p| mono_of(p, now));
+            self.fleet.lost_together(d, at, previous, rules.window)
+        });
+        let event = Event::Verdict { correlated, rules };
+        match lifecycle::apply(&mut task, event, now.wall) {
+            Ok(moved) => {
+                if moved == Moved::Waiting {
+                    tracing::info!(task_id = %id, "other drones were lost around the suspect's lone drone: not held against it; it runs again, alone");
+                }
+                self.observe(&task, moved, drone);
+                self.place(task, now);
+            }
+            Err(refused) => {
+                tracing::error!(task_id = %id, %refused, "a verdict could not be delivered");
+                self.ledger.tasks.insert(Box::new(task));
+            }
+        }
     }
 
     /// Attempts past their queen-side deadline (`timeout_ms` plus the heartbeat timeout)
@@ -180,7 +229,7 @@ impl Core {
         let queue = [task.queue.as_str()];
         if matches!(
             moved,
-            Moved::Requeued | Moved::Suspected | Moved::Quarantined | Moved::LostLastAttempt
+            Moved::Requeued | Moved::Suspected | Moved::Awaiting(_) | Moved::LostLastAttempt
         ) {
             self.metrics.lease_expirations.inc();
         }
@@ -204,6 +253,10 @@ impl Core {
                 self.metrics.suspected.with_label_values(&queue).inc();
                 tracing::warn!(task_id = %id, drone = ?drone, fence = %fence, lost = task.lost, error, "lease lost too often to rule the task out; requeued as a suspect: it runs alone on a drone from now on");
             }
+            Moved::Awaiting(until) => {
+                self.metrics.requeued.with_label_values(&queue).inc();
+                tracing::warn!(task_id = %id, drone = ?drone, fence = %fence, error, until = %until, "a suspect's lone drone was lost with no other drone lost so far; the task waits for the verdict");
+            }
             Moved::Quarantined => {
                 self.metrics.quarantined.with_label_values(&queue).inc();
                 tracing::error!(task_id = %id, drone = ?drone, fence = %fence, lost = task.lost, "a suspect's isolated attempt lost its drone, with no other drone lost around it: the task kills its drones; quarantined as failed");
@@ -218,12 +271,14 @@ impl Core {
     /// Bookkeeping when a running attempt ends, however it ends (outcome, timeout, lost
     /// lease, cancel): its deadline goes, its queue has one task fewer running.
     pub(super) fn end_attempt(&mut self, task: &Task, now: Now) {
-        if let Some(drone) = self.fleet.holder(task.lease.as_ref().map(|l| l.drone)) {
-            if drone.isolating == Some(task.id) {
-                // The suspect's attempt is over: the drone takes other work again.
-                drone.isolating = None;
-                let id = drone.id;
-                self.dispatch.slot_may_have_freed(id);
+        // `isolating` is only ever a suspect's, and a suspect stays one until it finishes.
+        if !self.dispatch.suspects.is_empty() {
+            if let Some(drone) = self.fleet.holder(task.lease.as_ref().map(|l| l.drone)) {
+                // Unless the drone is still stopping it: that attempt may yet kill it.
+                if drone.settle_isolation() {
+                    let id = drone.id;
+                    self.dispatch.slot_may_have_freed(id);
+                }
             }
         }
         if let Some(started) = task.started_at {
@@ -235,6 +290,25 @@ impl Core {
         }
         self.dispatch.attempt_ended(task);
     }
+}
+
+/// How a lease was lost, as the fleet saw it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Loss {
+    /// The other tasks its drone held (running or being stopped) when it was lost.
+    pub co_tenants: u32,
+    /// When the drone was lost.
+    pub at: tokio::time::Instant,
+    /// False when the drone lives on (it stopped reporting the task) or its fate is
+    /// unknown (it never came back after a restart of the queen): no evidence either way.
+    pub drone_died: bool,
+}
+
+/// A wall-clock time of this run as a monotonic instant (`None` if it is in the future
+/// or before the clock's start).
+fn mono_of(at: chrono::DateTime<chrono::Utc>, now: Now) -> Option<tokio::time::Instant> {
+    let ago = (now.wall - at).to_std().ok()?;
+    now.mono.checked_sub(ago)
 }
 
 /// Keeps results bounded: a larger one is replaced by a marked, truncated preview.

@@ -290,17 +290,16 @@ impl Core {
         let mut i = 0;
         while i < self.dispatch.waiting_alone.len() {
             let s = self.dispatch.waiting_alone[i].clone();
-            let open = self
-                .dispatch
-                .queues
-                .get(&s.queue)
-                .is_none_or(|q| q.may_start(now.mono));
-            if !open {
-                // Its queue is paused or at its limits: hold no drone meanwhile.
+            let queue = self.dispatch.queues.get(&s.queue);
+            if queue.is_some_and(|q| q.settings.paused) {
+                // Its queue is paused: hold no drone meanwhile.
                 self.dispatch.reserved.retain(|_, t| *t != s.id);
                 i += 1;
                 continue;
             }
+            // At its queue's limits it keeps its held drone (it goes first once there is
+            // room: this runs before ordinary dispatch), but starts nowhere yet.
+            let open = queue.is_none_or(|q| q.may_start(now.mono));
             let fleet = &self.fleet;
             let reserved = &self.dispatch.reserved;
             let usable = |d: &super::fleet::Drone| {
@@ -319,13 +318,15 @@ impl Core {
                     .find(|d| usable(d) && d.is_idle())
                     .map(|d| d.id)
             };
+            // Held drones are capped, so that many suspects cannot hold the whole fleet.
+            let may_hold = reserved.len() < (fleet.drones.len() / 4).max(1);
             let chosen = match held {
                 // The drone held for it, once empty, or any drone that is empty first.
                 Some(d) if d.is_idle() => Some(d.id),
                 Some(_) => idle_one(),
                 None => {
                     let idle = idle_one();
-                    if idle.is_none() {
+                    if idle.is_none() && may_hold {
                         let least_busy = fleet
                             .drones
                             .values()
@@ -341,7 +342,7 @@ impl Core {
                     idle
                 }
             };
-            match chosen {
+            match chosen.filter(|_| open) {
                 Some(drone) => {
                     self.dispatch.waiting_alone.remove(i);
                     self.dispatch.reserved.retain(|_, t| *t != s.id);
@@ -423,6 +424,18 @@ impl Core {
                 break;
             }
             self.dispatch.scheduled.pop_first();
+            let awaiting = !self.dispatch.suspects.is_empty()
+                && self.dispatch.suspects.contains(&id)
+                && self.ledger.tasks.get(&id).is_some_and(|t| {
+                    t.state == TaskState::Scheduled
+                        && t.run_at == Some(at)
+                        && t.suspicion.as_ref().is_some_and(|s| s.awaiting())
+                });
+            if awaiting {
+                // A suspect waited out the window after its lone drone died: judge it.
+                self.deliver_verdict(id, now);
+                continue;
+            }
             if let Some(mut task) = self.ledger.tasks.get_mut(&id) {
                 if task.state == TaskState::Scheduled
                     && task.run_at == Some(at)

@@ -14,6 +14,7 @@ use shared::{DroneId, Fence, TaskId};
 use tokio::time::Instant;
 
 use super::api::Conn;
+use super::attempts::Loss;
 use super::{Core, Now};
 use crate::rules::{self, LiveLease, Reattach};
 use crate::store::Mutation;
@@ -46,6 +47,24 @@ impl Drone {
             return 0;
         }
         (self.slots as usize).saturating_sub(self.leases.len() + self.cancelling.len())
+    }
+
+    /// Ends this drone's isolation once its suspect neither runs here nor is being
+    /// stopped here (a stopped attempt may still kill the drone): it takes other work
+    /// again. Returns whether it did.
+    pub fn settle_isolation(&mut self) -> bool {
+        match self.isolating {
+            Some(t) if !self.leases.contains_key(&t) && !self.cancelling.contains(&t) => {
+                self.isolating = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The tasks in this drone's slots: running, or being stopped.
+    pub fn held(&self) -> u32 {
+        (self.leases.len() + self.cancelling.len()) as u32
     }
 
     /// Nothing runs here and nothing is being stopped: a suspect may run here alone.
@@ -104,19 +123,27 @@ pub(super) struct Fleet {
     pub by_conn: HashMap<u64, DroneId>,
     /// Running leases with no connected holder, and when they are given up.
     pub orphans: HashMap<TaskId, Instant>,
-    /// Drones lost lately (connection closed, or silent), oldest first: a suspect's
-    /// isolated attempt lost around the same time as other drones is no evidence (a rack,
-    /// a deploy or an OOM storm took them all).
-    pub recent_losses: VecDeque<(Instant, DroneId)>,
+    /// Drones lost lately with work on them (connection closed, or silent), oldest
+    /// first: a suspect's lone attempt lost around the same time as other drones is no
+    /// evidence (a rack, a deploy or an OOM storm took them all).
+    pub recent_losses: VecDeque<DroneLoss>,
     next_check: Instant,
 }
 
-/// Drones lost within this of each other are lost together: a cause outside the tasks
-/// (a rack, a deploy, an OOM killer) is as likely as a poison task. Widened to twice the
-/// heartbeat timeout when that is longer, since silence is noticed that late.
-pub const LOSS_CORRELATION: Duration = Duration::from_secs(10);
 /// Most recent drone losses remembered.
 const MAX_RECENT_LOSSES: usize = 4_096;
+/// Losses noticed this close after a task's own previous loss belong to that event (the
+/// same kill, noticed a moment apart): they do not make its next loss look correlated.
+const SAME_EVENT: Duration = Duration::from_millis(100);
+
+/// A drone lost with work on it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DroneLoss {
+    pub at: Instant,
+    pub drone: DroneId,
+    /// The tasks in its slots then.
+    pub held: u32,
+}
 
 impl Fleet {
     pub fn new(now: Now) -> Fleet {
@@ -129,42 +156,45 @@ impl Fleet {
         }
     }
 
-    /// Remembers that a drone was lost at `at` (its connection closed or it went silent),
-    /// forgetting losses too old to correlate with anything still running.
-    pub fn record_loss(&mut self, id: DroneId, at: Instant, window: Duration) {
+    /// Remembers that a drone holding `held` tasks was lost at `at`, forgetting losses
+    /// too old to correlate with anything still waiting for a verdict.
+    pub fn record_loss(&mut self, drone: DroneId, at: Instant, held: u32, window: Duration) {
         while self.recent_losses.len() >= MAX_RECENT_LOSSES
             || self
                 .recent_losses
                 .front()
-                .is_some_and(|(t, _)| *t + window * 4 < at)
+                .is_some_and(|l| l.at + window * 4 < at)
         {
             self.recent_losses.pop_front();
         }
-        self.recent_losses.push_back((at, id));
+        self.recent_losses.push_back(DroneLoss { at, drone, held });
     }
 
-    /// Whether another drone was lost within `window` of `drone`'s last loss (or of
-    /// `now`, for a drone that is still here), counting only losses after `after`: the
-    /// task's own previous loss, so that the drones it took down itself (a poison kills
-    /// its drones one after the other) are not taken for a mass failure.
+    /// The last recorded loss of a drone.
+    pub fn last_loss(&self, drone: DroneId) -> Option<DroneLoss> {
+        self.recent_losses
+            .iter()
+            .rev()
+            .find(|l| l.drone == drone)
+            .copied()
+    }
+
+    /// Whether another drone was lost within `window` of `at` (when `drone` was lost),
+    /// counting only losses after `after`, the task's own previous loss: the drones a
+    /// poison task took down itself (one after the other) are not a mass failure.
     pub fn lost_together(
         &self,
         drone: DroneId,
+        at: Instant,
         after: Option<Instant>,
-        now: Instant,
         window: Duration,
     ) -> bool {
-        let at = self
-            .recent_losses
-            .iter()
-            .rev()
-            .find(|(_, d)| *d == drone)
-            .map_or(now, |(t, _)| *t);
-        self.recent_losses.iter().any(|(t, d)| {
-            *d != drone
-                && after.is_none_or(|a| *t > a)
-                && t.saturating_duration_since(at)
-                    .max(at.saturating_duration_since(*t))
+        self.recent_losses.iter().any(|l| {
+            l.drone != drone
+                && after.is_none_or(|a| l.at > a + SAME_EVENT)
+                && l.at
+                    .saturating_duration_since(at)
+                    .max(at.saturating_duration_since(l.at))
                     <= window
         })
     }
@@ -298,11 +328,28 @@ impl Core {
             })
             .copied()
             .collect();
-        // They were lost together, beside the ones it did bring back.
-        let co_tenants = (lost.len() + reattached).saturating_sub(1) as u32;
+        if lost.is_empty() {
+            return;
+        }
+        // It came back without them: its old life died holding them, beside the ones it
+        // did bring back.
+        let held = (lost.len() + reattached) as u32;
+        let at = match self.fleet.last_loss(id) {
+            Some(l) => l.at,
+            None => {
+                self.fleet
+                    .record_loss(id, now.mono, held, self.loss_window());
+                now.mono
+            }
+        };
+        let loss = Loss {
+            co_tenants: held.saturating_sub(1),
+            at,
+            drone_died: true,
+        };
         for tid in lost {
             self.fleet.orphans.remove(&tid);
-            self.lose_lease(tid, "drone reconnected without the task", co_tenants, now);
+            self.lose_lease(tid, "drone reconnected without the task", loss, now);
         }
     }
 
@@ -310,15 +357,21 @@ impl Core {
         if let Some(drone) = self.fleet.by_conn.get(&conn).copied() {
             tracing::info!(drone = %drone, "drone disconnected; its leases wait for it to reconnect");
             let grace = self.cfg.leases.reconnect_grace();
+            let held = self.fleet.drones.get(&drone).map_or(0, Drone::held);
+            if held > 0 {
+                let window = self.loss_window();
+                self.fleet.record_loss(drone, now.mono, held, window);
+            }
             self.fleet.detach(drone, now.mono + grace);
-            self.fleet.record_loss(drone, now.mono, self.loss_window());
         }
     }
 
-    /// Drones lost within this of each other were lost together (see
-    /// [`LOSS_CORRELATION`]).
+    /// Drones lost within this of each other were lost together: `[tasks]
+    /// loss_correlation_ms`, and at least twice the heartbeat timeout, since silence is
+    /// noticed that late.
     pub(super) fn loss_window(&self) -> Duration {
-        LOSS_CORRELATION.max(self.cfg.leases.heartbeat_timeout() * 2)
+        Duration::from_millis(self.cfg.tasks.loss_correlation_ms)
+            .max(self.cfg.leases.heartbeat_timeout() * 2)
     }
 
     pub(super) fn drone_message(&mut self, conn: u64, msg: DroneMessage, now: Now) {
@@ -404,13 +457,21 @@ impl Core {
             drone.cancelling.remove(tid);
             drone.reported.remove(tid);
         }
+        if drone.settle_isolation() {
+            self.dispatch.slot_may_have_freed(id);
+        }
         for h in &r.foreign {
             tracing::info!(task_id = %h.task_id, drone = %id, fence = %h.fence, "drone runs a task it holds no lease for; telling it to stop");
             let msg = drone.stop(h.task_id, h.fence, "lease is no longer valid");
             drone.conn.send(msg);
         }
-        // What it held, the forgotten ones included, when it forgot them.
-        let co_tenants = drone.leases.len().saturating_sub(1) as u32;
+        // What it held, the forgotten ones included, when it forgot them. The drone lives:
+        // no evidence against the tasks.
+        let loss = Loss {
+            co_tenants: drone.held().saturating_sub(1),
+            at: now.mono,
+            drone_died: false,
+        };
         for tid in &r.missing {
             drone.leases.remove(tid);
         }
@@ -418,7 +479,7 @@ impl Core {
             self.dispatch.slot_may_have_freed(id);
         }
         for tid in r.missing {
-            self.lose_lease(tid, "drone no longer reports the task", co_tenants, now);
+            self.lose_lease(tid, "drone no longer reports the task", loss, now);
         }
     }
 
@@ -440,8 +501,11 @@ impl Core {
         let window = self.loss_window();
         for id in silent {
             tracing::warn!(drone = %id, timeout_ms = timeout.as_millis() as u64, "drone silent past the heartbeat timeout; expiring its leases");
+            let held = self.fleet.drones.get(&id).map_or(0, Drone::held);
+            if held > 0 {
+                self.fleet.record_loss(id, now.mono, held, window);
+            }
             self.fleet.detach(id, now.mono);
-            self.fleet.record_loss(id, now.mono, window);
         }
     }
 
@@ -457,35 +521,60 @@ impl Core {
         if expired.is_empty() {
             return;
         }
-        // Each orphan's co-tenants: the other orphans of its drone, all lost with it.
+        // Each orphan's drone was lost with what it held then. A drone never heard from
+        // since a restart of the queen held the orphans of its leases on disk; whether it
+        // died is unknown.
         let tasks = &self.ledger.tasks;
         let holder = |id: &TaskId| {
             tasks
                 .get(id)
                 .and_then(|t| t.lease.as_ref().map(|l| l.drone))
         };
-        let mut held: HashMap<DroneId, u32> = HashMap::new();
+        let mut unseen: HashMap<DroneId, u32> = HashMap::new();
         for id in self.fleet.orphans.keys() {
             if let Some(d) = holder(id) {
-                *held.entry(d).or_default() += 1;
+                *unseen.entry(d).or_default() += 1;
             }
         }
         let lost: Vec<(TaskId, Option<DroneId>)> =
             expired.into_iter().map(|id| (id, holder(&id))).collect();
-        // A drone that never came back after a restart of the queen is lost now.
+        let unknown = Loss {
+            co_tenants: 0,
+            at: now.mono,
+            drone_died: false,
+        };
+        let mut losses: HashMap<DroneId, Loss> = HashMap::new();
+        for d in lost.iter().filter_map(|(_, d)| *d) {
+            if losses.contains_key(&d) {
+                continue;
+            }
+            let loss = match self.fleet.last_loss(d) {
+                Some(l) => Loss {
+                    co_tenants: l.held.saturating_sub(1),
+                    at: l.at,
+                    drone_died: true,
+                },
+                None => Loss {
+                    co_tenants: unseen.get(&d).copied().unwrap_or(1).saturating_sub(1),
+                    ..unknown
+                },
+            };
+            losses.insert(d, loss);
+        }
         let window = self.loss_window();
-        for d in lost.iter().filter_map(|(_, d)| *d).collect::<BTreeSet<_>>() {
-            let known = self.fleet.recent_losses.iter().any(|(_, x)| *x == d);
-            if !known && !self.fleet.drones.contains_key(&d) {
-                self.fleet.record_loss(d, now.mono, window);
+        for (d, loss) in &losses {
+            if !loss.drone_died && !self.fleet.drones.contains_key(d) {
+                // Never heard from since the restart: lost now, for the others' verdicts.
+                self.fleet
+                    .record_loss(*d, now.mono, loss.co_tenants + 1, window);
             }
         }
         for (id, drone) in lost {
-            let co_tenants = drone
-                .and_then(|d| held.get(&d))
-                .map_or(0, |n| n.saturating_sub(1));
+            let loss = drone
+                .and_then(|d| losses.get(&d).copied())
+                .unwrap_or(unknown);
             self.fleet.orphans.remove(&id);
-            self.lose_lease(id, "drone did not come back in time", co_tenants, now);
+            self.lose_lease(id, "drone did not come back in time", loss, now);
         }
     }
 }

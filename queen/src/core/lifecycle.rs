@@ -14,9 +14,12 @@
 //!   running ── attempt failed ─┬─ attempts left ─▶ scheduled (retry at backoff)
 //!                              └─ final ─────────▶ failed
 //!   running ── lease lost ─┬─ attempts left ─▶ pending (requeued; a suspect after
-//!                          │                   suspect_after_lost losses: runs isolated)
-//!                          ├─ isolated losses ─▶ failed (quarantined)
+//!                          │                   suspect_after_lost losses: runs alone)
+//!                          ├─ a suspect alone, its drone died by itself so far ─▶
+//!                          │      scheduled (awaiting the verdict for the window)
 //!                          └─ last attempt ──▶ failed
+//!   scheduled|pending ── verdict ─┬─ isolated losses reach max_lost ─▶ failed (quarantined)
+//!                                 └─ otherwise ─▶ pending
 //!   pending|scheduled|blocked|running ── cancel ─▶ cancelled
 //!   failed|cancelled ── retry ─▶ pending, or blocked while a dependency has not
 //!                                succeeded yet   (a terminal task changes only so)
@@ -24,7 +27,7 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use shared::api::{AttemptError, LostLease, TaskState};
+use shared::api::{AttemptError, LossVerdict, LostLease, TaskState};
 use shared::DroneId;
 
 use crate::rules::{self, AfterFailure, AfterLostLease, QuarantineRules, RetryPolicy};
@@ -54,6 +57,14 @@ pub enum Event {
         reason: String,
         co_tenants: u32,
         correlated: bool,
+        /// When the drone was lost (before `now` when it had a grace to come back in).
+        lost_at: DateTime<Utc>,
+        rules: QuarantineRules,
+    },
+    /// The window around a suspect's lone lost lease has passed: `correlated` says whether
+    /// other drones were lost around it after all.
+    Verdict {
+        correlated: bool,
         rules: QuarantineRules,
     },
     /// An operator, or a dependency that did not succeed, cancels the task.
@@ -74,6 +85,7 @@ impl Event {
             Event::Complete { .. } => "complete",
             Event::AttemptFailed { .. } => "attempt failed",
             Event::LeaseLost { .. } => "lease lost",
+            Event::Verdict { .. } => "verdict",
             Event::Cancel { .. } => "cancel",
             Event::Due => "due",
             Event::DependenciesMet => "dependencies met",
@@ -96,6 +108,8 @@ pub enum Moved {
     /// The lease was lost once too often to rule the task out: runnable again at once,
     /// as a suspect (alone on a drone).
     Suspected,
+    /// A suspect's lone attempt lost its drone: it waits until this time for the verdict.
+    Awaiting(DateTime<Utc>),
     /// Isolated attempts lost their drone: the task is what kills drones.
     Quarantined,
     /// The lease was lost on the last allowed attempt.
@@ -189,6 +203,7 @@ pub fn apply(task: &mut Task, event: Event, now: DateTime<Utc>) -> Result<Moved,
                 reason,
                 co_tenants,
                 correlated,
+                lost_at,
                 rules,
             },
         ) => {
@@ -204,21 +219,21 @@ pub fn apply(task: &mut Task, event: Event, now: DateTime<Utc>) -> Result<Moved,
             task.lease = None;
             let suspicion = task.suspicion.get_or_insert_with(Box::default);
             let suspect = suspicion.is_suspect();
+            let verdict = rules::judge_loss(suspect, co_tenants, correlated);
             suspicion.losses.push(LostLease {
                 attempt: task.attempts,
                 fence: task.fence,
                 drone,
                 co_tenants,
-                verdict: rules::judge_loss(suspect, co_tenants, correlated),
-                at: now,
+                verdict,
+                at: lost_at.min(now),
             });
-            let isolated = suspicion.isolated_losses();
             match rules::after_lost_lease(
                 task.attempts,
                 task.max_attempts,
                 task.lost,
-                isolated,
                 suspect,
+                verdict,
                 rules,
             ) {
                 AfterLostLease::Requeue => {
@@ -230,23 +245,54 @@ pub fn apply(task: &mut Task, event: Event, now: DateTime<Utc>) -> Result<Moved,
                     task.state = Pending;
                     Ok(Moved::Suspected)
                 }
-                AfterLostLease::Quarantine => {
-                    // One error per attempt: the verdict goes on this attempt's entry.
-                    if let Some(last) = task.errors.last_mut() {
-                        last.error = format!(
-                            "{}; quarantined: {isolated} isolated attempt(s) lost their drone with no other drone lost around them (tasks.max_lost_attempts = {})",
-                            last.error, rules.convict_after
-                        );
-                    }
-                    task.state = Failed;
-                    finish(task, now);
-                    Ok(Moved::Quarantined)
+                AfterLostLease::Await => {
+                    let window =
+                        chrono::Duration::from_std(rules.window).unwrap_or(chrono::Duration::MAX);
+                    let at = lost_at
+                        .min(now)
+                        .checked_add_signed(window)
+                        .unwrap_or(now)
+                        .max(now);
+                    task.state = Scheduled;
+                    task.run_at = Some(at);
+                    Ok(Moved::Awaiting(at))
                 }
                 AfterLostLease::Fail => {
                     task.state = Failed;
                     finish(task, now);
                     Ok(Moved::LostLastAttempt)
                 }
+            }
+        }
+        (Scheduled | Pending, Event::Verdict { correlated, rules })
+            if task.suspicion.as_ref().is_some_and(|s| s.awaiting()) =>
+        {
+            let Some(suspicion) = task.suspicion.as_mut() else {
+                return Err(refused);
+            };
+            if let Some(last) = suspicion.losses.last_mut() {
+                last.verdict = if correlated {
+                    LossVerdict::Inconclusive
+                } else {
+                    LossVerdict::Isolated
+                };
+            }
+            let isolated = suspicion.isolated_losses();
+            task.run_at = None;
+            if !correlated && rules::convicted(isolated, rules) {
+                // One error per attempt: the verdict goes on the lost attempt's entry.
+                if let Some(last) = task.errors.last_mut() {
+                    last.error = format!(
+                        "{}; quarantined: {isolated} isolated attempt(s) lost their drone with no other drone lost around them (tasks.max_lost_attempts = {})",
+                        last.error, rules.convict_after
+                    );
+                }
+                task.state = Failed;
+                finish(task, now);
+                Ok(Moved::Quarantined)
+            } else {
+                task.state = Pending;
+                Ok(Moved::Waiting)
             }
         }
         (Pending | Scheduled | Blocked | Running, Event::Cancel { reason }) => {
@@ -373,6 +419,11 @@ mod tests {
             Event::LeaseLost {
                 reason: "drone died".into(),
                 co_tenants: 0,
+                correlated: false,
+                lost_at: Utc::now(),
+                rules: RULES,
+            },
+            Event::Verdict {
                 correlated: false,
                 rules: RULES,
             },
@@ -502,12 +553,22 @@ mod tests {
     const RULES: QuarantineRules = QuarantineRules {
         suspect_after: 2,
         convict_after: 1,
+        window: Duration::from_secs(10),
     };
 
-    fn lost(co_tenants: u32, correlated: bool) -> Event {
+    /// The drone was lost 300 ms before `now` (it had a grace to come back in).
+    fn lost(co_tenants: u32, correlated: bool, now: DateTime<Utc>) -> Event {
         Event::LeaseLost {
             reason: "drone died".into(),
             co_tenants,
+            correlated,
+            lost_at: now - chrono::Duration::milliseconds(300),
+            rules: RULES,
+        }
+    }
+
+    fn verdict(correlated: bool) -> Event {
+        Event::Verdict {
             correlated,
             rules: RULES,
         }
@@ -520,25 +581,46 @@ mod tests {
         t.fence = t.fence.next();
     }
 
+    fn verdicts(t: &Task) -> Vec<LossVerdict> {
+        t.suspicion
+            .as_ref()
+            .map(|s| s.losses.iter().map(|l| l.verdict).collect())
+            .unwrap_or_default()
+    }
+
     #[test]
-    fn lost_leases_make_a_suspect_and_only_an_isolated_loss_quarantines() {
+    fn lost_leases_make_a_suspect_and_only_a_lone_loss_judged_after_the_window_quarantines() {
         let now = Utc::now();
         let mut t = task_in(Running, now);
         t.max_attempts = 10;
         // Two losses beside other tasks: requeued, then a suspect; nothing convicts.
-        assert_eq!(apply(&mut t, lost(3, false), now), Ok(Moved::Requeued));
+        assert_eq!(apply(&mut t, lost(3, false, now), now), Ok(Moved::Requeued));
         assert_eq!((t.state, t.lost), (Pending, 1));
         assert_eq!(t.errors[0].error, "lease lost: drone died");
         assert!(!t.is_suspect());
         rerun(&mut t);
-        assert_eq!(apply(&mut t, lost(1, false), now), Ok(Moved::Suspected));
+        assert_eq!(
+            apply(&mut t, lost(1, false, now), now),
+            Ok(Moved::Suspected)
+        );
         assert!(t.is_suspect() && t.state == Pending);
-        // Alone, but its drone was lost with others: inconclusive, requeued again.
+        // Alone, but its drone was lost with others: inconclusive, requeued at once.
         rerun(&mut t);
-        assert_eq!(apply(&mut t, lost(0, true), now), Ok(Moved::Requeued));
-        // Alone on a drone that died by itself: convicted.
+        assert_eq!(apply(&mut t, lost(0, true, now), now), Ok(Moved::Requeued));
+        // Alone on a drone that died by itself so far: it waits out the window.
         rerun(&mut t);
-        assert_eq!(apply(&mut t, lost(0, false), now), Ok(Moved::Quarantined));
+        // Judged a window after the drone was lost, not after the lease was given up.
+        let until = now - chrono::Duration::milliseconds(300) + chrono::Duration::seconds(10);
+        assert_eq!(
+            apply(&mut t, lost(0, false, now), now),
+            Ok(Moved::Awaiting(until))
+        );
+        assert_eq!((t.state, t.run_at), (Scheduled, Some(until)));
+        // A verdict is only for a task awaiting one.
+        let mut other = task_in(Scheduled, now);
+        assert!(apply(&mut other, verdict(false), now).is_err());
+        // Nothing else was lost around it: convicted.
+        assert_eq!(apply(&mut t, verdict(false), until), Ok(Moved::Quarantined));
         assert_eq!(t.state, Failed);
         assert!(
             t.errors[3]
@@ -547,13 +629,8 @@ mod tests {
             "{:?}",
             t.errors
         );
-        let verdicts: Vec<LossVerdict> = t
-            .suspicion
-            .as_ref()
-            .map(|s| s.losses.iter().map(|l| l.verdict).collect())
-            .unwrap_or_default();
         assert_eq!(
-            verdicts,
+            verdicts(&t),
             [
                 LossVerdict::Shared,
                 LossVerdict::Shared,
@@ -564,19 +641,40 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_loss_with_other_drones_lost_after_it_is_not_held_against_the_task() {
+        let now = Utc::now();
+        let mut t = task_in(Running, now);
+        t.max_attempts = 10;
+        apply(&mut t, lost(2, false, now), now).expect("requeued");
+        rerun(&mut t);
+        apply(&mut t, lost(2, false, now), now).expect("suspected");
+        rerun(&mut t);
+        assert!(matches!(
+            apply(&mut t, lost(0, false, now), now),
+            Ok(Moved::Awaiting(_))
+        ));
+        // Other drones went down in the window after it: a mass failure.
+        assert_eq!(apply(&mut t, verdict(true), now), Ok(Moved::Waiting));
+        assert_eq!((t.state, t.run_at), (Pending, None));
+        assert_eq!(verdicts(&t)[2], LossVerdict::Inconclusive);
+    }
+
+    #[test]
     fn a_task_alone_by_chance_is_not_convicted_and_the_last_attempt_fails() {
         let now = Utc::now();
         let mut t = task_in(Running, now);
         // Not a suspect: alone on its drone by chance is no evidence.
-        assert_eq!(apply(&mut t, lost(0, false), now), Ok(Moved::Requeued));
+        assert_eq!(apply(&mut t, lost(0, false, now), now), Ok(Moved::Requeued));
         rerun(&mut t);
-        assert_eq!(apply(&mut t, lost(0, false), now), Ok(Moved::Suspected));
+        assert_eq!(
+            apply(&mut t, lost(0, false, now), now),
+            Ok(Moved::Suspected)
+        );
         rerun(&mut t);
-        // Its third attempt was its last: it fails for its attempts (G8), even though
-        // this isolated loss is evidence.
+        // Its third attempt was its last: it fails for its attempts (G8).
         assert_eq!(t.attempts, 3);
         assert_eq!(
-            apply(&mut t, lost(0, false), now),
+            apply(&mut t, lost(0, false, now), now),
             Ok(Moved::LostLastAttempt)
         );
         assert_eq!(t.state, Failed);
@@ -587,11 +685,12 @@ mod tests {
         let now = Utc::now();
         let mut t = task_in(Running, now);
         t.max_attempts = 10;
-        apply(&mut t, lost(0, false), now).expect("requeued");
+        apply(&mut t, lost(0, false, now), now).expect("requeued");
         rerun(&mut t);
-        apply(&mut t, lost(0, false), now).expect("suspected");
+        apply(&mut t, lost(0, false, now), now).expect("suspected");
         rerun(&mut t);
-        apply(&mut t, lost(0, false), now).expect("quarantined");
+        apply(&mut t, lost(0, false, now), now).expect("awaiting");
+        apply(&mut t, verdict(false), now).expect("quarantined");
         assert_eq!(t.state, Failed);
         apply(&mut t, Event::Retry { blocked: false }, now).expect("retried");
         assert!(t.suspicion.is_none() && t.lost == 0);

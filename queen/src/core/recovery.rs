@@ -111,9 +111,11 @@ impl Core {
         let grace = self.cfg.leases.heartbeat_timeout();
         for mut task in chunk {
             let id = task.id();
+            let mut awaiting = false;
             if let Recovered::Whole(t) = &task {
                 if t.is_suspect() && !t.state.is_terminal() {
                     self.dispatch.suspects.insert(id);
+                    awaiting = t.suspicion.as_ref().is_some_and(|s| s.awaiting());
                 }
             }
             if let Some(key) = task.idempotency_key() {
@@ -129,7 +131,11 @@ impl Core {
                 }
                 TaskState::Pending | TaskState::Scheduled => {
                     let (state, run_at) = task.waiting_mut();
-                    normalize_parts(state, run_at, now.wall);
+                    // A suspect awaiting its verdict stays scheduled (as stored), even
+                    // past its time: the verdict is given when it comes due.
+                    if !awaiting {
+                        normalize_parts(state, run_at, now.wall);
+                    }
                     match (task.state(), task.run_at()) {
                         (TaskState::Pending, _) => {
                             self.dispatch.ready.push_loading(task.ready_key(), since);

@@ -209,6 +209,7 @@ pub mod v3 {
         Alone,
         Isolated,
         Inconclusive,
+        Awaiting,
     }
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -253,6 +254,7 @@ pub mod v3 {
                         LossVerdict::Alone => VerdictRec::Alone,
                         LossVerdict::Isolated => VerdictRec::Isolated,
                         LossVerdict::Inconclusive => VerdictRec::Inconclusive,
+                        LossVerdict::Awaiting => VerdictRec::Awaiting,
                     },
                     at: l.at,
                 })
@@ -276,6 +278,7 @@ pub mod v3 {
                         VerdictRec::Alone => LossVerdict::Alone,
                         VerdictRec::Isolated => LossVerdict::Isolated,
                         VerdictRec::Inconclusive => LossVerdict::Inconclusive,
+                        VerdictRec::Awaiting => LossVerdict::Awaiting,
                     },
                     at: l.at,
                 })

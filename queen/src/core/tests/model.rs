@@ -578,10 +578,25 @@ impl Model {
         }
         for drone in core.fleet.drones.values() {
             if let Some(id) = drone.isolating {
-                check(drone.leases.contains_key(&id), || {
-                    format!("{} is kept for {id}, which it does not run", drone.id)
+                let there = drone.leases.contains_key(&id) || drone.cancelling.contains(&id);
+                check(there, || {
+                    format!(
+                        "{} is kept for {id}, which it neither runs nor stops",
+                        drone.id
+                    )
                 })?;
             }
+        }
+        // A suspect awaiting its verdict waits, scheduled, and is judged when due.
+        for (id, state) in &entries {
+            let awaiting = core
+                .ledger
+                .tasks
+                .get(id)
+                .is_some_and(|t| t.suspicion.as_ref().is_some_and(|s| s.awaiting()));
+            check(!awaiting || *state == TaskState::Scheduled, || {
+                format!("{id} awaits a verdict but is {state}")
+            })?;
         }
         check(
             core.dispatch.scheduled.len() == n(TaskState::Scheduled),

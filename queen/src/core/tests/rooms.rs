@@ -912,6 +912,14 @@ mod quarantine {
         h.settle();
     }
 
+    /// Time for a verdict: the correlation window after a lone drone's death.
+    fn wait_out_the_window(h: &mut Hive) {
+        let window = Duration::from_millis(h.cfg.tasks.loss_correlation_ms)
+            .max(h.cfg.leases.heartbeat_timeout() * 2);
+        h.advance(window + Duration::from_millis(100));
+        h.settle();
+    }
+
     /// The verdicts on a task's lost leases, as stored.
     fn verdicts(h: &mut Hive, id: TaskId) -> Vec<LossVerdict> {
         h.disk()
@@ -979,6 +987,12 @@ mod quarantine {
             }
         }
         give_up_orphans(&mut h);
+        assert_eq!(
+            stored(&h, poison),
+            Some(TaskState::Scheduled),
+            "it waits for its verdict"
+        );
+        wait_out_the_window(&mut h);
         let view = h.disk().task(poison).expect("stored");
         assert_eq!(view.state, TaskState::Failed);
         assert!(view
@@ -1103,6 +1117,9 @@ mod quarantine {
         h.settle();
         die(&mut h, &d);
         give_up_orphans(&mut h);
+        assert_eq!(verdicts(&mut h, s)[1], LossVerdict::Awaiting);
+        assert_eq!(h.state(s), Some(TaskState::Scheduled), "not run meanwhile");
+        wait_out_the_window(&mut h);
         let view = h.disk().task(s).expect("stored");
         assert_eq!(view.state, TaskState::Failed);
         assert_eq!(view.attempts, 2, "with attempts left: quarantined");
@@ -1141,6 +1158,56 @@ mod quarantine {
             [LossVerdict::Alone, LossVerdict::Inconclusive]
         );
         assert_eq!(h.state(ordinary.id), Some(TaskState::Pending));
+    }
+
+    /// A mass failure noticed after the suspect's lone drone died (the first drone of a
+    /// storm to go) is seen when the verdict comes, a window later.
+    #[test]
+    fn a_suspect_whose_drone_died_first_in_a_storm_is_not_convicted() {
+        let mut h = strict();
+        let s = suspect(&mut h);
+        let ordinary = h.submit(spec()).expect("created");
+        let lone = h.connect("lone", 1, Vec::new(), None);
+        h.settle();
+        die(&mut h, &lone);
+        give_up_orphans(&mut h);
+        assert_eq!(
+            h.state(s),
+            Some(TaskState::Scheduled),
+            "awaiting its verdict"
+        );
+        // Seconds later, more of the fleet goes.
+        h.advance(Duration::from_secs(3));
+        let mut other = h.connect("other", 1, Vec::new(), None);
+        h.settle();
+        assert_eq!(assigns(&other.inbox())[0].task_id, ordinary.id);
+        die(&mut h, &other);
+        give_up_orphans(&mut h);
+        wait_out_the_window(&mut h);
+        assert_eq!(h.state(s), Some(TaskState::Pending), "runs again");
+        assert_eq!(
+            verdicts(&mut h, s),
+            [LossVerdict::Alone, LossVerdict::Inconclusive]
+        );
+    }
+
+    #[test]
+    fn a_suspect_awaiting_its_verdict_is_judged_after_a_restart() {
+        let mut h = strict();
+        let s = suspect(&mut h);
+        let d = h.connect("victim", 1, Vec::new(), None);
+        h.settle();
+        die(&mut h, &d);
+        give_up_orphans(&mut h);
+        assert_eq!(h.state(s), Some(TaskState::Scheduled));
+        let mut h = h.restart();
+        wait_out_the_window(&mut h);
+        let view = h.disk().task(s).expect("stored");
+        assert_eq!(view.state, TaskState::Failed, "judged from what is on disk");
+        assert_eq!(
+            verdicts(&mut h, s),
+            [LossVerdict::Alone, LossVerdict::Isolated]
+        );
     }
 
     #[test]
