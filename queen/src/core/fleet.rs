@@ -334,9 +334,11 @@ impl Core {
         // It came back without them: its old life died holding them, beside the ones it
         // did bring back.
         let held = (lost.len() + reattached) as u32;
+        // Its connection's close, if that was noticed (within the orphans' grace); else now.
+        let recent = self.cfg.leases.reconnect_grace() + self.cfg.leases.heartbeat_timeout();
         let at = match self.fleet.last_loss(id) {
-            Some(l) => l.at,
-            None => {
+            Some(l) if now.mono.saturating_duration_since(l.at) <= recent => l.at,
+            _ => {
                 self.fleet
                     .record_loss(id, now.mono, held, self.loss_window());
                 now.mono
