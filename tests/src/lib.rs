@@ -19,6 +19,7 @@
 //! - [`proxy`]: a fault-injecting TCP proxy (delay, drop, blackhole, reset) between a drone
 //!   and the queen.
 //! - [`check`]: the invariant checker every chaos scenario ends with ([`Hive::check`]).
+//! - [`disk`]: filling the small filesystem under a queen's data dir; what the dir holds.
 //! - [`seed`]: seeded randomness (`HIVE_CHAOS_SEED`) and soak mode (`HIVE_SOAK_MINUTES`).
 //! - [`wait`]: polling with deadlines (`hive-testkit`'s, with this harness's deadline and
 //!   logs).
@@ -36,6 +37,7 @@
 pub mod api;
 pub mod bins;
 pub mod check;
+pub mod disk;
 pub mod drone;
 pub mod execlog;
 pub mod hive;
