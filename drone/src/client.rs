@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::awake;
 use crate::backoff::Backoff;
 use crate::checkpoint::{Checkpoints, Seen, MAX_CHECKPOINT_BYTES};
 use crate::config::{Config, QueenAddr};
@@ -600,12 +601,13 @@ impl Drone {
                 return false;
             }
         };
-        let failure =
-            match tokio::time::timeout(session.write_timeout, session.framed.send(body)).await {
-                Ok(Ok(())) => return true,
-                Ok(Err(e)) => format!("could not send: {e}"),
-                Err(_) => format!("a send took over {:?}", session.write_timeout),
-            };
+        // Counted in time the drone was awake: a send pending when the drone was stopped
+        // is not failed on resuming before the runtime has seen that it went through.
+        let failure = match awake::timeout(session.write_timeout, session.framed.send(body)).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => format!("could not send: {e}"),
+            Err(_) => format!("a send took over {:?}", session.write_timeout),
+        };
         self.disconnect(&failure);
         false
     }
@@ -879,7 +881,9 @@ async fn handshake(
     hello: Hello,
     max_frame_len: usize,
 ) -> Result<Session, HandshakeError> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(queen.as_str()))
+    // Each step's timeout counts time the drone was awake (see `awake`): a drone stopped
+    // while the queen answered takes the answer when it resumes instead of timing out.
+    let stream = awake::timeout(CONNECT_TIMEOUT, TcpStream::connect(queen.as_str()))
         .await
         .map_err(|_| HandshakeError::ConnectTimeout(CONNECT_TIMEOUT))?
         .map_err(HandshakeError::Connect)?;
@@ -889,14 +893,14 @@ async fn handshake(
     }
     let stream = match tls {
         None => Stream::Plain(stream),
-        Some(tls) => tokio::time::timeout(WELCOME_TIMEOUT, tls.connect(stream))
+        Some(tls) => awake::timeout(WELCOME_TIMEOUT, tls.connect(stream))
             .await
             .map_err(|_| HandshakeError::WelcomeTimeout(WELCOME_TIMEOUT))?
             .map_err(HandshakeError::Tls)?,
     };
     let mut framed = Framed::new(stream, frame::codec(max_frame_len));
     let body = frame::encode(&DroneMessage::Hello(hello))?;
-    let answer = tokio::time::timeout(WELCOME_TIMEOUT, async {
+    let answer = awake::timeout(WELCOME_TIMEOUT, async {
         framed.send(body).await.map_err(HandshakeError::Io)?;
         match framed.next().await {
             None => Err(HandshakeError::Closed),

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::awake;
 use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::env::{ATTEMPT_ENV, CHECKPOINT_FILE_ENV, FENCE_ENV, TASK_ID_ENV};
@@ -616,7 +617,9 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 async fn read_spawn_report(read: std::os::fd::OwnedFd) -> std::io::Result<Option<String>> {
     let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
     let mut report = Vec::new();
-    tokio::time::timeout(
+    // In time the drone was awake: a report the shim wrote while the drone was stopped is
+    // read, not taken for a silent shim (which would kill a task that started fine).
+    awake::timeout(
         SPAWN_REPORT_TIMEOUT,
         pipe.take(MAX_SPAWN_REPORT).read_to_end(&mut report),
     )

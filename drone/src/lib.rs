@@ -2,6 +2,8 @@
 //! reports every outcome until the queen acknowledges it.
 //!
 //! Code map, leaves first (a module uses only the ones listed before it):
+//! - [`awake`]: timeouts counted in time the drone was awake, so a stopped drone does not
+//!   give up on a reply that arrived while it was stopped.
 //! - [`backoff`]: reconnect delays (pure).
 //! - [`env`]: the names in a task's environment the drone owns (lease, loader, token).
 //! - [`identity`]: Unix users tasks run as, looked up once at start.
@@ -24,6 +26,7 @@
 
 // Leaves first: each module uses only modules above it (`tests/module_graph.rs` checks
 // that the graph has no cycle).
+pub mod awake;
 pub mod backoff;
 pub mod env;
 pub mod identity;

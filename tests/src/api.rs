@@ -105,6 +105,16 @@ impl Api {
         self.acked.lock().expect("acked lock").clone()
     }
 
+    /// Takes `ids` off the acknowledged list, so the invariant checker no longer holds the
+    /// queen to them: for a long run whose finished tasks were checked and may now be
+    /// purged by retention.
+    pub fn forget(&self, ids: impl IntoIterator<Item = TaskId>) {
+        let mut acked = self.acked.lock().expect("acked lock");
+        for id in ids {
+            acked.remove(&id);
+        }
+    }
+
     fn remember(&self, views: &[TaskView], specs: &[Option<u32>]) {
         let mut acked = self.acked.lock().expect("acked lock");
         for (v, max_attempts) in views.iter().zip(specs) {

@@ -122,15 +122,21 @@ impl ExecLog {
     }
 
     /// Every line so far. Panics on a line it cannot parse (that would be a harness bug or
-    /// a task that ran without the drone's environment).
+    /// a task that ran without the drone's environment). A last line without its newline
+    /// is one being written as the log is read, and is left for the next read.
     pub fn entries(&self) -> Vec<Entry> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
             Err(e) => panic!("cannot read exec log {}: {e}", self.path.display()),
         };
-        text.lines()
-            .map(|l| parse_line(l).unwrap_or_else(|| panic!("bad exec log line {l:?} in:\n{text}")))
+        let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+        complete
+            .lines()
+            .map(|l| {
+                parse_line(l)
+                    .unwrap_or_else(|| panic!("bad exec log line {l:?} in {}", self.path.display()))
+            })
             .collect()
     }
 

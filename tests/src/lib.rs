@@ -19,7 +19,10 @@
 //! - [`proxy`]: a fault-injecting TCP proxy (delay, drop, blackhole, reset) between a drone
 //!   and the queen.
 //! - [`check`]: the invariant checker every chaos scenario ends with ([`Hive::check`]).
+//! - [`disk`]: filling the small filesystem under a queen's data dir; what the dir holds.
 //! - [`seed`]: seeded randomness (`HIVE_CHAOS_SEED`) and soak mode (`HIVE_SOAK_MINUTES`).
+//! - [`soak`]: the mixed-fault soak's bookkeeping: its fault log, which duplicate runs the
+//!   faults explain, the queen's resources and their trend, the report lines.
 //! - [`wait`]: polling with deadlines (`hive-testkit`'s, with this harness's deadline and
 //!   logs).
 //! - [`webdriver`]: headless Chromium driven over WebDriver, for the dashboard test.
@@ -31,11 +34,17 @@
 //! - `HIVE_TEST_RUST_LOG=filter` sets the queen's and drones' log filter (default `info`).
 //! - `HIVE_CHAOS_SEED=N` replays a scenario's random choices (each scenario prints its seed).
 //! - `HIVE_SOAK_MINUTES=N` makes the soak-capable scenarios (random drone kills, queen
-//!   kills under load) loop for N minutes with more tasks, for runs outside CI.
+//!   kills under load) loop for N minutes with more tasks, for runs outside CI; and runs
+//!   the mixed-fault soak (`tests/soak.rs`: every fault at once, at a steady load) for N
+//!   minutes instead of its short CI form, e.g. `HIVE_SOAK_MINUTES=20 cargo test -p
+//!   hive-tests --test soak -- --nocapture`.
+//! - `HIVE_SOAK_REPORT=path` appends the soak's report lines (JSON: every 30 s, at the
+//!   end of each round and at the end) to `path` instead of its temp dir.
 
 pub mod api;
 pub mod bins;
 pub mod check;
+pub mod disk;
 pub mod drone;
 pub mod execlog;
 pub mod hive;
@@ -43,6 +52,7 @@ pub mod process;
 pub mod proxy;
 pub mod queen;
 pub mod seed;
+pub mod soak;
 pub mod wait;
 pub mod webdriver;
 

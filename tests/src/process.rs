@@ -295,6 +295,40 @@ pub fn signal(pid: i32, sig: libc::c_int) {
     }
 }
 
+/// Pins every thread of `pid` to one CPU (the lowest this test process may use): a host
+/// with a single CPU, where the order in which a resumed process's threads run is decided
+/// by the scheduler rather than by which core is free. Threads it starts later inherit it.
+pub fn pin_to_one_cpu(pid: i32) {
+    // SAFETY: cpu_set_t is plain data; the calls get and set masks of the size given.
+    let mut mine: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    let rc = unsafe { libc::sched_getaffinity(0, size, &mut mine) };
+    assert_eq!(rc, 0, "sched_getaffinity: {}", io::Error::last_os_error());
+    let cpu = (0..libc::CPU_SETSIZE as usize)
+        .find(|c| unsafe { libc::CPU_ISSET(*c, &mine) })
+        .expect("this process may run on some CPU");
+    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut one) };
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("cannot list the threads of {pid}: {e}"));
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: as above; a thread that exited meanwhile is not an error.
+        let rc = unsafe { libc::sched_setaffinity(tid, size, &one) };
+        let err = io::Error::last_os_error();
+        assert!(
+            rc == 0 || err.raw_os_error() == Some(libc::ESRCH),
+            "sched_setaffinity({tid}): {err}"
+        );
+    }
+}
+
 /// Seconds since boot from `/proc/uptime`: the clock the execution log's lines carry (see
 /// [`crate::execlog`]), so the harness can tell what a task wrote after a drone died.
 pub fn uptime() -> f64 {

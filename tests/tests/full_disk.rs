@@ -7,6 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use hive_tests::disk::fill_until;
 use hive_tests::execlog::shell_quote;
 use hive_tests::{wait_until, Hive, DEADLINE};
 use shared::api::TaskState;
@@ -14,32 +15,6 @@ use shared::api::TaskState;
 /// The tmpfs under the data dir, and the reserve the queen keeps on it.
 const VOLUME_MB: u64 = 64;
 const MIN_FREE_MB: u64 = 24;
-
-/// Free bytes on the filesystem holding `path`, as `df` reports them.
-fn free_bytes(path: &Path) -> u64 {
-    let out = std::process::Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(path)
-        .output()
-        .expect("run df");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("df gave no free space for {}: {out:?}", path.display()))
-}
-
-/// Writes real bytes (a sparse file would take no space) until `leave` bytes are free.
-fn fill_until(dir: &Path, leave: u64) -> std::path::PathBuf {
-    let path = dir.join("filler");
-    let mut file = std::fs::File::create(&path).expect("create the filler");
-    let chunk = vec![0x5a_u8; 1 << 20];
-    while free_bytes(dir) > leave + chunk.len() as u64 {
-        file.write_all(&chunk).expect("write the filler");
-        file.sync_data().expect("sync the filler");
-    }
-    path
-}
 
 #[test]
 fn a_nearly_full_disk_refuses_new_work_keeps_recording_outcomes_and_recovers_by_itself() {
