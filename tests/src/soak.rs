@@ -92,12 +92,21 @@ pub fn duplicates(
         }
     }
     let excused = |run: &Run, next_at: f64| {
+        // A run whose parent was already gone when it logged its start (it reads init's
+        // pid, 1, or nothing) started as its drone died: a fault that may cost a drone its
+        // leases, on any drone, beginning at that moment explains it. The drone it ran on
+        // cannot be named.
+        let orphaned = matches!(run.drone, None | Some(0) | Some(1));
         all.iter().any(|f| {
             f.excuses
-                && f.drone_pid.is_some()
-                && f.drone_pid == run.drone
-                && f.from <= next_at + MARGIN_S
-                && f.to >= run.at - MARGIN_S
+                && if orphaned {
+                    (f.from - run.at).abs() <= MARGIN_S
+                } else {
+                    f.drone_pid.is_some()
+                        && f.drone_pid == run.drone
+                        && f.from <= next_at + MARGIN_S
+                        && f.to >= run.at - MARGIN_S
+                }
         })
     };
     let mut out = Duplicates::default();
@@ -279,6 +288,27 @@ mod tests {
         let late = fault("drone_kill", 10, 110.0, f64::INFINITY, true);
         let before = fault("partition", 10, 90.0, 95.0, true);
         assert_eq!(judge(&[hiccup, other, late, before]), (false, true));
+    }
+
+    /// Seen in a 20-minute soak: a task assigned to a drone a moment before the drone was
+    /// killed logged its start with init (pid 1) as its parent, and ran again elsewhere.
+    #[test]
+    fn a_run_that_started_as_its_drone_died_is_explained_by_a_kill_at_that_moment() {
+        let t = TaskId::generate();
+        let entries = vec![start(t, 1, 1, 100.0), start(t, 2, 20, 104.0)];
+        let judge = |faults: &[FaultEvent]| {
+            let d = duplicates(&entries, faults, &BTreeSet::new());
+            (d.explained.contains(&t), d.unexplained.contains(&t))
+        };
+        assert_eq!(judge(&[]), (false, true), "no fault: unexplained");
+        let kill = fault("drone_churn", 30, 100.2, f64::INFINITY, true);
+        assert_eq!(judge(&[kill]), (true, false));
+        // A kill long before or after its start, or a fault that does not cost leases,
+        // does not explain it.
+        let earlier = fault("drone_kill", 30, 90.0, f64::INFINITY, true);
+        let later = fault("drone_kill", 30, 103.0, f64::INFINITY, true);
+        let hiccup = fault("drone_stall", 30, 99.5, 100.5, false);
+        assert_eq!(judge(&[earlier, later, hiccup]), (false, true));
     }
 
     #[test]
