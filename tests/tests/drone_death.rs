@@ -289,6 +289,45 @@ fn restart_dead_drones_until<T>(
     })
 }
 
+/// A poison task (it `kill -9`s whichever drone runs it) with `max_attempts`, submitted
+/// between two batches of `around` ordinary tasks; the poison and the ordinary tasks.
+fn poison_among_quick_tasks(
+    hive: &Hive,
+    max_attempts: u32,
+    around: usize,
+) -> (TaskId, Vec<TaskId>) {
+    let mut ids = quick_tasks(hive, around);
+    let poison = TaskSpec {
+        max_attempts: Some(max_attempts),
+        ..hive
+            .exec_log()
+            .task(&format!("kill -9 \"${DRONE_PID_VAR}\"; sleep 30"))
+    };
+    let poison = hive.api().submit(&poison).id;
+    ids.extend(quick_tasks(hive, around));
+    (poison, ids)
+}
+
+/// The runs of `task` the execution log saw.
+fn runs_of(hive: &Hive, task: TaskId) -> Vec<hive_tests::Execution> {
+    hive.exec_log()
+        .executions()
+        .into_iter()
+        .filter(|r| r.task == task)
+        .collect()
+}
+
+/// The hive still serves once the poison is gone: every drone is back, and the ordinary
+/// tasks, with 20 more, all succeed; the invariant checker's summary.
+fn still_serves(hive: &mut Hive, drones: usize, mut ids: Vec<TaskId>) -> hive_tests::Summary {
+    restart_dead_drones_until(hive, "every drone to be back", |h| {
+        (h.api().drones().len() == drones).then_some(())
+    });
+    ids.extend(quick_tasks(hive, 20));
+    hive.wait_all_succeeded(ROUND_DONE, &ids);
+    hive.check(DEADLINE)
+}
+
 /// Scenario 6. Guards against a task that kills its drone (`kill -9` of the drone running it:
 /// the parent of its supervisor shim) taking down the fleet forever or retrying without
 /// bound (G8), and against the hive stopping serving meanwhile (G2). With 40 ordinary tasks
@@ -301,15 +340,7 @@ fn a_poison_task_that_kills_its_drone_fails_after_its_attempts_and_the_hive_keep
     for d in ["p1", "p2", "p3"] {
         hive.start_drone(d, 2);
     }
-    let mut ids = quick_tasks(&hive, 20);
-    let poison = TaskSpec {
-        max_attempts: Some(3),
-        ..hive
-            .exec_log()
-            .task(&format!("kill -9 \"${DRONE_PID_VAR}\"; sleep 30"))
-    };
-    let poison = hive.api().submit(&poison).id;
-    ids.extend(quick_tasks(&hive, 20));
+    let (poison, ids) = poison_among_quick_tasks(&hive, 3, 20);
 
     let api = hive.api().clone();
     let failed = restart_dead_drones_until(&mut hive, "the poison task to end", |_| {
@@ -325,12 +356,7 @@ fn a_poison_task_that_kills_its_drone_fails_after_its_attempts_and_the_hive_keep
             .all(|e| e.error.starts_with("lease lost")),
         "every attempt died with its drone: {failed:#?}"
     );
-    let runs: Vec<_> = hive
-        .exec_log()
-        .executions()
-        .into_iter()
-        .filter(|r| r.task == poison)
-        .collect();
+    let runs = runs_of(&hive, poison);
     let killers: std::collections::BTreeSet<Option<i32>> =
         runs.iter().map(|r| r.drone_pid).collect();
     assert_eq!(
@@ -342,13 +368,7 @@ fn a_poison_task_that_kills_its_drone_fails_after_its_attempts_and_the_hive_keep
         assert!(!pid_alive(pid), "drone {pid} ran the poison task and lives");
     }
 
-    // The hive still serves: the ordinary tasks, and new ones, all succeed.
-    restart_dead_drones_until(&mut hive, "every drone to be back", |h| {
-        (h.api().drones().len() == 3).then_some(())
-    });
-    ids.extend(quick_tasks(&hive, 20));
-    hive.wait_all_succeeded(ROUND_DONE, &ids);
-    let summary = hive.check(DEADLINE);
+    let summary = still_serves(&mut hive, 3, ids);
     assert_eq!(
         summary.drones_started,
         3 + 3,
@@ -447,15 +467,7 @@ fn a_poison_task_is_quarantined_after_its_isolated_attempt_and_no_co_tenant_fail
     for d in ["p1", "p2", "p3"] {
         hive.start_drone(d, 3);
     }
-    let mut ids = quick_tasks(&hive, 30);
-    let poison = TaskSpec {
-        max_attempts: Some(10),
-        ..hive
-            .exec_log()
-            .task(&format!("kill -9 \"${DRONE_PID_VAR}\"; sleep 30"))
-    };
-    let poison = hive.api().submit(&poison).id;
-    ids.extend(quick_tasks(&hive, 30));
+    let (poison, ids) = poison_among_quick_tasks(&hive, 10, 30);
 
     let api = hive.api().clone();
     let mut awaited = false;
@@ -490,19 +502,9 @@ fn a_poison_task_is_quarantined_after_its_isolated_attempt_and_no_co_tenant_fail
     );
     assert_eq!(verdicts[2], LossVerdict::Isolated);
     assert_eq!(suspicion.losses[2].co_tenants, 0, "it ran alone");
-    let runs: Vec<_> = hive
-        .exec_log()
-        .executions()
-        .into_iter()
-        .filter(|r| r.task == poison)
-        .collect();
+    let runs = runs_of(&hive, poison);
     assert_eq!(runs.len(), 3, "three drones killed, no more: {runs:#?}");
 
-    restart_dead_drones_until(&mut hive, "every drone to be back", |h| {
-        (h.api().drones().len() == 3).then_some(())
-    });
-    ids.extend(quick_tasks(&hive, 20));
-    hive.wait_all_succeeded(ROUND_DONE, &ids);
-    let summary = hive.check(DEADLINE);
+    let summary = still_serves(&mut hive, 3, ids);
     assert_eq!(summary.quarantined, 1, "{summary}");
 }
