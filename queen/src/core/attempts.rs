@@ -112,15 +112,12 @@ impl Core {
         // other drones were lost around the same time (since its own previous loss).
         let correlated = match self.ledger.tasks.get(&id) {
             Some(t) if loss.co_tenants == 0 && t.is_suspect() => {
+                let previous = t.suspicion.as_ref().and_then(|s| s.losses.last());
                 !loss.drone_died
                     || t.lease.as_ref().is_some_and(|l| {
-                        let previous = t
-                            .suspicion
-                            .as_ref()
-                            .and_then(|s| s.losses.last())
-                            .and_then(|l| mono_of(l.at, now));
+                        let after = previous.and_then(|p| mono_of(p.at, now));
                         self.fleet
-                            .lost_together(l.drone, loss.at, previous, rules.window)
+                            .lost_together(l.drone, loss.at, after, rules.window)
                     })
             }
             _ => false,
@@ -145,21 +142,22 @@ impl Core {
             return;
         };
         let rules = self.quarantine_rules();
+        // The awaited loss (the last), judged against the losses since the one before it.
         let losses = task
             .suspicion
             .as_ref()
             .map(|s| s.losses.as_slice())
             .unwrap_or_default();
-        let correlated = match losses {
-            [.., previous, last] => (last.drone, Some(previous.at), last.at),
-            [last] => (last.drone, None, last.at),
-            [] => (None, None, now.wall),
+        let (previous, last) = match losses {
+            [.., previous, last] => (Some(previous), Some(last)),
+            [last] => (None, Some(last)),
+            [] => (None, None),
         };
-        let (drone, previous, at) = correlated;
-        let correlated = drone.is_some_and(|d| {
-            let at = mono_of(at, now).unwrap_or(now.mono);
-            let previous = previous.and_then(|p| mono_of(p, now));
-            self.fleet.lost_together(d, at, previous, rules.window)
+        let drone = last.and_then(|l| l.drone);
+        let correlated = last.zip(drone).is_some_and(|(last, d)| {
+            let at = mono_of(last.at, now).unwrap_or(now.mono);
+            let after = previous.and_then(|p| mono_of(p.at, now));
+            self.fleet.lost_together(d, at, after, rules.window)
         });
         let event = Event::Verdict { correlated, rules };
         match lifecycle::apply(&mut task, event, now.wall) {

@@ -17,7 +17,7 @@ use super::api::{CoreError, QueueChange};
 use super::lifecycle::{self, Event};
 use super::{Core, Now};
 use crate::queues::{QueueSettings, QueueState};
-use crate::ready::ReadyQueues;
+use crate::ready::{ReadyQueues, Route};
 use crate::rules::LiveLease;
 use crate::store::Mutation;
 use crate::task::Task;
@@ -56,13 +56,11 @@ pub(super) struct Dispatch {
     pub reserved: HashMap<DroneId, TaskId>,
 }
 
-/// A pending suspect waiting for a drone of its own, with what it needs of one.
+/// A pending suspect waiting for a drone of its own, with the route a drone must serve.
 #[derive(Debug, Clone)]
 pub(super) struct Alone {
     pub id: TaskId,
-    pub queue: String,
-    pub kind: String,
-    pub labels: Vec<String>,
+    pub route: Route,
 }
 
 impl Dispatch {
@@ -273,9 +271,7 @@ impl Core {
         };
         let alone = Alone {
             id,
-            queue: task.queue.clone(),
-            kind: task.kind.clone(),
-            labels: task.labels.clone(),
+            route: Route::of(&*task),
         };
         drop(task);
         tracing::info!(task_id = %id, "suspect waits for a drone to run it alone");
@@ -290,7 +286,7 @@ impl Core {
         let mut i = 0;
         while i < self.dispatch.waiting_alone.len() {
             let s = self.dispatch.waiting_alone[i].clone();
-            let queue = self.dispatch.queues.get(&s.queue);
+            let queue = self.dispatch.queues.get(&s.route.queue);
             if queue.is_some_and(|q| q.settings.paused) {
                 // Its queue is paused: hold no drone meanwhile.
                 self.dispatch.reserved.retain(|_, t| *t != s.id);
@@ -303,8 +299,7 @@ impl Core {
             let fleet = &self.fleet;
             let reserved = &self.dispatch.reserved;
             let usable = |d: &super::fleet::Drone| {
-                d.could_isolate(&s.kind, &s.labels, s.id)
-                    && reserved.get(&d.id).is_none_or(|t| *t == s.id)
+                d.could_isolate(&s.route, s.id) && reserved.get(&d.id).is_none_or(|t| *t == s.id)
             };
             let held = reserved
                 .iter()

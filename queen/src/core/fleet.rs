@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use super::api::Conn;
 use super::attempts::Loss;
 use super::{Core, Now};
+use crate::ready::Route;
 use crate::rules::{self, LiveLease, Reattach};
 use crate::store::Mutation;
 
@@ -36,8 +37,9 @@ pub(super) struct Drone {
     pub last_seen_wall: DateTime<Utc>,
     pub assigns_sent: u64,
     pub draining: bool,
-    /// The suspect this drone runs alone, or is held for: it takes no other task until
-    /// that attempt ends (or the suspect goes elsewhere).
+    /// The suspect this drone runs alone: it takes no other task until that attempt is
+    /// over, stopping included (drones held for a waiting suspect are
+    /// `Dispatch::reserved`).
     pub isolating: Option<TaskId>,
 }
 
@@ -72,13 +74,11 @@ impl Drone {
         self.leases.is_empty() && self.cancelling.is_empty()
     }
 
-    /// Could run `task` alone here, now or once its other tasks end.
-    pub fn could_isolate(&self, kind: &str, labels: &[String], suspect: TaskId) -> bool {
+    /// Could run `suspect` (of `route`) alone here, now or once its other tasks end.
+    pub fn could_isolate(&self, route: &Route, suspect: TaskId) -> bool {
         !self.draining
-            && self.slots > 0
             && self.isolating.is_none_or(|t| t == suspect)
-            && self.kinds.contains(kind)
-            && labels.iter().all(|l| self.labels.contains(l))
+            && route.served_by(&self.kinds, &self.labels)
     }
 
     /// The one way to take an attempt away from a drone: its lease (if it is this
