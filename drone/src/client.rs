@@ -152,7 +152,8 @@ pub fn classify_reject(reject: &Reject) -> RejectKind {
         // one costs a logged reconnect now and then instead of a drone that exited over
         // a passing condition. A code this drone does not know (a newer queen's) reads
         // the same way, for the same reason.
-        None | Some(RejectCode::Unknown) => RejectKind::Transient,
+        // A standby (HA): try the leader it names, or the next queen address.
+        None | Some(RejectCode::Unknown | RejectCode::NotLeader) => RejectKind::Transient,
     }
 }
 
@@ -935,6 +936,7 @@ mod tests {
             reason: reason.to_owned(),
             supported_versions: versions.to_vec(),
             code,
+            leader: None,
         }
     }
 

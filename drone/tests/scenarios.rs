@@ -468,6 +468,7 @@ async fn a_version_reject_stops_the_drone_with_the_reason() -> Result<()> {
         reason: "unsupported protocol version 1".into(),
         supported_versions: vec![PROTOCOL_VERSION + 1],
         code: None,
+        leader: None,
     }))
     .await?;
     match drone.finished().await? {
@@ -490,6 +491,7 @@ async fn a_transient_reject_is_retried() -> Result<()> {
         reason: "queen is starting up".into(),
         supported_versions: vec![PROTOCOL_VERSION],
         code: None,
+        leader: None,
     }))
     .await?;
     let mut again = queen.accept().await?;

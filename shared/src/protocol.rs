@@ -91,6 +91,12 @@ pub struct Welcome {
     pub heartbeat_interval_ms: u64,
     /// Silence longer than this loses the drone its leases.
     pub heartbeat_timeout_ms: u64,
+    /// The leader's term when the queen shares a database with standbys (HA on
+    /// PostgreSQL): it grows with every failover. A drone that has been welcomed in a term
+    /// ignores a queen that welcomes it with an older one (a deposed leader that woke up).
+    /// Absent from a single queen and from queens before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +109,10 @@ pub struct Reject {
     /// before this field send none, and drones before it ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<RejectCode>,
+    /// With [`RejectCode::NotLeader`]: the leader's drone address (`HOST:PORT`) when the
+    /// standby knows it, so the drone tries it next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
 }
 
 /// Why a queen rejected a hello, as a drone can act on it.
@@ -115,6 +125,9 @@ pub enum RejectCode {
     Unauthorized,
     /// The hello itself is out of bounds (slots, name): the same hello will be refused again.
     BadHello,
+    /// This queen is a standby (HA): it leads nothing. Try the `leader` named in the
+    /// reject, or the drone's other queen addresses.
+    NotLeader,
     /// A code this build does not know (from a newer queen). Receive-side only: a queen
     /// never sends it.
     #[serde(other)]
@@ -137,6 +150,7 @@ impl Refusal {
             reason: self.reason.clone(),
             supported_versions: SUPPORTED_VERSIONS.to_vec(),
             code: Some(self.code),
+            leader: None,
         }
     }
 }
@@ -328,11 +342,13 @@ mod tests {
             (RejectCode::UnsupportedVersion, "unsupported_version"),
             (RejectCode::Unauthorized, "unauthorized"),
             (RejectCode::BadHello, "bad_hello"),
+            (RejectCode::NotLeader, "not_leader"),
         ] {
             let sent = QueenMessage::Reject(Reject {
                 reason: "r".into(),
                 supported_versions: vec![1],
                 code: Some(code),
+                leader: (code == RejectCode::NotLeader).then(|| "127.0.0.1:7001".into()),
             });
             let v = serde_json::to_value(&sent).unwrap_or_default();
             assert_eq!(v["code"], text);

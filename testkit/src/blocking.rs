@@ -65,6 +65,7 @@ impl FakeDrone {
                 protocol_version: 0,
                 heartbeat_interval_ms: 0,
                 heartbeat_timeout_ms: 0,
+                epoch: None,
             }),
             inner: Mutex::new(d),
         }

@@ -116,6 +116,7 @@ impl Conn {
             protocol_version: PROTOCOL_VERSION,
             heartbeat_interval_ms: HEARTBEAT_MS,
             heartbeat_timeout_ms: 10 * HEARTBEAT_MS,
+            epoch: None,
         }))
         .await?;
         Ok(hello)
