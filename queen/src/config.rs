@@ -104,6 +104,7 @@ pub struct Config {
     pub tls: TlsSection,
     pub log: LogSection,
     pub retention: RetentionSection,
+    pub postgres: PostgresSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -213,6 +214,9 @@ impl Default for TaskSection {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageSection {
+    /// Which engine holds the tasks: `sled` (embedded, one queen, the default) or
+    /// `postgres` (`[postgres] url`; several queens share it, one leads).
+    pub backend: Backend,
     /// `false`: each group commit is flushed with sled's flush (survives a killed
     /// process, not power loss). `true`: also a real `syncfs` per group commit.
     pub sync: bool,
@@ -232,11 +236,89 @@ pub struct StorageSection {
 impl Default for StorageSection {
     fn default() -> Self {
         StorageSection {
+            backend: Backend::Sled,
             sync: false,
             cache_capacity_mb: DEFAULT_CACHE_CAPACITY_MB,
             hot_tasks: DEFAULT_HOT_TASKS,
             min_free_mb: DEFAULT_MIN_FREE_MB,
         }
+    }
+}
+
+/// The storage engine (`[storage] backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// sled in `queen.data_dir`: one machine, one queen.
+    #[default]
+    Sled,
+    /// PostgreSQL at `[postgres] url`: one leader queen and any number of standbys.
+    Postgres,
+}
+
+/// `[postgres]`: the database a leader queen and its standbys share.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSection {
+    /// A libpq-style URL or key=value string; it may name several hosts
+    /// (`postgres://u@h1:5432,h2:5432/hive?target_session_attrs=read-write`), and the
+    /// queen connects to the first that takes writes. Env `HIVE_POSTGRES__URL`.
+    pub url: Option<Secret>,
+    /// A CA certificate (PEM) to verify the server with: connections use TLS (rustls),
+    /// required. Without it they are plain TCP unless the URL says `sslmode=require`,
+    /// which is refused without a CA rather than connecting unverified.
+    pub tls_ca: Option<PathBuf>,
+    /// Connections for reads (HTTP lookups, cold tasks, purges), besides the writer's
+    /// and the leader lease's own.
+    pub pool_size: usize,
+    /// How long a leader's lease lasts on the database clock. A killed leader is replaced
+    /// about this long after its last renewal; it renews every third of it and steps
+    /// down by itself before the lease can lapse on the database.
+    pub lease_ms: u64,
+    /// This queen's name in the leader row (default: host name and pid).
+    pub name: Option<String>,
+    /// The HTTP address a standby names to clients (`leader` in its 503s): the leader's
+    /// `queen.http` as others reach it. Default: `queen.http` as bound.
+    pub advertise_http: Option<String>,
+    /// The drone address a standby names to drones in its `not_leader` reject. Default:
+    /// `queen.listen` as bound.
+    pub advertise_drones: Option<String>,
+    /// Connecting (and each statement of the leader lease) may take this long.
+    pub connect_timeout_ms: u64,
+}
+
+/// Default `[postgres] lease_ms`: a dead leader is replaced in about two seconds.
+pub const DEFAULT_PG_LEASE_MS: u64 = 2_000;
+/// Default `[postgres] pool_size`.
+pub const DEFAULT_PG_POOL_SIZE: usize = 4;
+/// Default `[postgres] connect_timeout_ms`.
+pub const DEFAULT_PG_CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        PostgresSection {
+            url: None,
+            tls_ca: None,
+            pool_size: DEFAULT_PG_POOL_SIZE,
+            lease_ms: DEFAULT_PG_LEASE_MS,
+            name: None,
+            advertise_http: None,
+            advertise_drones: None,
+            connect_timeout_ms: DEFAULT_PG_CONNECT_TIMEOUT_MS,
+        }
+    }
+}
+
+impl std::fmt::Debug for PostgresSection {
+    // The URL may carry a password: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSection")
+            .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("tls_ca", &self.tls_ca)
+            .field("pool_size", &self.pool_size)
+            .field("lease_ms", &self.lease_ms)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -427,6 +509,33 @@ impl Config {
         }
         if self.storage.cache_capacity_mb == 0 {
             return Err(invalid("storage.cache_capacity_mb", "must be at least 1"));
+        }
+        if self.storage.backend == Backend::Postgres {
+            let pg = &self.postgres;
+            match &pg.url {
+                None => {
+                    return Err(invalid(
+                        "postgres.url",
+                        "storage.backend = \"postgres\" needs postgres.url (or HIVE_POSTGRES__URL)",
+                    ))
+                }
+                Some(url) if url.0.trim().is_empty() => {
+                    return Err(invalid("postgres.url", "must not be empty"))
+                }
+                Some(_) => {}
+            }
+            if pg.pool_size == 0 || pg.pool_size > 256 {
+                return Err(invalid("postgres.pool_size", "must be between 1 and 256"));
+            }
+            if pg.lease_ms < 300 || pg.lease_ms > 600_000 {
+                return Err(invalid(
+                    "postgres.lease_ms",
+                    "must be between 300 and 600000 (ten minutes)",
+                ));
+            }
+            if pg.connect_timeout_ms == 0 {
+                return Err(invalid("postgres.connect_timeout_ms", "must be at least 1"));
+            }
         }
         if self.retention.purge_interval_ms == 0 {
             return Err(invalid("retention.purge_interval_ms", "must be at least 1"));

@@ -135,6 +135,35 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// What a standby queen (HA on PostgreSQL) serves: liveness, a 503 readiness, and a 503
+/// naming the leader's HTTP address (when `leader` knows it) for everything else, so a
+/// client or load balancer moves on. Nothing is read from the database here: a standby
+/// has no state it could present as current.
+pub fn standby_router(leader: Arc<dyn Fn() -> Option<String> + Send + Sync>) -> Router {
+    let unavailable = move |what: &'static str| {
+        let leader = leader();
+        let mut body = serde_json::json!({
+            "error": match &leader {
+                Some(addr) => format!("this queen is a standby; {what} the leader at {addr}"),
+                None => format!("this queen is a standby and no queen leads right now; {what} a leader once one is elected"),
+            },
+            "status": "standby",
+        });
+        if let Some(addr) = leader {
+            body["leader"] = serde_json::Value::String(addr);
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    };
+    let ready = unavailable.clone();
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok", "role": "standby"})) }),
+        )
+        .route("/readyz", get(move || async move { ready("ask") }))
+        .fallback(move || async move { unavailable("send this to") })
+}
+
 /// Reads the whole request body within `queen.http_request_timeout_ms` (and the body
 /// limit) before the handler runs, so a client trickling its body is answered 408 and
 /// changes nothing, instead of holding a handler (and a connection) for ever.

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod ha;
 pub mod http;
 pub mod metrics;
 pub mod net;
@@ -73,6 +74,11 @@ impl Queen {
     /// the scheduler needs besides the active tasks, which [`Queen::serve`] streams in while
     /// it already answers (see [`core::Core::run`]).
     pub fn open(cfg: Config) -> Result<Queen, QueenError> {
+        if cfg.storage.backend == config::Backend::Postgres {
+            return Err(QueenError::Store(StoreError::Postgres(
+                "storage.backend = \"postgres\" runs through ha::serve (a leader and standbys), not Queen::open".into(),
+            )));
+        }
         let fatal = CancellationToken::new();
         // Certificates first: a bad file must stop the queen before it touches the data.
         let tls = net::Tls::from_config(&cfg)?;
@@ -87,10 +93,47 @@ impl Queen {
             metrics: metrics.store.clone(),
         };
         let started = std::time::Instant::now();
-        let (store, writer, recovered) = Store::open(&opts, fatal.clone())?;
+        let opened = Store::open(&opts, fatal.clone())?;
+        Ok(Queen::build(
+            cfg, opened, started, fatal, metrics, tls, None,
+        ))
+    }
+
+    /// A leader's term on PostgreSQL: the store is opened with `epoch`, which fences every
+    /// commit, and welcomes carry it. `metrics` outlive the term (one registry per process).
+    pub fn open_term(
+        cfg: Config,
+        settings: &store::pg::Settings,
+        epoch: i64,
+        metrics: metrics::Metrics,
+    ) -> Result<Queen, QueenError> {
+        let fatal = CancellationToken::new();
+        let tls = net::Tls::from_config(&cfg)?;
+        let started = std::time::Instant::now();
+        let opened = Store::open_postgres(settings, epoch, metrics.store.clone(), fatal.clone())?;
+        Ok(Queen::build(
+            cfg,
+            opened,
+            started,
+            fatal,
+            metrics,
+            tls,
+            Some(epoch.max(0) as u64),
+        ))
+    }
+
+    fn build(
+        cfg: Config,
+        (store, writer, recovered): (Store, store::StoreWriter, store::Recovered),
+        started: std::time::Instant,
+        fatal: CancellationToken,
+        metrics: metrics::Metrics,
+        tls: net::Tls,
+        epoch: Option<u64>,
+    ) -> Queen {
         let read = started.elapsed();
         let cfg = Arc::new(cfg);
-        let (core, handle, requests) = Core::new(
+        let (mut core, handle, requests) = Core::new(
             cfg.clone(),
             writer,
             Arc::new(store.reader.clone()),
@@ -98,11 +141,14 @@ impl Queen {
             metrics.clone(),
             fatal.clone(),
         );
+        if let Some(epoch) = epoch {
+            core.set_epoch(epoch);
+        }
         tracing::info!(
             open_ms = read.as_millis() as u64,
             "store opened; active tasks are read while the queen serves"
         );
-        Ok(Queen {
+        Queen {
             cfg,
             store,
             core,
@@ -111,7 +157,7 @@ impl Queen {
             fatal,
             metrics,
             tls,
-        })
+        }
     }
 
     /// A handle to the scheduler core, for in-process clients (the `dev` command, tests).
@@ -145,14 +191,17 @@ impl Queen {
         let tracker = TaskTracker::new();
 
         let core_task = tokio::spawn(core.run(requests, stop.clone()));
-        tracker.spawn(sample_free_space(
-            cfg.queen.data_dir.clone(),
-            handle.disk().clone(),
-            stop.clone(),
-        ));
+        let on_sled = cfg.storage.backend == config::Backend::Sled;
+        if on_sled {
+            tracker.spawn(sample_free_space(
+                cfg.queen.data_dir.clone(),
+                handle.disk().clone(),
+                stop.clone(),
+            ));
+        }
         tracker.spawn(server::serve(
             listeners.drones,
-            handle.clone(),
+            server::Target::Core(handle.clone()),
             server::Limits::from_config(&cfg),
             server::Admission::from_config(&cfg),
             tls.drones.clone(),
@@ -191,7 +240,15 @@ impl Queen {
             ..
         } = store;
         drop(reader);
-        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        let joined = tokio::task::spawn_blocking(move || writer_thread.join());
+        if on_sled {
+            let _ = joined.await;
+        } else if tokio::time::timeout(PG_WRITER_DRAIN, joined).await.is_err() {
+            // A commit stuck on a dead connection is never cancelled, and nothing waits
+            // for it any longer: its outcome is unknown, nothing of it was acknowledged,
+            // and the next term reloads whatever it did.
+            tracing::warn!("the postgres writer did not drain in time; leaving it");
+        }
         if let Ok(Err(e)) = recovery {
             return Err(QueenError::Store(e));
         }
@@ -202,6 +259,9 @@ impl Queen {
         Ok(())
     }
 }
+
+/// How long a PostgreSQL term's end waits for its queued commits.
+const PG_WRITER_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often the data dir's free space is sampled for `[storage] min_free_mb`: often
 /// enough that a burst of writes is caught within a second, rarely enough to cost nothing.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use queen::config::{Config, LogFormat};
+use queen::config::{Backend, Config, LogFormat};
 use queen::{Listeners, Queen};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -99,13 +99,25 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let drone_addr = cfg.listen_addr()?;
     let http_addr = cfg.http_addr()?;
     let data_dir = cfg.queen.data_dir.clone();
-    let queen = tokio::task::spawn_blocking(move || Queen::open(cfg)).await??;
-    let drones = TcpListener::bind(drone_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on queen.listen {drone_addr}: {e}"))?;
-    let http = TcpListener::bind(http_addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on queen.http {http_addr}: {e}"))?;
+    let backend = cfg.storage.backend;
+    // sled: the store is opened (and the data dir locked) before anything listens.
+    let queen = match backend {
+        Backend::Sled => Some(tokio::task::spawn_blocking(move || Queen::open(cfg)).await??),
+        Backend::Postgres => {
+            let drones = bind(drone_addr, "queen.listen").await?;
+            let http = bind(http_addr, "queen.http").await?;
+            let (drones_at, http_at) = (drones.local_addr()?, http.local_addr()?);
+            tracing::info!(drones = %drones_at, http = %http_at, "queen listening; leader or standby as the postgres lease decides");
+            println!("ready drones={drones_at} http={http_at}");
+            let shutdown = CancellationToken::new();
+            tokio::spawn(signals(shutdown.clone()));
+            queen::ha::serve(cfg, Listeners { drones, http }, shutdown).await?;
+            return Ok(());
+        }
+    };
+    let Some(queen) = queen else { return Ok(()) };
+    let drones = bind(drone_addr, "queen.listen").await?;
+    let http = bind(http_addr, "queen.http").await?;
     let (drones_at, http_at) = (drones.local_addr()?, http.local_addr()?);
     tracing::info!(drones = %drones_at, http = %http_at, data_dir = %data_dir.display(), "queen ready");
     // A machine-readable line on stdout for scripts and tests (ports may be 0 in config).
@@ -115,6 +127,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(signals(shutdown.clone()));
     queen.serve(Listeners { drones, http }, shutdown).await?;
     Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {key} {addr}: {e}"))
 }
 
 /// First SIGTERM/SIGINT: graceful stop. A second one: exit at once.

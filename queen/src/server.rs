@@ -61,10 +61,20 @@ impl Admission {
     }
 }
 
+/// Who answers a drone once its hello is admitted.
+#[derive(Clone)]
+pub enum Target {
+    /// The leader's (or a single queen's) scheduler core.
+    Core(CoreHandle),
+    /// A standby: every admitted hello gets a `not_leader` reject naming the leader's
+    /// drone address when this function knows it.
+    Standby(Arc<dyn Fn() -> Option<String> + Send + Sync>),
+}
+
 /// Serves drone connections until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
-    core: CoreHandle,
+    core: Target,
     limits: Limits,
     admission: Admission,
     tls: Option<TlsAcceptor>,
@@ -131,7 +141,7 @@ async fn connection<S: Io>(
     stream: S,
     peer: SocketAddr,
     id: u64,
-    core: CoreHandle,
+    target: Target,
     edge: &Edge,
     started: tokio::time::Instant,
     close: CancellationToken,
@@ -174,6 +184,25 @@ async fn connection<S: Io>(
     if !admit(&hello, &edge.admission, &mut sink, limits, &close).await {
         return;
     }
+    let core = match target {
+        Target::Core(core) => core,
+        Target::Standby(leader) => {
+            let leader = leader();
+            let reason = match &leader {
+                Some(addr) => format!("this queen is a standby; the leader is at {addr}"),
+                None => "this queen is a standby and no queen leads right now".to_string(),
+            };
+            tracing::debug!(%peer, ?leader, "refusing a drone: standby");
+            let reject = protocol::Reject {
+                reason,
+                supported_versions: protocol::SUPPORTED_VERSIONS.to_vec(),
+                code: Some(protocol::RejectCode::NotLeader),
+                leader,
+            };
+            let _ = send(&mut sink, &QueenMessage::Reject(reject)).await;
+            return;
+        }
+    };
 
     let (tx, mut rx) = mpsc::unbounded_channel::<QueenMessage>();
     let conn = Conn {

@@ -263,7 +263,7 @@ impl Core {
             protocol_version: PROTOCOL_VERSION,
             heartbeat_interval_ms: self.cfg.leases.heartbeat_interval_ms,
             heartbeat_timeout_ms: self.cfg.leases.heartbeat_timeout_ms,
-            epoch: None,
+            epoch: self.epoch,
         }));
         let id = hello.drone_id;
         let mut drone = Drone {

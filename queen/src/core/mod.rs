@@ -120,6 +120,8 @@ pub struct Core {
     /// Cancelled when the queen must stop: a store read failed.
     fatal: CancellationToken,
     metrics: Metrics,
+    /// The leader's term on a shared database (sent in every welcome), `None` on sled.
+    epoch: Option<u64>,
 }
 
 impl std::fmt::Debug for Core {
@@ -155,6 +157,12 @@ impl Core {
             finished_counts,
         };
         Core::build(cfg, writer, lookup, known, Some(active), metrics, fatal)
+    }
+
+    /// The leader's term (HA on PostgreSQL): welcomes carry it, so a drone can tell a
+    /// deposed queen from the leader.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = Some(epoch);
     }
 
     /// [`Core::new`] with the active tasks read from `scan`, or (None) given by the caller
@@ -197,6 +205,7 @@ impl Core {
             fatal,
             cfg,
             metrics,
+            epoch: None,
         };
         for schedule in known.schedules {
             core.schedules.insert(schedule, now.wall);

@@ -24,6 +24,7 @@
 //! commits' continuations in order. The next batch is applied while the last one flushes.
 //! Nothing is acknowledged or sent to a drone before the write it depends on is durable.
 
+pub mod pg;
 pub mod record;
 
 use std::fs::{File, OpenOptions};
@@ -102,6 +103,8 @@ pub enum StoreError {
     },
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    #[error("postgres: {0}")]
+    Postgres(String),
     #[error("reading the active tasks was stopped before the end")]
     Interrupted,
     #[error("no space left on the filesystem of the data dir {path}: free some space there (or grow the volume) and start the queen again; nothing stored is lost, and the queen keeps [storage] min_free_mb free once it runs")]
@@ -232,10 +235,17 @@ pub struct Recovered {
     pub finished_counts: Vec<((String, TaskState), u64)>,
 }
 
-/// Read access, safe to share with HTTP handlers.
+/// Read access, safe to share with HTTP handlers. Reads block the calling thread for one
+/// lookup (a sled tree read, or a round trip on one of the PostgreSQL read connections).
 #[derive(Clone, Debug)]
 pub struct StoreReader {
-    tree: sled::Tree,
+    engine: ReadEngine,
+}
+
+#[derive(Clone, Debug)]
+enum ReadEngine {
+    Sled(sled::Tree),
+    Postgres(pg::Reader),
 }
 
 /// The write side: owned by the scheduler core. Dropping it stops the writer thread after
@@ -253,8 +263,9 @@ pub struct Store {
     pub reader: StoreReader,
     /// Joined at shutdown so the last commits are flushed before the process exits.
     pub writer_thread: std::thread::JoinHandle<()>,
-    /// Held (with its flock) for as long as the queen runs.
-    _lock: File,
+    /// sled: the data dir's `LOCK`, held (with its flock) for as long as the queen runs.
+    /// PostgreSQL needs none: the leader lease decides who writes.
+    _lock: Option<File>,
 }
 
 #[derive(Debug, Clone)]
@@ -344,9 +355,60 @@ impl Store {
             .map_err(io)?;
         Ok((
             Store {
-                reader: StoreReader { tree },
+                reader: StoreReader {
+                    engine: ReadEngine::Sled(tree),
+                },
                 writer_thread,
-                _lock: lock,
+                _lock: Some(lock),
+            },
+            StoreWriter { tx, durable },
+            recovered,
+        ))
+    }
+}
+
+impl Store {
+    /// Opens the PostgreSQL store for a leader's term: `epoch` fences every commit (see
+    /// [`pg`]). The schema must be prepared ([`pg::prepare`]) and the lease held.
+    pub fn open_postgres(
+        settings: &pg::Settings,
+        epoch: i64,
+        metrics: crate::metrics::StoreMetrics,
+        fatal: CancellationToken,
+    ) -> Result<(Store, StoreWriter, Recovered), StoreError> {
+        let reader = pg::Reader::start(settings)?;
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let durable = Arc::new(AtomicU64::new(0));
+        let writer = pg::Writer {
+            settings: settings.clone(),
+            epoch,
+            rx,
+            durable: durable.clone(),
+            fatal,
+            metrics,
+        };
+        let (client, statements, cancelled) = writer.connect()?;
+        let recovered = recover_from(
+            ActiveScan {
+                source: ScanSource::Postgres(settings.clone()),
+                db_path: PathBuf::from("postgres"),
+            },
+            |prefix| reader.scan_prefix(prefix),
+        )?;
+        let writer_thread = std::thread::Builder::new()
+            .name("hive-pg-writer".into())
+            .spawn(move || writer.run(client, statements, cancelled))
+            .map_err(|source| StoreError::Io {
+                path: PathBuf::from("postgres writer thread"),
+                source,
+            })?;
+        Ok((
+            Store {
+                reader: StoreReader {
+                    engine: ReadEngine::Postgres(reader),
+                },
+                writer_thread,
+                _lock: None,
             },
             StoreWriter { tx, durable },
             recovered,
@@ -522,21 +584,41 @@ fn check_schema_key(tree: &sled::Tree, db_path: &Path, marked: bool) -> Result<(
 }
 
 fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
+    let scan = |prefix: &[u8]| -> Result<Rows, StoreError> {
+        let mut rows = Vec::new();
+        for item in tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            rows.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(rows)
+    };
+    recover_from(
+        ActiveScan {
+            source: ScanSource::Sled(tree.clone()),
+            db_path: db_path.to_path_buf(),
+        },
+        scan,
+    )
+}
+
+/// What the scheduler rebuilds besides the active tasks (queues, schedules, counters),
+/// from `scan`, which lists every key (with its prefix) under a prefix, in key order.
+fn recover_from(
+    active: ActiveScan,
+    scan: impl Fn(&[u8]) -> Result<Rows, StoreError>,
+) -> Result<Recovered, StoreError> {
+    let db_path = active.db_path.clone();
     let corrupt = |detail: String| StoreError::Corrupt {
-        path: db_path.to_path_buf(),
+        path: db_path.clone(),
         detail,
     };
     let mut out = Recovered {
-        active: ActiveScan {
-            tree: tree.clone(),
-            db_path: db_path.to_path_buf(),
-        },
+        active,
         queues: Vec::new(),
         schedules: Vec::new(),
         finished_counts: Vec::new(),
     };
-    for item in tree.scan_prefix(SCHEDULES) {
-        let (key, value) = item?;
+    for (key, value) in scan(SCHEDULES)? {
         let schedule = record::decode_schedule(&value).map_err(|e| {
             corrupt(format!(
                 "schedule {}: {e}",
@@ -545,15 +627,13 @@ fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
         })?;
         out.schedules.push(schedule);
     }
-    for item in tree.scan_prefix(QUEUES) {
-        let (key, value) = item?;
+    for (key, value) in scan(QUEUES)? {
         let name = String::from_utf8_lossy(&key[QUEUES.len()..]).into_owned();
         let settings =
             record::decode_queue(&value).map_err(|e| corrupt(format!("queue {name}: {e}")))?;
         out.queues.push((name, settings));
     }
-    for item in tree.scan_prefix(COUNTS) {
-        let (key, value) = item?;
+    for (key, value) in scan(COUNTS)? {
         let rest = &key[COUNTS.len()..];
         let parsed = rest.iter().position(|b| *b == 0).and_then(|nul| {
             let queue = std::str::from_utf8(&rest[..nul]).ok()?;
@@ -561,7 +641,7 @@ fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
                 .ok()?
                 .parse::<TaskState>()
                 .ok()?;
-            let count = u64::from_be_bytes(value.as_ref().try_into().ok()?);
+            let count = u64::from_be_bytes(value.as_slice().try_into().ok()?);
             Some(((queue.to_string(), state), count))
         });
         out.finished_counts
@@ -574,8 +654,15 @@ fn recover(tree: &sled::Tree, db_path: &Path) -> Result<Recovered, StoreError> {
 /// scheduler: a million tasks are never all decoded and held at once.
 #[derive(Debug)]
 pub struct ActiveScan {
-    tree: sled::Tree,
+    source: ScanSource,
+    /// Where the records are, for error messages.
     db_path: PathBuf,
+}
+
+#[derive(Debug)]
+enum ScanSource {
+    Sled(sled::Tree),
+    Postgres(pg::Settings),
 }
 
 impl ActiveScan {
@@ -621,11 +708,9 @@ impl ActiveScan {
                 })
                 .collect()
         };
-        type Raw = Vec<(sled::IVec, sled::IVec)>;
         let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<(usize, Raw)>(workers);
         let work_rx = std::sync::Mutex::new(work_rx);
         let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<(usize, Decoded)>(workers);
-        let tree = &self.tree;
         let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
             for _ in 0..workers {
@@ -644,31 +729,24 @@ impl ActiveScan {
             // The cursor: a read error travels in order like a chunk of decoded records.
             let cursor_done = done_tx;
             let stop = &stop;
+            let source = &self.source;
             scope.spawn(move || {
-                let mut chunk = Vec::with_capacity(RECOVERY_CHUNK);
                 let mut index = 0;
-                for item in tree.scan_prefix(ACTIVE) {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
+                let mut send = |chunk: Raw| -> bool {
+                    if stop.load(Ordering::Relaxed) || work_tx.send((index, chunk)).is_err() {
+                        return false;
                     }
-                    match item {
-                        Ok(kv) => chunk.push(kv),
-                        Err(e) => {
-                            let _ = cursor_done.send((index, Err(e.into())));
-                            return;
-                        }
+                    index += 1;
+                    true
+                };
+                let read = match source {
+                    ScanSource::Sled(tree) => scan_sled(tree, &mut send),
+                    ScanSource::Postgres(settings) => {
+                        pg::scan_active(settings, RECOVERY_CHUNK, &mut send)
                     }
-                    if chunk.len() == RECOVERY_CHUNK {
-                        let full =
-                            std::mem::replace(&mut chunk, Vec::with_capacity(RECOVERY_CHUNK));
-                        if work_tx.send((index, full)).is_err() {
-                            return;
-                        }
-                        index += 1;
-                    }
-                }
-                if !chunk.is_empty() {
-                    let _ = work_tx.send((index, chunk));
+                };
+                if let Err(e) = read {
+                    let _ = cursor_done.send((index, Err(e)));
                 }
             });
             // Chunks come back in any order; hand them on in key order.
@@ -725,6 +803,31 @@ impl ActiveScan {
     }
 }
 
+/// Keys (with their prefix) and values, in key order.
+pub(crate) type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A chunk of raw active records (key, value) on its way to a decoder thread.
+pub(crate) type Raw = Vec<(sled::IVec, sled::IVec)>;
+
+/// Reads sled's active records in key order, a chunk at a time; `send` returning false
+/// stops the read.
+fn scan_sled(tree: &sled::Tree, send: &mut dyn FnMut(Raw) -> bool) -> Result<(), StoreError> {
+    let mut chunk = Vec::with_capacity(RECOVERY_CHUNK);
+    for item in tree.scan_prefix(ACTIVE) {
+        chunk.push(item?);
+        if chunk.len() == RECOVERY_CHUNK {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(RECOVERY_CHUNK));
+            if !send(full) {
+                return Ok(());
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        send(chunk);
+    }
+    Ok(())
+}
+
 /// Bytes an unprivileged writer may still use on the filesystem holding `path`
 /// (`statvfs`: available blocks times the fragment size).
 pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
@@ -765,28 +868,40 @@ fn count_key(queue: &str, state: TaskState) -> Vec<u8> {
 }
 
 impl StoreReader {
+    /// The sled tree under a sled store (tests poke at raw records).
+    #[cfg(test)]
+    pub(crate) fn tree(&self) -> &sled::Tree {
+        match &self.engine {
+            ReadEngine::Sled(tree) => tree,
+            ReadEngine::Postgres(_) => panic!("not a sled store"),
+        }
+    }
+
     /// A finished task.
     pub fn finished(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
-        match self.tree.get(key(FINISHED, &id.to_bytes()))? {
-            None => Ok(None),
-            Some(raw) => record::decode(&raw)
-                .map(Some)
-                .map_err(|detail| StoreError::Corrupt {
-                    path: PathBuf::from("finished"),
-                    detail,
-                }),
-        }
+        self.task(key(FINISHED, &id.to_bytes()), "finished")
     }
 
     /// An active task's stored record (the core holds active tasks; it reads back those it
     /// demoted to save memory).
     pub fn active(&self, id: TaskId) -> Result<Option<Task>, StoreError> {
-        match self.tree.get(key(ACTIVE, &id.to_bytes()))? {
+        self.task(key(ACTIVE, &id.to_bytes()), "active")
+    }
+
+    fn get(&self, k: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
+        match &self.engine {
+            ReadEngine::Sled(tree) => Ok(tree.get(k)?.map(|v| v.to_vec())),
+            ReadEngine::Postgres(reader) => reader.get(k),
+        }
+    }
+
+    fn task(&self, k: Vec<u8>, what: &str) -> Result<Option<Task>, StoreError> {
+        match self.get(k)? {
             None => Ok(None),
             Some(raw) => record::decode(&raw)
                 .map(Some)
                 .map_err(|detail| StoreError::Corrupt {
-                    path: PathBuf::from("active"),
+                    path: PathBuf::from(what),
                     detail,
                 }),
         }
@@ -794,13 +909,10 @@ impl StoreReader {
 
     /// The task an idempotency key points at, if it is still retained.
     pub fn idempotent(&self, idem_key: &str) -> Result<Option<TaskId>, StoreError> {
-        Ok(self
-            .tree
-            .get(key(IDEM, idem_key.as_bytes()))?
-            .and_then(|raw| {
-                let bytes: [u8; 16] = raw.as_ref().try_into().ok()?;
-                Some(TaskId::from_bytes(bytes))
-            }))
+        Ok(self.get(key(IDEM, idem_key.as_bytes()))?.and_then(|raw| {
+            let bytes: [u8; 16] = raw.as_slice().try_into().ok()?;
+            Some(TaskId::from_bytes(bytes))
+        }))
     }
 
     /// Finished tasks, newest first, with ids below `before`, that `keep` accepts; reads at
@@ -818,17 +930,27 @@ impl StoreReader {
             None => key(FINISHED, &[0xff; 17]),
         };
         let mut out = Vec::new();
-        for item in self.tree.range(start..end).rev().take(scan_limit) {
-            let (_, raw) = item?;
-            let task = record::decode(&raw).map_err(|detail| StoreError::Corrupt {
+        let mut take = |raw: &[u8]| -> Result<bool, StoreError> {
+            let task = record::decode(raw).map_err(|detail| StoreError::Corrupt {
                 path: PathBuf::from("finished"),
                 detail,
             })?;
             if keep(&task) {
                 out.push(task);
-                if out.len() >= limit {
-                    break;
+            }
+            Ok(out.len() < limit)
+        };
+        match &self.engine {
+            ReadEngine::Sled(tree) => {
+                for item in tree.range(start..end).rev().take(scan_limit) {
+                    let (_, raw) = item?;
+                    if !take(&raw)? {
+                        break;
+                    }
                 }
+            }
+            ReadEngine::Postgres(reader) => {
+                reader.range_rev(start, end, scan_limit, |_, raw| take(raw))?;
             }
         }
         Ok(out)
@@ -837,9 +959,19 @@ impl StoreReader {
     /// Up to `limit` finished tasks that finished before `cutoff_ms`, oldest first.
     pub fn expired(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<Expired>, StoreError> {
         let end = key(RETENTION, &(cutoff_ms.max(0) as u64).to_be_bytes());
+        let rows = match &self.engine {
+            ReadEngine::Sled(tree) => {
+                let mut rows = Vec::new();
+                for item in tree.range(RETENTION.to_vec()..end).take(limit) {
+                    let (k, v) = item?;
+                    rows.push((k.to_vec(), v.to_vec()));
+                }
+                rows
+            }
+            ReadEngine::Postgres(reader) => reader.range(RETENTION.to_vec(), end, limit)?,
+        };
         let mut out = Vec::new();
-        for item in self.tree.range(RETENTION.to_vec()..end).take(limit) {
-            let (k, v) = item?;
+        for (k, v) in rows {
             let rest = &k[RETENTION.len()..];
             let parsed = (rest.len() == 24).then(|| {
                 let ms = u64::from_be_bytes(rest[..8].try_into().ok()?);
@@ -1050,64 +1182,91 @@ impl Writer {
     }
 
     fn apply(&self, batch: &mut sled::Batch, m: Mutation) -> Result<(), sled::Error> {
-        match m {
-            Mutation::SaveActive { id, record } => {
-                batch.insert(key(ACTIVE, &id.to_bytes()), record)
-            }
-            Mutation::Finish {
-                id,
-                record,
-                finished_ms,
-                index,
-                count,
-            } => {
-                batch.remove(key(ACTIVE, &id.to_bytes()));
-                batch.insert(key(FINISHED, &id.to_bytes()), record);
-                let entry = serde_json::to_vec(&index).unwrap_or_default();
-                batch.insert(retention_key(finished_ms, id), entry);
-                batch.insert(count_key(&index.queue, index.state), &count.to_be_bytes());
-            }
-            Mutation::SaveSchedule { name, record } => {
-                batch.insert(key(SCHEDULES, name.as_bytes()), record)
-            }
-            Mutation::DeleteSchedule { name } => batch.remove(key(SCHEDULES, name.as_bytes())),
-            Mutation::SaveQueue { name, record } => {
-                batch.insert(key(QUEUES, name.as_bytes()), record)
-            }
-            Mutation::Revive {
-                id,
-                record,
-                finished_ms,
-                queue,
-                state,
-                count,
-            } => {
-                batch.remove(key(FINISHED, &id.to_bytes()));
-                batch.remove(retention_key(finished_ms, id));
-                batch.insert(count_key(&queue, state), &count.to_be_bytes());
-                batch.insert(key(ACTIVE, &id.to_bytes()), record);
-            }
-            Mutation::Idempotency { key: k, id } => {
-                batch.insert(key(IDEM, k.as_bytes()), &id.to_bytes());
-            }
-            Mutation::Purge { expired, count } => {
-                batch.remove(key(FINISHED, &expired.id.to_bytes()));
-                batch.remove(retention_key(expired.finished_ms, expired.id));
-                batch.insert(
-                    count_key(&expired.entry.queue, expired.entry.state),
-                    &count.to_be_bytes(),
-                );
-                if let Some(k) = &expired.entry.idempotency_key {
-                    // Only drop the key if it still names this task. Safe to read here:
-                    // this thread is the only writer.
-                    let ik = key(IDEM, k.as_bytes());
-                    if self.tree.get(&ik)?.as_deref() == Some(&expired.id.to_bytes()[..]) {
-                        batch.remove(ik);
-                    }
-                }
+        let mut failed = None;
+        ops(m, |op| match op {
+            Op::Put(k, v) => batch.insert(k, v),
+            Op::Del(k) => batch.remove(k),
+            // Safe to read here: this thread is the only writer.
+            Op::DelIfEq(k, expected) => match self.tree.get(&k) {
+                Ok(current) if current.as_deref() == Some(&expected[..]) => batch.remove(k),
+                Ok(_) => {}
+                Err(e) => failed = Some(e),
+            },
+        });
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+/// One key-level change a [`Mutation`] makes: the layout in the module docs, written once
+/// for both engines (sled applies these to its batch; PostgreSQL to one table per prefix).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Del(Vec<u8>),
+    /// Delete the key only if it still holds this value (as stored before the batch, or
+    /// as set earlier in the same batch).
+    DelIfEq(Vec<u8>, Vec<u8>),
+}
+
+/// The key-level changes of a mutation, in order.
+pub(crate) fn ops(m: Mutation, mut emit: impl FnMut(Op)) {
+    match m {
+        Mutation::SaveActive { id, record } => emit(Op::Put(key(ACTIVE, &id.to_bytes()), record)),
+        Mutation::Finish {
+            id,
+            record,
+            finished_ms,
+            index,
+            count,
+        } => {
+            emit(Op::Del(key(ACTIVE, &id.to_bytes())));
+            emit(Op::Put(key(FINISHED, &id.to_bytes()), record));
+            let entry = serde_json::to_vec(&index).unwrap_or_default();
+            emit(Op::Put(retention_key(finished_ms, id), entry));
+            emit(Op::Put(
+                count_key(&index.queue, index.state),
+                count.to_be_bytes().to_vec(),
+            ));
+        }
+        Mutation::SaveSchedule { name, record } => {
+            emit(Op::Put(key(SCHEDULES, name.as_bytes()), record))
+        }
+        Mutation::DeleteSchedule { name } => emit(Op::Del(key(SCHEDULES, name.as_bytes()))),
+        Mutation::SaveQueue { name, record } => emit(Op::Put(key(QUEUES, name.as_bytes()), record)),
+        Mutation::Revive {
+            id,
+            record,
+            finished_ms,
+            queue,
+            state,
+            count,
+        } => {
+            emit(Op::Del(key(FINISHED, &id.to_bytes())));
+            emit(Op::Del(retention_key(finished_ms, id)));
+            emit(Op::Put(
+                count_key(&queue, state),
+                count.to_be_bytes().to_vec(),
+            ));
+            emit(Op::Put(key(ACTIVE, &id.to_bytes()), record));
+        }
+        Mutation::Idempotency { key: k, id } => {
+            emit(Op::Put(key(IDEM, k.as_bytes()), id.to_bytes().to_vec()))
+        }
+        Mutation::Purge { expired, count } => {
+            emit(Op::Del(key(FINISHED, &expired.id.to_bytes())));
+            emit(Op::Del(retention_key(expired.finished_ms, expired.id)));
+            emit(Op::Put(
+                count_key(&expired.entry.queue, expired.entry.state),
+                count.to_be_bytes().to_vec(),
+            ));
+            if let Some(k) = &expired.entry.idempotency_key {
+                // Only drop the key if it still names this task.
+                emit(Op::DelIfEq(
+                    key(IDEM, k.as_bytes()),
+                    expired.id.to_bytes().to_vec(),
+                ));
             }
         }
-        Ok(())
     }
 }
 

@@ -103,10 +103,10 @@ async fn a_newer_schema_is_refused_and_the_database_left_alone() {
     commit(&w, vec![Mutation::save(&t)]).await.expect("durable");
     store
         .reader
-        .tree
+        .tree()
         .insert(SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes())
         .expect("insert");
-    store.reader.tree.flush().expect("flush");
+    store.reader.tree().flush().expect("flush");
     close(store, w);
     let err = Store::open(&opts(dir.path()), CancellationToken::new()).expect_err("newer");
     assert!(err.to_string().contains("newer than this queen"), "{err}");
@@ -123,10 +123,10 @@ async fn a_schema_2_database_is_upgraded_and_takes_v3_records() {
     commit(&w, vec![Mutation::save(&t)]).await.expect("durable");
     store
         .reader
-        .tree
+        .tree()
         .insert(SCHEMA_KEY, &2u32.to_be_bytes())
         .expect("insert");
-    store.reader.tree.flush().expect("flush");
+    store.reader.tree().flush().expect("flush");
     close(store, w);
 
     let (store, w, rec) =
@@ -134,7 +134,7 @@ async fn a_schema_2_database_is_upgraded_and_takes_v3_records() {
     assert_eq!(rec.active.collect().expect("scan"), vec![t.clone()]);
     let schema = store
         .reader
-        .tree
+        .tree()
         .get(SCHEMA_KEY)
         .expect("get")
         .expect("set");
@@ -157,7 +157,7 @@ async fn a_schema_2_database_is_upgraded_and_takes_v3_records() {
     assert_eq!(rec.active.collect().expect("scan"), vec![t.clone()]);
     let mut key = b"a/".to_vec();
     key.extend_from_slice(&t.id.to_bytes());
-    let raw = store.reader.tree.get(key).expect("get").expect("present");
+    let raw = store.reader.tree().get(key).expect("get").expect("present");
     assert_eq!(raw[0], crate::store::record::RECORD_V3);
     close(store, w);
 }
@@ -204,13 +204,13 @@ async fn a_schema_1_database_with_v1_records_is_upgraded_and_read() {
     bytes.extend(serde_json::to_vec(&v1).expect("json"));
     let mut key = b"a/".to_vec();
     key.extend_from_slice(&t.id.to_bytes());
-    store.reader.tree.insert(key, bytes).expect("insert");
+    store.reader.tree().insert(key, bytes).expect("insert");
     store
         .reader
-        .tree
+        .tree()
         .insert(SCHEMA_KEY, &1u32.to_be_bytes())
         .expect("insert");
-    store.reader.tree.flush().expect("flush");
+    store.reader.tree().flush().expect("flush");
     close(store, w);
 
     let (store, w, rec) =
@@ -218,7 +218,7 @@ async fn a_schema_1_database_with_v1_records_is_upgraded_and_read() {
     assert_eq!(rec.active.collect().expect("scan"), vec![t.clone()]);
     let schema = store
         .reader
-        .tree
+        .tree()
         .get(SCHEMA_KEY)
         .expect("get")
         .expect("set");
@@ -231,7 +231,7 @@ async fn a_schema_1_database_with_v1_records_is_upgraded_and_read() {
     assert_eq!(rec.active.collect().expect("scan"), vec![t.clone()]);
     let mut key = b"a/".to_vec();
     key.extend_from_slice(&t.id.to_bytes());
-    let raw = store.reader.tree.get(key).expect("get").expect("present");
+    let raw = store.reader.tree().get(key).expect("get").expect("present");
     assert_eq!(raw[0], crate::store::record::RECORD_V2);
     let text = std::str::from_utf8(&raw[1..]).expect("json");
     for absent in [
