@@ -26,6 +26,8 @@
 //! - [`wait`]: polling with deadlines (`hive-testkit`'s, with this harness's deadline and
 //!   logs).
 //! - [`webdriver`]: headless Chromium driven over WebDriver, for the dashboard test.
+//! - [`pg`]: real PostgreSQL servers for queens sharing a database (issue 14): a primary,
+//!   a synchronous standby, `kill -9`, promotion; never outliving the test.
 //!
 //! Knobs for debugging a failure (all optional):
 //! - `HIVE_TEST_KEEP=1` keeps every test's temp dir (data dir, logs, exec log); a failed
@@ -48,6 +50,7 @@ pub mod disk;
 pub mod drone;
 pub mod execlog;
 pub mod hive;
+pub mod pg;
 pub mod process;
 pub mod proxy;
 pub mod queen;
@@ -63,6 +66,7 @@ pub use execlog::{Entry, ExecLog, Execution, Phase};
 pub use hive::{Hive, HiveBuilder};
 pub use hive_testkit::blocking::FakeDrone;
 pub use hive_testkit::drone::named_hello;
+pub use pg::{PgCluster, PgProcesses};
 pub use process::{pid_alive, pid_state};
 pub use proxy::{Fault, Proxy};
 pub use queen::QueenProc;
