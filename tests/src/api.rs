@@ -60,7 +60,8 @@ impl fmt::Display for ApiError {
 /// was killed and restarted on the same port is never talked to over a dead socket.
 #[derive(Debug, Clone)]
 pub struct Api {
-    base: String,
+    /// Shared by clones: [`Api::retarget`] moves them all (to a new leader, in HA tests).
+    base: Arc<Mutex<String>>,
     agent: ureq::Agent,
     /// Every acknowledged task id with its spec's `max_attempts`, shared by all clones.
     acked: Arc<Mutex<BTreeMap<TaskId, Option<u32>>>>,
@@ -93,7 +94,7 @@ impl Api {
             .max_idle_connections(0)
             .build();
         Api {
-            base: format!("http://{http}"),
+            base: Arc::new(Mutex::new(format!("http://{http}"))),
             agent,
             acked: Arc::default(),
         }
@@ -123,7 +124,13 @@ impl Api {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        format!("{}{path}", self.base.lock().expect("api base lock"))
+    }
+
+    /// Points this client and all its clones at another queen (the new leader after a
+    /// failover); what it remembers as acknowledged stays.
+    pub fn retarget(&self, http: SocketAddr) {
+        *self.base.lock().expect("api base lock") = format!("http://{http}");
     }
 
     fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ApiError> {

@@ -1,7 +1,6 @@
 //! A real `drone` process, which a test can `kill -9`, freeze (SIGSTOP), thaw (SIGCONT) and
 //! start again; it remembers what was done to it, for the invariant checker.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -36,8 +35,9 @@ pub struct DroneProc {
     pub slots: u32,
     /// Its id, once the queen has listed it (see `Hive::start_drone`).
     pub id: Option<DroneId>,
-    /// Where it connects: the queen, or a proxy in front of it.
-    pub queen: SocketAddr,
+    /// Where it connects: the queen, a proxy in front of it, or several queens
+    /// (`A,B`: a leader and its standbys).
+    pub queen: String,
     /// Extra command-line arguments, kept to start it again the same way.
     pub extra: Vec<String>,
     /// What the test did to this process.
@@ -53,7 +53,7 @@ impl DroneProc {
     /// logging to `log`. Its environment carries no `HIVE_*` variables of the test runner;
     /// `HIVE_TEST_RUST_LOG` sets its log filter (default `info`).
     pub fn start(
-        queen: SocketAddr,
+        queen: impl std::fmt::Display,
         name: &str,
         slots: u32,
         extra: &[&str],
@@ -69,8 +69,9 @@ impl DroneProc {
             "RUST_LOG",
             std::env::var("HIVE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
         );
+        let queen = queen.to_string();
         cmd.arg("--queen")
-            .arg(queen.to_string())
+            .arg(&queen)
             .arg("--slots")
             .arg(slots.to_string())
             .arg("--name")
@@ -95,7 +96,7 @@ impl DroneProc {
     /// arguments, same log file).
     pub fn respawn(&self) -> DroneProc {
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        DroneProc::start(self.queen, &self.name, self.slots, &extra, self.proc.log())
+        DroneProc::start(&self.queen, &self.name, self.slots, &extra, self.proc.log())
     }
 
     pub fn pid(&self) -> i32 {

@@ -47,6 +47,8 @@ pub struct HiveBuilder {
     config_toml: Option<String>,
     /// Put the queen's data dir on a tmpfs of this many MiB (a small filesystem to fill).
     data_tmpfs_mb: Option<u64>,
+    /// Queens sharing a PostgreSQL database (HA): the first leads, the rest stand by.
+    postgres: Option<(String, usize)>,
 }
 
 impl HiveBuilder {
@@ -60,6 +62,17 @@ impl HiveBuilder {
     /// dropped (mounting needs root, which CI has).
     pub fn data_on_tmpfs(mut self, size_mb: u64) -> HiveBuilder {
         self.data_tmpfs_mb = Some(size_mb);
+        self
+    }
+
+    /// Stores the hive in the PostgreSQL database at `url` and runs `queens` queens on it
+    /// (the first is started first and leads; the others stand by). Drones are given every
+    /// queen's address.
+    pub fn postgres(mut self, url: &str, queens: usize) -> HiveBuilder {
+        self.env
+            .insert("HIVE_STORAGE__BACKEND".into(), "postgres".into());
+        self.env.insert("HIVE_POSTGRES__URL".into(), url.to_owned());
+        self.postgres = Some((url.to_owned(), queens.max(1)));
         self
     }
 
@@ -90,10 +103,23 @@ impl HiveBuilder {
         let queen = QueenProc::start(
             &dir.path().join("data"),
             &dir.path().join("queen.log"),
-            self.env,
-            config,
+            self.env.clone(),
+            config.clone(),
         );
         let api = Api::new(queen.http_addr);
+        let mut others = Vec::new();
+        if let Some((_, queens)) = &self.postgres {
+            // The first queen leads before the standbys start, so tests know who leads.
+            wait_ready(&api, "the first queen to lead");
+            for i in 1..*queens {
+                others.push(QueenProc::start(
+                    &dir.path().join(format!("data-{i}")),
+                    &dir.path().join(format!("queen-{i}.log")),
+                    self.env.clone(),
+                    config.clone(),
+                ));
+            }
+        }
         let exec_log = ExecLog::new(dir.path().join("exec.log"));
         Hive {
             lease_watch: LeaseWatch::start(api.clone()),
@@ -101,6 +127,7 @@ impl HiveBuilder {
             retired: Vec::new(),
             proxies: BTreeMap::new(),
             queen,
+            others,
             api,
             exec_log,
             default_max_attempts,
@@ -108,6 +135,14 @@ impl HiveBuilder {
             dir,
         }
     }
+}
+
+/// Waits until the queen behind `api` answers `/readyz` with 200.
+fn wait_ready(api: &Api, what: &str) {
+    wait_until(DEADLINE, what, || match api.get_raw("/readyz") {
+        Ok((200, _)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
 }
 
 /// A tmpfs mounted for one test, unmounted (lazily, so a process still holding a file
@@ -251,6 +286,8 @@ pub struct Hive {
     /// The proxy in front of each drone started with [`Hive::start_drone_behind_proxy`].
     proxies: BTreeMap<String, Proxy>,
     pub queen: QueenProc,
+    /// The other queens sharing the database (HA on PostgreSQL), standbys at the start.
+    pub others: Vec<QueenProc>,
     api: Api,
     exec_log: ExecLog,
     /// The queen's `[tasks] max_attempts`, for the checker.
@@ -276,7 +313,53 @@ impl Hive {
                 .collect(),
             config_toml: None,
             data_tmpfs_mb: None,
+            postgres: None,
         }
+    }
+
+    /// Queen `i`: 0 is [`Hive::queen`], then [`Hive::others`] in order.
+    pub fn queen_at(&mut self, i: usize) -> &mut QueenProc {
+        if i == 0 {
+            &mut self.queen
+        } else {
+            &mut self.others[i - 1]
+        }
+    }
+
+    /// Every queen's drone address, as drones are given them (`A,B,...`).
+    pub fn queen_addrs(&self) -> String {
+        std::iter::once(&self.queen)
+            .chain(&self.others)
+            .map(|q| q.drones_addr.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits (up to `within`) until exactly one queen answers `/readyz` with 200, points
+    /// the API client at it and returns its index (see [`Hive::queen_at`]).
+    pub fn wait_leader(&mut self, within: Duration) -> usize {
+        let addrs: Vec<_> = std::iter::once(&self.queen)
+            .chain(&self.others)
+            .map(|q| q.http_addr)
+            .collect();
+        let leader = wait_until(within, "exactly one queen to lead", || {
+            let ready: Vec<usize> = addrs
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| {
+                    Api::new(**a)
+                        .get_raw("/readyz")
+                        .is_ok_and(|(code, _)| code == 200)
+                })
+                .map(|(i, _)| i)
+                .collect();
+            match ready.as_slice() {
+                [one] => Ok(*one),
+                other => Err(format!("ready queens: {other:?}")),
+            }
+        });
+        self.api.retarget(addrs[leader]);
+        leader
     }
 
     pub fn api(&self) -> &Api {
@@ -298,13 +381,13 @@ impl Hive {
 
     /// Starts a drone without waiting for it to connect.
     pub fn spawn_drone(&mut self, name: &str, slots: u32, extra: &[&str]) -> &mut DroneProc {
-        let addr = self.queen.drones_addr;
-        self.spawn_drone_at(addr, name, slots, extra)
+        let addrs = self.queen_addrs();
+        self.spawn_drone_at(addrs, name, slots, extra)
     }
 
     fn spawn_drone_at(
         &mut self,
-        queen: std::net::SocketAddr,
+        queen: impl std::fmt::Display,
         name: &str,
         slots: u32,
         extra: &[&str],
@@ -566,7 +649,11 @@ impl Hive {
             default_max_attempts: self.default_max_attempts,
             ..Evidence::default()
         };
-        self.queen.assert_running();
+        if self.others.is_empty() {
+            self.queen.assert_running();
+        } else {
+            self.wait_leader(DEADLINE);
+        }
 
         // G1 and G2: read every record until all are terminal or the bound runs out.
         let ids: Vec<TaskId> = ev.acked.keys().copied().collect();
