@@ -38,6 +38,7 @@ use crate::executor::{Executor, StopReason};
 use crate::link::{Stream, TlsClient};
 use crate::outbox::{Outbox, Outcome};
 use crate::process::Spawner;
+use crate::queens::{Queens, Verdict};
 
 /// How long one connect may take (5 s): a queen that does not answer a SYN in that time is
 /// as good as down, and the backoff will try again.
@@ -168,6 +169,8 @@ struct Session {
     /// `assign` messages received on this connection (the queen compares it with what it
     /// sent to tell a lost assign from one still in flight).
     assigns_seen: u64,
+    /// The leader's term the queen welcomed this drone in (queens sharing a database).
+    epoch: Option<u64>,
 }
 
 impl Session {
@@ -189,6 +192,7 @@ impl Session {
             heartbeat_timeout,
             write_timeout: heartbeat_timeout.max(MIN_WRITE_TIMEOUT),
             assigns_seen: 0,
+            epoch: welcome.epoch,
         }
     }
 }
@@ -218,12 +222,14 @@ type HandshakeFuture = Pin<Box<dyn Future<Output = Result<Session, HandshakeErro
 
 /// The connection state machine.
 enum Link {
-    /// No connection; the next attempt starts at `retry_at`. `attempt` counts failed
-    /// attempts since the last welcome and drives the backoff.
+    /// No connection; the next attempt starts at `retry_at`. `attempt` counts rounds (each
+    /// queen address tried once, see [`crate::queens`]) that failed since the last welcome,
+    /// and drives the backoff.
     Disconnected { attempt: u32, retry_at: Instant },
-    /// Connect, hello and welcome in flight.
+    /// Connect, hello and welcome in flight, to `queen`.
     Connecting {
         attempt: u32,
+        queen: QueenAddr,
         handshake: HandshakeFuture,
     },
     /// Boxed: a session is large, and the link changes state only on (re)connects.
@@ -238,9 +244,10 @@ impl fmt::Debug for Link {
                 .field("attempt", attempt)
                 .field("retry_at", retry_at)
                 .finish(),
-            Link::Connecting { attempt, .. } => f
+            Link::Connecting { attempt, queen, .. } => f
                 .debug_struct("Connecting")
                 .field("attempt", attempt)
+                .field("queen", queen)
                 .finish_non_exhaustive(),
             Link::Connected(s) => f.debug_tuple("Connected").field(s).finish(),
         }
@@ -309,6 +316,8 @@ pub(crate) struct Drone {
     shutdown: Shutdown,
     backoff: Backoff,
     rng: StdRng,
+    /// Which queen to dial next, and the highest epoch this drone was welcomed in.
+    queens: Queens,
     link: Link,
     phase: Phase,
     /// Set by the first shutdown request; sent in every later hello.
@@ -331,10 +340,11 @@ impl Drone {
         let executor = Executor::new(&config, spawner, checkpoints);
         let (finished_tx, finished_rx) = mpsc::channel(OUTCOME_CHANNEL_CAPACITY);
         Ok(Drone {
+            queens: Queens::new(config.queen.clone()),
+            backoff: config.reconnect,
             config,
             drone_id: DroneId::generate(),
             shutdown,
-            backoff: Backoff::default(),
             rng: StdRng::from_os_rng(),
             link: Link::Disconnected {
                 attempt: 0,
@@ -485,11 +495,28 @@ impl Drone {
         held
     }
 
+    /// Dials the next queen of the round (the first of a new round after a backoff).
     fn start_connecting(&mut self) {
         let attempt = match self.link {
             Link::Disconnected { attempt, .. } => attempt,
             _ => return,
         };
+        let queen = match self.queens.dial_next() {
+            Some(queen) => queen,
+            // Every round is started before the wait that ends here, and the list is
+            // never empty; should that change, a fresh round is the right reading.
+            None => {
+                self.queens.start_round();
+                match self.queens.dial_next() {
+                    Some(queen) => queen,
+                    None => return,
+                }
+            }
+        };
+        self.connect_to(attempt, queen);
+    }
+
+    fn connect_to(&mut self, attempt: u32, queen: QueenAddr) {
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             drone_id: self.drone_id,
@@ -501,15 +528,16 @@ impl Drone {
             held: self.held(),
             draining: self.draining,
         };
-        tracing::debug!(attempt, queen = %self.config.queen, held = hello.held.len(), "connecting to the queen");
+        tracing::debug!(attempt, %queen, held = hello.held.len(), "connecting to the queen");
         self.link = Link::Connecting {
             attempt,
             handshake: Box::pin(handshake(
-                self.config.queen.clone(),
+                queen.clone(),
                 self.config.tls.clone(),
                 hello,
                 self.config.max_frame_len,
             )),
+            queen,
         };
     }
 
@@ -517,66 +545,130 @@ impl Drone {
         &mut self,
         result: Result<Session, HandshakeError>,
     ) -> Result<(), DroneError> {
-        let attempt = match self.link {
-            Link::Connecting { attempt, .. } => attempt,
-            _ => 0,
+        let (attempt, queen) = match &self.link {
+            Link::Connecting { attempt, queen, .. } => (*attempt, queen.clone()),
+            // A handshake ends only while connecting.
+            _ => return Ok(()),
         };
         match result {
-            Ok(session) => {
-                tracing::info!(
-                    queen = %self.config.queen,
-                    failed_attempts = attempt,
-                    heartbeat_ms = session.heartbeat_interval.as_millis() as u64,
-                    running = self.running.len(),
-                    outbox = self.outbox.len(),
-                    draining = self.draining,
-                    "connected to the queen"
-                );
-                // After a queen restart this drone has the heartbeat timeout to come back
-                // and keep its running tasks: never sleep through that window.
-                self.backoff = self.backoff.capped_for(session.heartbeat_timeout);
-                self.link = Link::Connected(Box::new(session));
-                if self.draining {
-                    self.send(&DroneMessage::Drain).await;
+            Ok(session) => match self.queens.welcomed(&queen, session.epoch) {
+                Verdict::Leader => self.on_welcome(queen, attempt, session).await,
+                Verdict::Deposed { theirs, seen } => {
+                    // Dropping the session closes the connection before anything is sent
+                    // on it: no outcome goes to a queen whose leases are not the real ones.
+                    drop(session);
+                    tracing::warn!(
+                        %queen,
+                        epoch = theirs,
+                        newest_epoch = seen,
+                        "the queen welcomed this drone in an older epoch than one it has already been welcomed in: a deposed leader; leaving it"
+                    );
+                    self.try_next_queen(attempt, &queen, &"a deposed leader");
                 }
-                let pending: Vec<DroneMessage> =
-                    self.outbox.iter().map(Outcome::to_message).collect();
-                for message in pending {
-                    if !self.send(&message).await {
-                        break;
-                    }
-                }
-            }
+            },
             Err(HandshakeError::Rejected(reject))
                 if classify_reject(&reject) == RejectKind::Fatal =>
             {
-                tracing::error!(reason = %reject.reason, supported_versions = ?reject.supported_versions, "the queen rejected this drone");
+                tracing::error!(%queen, reason = %reject.reason, supported_versions = ?reject.supported_versions, "the queen rejected this drone");
                 return Err(DroneError::Rejected {
                     reason: reject.reason,
                     supported_versions: reject.supported_versions,
                 });
             }
             Err(error) => {
-                let delay = self.backoff.delay(attempt, &mut self.rng);
-                tracing::warn!(
-                    queen = %self.config.queen,
-                    attempt = attempt + 1,
-                    %error,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "could not reach the queen"
-                );
-                self.link = Link::Disconnected {
-                    attempt: attempt.saturating_add(1),
-                    retry_at: Instant::now() + delay,
-                };
+                if let HandshakeError::Rejected(Reject {
+                    code: Some(RejectCode::NotLeader),
+                    leader: Some(leader),
+                    ..
+                }) = &error
+                {
+                    self.follow_leader(&queen, leader);
+                }
+                self.try_next_queen(attempt, &queen, &error);
             }
         }
         Ok(())
     }
 
-    /// Drops the connection and schedules the first reconnect.
+    /// A standby at `standby` named `leader`: dial it next (see [`Queens::leader_named`]).
+    fn follow_leader(&mut self, standby: &QueenAddr, leader: &str) {
+        match QueenAddr::parse(leader) {
+            Ok(leader) => {
+                let first_time = self.queens.leader_named(leader.clone());
+                tracing::info!(
+                    %standby,
+                    %leader,
+                    dialling = first_time,
+                    "the queen is a standby and names the leader"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(%standby, error = %e, "the queen is a standby and names a leader that is not HOST:PORT; ignoring it");
+            }
+        }
+    }
+
+    /// `failed` did not take this drone: dial the next queen of the round at once, or,
+    /// once every one was tried, back off and start a new round.
+    fn try_next_queen(&mut self, attempt: u32, failed: &QueenAddr, error: &dyn fmt::Display) {
+        if let Some(next) = self.queens.dial_next() {
+            tracing::warn!(
+                queen = %failed,
+                attempt = attempt + 1,
+                %error,
+                next = %next,
+                "could not reach the queen; trying the next"
+            );
+            self.connect_to(attempt, next);
+            return;
+        }
+        let delay = self.backoff.delay(attempt, &mut self.rng);
+        tracing::warn!(
+            queen = %failed,
+            attempt = attempt + 1,
+            %error,
+            retry_in_ms = delay.as_millis() as u64,
+            "could not reach the queen"
+        );
+        self.queens.start_round();
+        self.link = Link::Disconnected {
+            attempt: attempt.saturating_add(1),
+            retry_at: Instant::now() + delay,
+        };
+    }
+
+    /// A queen welcomed this drone and leads: from now on its connection is the one.
+    async fn on_welcome(&mut self, queen: QueenAddr, attempt: u32, session: Session) {
+        tracing::info!(
+            %queen,
+            epoch = session.epoch,
+            failed_attempts = attempt,
+            heartbeat_ms = session.heartbeat_interval.as_millis() as u64,
+            running = self.running.len(),
+            outbox = self.outbox.len(),
+            draining = self.draining,
+            "connected to the queen"
+        );
+        // After a queen restart this drone has the heartbeat timeout to come back
+        // and keep its running tasks: never sleep through that window.
+        self.backoff = self.backoff.capped_for(session.heartbeat_timeout);
+        self.link = Link::Connected(Box::new(session));
+        if self.draining {
+            self.send(&DroneMessage::Drain).await;
+        }
+        let pending: Vec<DroneMessage> = self.outbox.iter().map(Outcome::to_message).collect();
+        for message in pending {
+            if !self.send(&message).await {
+                break;
+            }
+        }
+    }
+
+    /// Drops the connection and schedules the first reconnect: a new round, which begins
+    /// with the queen just lost.
     fn disconnect(&mut self, reason: &str) {
         let delay = self.backoff.delay(0, &mut self.rng);
+        self.queens.start_round();
         tracing::warn!(
             reason,
             running = self.running.len(),
@@ -894,7 +986,7 @@ async fn handshake(
     }
     let stream = match tls {
         None => Stream::Plain(stream),
-        Some(tls) => awake::timeout(WELCOME_TIMEOUT, tls.connect(stream))
+        Some(tls) => awake::timeout(WELCOME_TIMEOUT, tls.connect(stream, queen.host()))
             .await
             .map_err(|_| HandshakeError::WelcomeTimeout(WELCOME_TIMEOUT))?
             .map_err(HandshakeError::Tls)?,

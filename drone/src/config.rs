@@ -12,6 +12,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use shared::ids::Secret;
 
+use crate::backoff::Backoff;
 use crate::link::{TlsClient, TlsSettings};
 use crate::policy::{Policy, PolicyFile};
 
@@ -74,9 +75,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// The queen's address as `HOST:PORT`. Kept as text and resolved at each connect, so a
+/// One queen's address as `HOST:PORT`. Kept as text and resolved at each connect, so a
 /// queen that moves behind a DNS name is found again after a reconnect.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QueenAddr(String);
 
 impl QueenAddr {
@@ -87,6 +88,11 @@ impl QueenAddr {
             .ok_or_else(|| format!("`{text}` is not HOST:PORT (no port)"))?;
         if host.is_empty() {
             return Err(format!("`{text}` is not HOST:PORT (empty host)"));
+        }
+        if host.contains(|c: char| c == ',' || c.is_whitespace()) {
+            return Err(format!(
+                "`{text}` is not HOST:PORT (a host has no commas or spaces)"
+            ));
         }
         match port.parse::<u16>() {
             Ok(p) if p != 0 => Ok(QueenAddr(text.to_owned())),
@@ -113,13 +119,98 @@ impl fmt::Display for QueenAddr {
     }
 }
 
+/// The queens a drone may connect to, in the order it tries them: one address for a
+/// single queen, several for queens that share a database (one leads, the others stand
+/// by). Never empty, no address twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueenAddrs(Vec<QueenAddr>);
+
+impl QueenAddrs {
+    /// `HOST:PORT[,HOST:PORT...]`, as `--queen` and a string `queen` key give it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::from_entries(text.split(','))
+    }
+
+    /// One address per entry (a `queen = [...]` array), each checked on its own: an
+    /// empty entry or a bad port is an error naming the entry.
+    pub fn from_entries<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut addrs: Vec<QueenAddr> = Vec::new();
+        for (i, entry) in entries.into_iter().enumerate() {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                return Err(format!(
+                    "address {} of the list is empty (expected HOST:PORT[,HOST:PORT...])",
+                    i + 1
+                ));
+            }
+            let addr = QueenAddr::parse(entry)?;
+            // A repeated address is most likely a typo for another queen's: say so
+            // rather than quietly trying one queen twice and the intended one never.
+            if addrs.contains(&addr) {
+                return Err(format!("`{addr}` is listed twice"));
+            }
+            addrs.push(addr);
+        }
+        if addrs.is_empty() {
+            return Err("no address given (expected HOST:PORT[,HOST:PORT...])".to_owned());
+        }
+        Ok(QueenAddrs(addrs))
+    }
+
+    /// The addresses, in the order given.
+    pub fn as_slice(&self) -> &[QueenAddr] {
+        &self.0
+    }
+}
+
+impl From<QueenAddr> for QueenAddrs {
+    fn from(addr: QueenAddr) -> Self {
+        QueenAddrs(vec![addr])
+    }
+}
+
+impl fmt::Display for QueenAddrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, addr) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(addr.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+/// The `queen` key as written in a config file: `"A"`, `"A,B"` or `["A", "B"]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "HOST:PORT, a comma-separated list of them, or an array of them"
+)]
+pub enum QueenSetting {
+    Text(String),
+    List(Vec<String>),
+}
+
+impl QueenSetting {
+    fn resolve(&self) -> Result<QueenAddrs, String> {
+        match self {
+            QueenSetting::Text(text) => QueenAddrs::parse(text),
+            QueenSetting::List(list) => QueenAddrs::from_entries(list.iter().map(String::as_str)),
+        }
+    }
+}
+
 /// The command line. Every option is optional so that an unset flag falls through to the
 /// config file and then to the default.
 #[derive(Debug, Default, Parser)]
 #[command(name = "drone", version, about = "Runs tasks leased by a Hive queen.")]
 pub struct Cli {
-    /// The queen's drone-protocol address [default: 127.0.0.1:8080].
-    #[arg(long, value_name = "HOST:PORT")]
+    /// The queen's drone-protocol address [default: 127.0.0.1:8080]. For queens that share
+    /// a database (one leader, standbys), list them all, comma-separated: the drone tries
+    /// them in turn, goes to the leader a standby names, and ignores a deposed leader (one
+    /// that welcomes it in an older epoch than it has already seen).
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
     pub queen: Option<String>,
     /// How many tasks to run at once [default: 4].
     #[arg(long, value_name = "N")]
@@ -142,7 +233,8 @@ pub struct Cli {
     /// The private key (PEM) of `--tls-cert`.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// The name the queen's certificate must carry [default: the host of --queen].
+    /// The name every queen's certificate must carry [default: the host of the --queen
+    /// address being dialled].
     #[arg(long, value_name = "NAME")]
     pub tls_server_name: Option<String>,
     /// A TOML file with any of: queen, slots, name, labels, token, drain_grace_ms,
@@ -164,8 +256,9 @@ fn parse_secret(text: &str) -> Result<Secret, std::convert::Infallible> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// `"HOST:PORT"`, `"A,B"` or `["A", "B"]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queen: Option<String>,
+    pub queen: Option<QueenSetting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slots: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,8 +333,8 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 /// Everything the drone needs to run, already validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Where the queen listens for drones.
-    pub queen: QueenAddr,
+    /// Where the queens listen for drones, in the order the drone tries them.
+    pub queen: QueenAddrs,
     /// How many tasks this drone runs at once; the queen never leases more.
     pub slots: u32,
     /// The name operators see in the queen's drone list.
@@ -268,13 +361,17 @@ pub struct Config {
     pub policy: Policy,
     /// TLS to the queen (none: plain TCP), its files already loaded.
     pub tls: Option<TlsClient>,
+    /// The wait between rounds of reconnect attempts (never between the addresses of one
+    /// round). Not a key: the default suits every hive; tests lengthen it to show what
+    /// must not wait for it.
+    pub reconnect: Backoff,
 }
 
 impl Default for Config {
     /// The defaults every key documents, with the host's name.
     fn default() -> Self {
         Config {
-            queen: QueenAddr(DEFAULT_QUEEN.to_owned()),
+            queen: QueenAddrs(vec![QueenAddr(DEFAULT_QUEEN.to_owned())]),
             slots: DEFAULT_SLOTS,
             name: default_name(),
             labels: Vec::new(),
@@ -287,6 +384,7 @@ impl Default for Config {
             log_format: LogFormat::default(),
             policy: Policy::default(),
             tls: None,
+            reconnect: Backoff::default(),
         }
     }
 }
@@ -306,9 +404,9 @@ impl Config {
     pub fn from_layers(file: FileConfig, cli: &Cli) -> Result<Self, ConfigError> {
         let defaults = Config::default();
 
-        let queen_text = cli.queen.clone().or(file.queen);
-        let queen = match queen_text {
-            Some(text) => QueenAddr::parse(&text).map_err(|m| invalid("queen", m))?,
+        let queen_setting = cli.queen.clone().map(QueenSetting::Text).or(file.queen);
+        let queen = match queen_setting {
+            Some(setting) => setting.resolve().map_err(|m| invalid("queen", m))?,
             None => defaults.queen,
         };
 
@@ -374,7 +472,14 @@ impl Config {
                 };
                 // Loaded now and only now: a bad file stops the drone at start, naming it,
                 // and the drone connects with what was loaded here.
-                Some(TlsClient::load(settings, queen.host()).map_err(|m| invalid("tls_ca", m))?)
+                let tls = TlsClient::load(settings).map_err(|m| invalid("tls_ca", m))?;
+                // Every configured queen's host must make a name to verify (a leader a
+                // standby names later is checked when it is dialled).
+                for addr in queen.as_slice() {
+                    tls.server_name_for(addr.host())
+                        .map_err(|m| invalid("queen", format!("{m}; set tls_server_name")))?;
+                }
+                Some(tls)
             }
             None if tls_cert.is_some() || tls_server_name.is_some() => {
                 return Err(invalid(
@@ -408,6 +513,7 @@ impl Config {
                 .unwrap_or(defaults.log_format),
             policy,
             tls,
+            reconnect: defaults.reconnect,
         })
     }
 }
@@ -468,7 +574,7 @@ mod tests {
     #[test]
     fn nothing_given_means_the_documented_defaults() {
         let c = layers(FileConfig::default(), &Cli::default());
-        assert_eq!(c.queen.as_str(), DEFAULT_QUEEN);
+        assert_eq!(c.queen.to_string(), DEFAULT_QUEEN);
         assert_eq!(c.slots, DEFAULT_SLOTS);
         assert_eq!(c.name, default_name());
         assert!(c.labels.is_empty());
@@ -497,7 +603,7 @@ mod tests {
             "#,
         );
         let from_file = layers(f.clone(), &Cli::default());
-        assert_eq!(from_file.queen.as_str(), "queen.example:9000");
+        assert_eq!(from_file.queen.to_string(), "queen.example:9000");
         assert_eq!(from_file.slots, 8);
         assert_eq!(from_file.name, "from-file");
         assert_eq!(from_file.labels, vec!["gpu", "ssd"]);
@@ -523,7 +629,7 @@ mod tests {
             "pretty",
         ]);
         let both = layers(f, &flags);
-        assert_eq!(both.queen.as_str(), "10.0.0.1:7000");
+        assert_eq!(both.queen.to_string(), "10.0.0.1:7000");
         assert_eq!(both.slots, 2);
         assert_eq!(both.name, "from-flag");
         assert_eq!(both.labels, vec!["arm"], "flag labels replace file labels");
@@ -578,6 +684,109 @@ mod tests {
         }
     }
 
+    fn queens_of(c: &Config) -> Vec<&str> {
+        c.queen.as_slice().iter().map(QueenAddr::as_str).collect()
+    }
+
+    #[test]
+    fn several_queens_come_as_a_list_from_the_flag_or_either_file_form() {
+        let want = ["q1.example:8080", "q2.example:8080", "[::1]:9000"];
+        for text in [
+            r#"queen = "q1.example:8080,q2.example:8080,[::1]:9000""#,
+            r#"queen = "q1.example:8080, q2.example:8080 , [::1]:9000""#,
+            r#"queen = ["q1.example:8080", "q2.example:8080", "[::1]:9000"]"#,
+        ] {
+            let c = layers(file(text), &Cli::default());
+            assert_eq!(queens_of(&c), want, "{text}");
+        }
+        let flag = cli(&["--queen", "q1.example:8080,q2.example:8080,[::1]:9000"]);
+        assert_eq!(queens_of(&layers(FileConfig::default(), &flag)), want);
+        // The flag replaces the file's whole list.
+        let c = layers(file(r#"queen = ["a:1", "b:2"]"#), &cli(&["--queen", "c:3"]));
+        assert_eq!(queens_of(&c), ["c:3"]);
+        // One address in an array is one queen, as a string is.
+        let c = layers(file(r#"queen = ["a:1"]"#), &Cli::default());
+        assert_eq!(queens_of(&c), ["a:1"]);
+    }
+
+    #[test]
+    fn a_bad_queen_list_is_refused_saying_what_is_wrong() {
+        let cases: &[(&str, &str)] = &[
+            (r#"queen = "a:1,""#, "address 2 of the list is empty"),
+            (r#"queen = ",a:1""#, "address 1 of the list is empty"),
+            (r#"queen = "a:1,,b:2""#, "address 2 of the list is empty"),
+            (r#"queen = ["a:1", " "]"#, "address 2 of the list is empty"),
+            (r#"queen = """#, "address 1 of the list is empty"),
+            (r#"queen = []"#, "no address given"),
+            (r#"queen = "a:1,b:0""#, "`b:0` is not HOST:PORT (port `0`"),
+            (r#"queen = "a:1,b:http""#, "port `http` is not a number"),
+            (
+                r#"queen = ["a:1", "b:65536"]"#,
+                "port `65536` is not a number",
+            ),
+            (r#"queen = "a:1,b""#, "`b` is not HOST:PORT (no port)"),
+            (r#"queen = "a:1,a:1""#, "`a:1` is listed twice"),
+            // A comma inside an array entry is not a second address.
+            (r#"queen = ["a:1,b:2"]"#, "a host has no commas or spaces"),
+        ];
+        for (text, message) in cases {
+            let err = Config::from_layers(file(text), &Cli::default())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.starts_with("invalid `queen`: "),
+                "`{text}` gave `{err}`"
+            );
+            assert!(err.contains(message), "`{text}` gave `{err}`");
+        }
+        let err = Config::from_layers(FileConfig::default(), &cli(&["--queen", "a:1,"]))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("address 2 of the list is empty"), "{err}");
+        // Neither a string nor an array of strings: the parser says what it expects.
+        for text in ["queen = 8080", "queen = [8080]"] {
+            let err = FileConfig::parse(text, Path::new("d.toml"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains("HOST:PORT, a comma-separated list of them, or an array of them"),
+                "`{text}` gave `{err}`"
+            );
+        }
+    }
+
+    /// Queens sharing a database each have a certificate for their own host: the name
+    /// verified is the host dialled, unless the operator set one name for all.
+    #[test]
+    fn tls_verifies_the_host_dialled_unless_a_server_name_is_set() {
+        use rustls::pki_types::ServerName;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = hive_tls::test_pki::Pki::new(dir.path(), "config-unit");
+        let ca = pki.ca().display().to_string();
+        let name = |s: &str| ServerName::try_from(s.to_owned()).ok();
+        let text = format!("queen = \"q1.example:1,10.0.0.2:2\"\ntls_ca = \"{ca}\"");
+        let c = layers(file(&text), &Cli::default());
+        let tls = c.tls.expect("tls");
+        assert_eq!(tls.server_name_for("q1.example").ok(), name("q1.example"));
+        assert_eq!(tls.server_name_for("10.0.0.2").ok(), name("10.0.0.2"));
+        let c = layers(
+            file(&format!("{text}\ntls_server_name = \"queens.internal\"")),
+            &Cli::default(),
+        );
+        let tls = c.tls.expect("tls");
+        assert_eq!(
+            tls.server_name_for("q1.example").ok(),
+            name("queens.internal")
+        );
+        assert_eq!(
+            tls.server_name_for("10.0.0.2").ok(),
+            name("queens.internal")
+        );
+    }
+
     #[test]
     fn an_empty_token_means_no_token() {
         let c = layers(file("token = \"\""), &Cli::default());
@@ -605,7 +814,7 @@ mod tests {
         // A struct literal without `..`: adding a key to FileConfig breaks this until the
         // key is listed here, and then the check below demands it in the example.
         let every_key = FileConfig {
-            queen: Some(String::new()),
+            queen: Some(QueenSetting::Text(String::new())),
             slots: Some(0),
             name: Some(String::new()),
             labels: Some(Vec::new()),

@@ -18,6 +18,8 @@
 //!   environment): the rules, validated at start and checked before every spawn.
 //! - [`link`]: the byte stream to the queen; owns its TLS settings, loaded once.
 //! - [`config`]: defaults, config file and flags, layered and validated.
+//! - [`queens`]: which queen address to dial next (a round of the given ones, a leader a
+//!   standby names first) and whether a welcome comes from a deposed leader (pure).
 //! - [`executor`]: runs `echo` and `exec`; how an attempt's end becomes an outcome.
 //! - [`client`]: the connection state machine, held tasks, outbox delivery, shutdown.
 //!
@@ -45,6 +47,8 @@ pub mod link;
 
 pub mod config;
 
+pub mod queens;
+
 pub mod executor;
 
 pub mod client;
@@ -54,10 +58,10 @@ pub use config::{Cli, Config, LogFormat};
 
 /// Runs the drone until `shutdown` says stop (or a queen rejects it for good).
 ///
-/// Connects to `config.queen`, reconnecting with backoff for as long as it runs; runs
-/// what it is assigned; returns `Ok` after a graceful or immediate shutdown, and an error
-/// when the queen refuses this drone in a way retrying cannot fix (bad token, protocol
-/// version). Every task process it started is dead or being killed when it returns.
+/// Connects to one of `config.queen` (the leader, when several queens share a database),
+/// reconnecting with backoff for as long as it runs; runs what it is assigned; returns
+/// `Ok` after a graceful or immediate shutdown, and an error when a queen refuses this
+/// drone in a way retrying cannot fix (bad token, protocol version). Every task process it started is dead or being killed when it returns.
 pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DroneError> {
     let p = &config.policy;
     tracing::info!(

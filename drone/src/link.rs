@@ -21,7 +21,8 @@ pub struct TlsSettings {
     pub ca: PathBuf,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
-    /// The name to verify the queen's certificate against (default: the queen's host).
+    /// The name to verify every queen's certificate against (default: the host of the
+    /// address being dialled).
     pub server_name: Option<String>,
 }
 
@@ -31,7 +32,8 @@ pub struct TlsClient {
     /// What was loaded, for comparing configs and for logs.
     settings: TlsSettings,
     config: Arc<rustls::ClientConfig>,
-    server_name: ServerName<'static>,
+    /// `settings.server_name`, checked: when set, the one name every queen must carry.
+    server_name: Option<ServerName<'static>>,
 }
 
 impl std::fmt::Debug for TlsClient {
@@ -52,17 +54,18 @@ impl PartialEq for TlsClient {
 }
 
 impl TlsClient {
-    /// Reads the CA (and client identity) files; `host` is the queen's host as configured,
-    /// used as the name to verify unless `settings.server_name` says otherwise.
-    pub fn load(settings: TlsSettings, host: &str) -> Result<TlsClient, String> {
+    /// Reads the CA (and client identity) files, and checks `settings.server_name`.
+    pub fn load(settings: TlsSettings) -> Result<TlsClient, String> {
         let identity = match (&settings.cert, &settings.key) {
             (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
             _ => None,
         };
         let config = hive_tls::client_config(&settings.ca, identity).map_err(|e| e.to_string())?;
-        let name = settings.server_name.as_deref().unwrap_or(host);
-        let server_name = ServerName::try_from(name.to_owned())
-            .map_err(|e| format!("`{name}` is not a valid TLS server name: {e}"))?;
+        let server_name = settings
+            .server_name
+            .as_deref()
+            .map(parse_name)
+            .transpose()?;
         Ok(TlsClient {
             settings,
             config,
@@ -70,16 +73,35 @@ impl TlsClient {
         })
     }
 
+    /// The name a queen dialled at `host` must carry: the configured server name if there
+    /// is one, else `host` itself. Each queen of a leader and its standbys has its own
+    /// certificate naming its own host.
+    pub fn server_name_for(&self, host: &str) -> Result<ServerName<'static>, String> {
+        match &self.server_name {
+            Some(name) => Ok(name.clone()),
+            None => parse_name(host),
+        }
+    }
+
     /// The settings this client was loaded from.
     pub fn settings(&self) -> &TlsSettings {
         &self.settings
     }
 
-    pub async fn connect(&self, tcp: TcpStream) -> io::Result<Stream> {
+    /// TLS over `tcp`, verifying the queen dialled at `host` (see [`Self::server_name_for`]).
+    pub async fn connect(&self, tcp: TcpStream, host: &str) -> io::Result<Stream> {
+        let name = self
+            .server_name_for(host)
+            .map_err(|m| io::Error::new(io::ErrorKind::InvalidInput, m))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::clone(&self.config));
-        let tls = connector.connect(self.server_name.clone(), tcp).await?;
+        let tls = connector.connect(name, tcp).await?;
         Ok(Stream::Tls(Box::new(tls)))
     }
+}
+
+fn parse_name(name: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(name.to_owned())
+        .map_err(|e| format!("`{name}` is not a valid TLS server name: {e}"))
 }
 
 /// A connection to the queen.

@@ -499,6 +499,149 @@ async fn a_transient_reject_is_retried() -> Result<()> {
     Ok(())
 }
 
+// ----- several queens: a leader and its standbys -----
+
+/// A reconnect backoff so long that a test finishing in seconds shows the drone never
+/// waited for it: between the addresses of one round there is no wait.
+fn backoff_longer_than_any_test() -> drone::backoff::Backoff {
+    let ten_minutes = Duration::from_secs(600);
+    drone::backoff::Backoff::new(ten_minutes, 1, ten_minutes)
+}
+
+/// Guards following the leader a standby names: at once (no backoff), before the rest of
+/// the list, even when the leader is not in the list. The list's next address answers
+/// nothing, so dialling it first would cost the drone its 10 s welcome timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_naming_the_leader_sends_the_drone_there_at_once() -> Result<()> {
+    let standby = FakeQueen::start().await?;
+    let leader = FakeQueen::start().await?;
+    let hole = black_hole()?;
+    let mut config = test_config_for(&[standby.addr, hole.local_addr()?])?;
+    config.reconnect = backoff_longer_than_any_test();
+    let _drone = InProcessDrone::start(config);
+
+    let mut to_standby = standby.accept().await?;
+    to_standby
+        .reject_not_leader(Some(leader.addr.to_string()))
+        .await?;
+    let mut to_leader = leader.accept().await?;
+    to_leader.welcome_in(Some(1)).await?;
+    to_leader
+        .heartbeat_where("a heartbeat to the leader", |_, _| true)
+        .await?;
+    Ok(())
+}
+
+/// Guards a standby that does not know the leader: the drone moves on to its next
+/// address at once instead of backing off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_without_a_leader_passes_the_drone_to_the_next_address() -> Result<()> {
+    let standby = FakeQueen::start().await?;
+    let leader = FakeQueen::start().await?;
+    let mut config = test_config_for(&[standby.addr, leader.addr])?;
+    config.reconnect = backoff_longer_than_any_test();
+    let _drone = InProcessDrone::start(config);
+
+    standby.accept().await?.reject_not_leader(None).await?;
+    leader.accept().await?.welcome_in(Some(1)).await?;
+    Ok(())
+}
+
+/// Guards failover speed: a dead address (a queen host that is down) costs one refused
+/// connect, not a backoff period, before the next address is dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_first_address_costs_no_backoff() -> Result<()> {
+    let live = FakeQueen::start().await?;
+    let mut config = test_config_for(&[dead_addr()?, live.addr])?;
+    config.reconnect = backoff_longer_than_any_test();
+    let _drone = InProcessDrone::start(config);
+    live.accept().await?.welcome().await?;
+    Ok(())
+}
+
+/// Guards the epoch: a queen that welcomes the drone in an older term than it has already
+/// been welcomed in is a deposed leader. The drone sends it nothing, closes, and takes
+/// its running task and its unacknowledged outcome to the next queen, as on any
+/// reconnect: listed in the hello, the outcome sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_is_left_for_the_next_queen_with_the_held_tasks() -> Result<()> {
+    let old_leader = FakeQueen::start().await?;
+    let new_leader = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config_for(&[old_leader.addr, new_leader.addr])?);
+
+    let mut first = old_leader.accept().await?;
+    let hello1 = first.welcome_in(Some(5)).await?;
+    let running = exec("while [ ! -e go ]; do sleep 0.02; done", dir.path());
+    let finished = assign("echo", json!("kept"));
+    first.assign(running.clone()).await?;
+    first.assign(finished.clone()).await?;
+    completed(first.outcome(finished.task_id).await?)?;
+    first
+        .heartbeat_where("both tasks held", |held, seen| {
+            seen == 2
+                && held.contains(&support::held(&running))
+                && held.contains(&support::held(&finished))
+        })
+        .await?;
+    let mut both = vec![held(&running), held(&finished)];
+    both.sort_by_key(|h| h.task_id);
+    drop(first); // the connection breaks: a failover
+
+    // The drone tries the queen it knew first: still running, deposed, in term 3.
+    let mut deposed = old_leader.accept().await?;
+    let mut hello = deposed.welcome_in(Some(3)).await?;
+    hello.held.sort_by_key(|h| h.task_id);
+    assert_eq!(hello.held, both);
+    deposed.closed_by_the_drone().await?;
+
+    let mut second = new_leader.accept().await?;
+    let mut hello2 = second.welcome_in(Some(6)).await?;
+    assert_eq!(hello2.drone_id, hello1.drone_id, "still the same drone");
+    hello2.held.sort_by_key(|h| h.task_id);
+    assert_eq!(hello2.held, both, "the hello re-attaches both tasks");
+    let again = completed(second.outcome(finished.task_id).await?)?;
+    assert_eq!((again.fence, again.result), (finished.fence, json!("kept")));
+    second.ack(finished.task_id, finished.fence).await?;
+    std::fs::write(dir.path().join("go"), "")?;
+    completed(second.outcome(running.task_id).await?)?;
+    Ok(())
+}
+
+/// Guards TLS with several queens: each has its own certificate, so the name verified is
+/// the host of the address dialled, here a leader named by a standby (an IP address),
+/// not the host of the first address (`localhost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_queen_is_verified_by_the_host_it_is_dialled_at() -> Result<()> {
+    use hive_tls::test_pki::{Pki, Usage};
+    let dir = tempfile::tempdir()?;
+    let pki = Pki::new(dir.path(), "ha");
+    let (crt, key) = pki.issue("standby", &["localhost"], Usage::ServerAuth);
+    let standby = FakeQueen::start_tls(&crt, &key).await?;
+    let (crt, key) = pki.issue("leader", &["127.0.0.1"], Usage::ServerAuth);
+    let leader = FakeQueen::start_tls(&crt, &key).await?;
+
+    let mut config = test_config(standby.addr)?;
+    config.queen = drone::config::QueenAddrs::parse(&format!("localhost:{}", standby.addr.port()))
+        .map_err(anyhow::Error::msg)?;
+    let settings = drone::link::TlsSettings {
+        ca: pki.ca(),
+        cert: None,
+        key: None,
+        server_name: None,
+    };
+    config.tls = Some(drone::link::TlsClient::load(settings).map_err(anyhow::Error::msg)?);
+    let _drone = InProcessDrone::start(config);
+
+    standby
+        .accept()
+        .await?
+        .reject_not_leader(Some(leader.addr.to_string()))
+        .await?;
+    leader.accept().await?.welcome_in(Some(1)).await?;
+    Ok(())
+}
+
 // ----- the real binary -----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -595,6 +738,15 @@ async fn a_second_sigterm_kills_running_tasks_and_reports_them() -> Result<()> {
     wait_all_gone(&pids).await;
     let status = drone.exit_status().await?;
     assert_eq!(status.code(), Some(0), "{status:?}");
+    Ok(())
+}
+
+/// Guards `--queen A,B`: the binary takes a list and finds the queen that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_takes_a_comma_separated_list_of_queens() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let _drone = DroneProcess::start_with(&format!("{},{}", dead_addr()?, queen.addr), &[], &[])?;
+    queen.accept().await?.welcome().await?;
     Ok(())
 }
 

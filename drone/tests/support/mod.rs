@@ -15,15 +15,18 @@ pub use hive_testkit::wait_until_async;
 use serde_json::Value;
 use shared::frame;
 use shared::protocol::{
-    Ack, AckStatus, Assign, DroneMessage, Held, Hello, QueenMessage, Welcome, PROTOCOL_VERSION,
+    Ack, AckStatus, Assign, DroneMessage, Held, Hello, QueenMessage, Reject, RejectCode, Welcome,
+    PROTOCOL_VERSION, SUPPORTED_VERSIONS,
 };
 use shared::{Fence, TaskId};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use drone::config::QueenAddr;
+use drone::config::QueenAddrs;
 use drone::{Config, DroneError, Shutdown};
 
 /// How long a test waits for anything the drone should do promptly. Generous for a
@@ -44,17 +47,39 @@ pub fn init_logs() {
         .try_init();
 }
 
-#[derive(Debug)]
 pub struct FakeQueen {
     listener: TcpListener,
     pub addr: SocketAddr,
+    /// Set: the queen speaks only TLS, with this certificate.
+    tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for FakeQueen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeQueen")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl FakeQueen {
     pub async fn start() -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        Ok(FakeQueen { listener, addr })
+        Ok(FakeQueen {
+            listener,
+            addr,
+            tls: None,
+        })
+    }
+
+    /// A queen that speaks only TLS, presenting `cert` (with its `key`).
+    pub async fn start_tls(cert: &Path, key: &Path) -> Result<Self> {
+        let config = hive_tls::server_config(cert, key, None)?;
+        let mut queen = FakeQueen::start().await?;
+        queen.tls = Some(TlsAcceptor::from(config));
+        Ok(queen)
     }
 
     /// The next drone connection.
@@ -62,15 +87,47 @@ impl FakeQueen {
         let (stream, _) = tokio::time::timeout(DEADLINE, self.listener.accept())
             .await
             .context("no drone connected in time")??;
+        let stream: Box<dyn Io> = match &self.tls {
+            None => Box::new(stream),
+            Some(tls) => Box::new(
+                tokio::time::timeout(DEADLINE, tls.accept(stream))
+                    .await
+                    .context("no TLS handshake in time")?
+                    .context("the TLS handshake failed")?,
+            ),
+        };
         Ok(Conn {
             framed: Framed::new(stream, frame::codec(frame::DEFAULT_MAX_FRAME_LEN)),
         })
     }
 }
 
-#[derive(Debug)]
+/// An address nothing listens on: a port that was free a moment ago. Connecting to it is
+/// refused at once.
+pub fn dead_addr() -> Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// A queen that answers nothing: the kernel completes the drone's connect (the listen
+/// backlog), and no hello is ever answered. A drone that dials it waits out its welcome
+/// timeout; keep the listener alive for as long as that must hold.
+pub fn black_hole() -> Result<std::net::TcpListener> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?)
+}
+
+/// A connection's byte stream, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 pub struct Conn {
-    framed: Framed<TcpStream, LengthDelimitedCodec>,
+    framed: Framed<Box<dyn Io>, LengthDelimitedCodec>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").finish_non_exhaustive()
+    }
 }
 
 impl Conn {
@@ -106,20 +163,55 @@ impl Conn {
         }
     }
 
-    /// Reads the hello and welcomes the drone.
+    /// Reads the hello and welcomes the drone (as a single queen: no epoch).
     pub async fn welcome(&mut self) -> Result<Hello> {
-        let hello = match self.recv().await? {
-            DroneMessage::Hello(h) => h,
-            other => bail!("expected a hello first, got {other:?}"),
-        };
+        self.welcome_in(None).await
+    }
+
+    /// Reads the hello and welcomes the drone as the leader of term `epoch`.
+    pub async fn welcome_in(&mut self, epoch: Option<u64>) -> Result<Hello> {
+        let hello = self.hello().await?;
         self.send(QueenMessage::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             heartbeat_interval_ms: HEARTBEAT_MS,
             heartbeat_timeout_ms: 10 * HEARTBEAT_MS,
-            epoch: None,
+            epoch,
         }))
         .await?;
         Ok(hello)
+    }
+
+    /// Reads the hello and rejects it as a standby does, naming `leader` if given.
+    pub async fn reject_not_leader(&mut self, leader: Option<String>) -> Result<Hello> {
+        let hello = self.hello().await?;
+        self.send(QueenMessage::Reject(Reject {
+            reason: "this queen is a standby".into(),
+            supported_versions: SUPPORTED_VERSIONS.to_vec(),
+            code: Some(RejectCode::NotLeader),
+            leader,
+        }))
+        .await?;
+        Ok(hello)
+    }
+
+    /// The first message, which must be a hello.
+    pub async fn hello(&mut self) -> Result<Hello> {
+        match self.recv().await? {
+            DroneMessage::Hello(h) => Ok(h),
+            other => bail!("expected a hello first, got {other:?}"),
+        }
+    }
+
+    /// Waits for the drone to close this connection, failing if it sends anything first.
+    pub async fn closed_by_the_drone(&mut self) -> Result<()> {
+        match tokio::time::timeout(DEADLINE, self.framed.next()).await {
+            Err(_) => bail!("the drone kept the connection open"),
+            Ok(None | Some(Err(_))) => Ok(()),
+            Ok(Some(Ok(body))) => bail!(
+                "the drone sent {:?} instead of closing",
+                frame::decode::<DroneMessage>(&body)
+            ),
+        }
     }
 
     pub async fn assign(&mut self, assign: Assign) -> Result<()> {
@@ -192,8 +284,14 @@ pub fn drone_binary() -> PathBuf {
 }
 
 pub fn test_config(queen: SocketAddr) -> Result<Config> {
+    test_config_for(&[queen])
+}
+
+/// A drone given several queen addresses, tried in this order.
+pub fn test_config_for(queens: &[SocketAddr]) -> Result<Config> {
+    let list: Vec<String> = queens.iter().map(|q| q.to_string()).collect();
     let config = Config {
-        queen: QueenAddr::parse(&queen.to_string()).map_err(|e| anyhow!(e))?,
+        queen: QueenAddrs::from_entries(list.iter().map(String::as_str)).map_err(|e| anyhow!(e))?,
         name: "test-drone".to_owned(),
         slots: 2,
         kill_grace: Duration::from_millis(300),
@@ -299,9 +397,14 @@ pub struct DroneProcess {
 
 impl DroneProcess {
     pub fn start(queen: SocketAddr, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with(&queen.to_string(), extra, env)
+    }
+
+    /// The binary with `--queen QUEENS` as given (one address or a list).
+    pub fn start_with(queens: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let child = std::process::Command::new(drone_binary())
             .arg("--queen")
-            .arg(queen.to_string())
+            .arg(queens)
             .arg("--name")
             .arg("binary-drone")
             .args(extra)
