@@ -4,6 +4,8 @@
 mod common;
 
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use common::{fast_config, hello, FakeDrone, TestQueen, PATIENCE};
 use serde_json::{json, Value};
@@ -856,6 +858,147 @@ async fn an_unreachable_queen_exits_5() {
         .run()
         .await
         .expect(5);
+}
+
+/// A standby queen's HTTP side as the CLI sees it: every request is answered 503 with
+/// `{"error", "leader"}` (no `leader` when it does not know one). Serves until the test
+/// process ends; counts the requests it answered.
+fn fake_standby(leader: Option<String>) -> (String, Arc<AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&hits);
+    let mut body = json!({"error": "this queen is a standby"});
+    if let Some(leader) = leader {
+        body["leader"] = json!(leader);
+    }
+    let body = body.to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let mut reader = BufReader::new(&stream);
+            // Read the whole request (headers, then the body's length), so closing after
+            // the answer does not reset the connection under the client.
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut request_body = vec![0; length];
+            let _ = reader.read_exact(&mut request_body);
+            let answer = format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = (&stream).write_all(answer.as_bytes());
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (addr, hits)
+}
+
+/// Guards several `--addr`es (queens sharing a database): a queen that is down is skipped
+/// for reads and writes alike (nothing was sent to it), and a standby's 503 naming the
+/// leader sends the request there, even when the leader was not given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_addresses_find_the_queen_that_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let live = q.http.to_string();
+
+    let list = format!("{dead},{live}");
+    let out = Run::new(&["--addr", &list, "--json", "stats"])
+        .run()
+        .await
+        .expect(0);
+    assert!(out.json()["by_state"].is_object(), "{out:#?}");
+    let out = Run::new(&["--addr", &list, "submit", "echo"])
+        .run()
+        .await
+        .expect(0);
+    let ids = out.ids();
+    assert_eq!(q.task(ids[0]).await.kind, "echo");
+
+    let (standby, hits) = fake_standby(Some(live.clone()));
+    let out = Run::new(&["--addr", &standby, "submit", "echo"])
+        .run()
+        .await
+        .expect(0);
+    let ids = out.ids();
+    assert_eq!(
+        q.task(ids[0]).await.kind,
+        "echo",
+        "the write reached the leader"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "the standby was asked once");
+    // Also from HIVE_ADDR, with the standby last: the first queen that answers is enough.
+    Run::new(&["tasks", "--all"])
+        .env("HIVE_ADDR", &format!("{live},{standby}"))
+        .run()
+        .await
+        .expect(0);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    q.stop().await;
+}
+
+/// Guards writes that might have been applied: a 503 that names no leader may come from a
+/// leader whose write failed, so a write is not sent to another queen (exit 5 with the
+/// queen's own message), while a read goes on. With every queen failing, the error says
+/// what each said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_without_a_leader_ends_a_write_but_not_a_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    let live = q.http.to_string();
+    let (standby, hits) = fake_standby(None);
+    let list = format!("{standby},{live}");
+
+    let out = Run::new(&["--addr", &list, "submit", "echo"])
+        .run()
+        .await
+        .expect(5);
+    assert_eq!(
+        out.stderr.trim(),
+        "queen: this queen is a standby",
+        "{out:#?}"
+    );
+    assert_eq!(
+        stats(&q).await.by_state.values().sum::<u64>(),
+        0,
+        "nothing was submitted"
+    );
+    Run::new(&["--addr", &list, "stats"]).run().await.expect(0);
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let out = Run::new(&["--addr", &format!("{standby},{dead}"), "stats"])
+        .run()
+        .await
+        .expect(5);
+    assert!(
+        out.stderr.starts_with(&format!(
+            "queen: no queen took the request: {standby}: this queen is a standby; \
+             cannot reach the queen at {dead}: "
+        )),
+        "{out:#?}"
+    );
+    q.stop().await;
 }
 
 /// Guards `submit --wait`: it waits for every task, exits 0 when all succeeded and 1 when

@@ -81,6 +81,9 @@ pub enum CliError {
     Unreachable { addr: String, reason: String },
     #[error("unexpected answer from the queen at {addr}: {reason}")]
     BadResponse { addr: String, reason: String },
+    /// Several queens were given and none took the request; what each said.
+    #[error("no queen took the request: {}", .0.join("; "))]
+    NoQueen(Vec<String>),
     #[error("cannot write output: {0}")]
     Output(std::io::Error),
 }
@@ -95,7 +98,9 @@ impl CliError {
                 400..=499 => Exit::Invalid,
                 _ => Exit::Unavailable,
             },
-            CliError::Unreachable { .. } | CliError::BadResponse { .. } => Exit::Unavailable,
+            CliError::Unreachable { .. } | CliError::BadResponse { .. } | CliError::NoQueen(_) => {
+                Exit::Unavailable
+            }
             CliError::Output(_) => Exit::TaskFailed,
         }
     }
@@ -114,8 +119,11 @@ impl From<std::io::Error> for CliError {
 pub struct ClientOpts {
     /// The queen's HTTP API: HOST:PORT or http://HOST:PORT. Default: `[queen] http` of the
     /// config (127.0.0.1:8081 without one); an unspecified address such as 0.0.0.0 means
-    /// this host.
-    #[arg(long, global = true, env = "HIVE_ADDR", value_name = "ADDR")]
+    /// this host. For queens that share a database, list them all, comma-separated: each
+    /// request goes to the one that answered last, then to the others in turn (a standby's
+    /// 503 naming the leader sends it there; a write goes on only when it cannot have been
+    /// applied).
+    #[arg(long, global = true, env = "HIVE_ADDR", value_name = "ADDR[,ADDR...]")]
     pub addr: Option<String>,
     /// CA certificate (PEM) to verify a TLS queen with (an https:// address, or a config
     /// with `[tls]` set). Without it, the system's public roots are used.
@@ -174,7 +182,7 @@ impl Ctx {
     /// Prints an API document as-is (the `--json` output).
     fn print_json(&self, out: &mut impl Write, doc: &serde_json::Value) -> Result<(), CliError> {
         let text = serde_json::to_string_pretty(doc).map_err(|e| CliError::BadResponse {
-            addr: self.client.addr().to_string(),
+            addr: self.client.addr(),
             reason: e.to_string(),
         })?;
         writeln!(out, "{text}")?;
@@ -185,7 +193,7 @@ impl Ctx {
 /// Runs one client command; prints `queen: <error>` on stderr when it fails.
 pub fn run(defaults: Defaults, opts: ClientOpts, command: Command) -> Exit {
     let (addr, https) = match &opts.addr {
-        Some(a) => (a.as_str(), a.starts_with("https://")),
+        Some(a) => (a.as_str(), client::wants_https(a)),
         None => (defaults.addr.as_str(), defaults.tls),
     };
     let tls = (https || opts.ca.is_some()).then(|| client::TlsOpts {
@@ -292,5 +300,6 @@ mod tests {
         assert_eq!(api(404).exit().code(), 3);
         assert_eq!(api(401).exit().code(), 4);
         assert_eq!(api(503).exit().code(), 5);
+        assert_eq!(CliError::NoQueen(vec![]).exit().code(), 5);
     }
 }

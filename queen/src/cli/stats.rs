@@ -49,7 +49,7 @@ pub fn watch(ctx: &Ctx, out: &mut impl Write, args: WatchArgs) -> Result<Exit, C
         if ctx.json {
             // One document per refresh, one per line, so `jq` can follow the stream.
             let line = serde_json::to_string(&doc).map_err(|e| CliError::BadResponse {
-                addr: ctx.client.addr().to_string(),
+                addr: ctx.client.addr(),
                 reason: e.to_string(),
             })?;
             writeln!(out, "{line}")?;

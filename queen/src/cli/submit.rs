@@ -340,7 +340,7 @@ fn submit_batch(
         };
         if tasks.len() != n {
             return Err(CliError::BadResponse {
-                addr: ctx.client.addr().to_string(),
+                addr: ctx.client.addr(),
                 reason: format!("sent {n} tasks, got {} back", tasks.len()),
             });
         }
