@@ -87,8 +87,12 @@ pub async fn serve(
     role = election.role();
     standby.stop().await;
 
+    let mut standby: Option<Standby> = None;
     loop {
-        let standby = Standby::start(&cfg, &tls, &drones, &http_std, role.clone())?;
+        let standby_now = match standby.take() {
+            Some(s) => s,
+            None => Standby::start(&cfg, &tls, &drones, &http_std, role.clone())?,
+        };
         tracing::info!(holder = %settings.name, "standing by");
         let epoch = loop {
             if let Role::Leading(epoch) = *role.borrow_and_update() {
@@ -99,7 +103,7 @@ pub async fn serve(
                 changed = role.changed() => if changed.is_err() { break None },
             }
         };
-        standby.stop().await;
+        standby_now.stop().await;
         let Some(epoch) = epoch else { break };
 
         let started = std::time::Instant::now();
@@ -126,21 +130,41 @@ pub async fn serve(
             "leading"
         );
         let term = shutdown.child_token();
-        let watchdog = tokio::spawn(watch_lease(
-            election.trust(),
-            role.clone(),
-            epoch,
-            term.clone(),
-        ));
+        let watchdog =
+            watch_lease(election.trust(), role.clone(), epoch, term.clone()).map_err(io)?;
+        // The moment the term ends, standby servers take the listeners over: drones and
+        // clients are told who leads while the term's own tasks are still winding down.
+        let after_term = {
+            let (cfg, tls, role, term) = (cfg.clone(), tls.clone(), role.clone(), term.clone());
+            let (drones, http) = (
+                drones.try_clone().map_err(io)?,
+                http_std.try_clone().map_err(io)?,
+            );
+            tokio::spawn(async move {
+                term.cancelled().await;
+                Standby::start(&cfg, &tls, &drones, &http, role)
+            })
+        };
         let listeners = Listeners {
             drones: dup(&drones).map_err(io)?,
             http: dup(&http_std).map_err(io)?,
         };
         let result = queen.serve(listeners, term.clone()).await;
         term.cancel();
-        let _ = watchdog.await;
+        let _ = tokio::task::spawn_blocking(move || watchdog.join()).await;
+        standby = match after_term.await {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, "starting the standby servers panicked");
+                None
+            }
+        };
         if shutdown.is_cancelled() {
             // Every queued commit is durable (or failed): hand over now.
+            if let Some(s) = standby.take() {
+                s.stop().await;
+            }
             break;
         }
         match result {
@@ -155,36 +179,35 @@ pub async fn serve(
 }
 
 /// Ends the term (`term`) as soon as this queen no longer leads in `epoch` or its lease
-/// is past the time it may trust it.
-async fn watch_lease(
+/// is past the time it may trust it. A thread of its own, not a task: the runtime's
+/// workers may be busy (a read waiting on a database that stopped answering), and the
+/// term must end on time regardless.
+fn watch_lease(
     trust: pg::Trust,
-    mut role: tokio::sync::watch::Receiver<Role>,
+    role: tokio::sync::watch::Receiver<Role>,
     epoch: i64,
     term: CancellationToken,
-) {
-    loop {
-        if *role.borrow_and_update() != Role::Leading(epoch) {
-            tracing::warn!(epoch, "no longer the leader: ending the term");
-            term.cancel();
-            return;
-        }
-        let until = trust.until();
-        let now = std::time::Instant::now();
-        if now >= until {
-            tracing::warn!(
-                epoch,
-                "the leader lease could not be renewed in time: ending the term before it lapses"
-            );
-            term.cancel();
-            return;
-        }
-        let wait = (until - now).min(WATCHDOG_TICK);
-        tokio::select! {
-            _ = term.cancelled() => return,
-            _ = role.changed() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("hive-lease-watchdog".into())
+        .spawn(move || loop {
+            if term.is_cancelled() {
+                return;
+            }
+            if *role.borrow() != Role::Leading(epoch) {
+                tracing::warn!(epoch, "no longer the leader: ending the term");
+                term.cancel();
+                return;
+            }
+            let until = trust.until();
+            let now = std::time::Instant::now();
+            if now >= until {
+                tracing::warn!(epoch, "the leader lease could not be renewed in time: ending the term before it lapses");
+                term.cancel();
+                return;
+            }
+            std::thread::sleep((until - now).min(WATCHDOG_TICK));
+        })
 }
 
 /// The standby's servers on the shared listeners.

@@ -335,6 +335,24 @@ impl Hive {
             .join(",")
     }
 
+    /// Waits (up to `within`) until queen `i` is the only one answering `/readyz` with
+    /// 200, and points the API client at it.
+    pub fn wait_leader_is(&mut self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.wait_leader(left) == i {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queen {i} did not become the only leader within {within:?}\n{}",
+                dump_logs()
+            );
+            std::thread::sleep(LEASE_SAMPLE);
+        }
+    }
+
     /// Waits (up to `within`) until exactly one queen answers `/readyz` with 200, points
     /// the API client at it and returns its index (see [`Hive::queen_at`]).
     pub fn wait_leader(&mut self, within: Duration) -> usize {

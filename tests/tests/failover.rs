@@ -53,9 +53,11 @@ fn a_killed_leader_is_replaced_and_tasks_running_on_live_drones_are_not_run_agai
 
     hive.queen_at(0).kill9();
     let killed = Instant::now();
-    let leader = hive.wait_leader(TAKEOVER);
-    assert_eq!(leader, 1, "the standby leads");
-    eprintln!("failover: the standby answered ready {:?} after the kill", killed.elapsed());
+    hive.wait_leader_is(1, TAKEOVER);
+    eprintln!(
+        "failover: the standby answered ready {:?} after the kill",
+        killed.elapsed()
+    );
 
     // The new leader takes writes, and the drones follow it.
     let after = quick_batch(&hive, 40);
@@ -85,7 +87,7 @@ fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes() {
     let long = running_tasks(&mut hive, 2, 3.0);
 
     hive.queen_at(0).sigstop();
-    assert_eq!(hive.wait_leader(TAKEOVER), 1, "the standby leads");
+    hive.wait_leader_is(1, TAKEOVER);
     let epoch_after = pg.psql("SELECT epoch FROM hive_leader");
     let during = quick_batch(&hive, 20);
     hive.wait_all_succeeded(Duration::from_secs(60), &during);
@@ -101,7 +103,11 @@ fn a_leader_paused_past_its_lease_writes_nothing_when_it_wakes() {
             other => Err(format!("{other:?}")),
         },
     );
-    assert_eq!(pg.psql("SELECT epoch FROM hive_leader"), epoch_after, "nobody else took over");
+    assert_eq!(
+        pg.psql("SELECT epoch FROM hive_leader"),
+        epoch_after,
+        "nobody else took over"
+    );
     let log = std::fs::read_to_string(hive.queen_at(0).log()).expect("the old leader's log");
     assert!(
         !log.contains("postgres commit failed"),
@@ -125,12 +131,11 @@ fn a_leader_cut_off_from_postgres_steps_down_and_no_task_gets_two_leases() {
     // The first queen reaches the database through a proxy the test can cut; the second
     // directly.
     let proxy = Proxy::start(format!("127.0.0.1:{}", pg.port()).parse().expect("addr"));
-    let via_proxy = pg
-        .url()
-        .replace(&format!(":{}/", pg.port()), &format!(":{}/", proxy.addr().port()));
-    let mut hive = Hive::builder()
-        .postgres(&via_proxy, 1)
-        .start();
+    let via_proxy = pg.url().replace(
+        &format!(":{}/", pg.port()),
+        &format!(":{}/", proxy.addr().port()),
+    );
+    let mut hive = Hive::builder().postgres(&via_proxy, 1).start();
     let second = hive_tests::queen::QueenProc::start(
         &hive.path("data-1"),
         &hive.path("queen-1.log"),
@@ -154,7 +159,8 @@ fn a_leader_cut_off_from_postgres_steps_down_and_no_task_gets_two_leases() {
     let before = quick_batch(&hive, 30);
 
     proxy.set(Fault::Blackhole);
-    assert_eq!(hive.wait_leader(TAKEOVER), 1, "the queen that still reaches postgres leads");
+    // The queen that still reaches postgres leads, and the cut-off one stops leading.
+    hive.wait_leader_is(1, TAKEOVER);
     let after = quick_batch(&hive, 30);
     let all: Vec<TaskId> = long.iter().chain(&before).chain(&after).copied().collect();
     hive.wait_all_succeeded(Duration::from_secs(60), &all);
@@ -179,7 +185,12 @@ fn the_database_primary_dies_and_its_synchronous_standby_takes_over_with_nothing
     standby.promote();
     hive.wait_leader(Duration::from_secs(30));
     let after = quick_batch(&hive, 50);
-    let all: Vec<TaskId> = before.iter().chain(&pending).chain(&after).copied().collect();
+    let all: Vec<TaskId> = before
+        .iter()
+        .chain(&pending)
+        .chain(&after)
+        .copied()
+        .collect();
     hive.wait_all_succeeded(Duration::from_secs(90), &all);
     let summary = hive.check(Duration::from_secs(60));
     eprintln!("{summary}");

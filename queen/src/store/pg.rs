@@ -522,6 +522,10 @@ type Job = Box<dyn FnOnce(Result<&mut Client, StoreError>) + Send>;
 #[derive(Clone)]
 pub struct Reader {
     jobs: std::sync::mpsc::Sender<Job>,
+    /// A read that takes longer fails (a read, unlike a commit, changes nothing, so giving
+    /// up on it is safe): a database that stopped answering must not hold the threads
+    /// that serve the API and the core for ever.
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for Reader {
@@ -572,7 +576,12 @@ impl Reader {
                     source,
                 })?;
         }
-        Ok(Reader { jobs })
+        Ok(Reader {
+            jobs,
+            // Well inside the leader's margin (a quarter of the lease), so a read stuck on
+            // a dead database cannot keep the term from ending before its lease lapses.
+            timeout: (settings.lease / 8).max(Duration::from_millis(100)),
+        })
     }
 
     fn call<R: Send + 'static>(
@@ -587,8 +596,16 @@ impl Reader {
         self.jobs
             .send(job)
             .map_err(|_| StoreError::Postgres("the read connections are shut down".into()))?;
-        rx.recv()
-            .map_err(|_| StoreError::Postgres("a read connection thread ended".into()))?
+        match rx.recv_timeout(self.timeout) {
+            Ok(result) => result,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(StoreError::Postgres(format!(
+                "no answer to a read within {} ms",
+                self.timeout.as_millis()
+            ))),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(StoreError::Postgres(
+                "a read connection thread ended".into(),
+            )),
+        }
     }
 
     pub fn get(&self, key: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
@@ -860,7 +877,9 @@ impl Campaign {
     /// How much earlier than the database the leader gives up its lease: clocks run at
     /// slightly different rates.
     fn margin(&self) -> Duration {
-        (self.settings.lease / 10).max(Duration::from_millis(50))
+        // A quarter: enough for drift and for the term to wind down (a read in flight
+        // gives up after an eighth) before the lease lapses on the database.
+        self.settings.lease / 4
     }
 
     fn set_trust(&self, until: Instant) {
