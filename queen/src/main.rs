@@ -43,6 +43,20 @@ enum Command {
     Client(cli::Command),
     /// A local hive in one command: queen, local drones and a sample batch to watch.
     Dev(dev::DevArgs),
+    /// Copies a stopped queen's sled data dir into an empty PostgreSQL database, checks
+    /// the counts, and says how to start the hive on it (the way a single-machine hive
+    /// grows into an HA one). The data dir is left as it was.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// The sled data dir [default: queen.data_dir from the config].
+    #[arg(long)]
+    from: Option<PathBuf>,
+    /// The PostgreSQL URL to copy into [default: postgres.url from the config].
+    #[arg(long, env = "HIVE_MIGRATE_TO")]
+    to: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -64,7 +78,36 @@ fn main() -> ExitCode {
             cli::run(defaults, cli.client, command).into()
         }
         Some(Command::Dev(args)) => server(cfg, Some(args)),
+        Some(Command::Migrate(args)) => migrate(cfg, args),
         None => server(cfg, None),
+    }
+}
+
+/// `queen migrate`: sled data dir → PostgreSQL.
+fn migrate(mut cfg: Config, args: MigrateArgs) -> ExitCode {
+    init_tracing(&cfg);
+    let from = args.from.unwrap_or_else(|| cfg.queen.data_dir.clone());
+    if let Some(url) = args.to {
+        cfg.postgres.url = Some(shared::ids::Secret(url));
+    }
+    let unbound = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let result = queen::store::pg::Settings::from_config(&cfg, unbound, unbound)
+        .and_then(|settings| queen::store::migrate_to_postgres(&from, &settings));
+    match result {
+        Ok(migrated) => {
+            for (table, rows) in &migrated.tables {
+                println!("{table}: {rows} rows copied and counted");
+            }
+            println!(
+                "done: start the queens with [storage] backend = \"postgres\" and this [postgres] url; {} is unchanged and can be kept as a backup",
+                from.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("queen migrate: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

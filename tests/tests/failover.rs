@@ -195,3 +195,58 @@ fn the_database_primary_dies_and_its_synchronous_standby_takes_over_with_nothing
     let summary = hive.check(Duration::from_secs(60));
     eprintln!("{summary}");
 }
+
+#[test]
+fn a_sled_hive_moves_into_postgres_with_every_task_and_refuses_a_second_copy() {
+    let pg_dir = tempfile::tempdir().expect("temp dir");
+    let pg = PgCluster::primary(pg_dir.path());
+    let mut sled_hive = Hive::start();
+    sled_hive.start_drone("a", 4);
+    let done = quick_batch(&sled_hive, 30);
+    sled_hive.wait_all_succeeded(Duration::from_secs(30), &done);
+    sled_hive.drone("a").kill9();
+    let waiting = quick_batch(&sled_hive, 20);
+    sled_hive.queen.stop();
+
+    let migrate = |hive: &Hive| {
+        std::process::Command::new(hive_tests::bins::queen())
+            .arg("migrate")
+            .arg("--from")
+            .arg(hive.path("data"))
+            .arg("--to")
+            .arg(pg.url())
+            .env_remove("HIVE_POSTGRES__URL")
+            .output()
+            .expect("run queen migrate")
+    };
+    let first = migrate(&sled_hive);
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(out.contains("hive_active: 20 rows"), "{out}");
+    assert!(out.contains("hive_finished: 30 rows"), "{out}");
+    let again = migrate(&sled_hive);
+    assert!(
+        !again.status.success(),
+        "a second copy into the same database must be refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not empty"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // The hive runs on postgres now: the finished tasks are there, the waiting ones run.
+    let mut pg_hive = pg_hive(&pg.url(), 1);
+    for id in &done {
+        assert_eq!(
+            pg_hive.api().task(*id).state,
+            shared::api::TaskState::Succeeded
+        );
+    }
+    pg_hive.start_drone("b", 4);
+    pg_hive.wait_all_succeeded(Duration::from_secs(60), &waiting);
+}

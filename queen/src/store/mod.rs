@@ -416,6 +416,43 @@ impl Store {
     }
 }
 
+/// What [`migrate_to_postgres`] copied: rows per table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migrated {
+    pub tables: Vec<(&'static str, u64)>,
+}
+
+/// Copies a stopped queen's sled data dir into an empty PostgreSQL database (`queen
+/// migrate`): every record as it is (the two engines store the same bytes), then checks
+/// the database holds exactly as many rows per table as the data dir had keys per prefix.
+/// Refuses a data dir another queen holds, a newer schema, and a database that already
+/// holds tasks. One transaction: a failed copy leaves the database as it was.
+pub fn migrate_to_postgres(
+    data_dir: &Path,
+    settings: &pg::Settings,
+) -> Result<Migrated, StoreError> {
+    let db_path = data_dir.join("db");
+    if !db_path.exists() {
+        return Err(StoreError::Io {
+            path: db_path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no sled database here"),
+        });
+    }
+    let _lock = lock_data_dir(data_dir)?;
+    let db = open_sled(&db_path, 64 * 1024 * 1024)?;
+    let tree = db.open_tree("hive")?;
+    check_schema_key(&tree, &db_path, true)?;
+    pg::prepare(settings)?;
+    let sources: Vec<(&'static [u8], &'static str)> = pg::TABLES.to_vec();
+    pg::import(settings, &sources, |prefix, take| {
+        for item in tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            take(&k[prefix.len()..], &v)?;
+        }
+        Ok(())
+    })
+}
+
 /// How long to wait for sled's own file lock once we hold `LOCK`. Holding `LOCK` proves no
 /// other queen uses the dir, so a busy sled lock can only be a handle of this process that
 /// is still being released: sled drops its last file handle on a background thread a

@@ -734,6 +734,77 @@ pub(super) fn scan_active(
     }
 }
 
+/// Rows copied per statement by [`import`].
+const IMPORT_BATCH: usize = 2_000;
+
+/// Copies rows into every table in one transaction, refusing a database that already
+/// holds tasks, and checks the counts: `read(prefix, take)` hands over every (key without
+/// prefix, value) of one prefix. See `store::migrate_to_postgres`.
+pub(super) fn import(
+    settings: &Settings,
+    sources: &[(&'static [u8], &'static str)],
+    mut read: impl FnMut(
+        &[u8],
+        &mut dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>,
+) -> Result<super::Migrated, StoreError> {
+    let mut client = settings.connect("migrate")?;
+    let mut tx = client.transaction().map_err(pg_err)?;
+    for (_, table) in sources {
+        let n: i64 = tx
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(pg_err)?;
+        if n > 0 {
+            return Err(StoreError::Postgres(format!(
+                "the target database is not empty ({table} has {n} rows): migrate into a new database"
+            )));
+        }
+    }
+    let mut copied = Vec::new();
+    for (prefix, table) in sources {
+        let insert = tx
+            .prepare(&format!(
+                "INSERT INTO {table} (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[])"
+            ))
+            .map_err(pg_err)?;
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut values: Vec<Vec<u8>> = Vec::new();
+        let mut count = 0u64;
+        let mut failed = None;
+        read(prefix, &mut |k, v| {
+            keys.push(k.to_vec());
+            values.push(v.to_vec());
+            count += 1;
+            if keys.len() == IMPORT_BATCH {
+                if let Err(e) = tx.execute(&insert, &[&keys, &values]) {
+                    failed = Some(pg_err(e));
+                    return Err(StoreError::Interrupted);
+                }
+                keys.clear();
+                values.clear();
+            }
+            Ok(())
+        })
+        .map_err(|e| failed.take().unwrap_or(e))?;
+        if !keys.is_empty() {
+            tx.execute(&insert, &[&keys, &values]).map_err(pg_err)?;
+        }
+        let stored: i64 = tx
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(pg_err)?;
+        if stored as u64 != count {
+            return Err(StoreError::Postgres(format!(
+                "{table}: copied {count} records but the database holds {stored}; nothing was committed"
+            )));
+        }
+        copied.push((*table, count));
+    }
+    tx.commit().map_err(pg_err)?;
+    Ok(super::Migrated { tables: copied })
+}
+
 // ----- the leader lease -----
 
 /// The queen that leads, as the leader row names it.
