@@ -49,6 +49,9 @@ pub struct HiveBuilder {
     data_tmpfs_mb: Option<u64>,
     /// Queens sharing a PostgreSQL database (HA): the first leads, the rest stand by.
     postgres: Option<(String, usize)>,
+    /// Start a PostgreSQL cluster of the hive's own (in its temp dir) and run the queen on
+    /// it (see [`hive_builder!`](crate::hive_builder)).
+    own_postgres: bool,
 }
 
 impl HiveBuilder {
@@ -76,17 +79,29 @@ impl HiveBuilder {
         self
     }
 
+    /// Runs the hive on a PostgreSQL cluster of its own, started in its temp dir and
+    /// stopped with it: one queen, which leads. The scenario is otherwise unchanged.
+    pub fn on_own_postgres(mut self) -> HiveBuilder {
+        self.own_postgres = true;
+        self
+    }
+
     /// Gives the queen `--config` with this TOML.
     pub fn config_toml(mut self, toml: &str) -> HiveBuilder {
         self.config_toml = Some(toml.to_owned());
         self
     }
 
-    pub fn start(self) -> Hive {
+    pub fn start(mut self) -> Hive {
         let dir = tempfile::Builder::new()
             .prefix("hive-test-")
             .tempdir()
             .expect("create a temp dir");
+        let own_pg = self.own_postgres.then(|| {
+            let pg = crate::pg::PgCluster::primary(dir.path());
+            self = self.clone().postgres(&pg.url(), 1);
+            pg
+        });
         let config = self.config_toml.map(|toml| {
             let path = dir.path().join("hive.toml");
             std::fs::write(&path, toml).expect("write the config file");
@@ -100,12 +115,13 @@ impl HiveBuilder {
             .get("HIVE_TASKS__MAX_ATTEMPTS")
             .and_then(|v| v.parse().ok())
             .unwrap_or(QUEEN_DEFAULT_MAX_ATTEMPTS);
-        let queen = QueenProc::start(
+        let mut queen = QueenProc::start(
             &dir.path().join("data"),
             &dir.path().join("queen.log"),
             self.env.clone(),
             config.clone(),
         );
+        queen.lead_on_start = matches!(self.postgres, Some((_, 1)));
         let api = Api::new(queen.http_addr);
         let mut others = Vec::new();
         if let Some((_, queens)) = &self.postgres {
@@ -128,6 +144,7 @@ impl HiveBuilder {
             proxies: BTreeMap::new(),
             queen,
             others,
+            _pg: own_pg,
             api,
             exec_log,
             default_max_attempts,
@@ -135,6 +152,16 @@ impl HiveBuilder {
             dir,
         }
     }
+}
+
+/// A [`HiveBuilder`] for the calling test binary: on sled, or on PostgreSQL when the
+/// binary's name ends in `_postgres` (see [`Hive::builder_for`]). The same scenario file
+/// runs against both engines.
+#[macro_export]
+macro_rules! hive_builder {
+    () => {
+        $crate::Hive::builder_for(module_path!())
+    };
 }
 
 /// Waits until the queen behind `api` answers `/readyz` with 200.
@@ -288,6 +315,8 @@ pub struct Hive {
     pub queen: QueenProc,
     /// The other queens sharing the database (HA on PostgreSQL), standbys at the start.
     pub others: Vec<QueenProc>,
+    /// The hive's own PostgreSQL cluster, if it has one: stopped after the queens.
+    _pg: Option<crate::pg::PgCluster>,
     api: Api,
     exec_log: ExecLog,
     /// The queen's `[tasks] max_attempts`, for the checker.
@@ -314,6 +343,20 @@ impl Hive {
             config_toml: None,
             data_tmpfs_mb: None,
             postgres: None,
+            own_postgres: false,
+        }
+    }
+
+    /// [`Hive::builder`] for the test binary `module_path` belongs to: a binary whose
+    /// crate name ends in `_postgres` (a file that includes a scenario file with
+    /// `#[path]`) runs every hive on a PostgreSQL cluster of its own. Use
+    /// [`hive_builder!`](crate::hive_builder), which passes the caller's `module_path!()`.
+    pub fn builder_for(module_path: &str) -> HiveBuilder {
+        let krate = module_path.split("::").next().unwrap_or_default();
+        if krate.ends_with("_postgres") {
+            Hive::builder().on_own_postgres()
+        } else {
+            Hive::builder()
         }
     }
 

@@ -69,6 +69,10 @@ pub struct QueenProc {
     pub http_addr: SocketAddr,
     proc: Option<Proc>,
     starts: u32,
+    /// A queen that must lead once started (the only queen on a PostgreSQL database):
+    /// restarts wait until it answers `/readyz` with 200, as a sled queen is ready once it
+    /// prints `ready`. The lease of a killed predecessor lapses first (a few seconds).
+    pub lead_on_start: bool,
 }
 
 impl QueenProc {
@@ -89,6 +93,7 @@ impl QueenProc {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             proc: None,
             starts: 0,
+            lead_on_start: false,
         };
         q.launch();
         q
@@ -181,6 +186,18 @@ impl QueenProc {
         self.drones_addr = drones;
         self.http_addr = http;
         self.proc = Some(proc);
+        if self.lead_on_start {
+            let api = crate::api::Api::new(http);
+            let led = poll_until(START_DEADLINE, || match api.get_raw("/readyz") {
+                Ok((200, _)) => Ok(()),
+                _ => Err(()),
+            });
+            assert!(
+                led.is_ok(),
+                "{label} did not lead within {START_DEADLINE:?}\n{}",
+                dump_logs()
+            );
+        }
     }
 
     pub fn pid(&self) -> Option<i32> {

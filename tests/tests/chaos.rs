@@ -30,7 +30,7 @@ const ALL_DONE: Duration = Duration::from_secs(45);
 /// fence on each record is the fence of a run that really finished.
 #[test]
 fn three_queen_crashes_during_a_busy_run_lose_and_duplicate_nothing() {
-    let mut hive = Hive::builder()
+    let mut hive = hive_tests::hive_builder!()
         .env("HIVE_LEASES__HEARTBEAT_TIMEOUT_MS", REATTACH_WINDOW_MS)
         .start();
     for name in ["d1", "d2", "d3"] {
@@ -188,7 +188,7 @@ fn queen_kill_9_during_a_submit_storm_and_during_completions_loses_nothing() {
     let soak = seed::soak();
     let round = if soak.is_some() { SOAK_STORM } else { CI_STORM };
     let until = soak.map(|d| Instant::now() + d);
-    let mut hive = Hive::builder()
+    let mut hive = hive_tests::hive_builder!()
         .env("HIVE_LEASES__HEARTBEAT_TIMEOUT_MS", REATTACH_WINDOW_MS)
         .start();
     for name in ["d1", "d2", "d3"] {

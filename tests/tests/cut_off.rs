@@ -68,7 +68,7 @@ fn first_run(hive: &Hive, task: TaskId, ready: impl Fn(&Execution) -> bool) -> E
 /// `stale` (queen log; the exec log shows the run finished successfully), the queen must
 /// tell it to stop Y's attempt and Y's processes must die, and neither record may change.
 fn cut_off_drone_mid_task(how: Cut) {
-    let mut hive = Hive::start();
+    let mut hive = hive_tests::hive_builder!().start();
     let a = match how {
         Cut::Partition => hive.start_drone_behind_proxy(VICTIM, 2, &[]),
         Cut::Freeze => hive.start_drone(VICTIM, 2),
@@ -235,7 +235,7 @@ const FLAKY_DRONES: [&str; 3] = ["f1", "f2", "f3"];
 #[test]
 fn a_flaky_link_under_load_loses_and_doubles_nothing() {
     let mut rng = seed::rng("a_flaky_link_under_load_loses_and_doubles_nothing");
-    let mut hive = Hive::builder()
+    let mut hive = hive_tests::hive_builder!()
         .env("HIVE_LEASES__RECONNECT_GRACE_MS", "5000")
         .env("HIVE_LEASES__HEARTBEAT_TIMEOUT_MS", "2500")
         .start();

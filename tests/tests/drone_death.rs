@@ -60,7 +60,7 @@ fn wait_first_attempt_running(hive: &Hive, id: TaskId) -> (TaskView, i32, i32) {
 /// error, and both the `sh` and the `sleep` must be gone.
 #[test]
 fn a_task_on_a_killed_drone_is_requeued_and_its_processes_die() {
-    let mut hive = Hive::start();
+    let mut hive = hive_tests::hive_builder!().start();
     hive.start_drone("d1", 1);
     hive.start_drone("d2", 1);
     let spec = hive.exec_log().task(&slow_first_attempt(hive.dir()));
@@ -229,7 +229,7 @@ fn random_drone_kills_mid_task_with_restarts_lose_and_double_nothing() {
     let soak = seed::soak();
     let round = if soak.is_some() { SOAK_ROUND } else { CI_ROUND };
     let until = soak.map(|d| Instant::now() + d);
-    let mut hive = Hive::start();
+    let mut hive = hive_tests::hive_builder!().start();
     for d in KILL_DRONES {
         hive.start_drone(d, KILL_SLOTS);
     }
@@ -336,7 +336,7 @@ fn still_serves(hive: &mut Hive, drones: usize, mut ids: Vec<TaskId>) -> hive_te
 /// restarted by the scenario; every ordinary task, and 20 more submitted after, succeeds.
 #[test]
 fn a_poison_task_that_kills_its_drone_fails_after_its_attempts_and_the_hive_keeps_serving() {
-    let mut hive = Hive::start();
+    let mut hive = hive_tests::hive_builder!().start();
     for d in ["p1", "p2", "p3"] {
         hive.start_drone(d, 2);
     }
@@ -390,7 +390,7 @@ const CHURN_DRONES: [&str; 4] = ["c1", "c2", "c3", "c4"];
 #[test]
 fn a_storm_of_drone_kills_quarantines_no_task_and_every_task_succeeds() {
     let mut rng = seed::rng("a_storm_of_drone_kills_quarantines_no_task_and_every_task_succeeds");
-    let mut hive = Hive::start();
+    let mut hive = hive_tests::hive_builder!().start();
     for d in CHURN_DRONES {
         hive.start_drone(d, 4);
     }
@@ -461,7 +461,7 @@ fn a_storm_of_drone_kills_quarantines_no_task_and_every_task_succeeds() {
 #[test]
 fn a_poison_task_is_quarantined_after_its_isolated_attempt_and_no_co_tenant_fails() {
     // Its verdict comes 2 s (2 x the heartbeat timeout) after its lone drone died.
-    let mut hive = Hive::builder()
+    let mut hive = hive_tests::hive_builder!()
         .env("HIVE_TASKS__LOSS_CORRELATION_MS", "0")
         .start();
     for d in ["p1", "p2", "p3"] {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use hive_tests::{named_hello, FakeDrone, Hive, DEADLINE};
+use hive_tests::{named_hello, FakeDrone, DEADLINE};
 use serde_json::json;
 use shared::api::{TaskSpec, TaskState, TaskView};
 use shared::protocol::{AckStatus, DroneMessage, Held, QueenMessage};
@@ -58,7 +58,7 @@ fn outcome_of(v: &TaskView) -> (TaskState, u32, Fence, Option<serde_json::Value>
 /// current fence, changes the finished task.
 #[test]
 fn a_silent_drone_coming_back_with_an_old_fence_changes_nothing() {
-    let hive = Hive::start();
+    let hive = hive_tests::hive_builder!().start();
     let addr = hive.queen.drones_addr;
     let a_hello = named_hello("fake-a", &[KIND], 1);
     let a = FakeDrone::connect(addr, a_hello.clone());
@@ -153,7 +153,7 @@ fn a_silent_drone_coming_back_with_an_old_fence_changes_nothing() {
 /// completion on its still-open connection is `stale` and B's outcome is the task's.
 #[test]
 fn a_late_report_for_a_dropped_lease_is_stale() {
-    let hive = Hive::start();
+    let hive = hive_tests::hive_builder!().start();
     let addr = hive.queen.drones_addr;
     let a = FakeDrone::connect(addr, named_hello("fake-a", &[KIND], 1));
     let id = hive.api().submit(&fake_task()).id;
@@ -193,7 +193,7 @@ fn a_late_report_for_a_dropped_lease_is_stale() {
 /// task is leased to B with a fence above A's; A's late completion is then `stale`.
 #[test]
 fn fences_keep_growing_across_a_queen_restart() {
-    let mut hive = Hive::start();
+    let mut hive = hive_tests::hive_builder!().start();
     let addr = hive.queen.drones_addr;
     let a_hello = named_hello("fake-a", &[KIND], 1);
     let a = FakeDrone::connect(addr, a_hello.clone());

@@ -15,7 +15,7 @@ use shared::TaskId;
 const REATTACH_WINDOW_MS: &str = "6000";
 
 fn hive_with_two_drones() -> Hive {
-    let mut hive = Hive::builder()
+    let mut hive = hive_tests::hive_builder!()
         .env("HIVE_LEASES__HEARTBEAT_TIMEOUT_MS", REATTACH_WINDOW_MS)
         .start();
     hive.start_drone("d1", 2);

@@ -1,0 +1,6 @@
+//! The scenarios of `cut_off.rs`, unchanged, against the PostgreSQL engine: every hive here
+//! runs its queen on a PostgreSQL cluster of its own (the binary's name ends in
+//! `_postgres`; see `hive_tests::hive_builder!`).
+
+#[path = "cut_off.rs"]
+mod scenarios;

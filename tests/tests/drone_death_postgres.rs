@@ -1,0 +1,6 @@
+//! The scenarios of `drone_death.rs`, unchanged, against the PostgreSQL engine: every hive here
+//! runs its queen on a PostgreSQL cluster of its own (the binary's name ends in
+//! `_postgres`; see `hive_tests::hive_builder!`).
+
+#[path = "drone_death.rs"]
+mod scenarios;
