@@ -662,6 +662,33 @@ mod tests {
     }
 
     #[test]
+    fn the_postgres_backend_needs_a_url_and_sane_lease_settings() {
+        let err = |toml: &str, env: &[(&str, &str)]| {
+            load_str(toml, env)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let e = err("[storage]\nbackend = \"postgres\"\n", &[]);
+        assert!(e.contains("postgres.url"), "{e}");
+        let e = err(
+            "[storage]\nbackend = \"postgres\"\n[postgres]\nlease_ms = 10\n",
+            &[("HIVE_POSTGRES__URL", "postgres://h/db")],
+        );
+        assert!(e.contains("postgres.lease_ms"), "{e}");
+        let e = err("[storage]\nbackend = \"mysql\"\n", &[]);
+        assert!(e.contains("mysql"), "{e}");
+        let cfg = load_str(
+            "[storage]\nbackend = \"postgres\"\n",
+            &[("HIVE_POSTGRES__URL", "postgres://h/db")],
+        )
+        .expect("loads");
+        assert_eq!(cfg.storage.backend, Backend::Postgres);
+        // The URL (it may hold a password) is never printed.
+        assert!(!format!("{cfg:?}").contains("postgres://h/db"));
+    }
+
+    #[test]
     fn env_overrides_file_and_unrelated_hive_vars_are_ignored() {
         let cfg = load_str(
             "[leases]\nheartbeat_timeout_ms = 9000\n",
