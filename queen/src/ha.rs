@@ -44,6 +44,23 @@ fn io(e: std::io::Error) -> QueenError {
     })
 }
 
+/// What must stop a queen on PostgreSQL before it listens, as a bad data dir stops a
+/// sled queen: a URL or CA file that cannot work, or a schema newer than this queen's.
+/// A database that cannot be reached yet is not one of them: the queen then stands by
+/// and keeps trying (see [`serve`]).
+pub fn precheck(cfg: &Config) -> Result<(), QueenError> {
+    let unbound = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let settings = pg::Settings::from_config(cfg, unbound, unbound)?;
+    match pg::prepare(&settings) {
+        Ok(()) => Ok(()),
+        Err(e @ crate::store::StoreError::NewerSchema { .. }) => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "postgres is not reachable yet; standing by until it is");
+            Ok(())
+        }
+    }
+}
+
 /// Serves as a standby or a leader, as the lease decides, until `shutdown`.
 pub async fn serve(
     cfg: Config,

@@ -147,6 +147,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let queen = match backend {
         Backend::Sled => Some(tokio::task::spawn_blocking(move || Queen::open(cfg)).await??),
         Backend::Postgres => {
+            let checked = cfg.clone();
+            tokio::task::spawn_blocking(move || queen::ha::precheck(&checked)).await??;
             let drones = bind(drone_addr, "queen.listen").await?;
             let http = bind(http_addr, "queen.http").await?;
             let (drones_at, http_at) = (drones.local_addr()?, http.local_addr()?);
