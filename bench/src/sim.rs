@@ -105,6 +105,7 @@ pub async fn connect(addr: &str, name: &str, slots: u32) -> Result<Connected> {
             token: None,
             held: Vec::new(),
             draining: false,
+            pongs: false,
         });
         framed.send(frame::encode(&hello)?).await?;
         let answer = framed
@@ -203,7 +204,7 @@ impl Drone {
                 self.holding.retain(|h| h.task_id != c.task_id);
             }
             QueenMessage::Error { message } => bail!("the queen sent an error: {message}"),
-            QueenMessage::Welcome(_) | QueenMessage::Reject(_) => {}
+            QueenMessage::Welcome(_) | QueenMessage::Reject(_) | QueenMessage::Pong => {}
         }
         Ok(())
     }

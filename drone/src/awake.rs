@@ -63,6 +63,61 @@ pub async fn timeout<F: Future>(limit: Duration, fut: F) -> Result<F::Output, El
     }
 }
 
+/// How long the queen has said nothing, counted like [`timeout`] in time the drone was
+/// awake: a step that came late (the drone was stopped) counts only as long as asked and
+/// gives no verdict, so frames that waited in the socket during the stop are read before
+/// the queen is judged silent. Pure: the caller sleeps until [`Silence::next_check`] and
+/// reports what it heard.
+#[derive(Debug, Clone, Copy)]
+pub struct Silence {
+    limit: Duration,
+    step: Duration,
+    /// Awake time counted since the queen was last heard.
+    counted: Duration,
+    /// When the last step began (a frame, or the previous check).
+    last: Instant,
+}
+
+impl Silence {
+    /// A clock that starts counting at `now` (the welcome).
+    pub fn new(limit: Duration, now: Instant) -> Self {
+        Silence {
+            limit,
+            step: (limit / STEPS).max(MIN_STEP),
+            counted: Duration::ZERO,
+            last: now,
+        }
+    }
+
+    /// Something arrived from the queen: it lives; count again from `now`.
+    pub fn heard(&mut self, now: Instant) {
+        self.counted = Duration::ZERO;
+        self.last = now;
+    }
+
+    fn ask(&self) -> Duration {
+        self.step
+            .min(self.limit.saturating_sub(self.counted))
+            .max(MIN_STEP)
+    }
+
+    /// When to call [`Silence::check`] next.
+    pub fn next_check(&self) -> Instant {
+        self.last + self.ask()
+    }
+
+    /// Counts the step that ends at `now`; true once the queen has been silent for the
+    /// limit in time the drone was awake.
+    pub fn check(&mut self, now: Instant) -> bool {
+        let ask = self.ask();
+        let took = now.saturating_duration_since(self.last);
+        let on_time = took <= ask * LATE_FACTOR;
+        self.counted += if on_time { took } else { ask };
+        self.last = now;
+        on_time && self.counted >= self.limit
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -138,5 +193,46 @@ mod tests {
         assert!(!waiting.is_finished(), "stops were counted as awake time");
         let out = waiting.await.expect("the waiting task");
         assert_eq!(out, Err(Elapsed(LIMIT)));
+    }
+
+    /// Guards the silence rule's clock: the limit in awake time ends it, any frame starts
+    /// it again, and a stop (a step far later than asked) never gives the verdict.
+    #[test]
+    fn silence_is_counted_in_awake_time_and_reset_by_any_frame() {
+        let start = Instant::now();
+        let mut s = Silence::new(LIMIT, start);
+        let mut checks = 0;
+        let silent_at = loop {
+            let at = s.next_check();
+            if s.check(at) {
+                break at;
+            }
+            checks += 1;
+            assert!(checks < 100, "never judged silent");
+        };
+        assert_eq!(
+            silent_at - start,
+            LIMIT,
+            "silent after the limit, not before"
+        );
+
+        let mut s = Silence::new(LIMIT, start);
+        let half = start + LIMIT / 2;
+        s.heard(half);
+        assert!(!s.check(half + LIMIT / STEPS));
+        assert_eq!(s.next_check(), half + LIMIT / STEPS * 2);
+
+        // A stop of ten limits: the late step counts as one step and says nothing.
+        let mut s = Silence::new(LIMIT, start);
+        assert!(
+            !s.check(start + LIMIT * 10),
+            "judged on the first turn after a stop"
+        );
+        let mut steps_after = 0;
+        while !s.check(s.next_check()) {
+            steps_after += 1;
+            assert!(steps_after < 100, "never judged silent");
+        }
+        assert_eq!(steps_after + 1, STEPS - 1, "the rest of the limit, awake");
     }
 }

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::awake;
+use crate::awake::{self, Silence};
 use crate::backoff::Backoff;
 use crate::checkpoint::{Checkpoints, Seen, MAX_CHECKPOINT_BYTES};
 use crate::config::{Config, QueenAddr};
@@ -65,6 +65,14 @@ pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(50);
 /// Normally the bound is the queen's heartbeat timeout: a drone that cannot get a message
 /// out for that long has lost its leases anyway.
 pub const MIN_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The pause before the next round of queen addresses when a queen of the last round said
+/// it is a standby (`not_leader`, with no leader to follow) or was a deposed leader
+/// (100 ms). The queens are up and choosing a leader; the new one keeps this drone's
+/// running tasks only for its heartbeat timeout, so the growing backoff meant for
+/// unreachable queens (a second or more after a few rounds) would cost them. Fixed and
+/// short, yet a pause: a drone must not spin on standbys during a long election.
+pub const STANDBY_RETRY: Duration = Duration::from_millis(100);
 
 /// Finished tasks waiting for the loop to pick up their outcome. The queen bounds running
 /// tasks by slots, so this rarely fills; when it does, finished tasks simply wait.
@@ -171,10 +179,19 @@ struct Session {
     assigns_seen: u64,
     /// The leader's term the queen welcomed this drone in (queens sharing a database).
     epoch: Option<u64>,
+    /// The queen's address, as dialled.
+    queen: QueenAddr,
+    /// Set when the queen answers heartbeats (`pongs` in the welcome): how long it has
+    /// said nothing. Unset for queens that do not, whose silence means nothing.
+    silence: Option<Silence>,
 }
 
 impl Session {
-    fn new(framed: Framed<Stream, LengthDelimitedCodec>, welcome: &Welcome) -> Self {
+    fn new(
+        framed: Framed<Stream, LengthDelimitedCodec>,
+        welcome: &Welcome,
+        queen: QueenAddr,
+    ) -> Self {
         let heartbeat_interval =
             Duration::from_millis(welcome.heartbeat_interval_ms).max(MIN_HEARTBEAT_INTERVAL);
         let heartbeat_timeout = Duration::from_millis(welcome.heartbeat_timeout_ms);
@@ -185,6 +202,13 @@ impl Session {
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + heartbeat_interval, heartbeat_interval);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // A queen whose timeout is shorter than two heartbeats (or zero) must not get this
+        // drone to drop it between two pongs.
+        let silence_limit = heartbeat_timeout
+            .max(heartbeat_interval * 2)
+            .max(MIN_WRITE_TIMEOUT);
+        let silence =
+            (welcome.pongs == Some(true)).then(|| Silence::new(silence_limit, Instant::now()));
         Session {
             framed,
             heartbeat,
@@ -193,13 +217,17 @@ impl Session {
             write_timeout: heartbeat_timeout.max(MIN_WRITE_TIMEOUT),
             assigns_seen: 0,
             epoch: welcome.epoch,
+            queen,
+            silence,
         }
     }
 }
 
 /// Makes the kernel fail the connection when sent data goes unacknowledged this long.
-/// The queen sends nothing when it has nothing to say, so reads cannot detect a queen
-/// whose host vanished; our own heartbeats going unacknowledged can.
+/// A queen that does not answer heartbeats (one before pongs) sends nothing when it has
+/// nothing to say, so reads cannot detect a queen whose host vanished; our own heartbeats
+/// going unacknowledged can. (A frozen queen's kernel still acknowledges them: only pongs
+/// catch that.)
 fn set_tcp_user_timeout(stream: &TcpStream, timeout: Duration) {
     use std::os::fd::AsRawFd;
     let ms = libc::c_uint::try_from(timeout.as_millis()).unwrap_or(libc::c_uint::MAX);
@@ -218,7 +246,7 @@ fn set_tcp_user_timeout(stream: &TcpStream, timeout: Duration) {
     }
 }
 
-type HandshakeFuture = Pin<Box<dyn Future<Output = Result<Session, HandshakeError>> + Send>>;
+type HandshakeFuture = Pin<Box<dyn Future<Output = Result<Box<Session>, HandshakeError>> + Send>>;
 
 /// The connection state machine.
 enum Link {
@@ -298,11 +326,16 @@ enum Incoming {
 
 #[derive(Debug)]
 enum Event {
-    Finished { held: Held, outcome: Outcome },
+    Finished {
+        held: Held,
+        outcome: Outcome,
+    },
     Incoming(Incoming),
     HeartbeatDue,
+    /// Time to count the queen's silence (a session with pongs).
+    SilenceCheck,
     RetryDue,
-    Handshake(Result<Session, HandshakeError>),
+    Handshake(Result<Box<Session>, HandshakeError>),
     DrainRequested,
     KillRequested,
     PhaseDeadline,
@@ -431,6 +464,9 @@ impl Drone {
                         },
                     }),
                     _ = session.heartbeat.tick() => Event::HeartbeatDue,
+                    _ = sleep_until_opt(session.silence.map(|s| s.next_check())) => {
+                        Event::SilenceCheck
+                    }
                 },
             }
         };
@@ -455,6 +491,7 @@ impl Drone {
             }
             Event::Incoming(incoming) => self.on_incoming(incoming).await,
             Event::HeartbeatDue => self.send_heartbeat().await,
+            Event::SilenceCheck => self.check_silence(),
             Event::RetryDue => self.start_connecting(),
             Event::Handshake(result) => self.on_handshake(result).await?,
             Event::DrainRequested => self.begin_drain().await,
@@ -527,6 +564,7 @@ impl Drone {
             token: self.config.token.clone(),
             held: self.held(),
             draining: self.draining,
+            pongs: true,
         };
         tracing::debug!(attempt, %queen, held = hello.held.len(), "connecting to the queen");
         self.link = Link::Connecting {
@@ -543,7 +581,7 @@ impl Drone {
 
     async fn on_handshake(
         &mut self,
-        result: Result<Session, HandshakeError>,
+        result: Result<Box<Session>, HandshakeError>,
     ) -> Result<(), DroneError> {
         let (attempt, queen) = match &self.link {
             Link::Connecting { attempt, queen, .. } => (*attempt, queen.clone()),
@@ -557,6 +595,7 @@ impl Drone {
                     // Dropping the session closes the connection before anything is sent
                     // on it: no outcome goes to a queen whose leases are not the real ones.
                     drop(session);
+                    self.queens.standby_answered();
                     tracing::warn!(
                         %queen,
                         epoch = theirs,
@@ -578,11 +617,14 @@ impl Drone {
             Err(error) => {
                 if let HandshakeError::Rejected(Reject {
                     code: Some(RejectCode::NotLeader),
-                    leader: Some(leader),
+                    leader,
                     ..
                 }) = &error
                 {
-                    self.follow_leader(&queen, leader);
+                    self.queens.standby_answered();
+                    if let Some(leader) = leader {
+                        self.follow_leader(&queen, leader);
+                    }
                 }
                 self.try_next_queen(attempt, &queen, &error);
             }
@@ -609,7 +651,8 @@ impl Drone {
     }
 
     /// `failed` did not take this drone: dial the next queen of the round at once, or,
-    /// once every one was tried, back off and start a new round.
+    /// once every one was tried, back off and start a new round (after only
+    /// [`STANDBY_RETRY`] when a standby answered in this one).
     fn try_next_queen(&mut self, attempt: u32, failed: &QueenAddr, error: &dyn fmt::Display) {
         if let Some(next) = self.queens.dial_next() {
             tracing::warn!(
@@ -622,12 +665,18 @@ impl Drone {
             self.connect_to(attempt, next);
             return;
         }
-        let delay = self.backoff.delay(attempt, &mut self.rng);
+        let standby = self.queens.round_met_a_standby();
+        let delay = if standby {
+            STANDBY_RETRY
+        } else {
+            self.backoff.delay(attempt, &mut self.rng)
+        };
         tracing::warn!(
             queen = %failed,
             attempt = attempt + 1,
             %error,
             retry_in_ms = delay.as_millis() as u64,
+            no_leader_yet = standby,
             "could not reach the queen"
         );
         self.queens.start_round();
@@ -638,12 +687,13 @@ impl Drone {
     }
 
     /// A queen welcomed this drone and leads: from now on its connection is the one.
-    async fn on_welcome(&mut self, queen: QueenAddr, attempt: u32, session: Session) {
+    async fn on_welcome(&mut self, queen: QueenAddr, attempt: u32, session: Box<Session>) {
         tracing::info!(
             %queen,
             epoch = session.epoch,
             failed_attempts = attempt,
             heartbeat_ms = session.heartbeat_interval.as_millis() as u64,
+            pongs = session.silence.is_some(),
             running = self.running.len(),
             outbox = self.outbox.len(),
             draining = self.draining,
@@ -652,7 +702,7 @@ impl Drone {
         // After a queen restart this drone has the heartbeat timeout to come back
         // and keep its running tasks: never sleep through that window.
         self.backoff = self.backoff.capped_for(session.heartbeat_timeout);
-        self.link = Link::Connected(Box::new(session));
+        self.link = Link::Connected(session);
         if self.draining {
             self.send(&DroneMessage::Drain).await;
         }
@@ -680,6 +730,29 @@ impl Drone {
             attempt: 0,
             retry_at: Instant::now() + delay,
         };
+    }
+
+    /// Counts the queen's silence on a session with pongs; past the heartbeat timeout (in
+    /// time this drone was awake) the connection is as good as lost: the queen is frozen
+    /// or its process stuck, while its kernel still accepts our bytes.
+    fn check_silence(&mut self) {
+        let Link::Connected(session) = &mut self.link else {
+            return;
+        };
+        let Some(silence) = &mut session.silence else {
+            return;
+        };
+        if !silence.check(Instant::now()) {
+            return;
+        }
+        let queen = session.queen.clone();
+        tracing::warn!(
+            %queen,
+            heartbeat_timeout_ms = session.heartbeat_timeout.as_millis() as u64,
+            "the queen went silent: nothing from it for the heartbeat timeout though it answers heartbeats; it may be frozen"
+        );
+        self.queens.went_silent(&queen);
+        self.disconnect("the queen went silent");
     }
 
     /// Sends one message if connected; false (and disconnected) if it could not be sent.
@@ -733,6 +806,14 @@ impl Drone {
     }
 
     async fn on_incoming(&mut self, incoming: Incoming) {
+        if let (Incoming::Message(_) | Incoming::Malformed(_), Link::Connected(session)) =
+            (&incoming, &mut self.link)
+        {
+            // Any frame is a sign of life, not only a pong.
+            if let Some(silence) = &mut session.silence {
+                silence.heard(Instant::now());
+            }
+        }
         match incoming {
             Incoming::Closed => self.disconnect("the queen closed the connection"),
             Incoming::Failed(e) => self.disconnect(&format!("connection error: {e}")),
@@ -759,6 +840,7 @@ impl Drone {
             Incoming::Message(QueenMessage::Error { message }) => {
                 tracing::error!(%message, "the queen refused something this drone sent");
             }
+            Incoming::Message(QueenMessage::Pong) => {}
             Incoming::Message(other @ (QueenMessage::Welcome(_) | QueenMessage::Reject(_))) => {
                 tracing::warn!(
                     message = message_type(&other),
@@ -964,6 +1046,7 @@ fn message_type(message: &QueenMessage) -> &'static str {
         QueenMessage::Cancel(_) => "cancel",
         QueenMessage::Ack(_) => "ack",
         QueenMessage::Error { .. } => "error",
+        QueenMessage::Pong => "pong",
     }
 }
 
@@ -973,7 +1056,7 @@ async fn handshake(
     tls: Option<TlsClient>,
     hello: Hello,
     max_frame_len: usize,
-) -> Result<Session, HandshakeError> {
+) -> Result<Box<Session>, HandshakeError> {
     // Each step's timeout counts time the drone was awake (see `awake`): a drone stopped
     // while the queen answered takes the answer when it resumes instead of timing out.
     let stream = awake::timeout(CONNECT_TIMEOUT, TcpStream::connect(queen.as_str()))
@@ -1012,7 +1095,7 @@ async fn handshake(
                     "the queen welcomed us with a different protocol version"
                 );
             }
-            Ok(Session::new(framed, &welcome))
+            Ok(Box::new(Session::new(framed, &welcome, queen)))
         }
         QueenMessage::Reject(reject) => Err(HandshakeError::Rejected(reject)),
         other => Err(HandshakeError::Unexpected(message_type(&other))),

@@ -14,6 +14,17 @@
 //! highest epoch it was welcomed in; a queen that welcomes it in an older one is a deposed
 //! leader that has not noticed yet, and the drone leaves it.
 //!
+//! Between rounds the drone backs off, growing, while queens are unreachable; but a round
+//! in which a queen answered that it is a standby, or welcomed the drone as a deposed
+//! leader, means the queens are up and an election is in progress or just over: the next
+//! round comes after a short fixed pause (see [`Queens::round_met_a_standby`]), since the
+//! new leader keeps the drone's running tasks only for its heartbeat timeout.
+//!
+//! A queen the drone left because it went **silent** (welcomed with pongs, then nothing
+//! for the heartbeat timeout: frozen, its kernel still accepting bytes) is dialled last in
+//! the following rounds, until it welcomes the drone again: a frozen queen still completes
+//! a connect and would hold the drone for its whole welcome timeout.
+//!
 //! Pure (no I/O, no clock), so the order is unit-tested; [`crate::client`] asks for the
 //! next address and says what happened.
 
@@ -44,6 +55,10 @@ pub struct Queens {
     tried: Vec<QueenAddr>,
     /// The highest epoch this drone was welcomed in.
     epoch: Option<u64>,
+    /// A queen in this round said it is a standby, or was a deposed leader.
+    met_standby: bool,
+    /// The queen last left for going silent: dialled last.
+    silent: Option<QueenAddr>,
 }
 
 impl Queens {
@@ -54,21 +69,48 @@ impl Queens {
             round: VecDeque::new(),
             tried: Vec::new(),
             epoch: None,
+            met_standby: false,
+            silent: None,
         };
         queens.start_round();
         queens
     }
 
     /// Begins a round: the queen that last welcomed this drone, then every given address
-    /// in order, each once.
+    /// in order, each once; a queen that went silent last.
     pub fn start_round(&mut self) {
         self.tried.clear();
         self.round.clear();
+        self.met_standby = false;
         for addr in self.last_welcomed.iter().chain(self.given.as_slice()) {
-            if !self.round.contains(addr) {
+            if !self.round.contains(addr) && self.silent.as_ref() != Some(addr) {
                 self.round.push_back(addr.clone());
             }
         }
+        if let Some(silent) = &self.silent {
+            self.round.push_back(silent.clone());
+        }
+    }
+
+    /// A queen of this round refused the drone as a standby (`not_leader`), or welcomed it
+    /// as a deposed leader.
+    pub fn standby_answered(&mut self) {
+        self.met_standby = true;
+    }
+
+    /// Whether a queen of this round was a standby or a deposed leader: the queens are up
+    /// and choosing a leader, so the next round should come soon, not after a backoff.
+    pub fn round_met_a_standby(&self) -> bool {
+        self.met_standby
+    }
+
+    /// The queen at `addr` welcomed the drone with pongs and then went silent: no longer
+    /// the first to dial; the last, until it welcomes the drone again.
+    pub fn went_silent(&mut self, addr: &QueenAddr) {
+        if self.last_welcomed.as_ref() == Some(addr) {
+            self.last_welcomed = None;
+        }
+        self.silent = Some(addr.clone());
     }
 
     /// The next address to dial in this round; `None` once every one was tried (back off,
@@ -99,6 +141,9 @@ impl Queens {
             }
         }
         self.epoch = self.epoch.max(epoch);
+        if self.silent.as_ref() == Some(addr) {
+            self.silent = None;
+        }
         self.last_welcomed = Some(addr.clone());
         Verdict::Leader
     }
@@ -234,5 +279,34 @@ mod tests {
             q.welcomed(&addr("a:1"), Some(1)),
             Verdict::Deposed { theirs: 1, seen: 2 }
         );
+    }
+
+    #[test]
+    fn a_round_remembers_whether_a_standby_answered_until_the_next() {
+        let mut q = queens("a:1,b:2");
+        assert!(!q.round_met_a_standby());
+        q.dial_next();
+        q.standby_answered();
+        q.dial_next();
+        assert!(
+            q.round_met_a_standby(),
+            "a standby and then an unreachable queen"
+        );
+        q.start_round();
+        assert!(!q.round_met_a_standby(), "a new round starts clean");
+    }
+
+    #[test]
+    fn a_queen_that_went_silent_is_dialled_last_until_it_welcomes_again() {
+        let mut q = queens("a:1,b:2,c:3");
+        assert_eq!(q.welcomed(&addr("a:1"), Some(1)), Verdict::Leader);
+        q.went_silent(&addr("a:1"));
+        q.start_round();
+        assert_eq!(drain(&mut q), ["b:2", "c:3", "a:1"]);
+        q.start_round();
+        assert_eq!(drain(&mut q), ["b:2", "c:3", "a:1"], "still last");
+        assert_eq!(q.welcomed(&addr("a:1"), Some(1)), Verdict::Leader);
+        q.start_round();
+        assert_eq!(drain(&mut q), ["a:1", "b:2", "c:3"]);
     }
 }

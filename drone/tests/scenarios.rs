@@ -547,6 +547,96 @@ async fn a_standby_without_a_leader_passes_the_drone_to_the_next_address() -> Re
     Ok(())
 }
 
+/// Guards the retry after a round of standbys (issue 14): a standby that knows no leader
+/// yet (an election in progress) ends the round, and the next round comes after a short
+/// fixed pause, not the backoff (ten minutes here), so the drone reaches the new leader
+/// while it still keeps the drone's running tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_round_of_standbys_the_next_round_comes_at_once() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let mut config = test_config(queen.addr)?;
+    config.reconnect = backoff_longer_than_any_test();
+    let _drone = InProcessDrone::start(config);
+
+    queen.accept().await?.reject_not_leader(None).await?;
+    // The same queen has won the election meanwhile.
+    let mut leader = queen.accept().await?;
+    leader.welcome_in(Some(1)).await?;
+    leader
+        .heartbeat_where("a heartbeat to the new leader", |_, _| true)
+        .await?;
+    Ok(())
+}
+
+/// Guards the silence rule (issue 14): a queen that promised pongs and then says nothing
+/// (frozen: its kernel still takes the drone's bytes) is left after about the heartbeat
+/// timeout, and the drone comes back with its running task listed in the hello, the task
+/// untouched by the reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queen_that_promised_pongs_and_went_silent_is_left_with_the_held_tasks() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+
+    let mut frozen = queen.accept().await?;
+    let hello = frozen.welcome_with(None, Some(true)).await?;
+    assert!(hello.pongs, "the drone asks for pongs");
+    let task = exec(
+        "while [ ! -e go ]; do sleep 0.02; done; echo finished",
+        dir.path(),
+    );
+    frozen.assign(task.clone()).await?;
+    frozen
+        .heartbeat_where("the task running", |held, seen| {
+            seen == 1 && held.contains(&support::held(&task))
+        })
+        .await?;
+    // From here the queen reads nothing and answers nothing; the socket stays open.
+    let silent_since = tokio::time::Instant::now();
+
+    let mut next = queen.accept().await?;
+    let waited = silent_since.elapsed();
+    let timeout = Duration::from_millis(HEARTBEAT_TIMEOUT_MS);
+    assert!(
+        waited >= timeout / 2 && waited <= timeout * 3,
+        "left the silent queen after {waited:?}; the heartbeat timeout is {timeout:?}"
+    );
+    let again = next.welcome_with(None, Some(true)).await?;
+    assert_eq!(again.drone_id, hello.drone_id);
+    assert_eq!(
+        again.held,
+        vec![held(&task)],
+        "the hello re-attaches the task"
+    );
+    std::fs::write(dir.path().join("go"), "")?;
+    let done = completed(next.outcome(task.task_id).await?)?;
+    assert_eq!(done.result["stdout"], "finished\n");
+    drop(frozen);
+    Ok(())
+}
+
+/// Guards compatibility with queens before pongs: one that never answers a heartbeat is
+/// not judged by its silence. Three heartbeat timeouts of heartbeats all arrive on the
+/// one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queen_without_pongs_is_not_left_for_its_silence() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+
+    let mut old = queen.accept().await?;
+    old.welcome().await?;
+    let until = tokio::time::Instant::now() + Duration::from_millis(3 * HEARTBEAT_TIMEOUT_MS);
+    let mut heartbeats = 0;
+    while tokio::time::Instant::now() < until {
+        match old.recv().await? {
+            DroneMessage::Heartbeat(_) => heartbeats += 1,
+            other => bail!("expected only heartbeats, got {other:?}"),
+        }
+    }
+    assert!(heartbeats >= 10, "only {heartbeats} heartbeats");
+    Ok(())
+}
+
 /// Guards failover speed: a dead address (a queen host that is down) costs one refused
 /// connect, not a backoff period, before the next address is dialled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

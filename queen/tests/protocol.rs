@@ -455,3 +455,41 @@ async fn a_drone_without_the_token_is_rejected() {
     let _ok = FakeDrone::connect(q.drones, h).await;
     q.stop().await;
 }
+
+/// Guards pongs (issue 14): a drone whose hello asks for them is promised them in the
+/// welcome and gets one for every heartbeat, so it can tell a frozen queen from an idle
+/// one; a drone that did not ask (one before pongs) is promised nothing and never gets a
+/// message it could not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_are_answered_with_pongs_only_when_the_hello_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    let asked = shared::protocol::Hello {
+        pongs: true,
+        ..hello(DroneId::generate(), 1, vec![])
+    };
+    let mut new = FakeDrone::connect(q.drones, asked).await;
+    assert_eq!(new.welcome.as_ref().and_then(|w| w.pongs), Some(true));
+    for _ in 0..2 {
+        new.heartbeat(vec![]).await;
+        assert_eq!(new.recv().await, Some(QueenMessage::Pong));
+    }
+
+    let mut old = FakeDrone::connect(q.drones, hello(DroneId::generate(), 1, vec![])).await;
+    assert_eq!(old.welcome.as_ref().and_then(|w| w.pongs), None);
+    old.heartbeat(vec![]).await;
+    old.heartbeat(vec![]).await;
+    // An outcome for a task it never held is answered `stale`: that answer comes after
+    // the heartbeats were handled, and it is the first thing the drone hears.
+    let ghost = shared::TaskId::generate();
+    old.complete(ghost, Fence(1), json!(null)).await;
+    assert_eq!(
+        old.recv().await,
+        Some(QueenMessage::Ack(shared::protocol::Ack {
+            task_id: ghost,
+            fence: Fence(1),
+            status: AckStatus::Stale,
+        }))
+    );
+    q.stop().await;
+}

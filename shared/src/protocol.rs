@@ -47,6 +47,10 @@ pub enum QueenMessage {
     Assign(Assign),
     Cancel(CancelTask),
     Ack(Ack),
+    /// The answer to a heartbeat, sent only to a drone whose hello asked for it (`pongs`):
+    /// a sign of life. A queen that is frozen sends none, though its kernel still accepts
+    /// the drone's bytes.
+    Pong,
     /// The drone sent something the queen could not accept; the connection closes after it.
     Error {
         message: String,
@@ -82,6 +86,12 @@ pub struct Hello {
     /// The drone is draining: it reconnects only to deliver outcomes.
     #[serde(default)]
     pub draining: bool,
+    /// The drone asks the queen to answer each heartbeat with a [`QueenMessage::Pong`], so
+    /// it can tell a queen that stopped (frozen, its host paused) from one with nothing
+    /// to say. Absent (false) from drones before this field; queens before it ignore it
+    /// and say so by leaving `pongs` out of their welcome.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pongs: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,6 +107,12 @@ pub struct Welcome {
     /// Absent from a single queen and from queens before this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// `Some(true)`: this queen answers every heartbeat on this connection with a
+    /// [`QueenMessage::Pong`] (the hello asked for it), so a connection on which nothing
+    /// arrives for `heartbeat_timeout_ms` is dead. Absent from queens before this field
+    /// and when the hello did not ask: the drone must not judge the queen's silence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pongs: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -376,6 +392,7 @@ mod tests {
             token: None,
             held: vec![],
             draining: false,
+            pongs: false,
         }
     }
 
@@ -473,6 +490,32 @@ mod tests {
             Some(SUPPORTED_VERSIONS.to_vec())
         );
         assert_eq!(r.and_then(|r| r.code), Some(RejectCode::UnsupportedVersion));
+    }
+
+    #[test]
+    fn pongs_are_optional_on_the_wire_both_ways() {
+        // A hello and a welcome from before pongs parse, and say no.
+        let mut hello = serde_json::to_value(DroneMessage::Hello(good_hello())).unwrap_or_default();
+        assert!(hello.get("pongs").is_none(), "{hello}");
+        let parsed = serde_json::from_value::<DroneMessage>(hello.clone()).ok();
+        assert!(matches!(parsed, Some(DroneMessage::Hello(h)) if !h.pongs));
+        hello["pongs"] = true.into();
+        let parsed = serde_json::from_value::<DroneMessage>(hello).ok();
+        assert!(matches!(parsed, Some(DroneMessage::Hello(h)) if h.pongs));
+
+        let old = r#"{"type":"welcome","protocol_version":1,"heartbeat_interval_ms":5,"heartbeat_timeout_ms":15}"#;
+        match serde_json::from_str::<QueenMessage>(old) {
+            Ok(QueenMessage::Welcome(w)) => assert_eq!(w.pongs, None),
+            other => panic!("not a welcome: {other:?}"),
+        }
+        assert_eq!(
+            serde_json::to_string(&QueenMessage::Pong).ok().as_deref(),
+            Some(r#"{"type":"pong"}"#)
+        );
+        assert_eq!(
+            serde_json::from_str::<QueenMessage>(r#"{"type":"pong"}"#).ok(),
+            Some(QueenMessage::Pong)
+        );
     }
 
     #[test]

@@ -129,6 +129,7 @@ fn drone_message() -> impl Strategy<Value = DroneMessage> {
                     token: token.map(shared::ids::Secret),
                     held,
                     draining,
+                    pongs: !draining,
                 })
             },
         );

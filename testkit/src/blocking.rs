@@ -66,6 +66,7 @@ impl FakeDrone {
                 heartbeat_interval_ms: 0,
                 heartbeat_timeout_ms: 0,
                 epoch: None,
+                pongs: None,
             }),
             inner: Mutex::new(d),
         }

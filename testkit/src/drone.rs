@@ -59,6 +59,7 @@ pub fn hello(id: DroneId, slots: u32, held: Vec<Held>) -> Hello {
         token: None,
         held,
         draining: false,
+        pongs: false,
     }
 }
 

@@ -49,6 +49,7 @@ async fn welcome(link: &mut Link, interval_ms: u64) {
             heartbeat_interval_ms: interval_ms,
             heartbeat_timeout_ms: 10 * interval_ms,
             epoch: None,
+            pongs: None,
         }),
     )
     .await;

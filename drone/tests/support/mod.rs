@@ -37,6 +37,9 @@ pub const DEADLINE: Duration = Duration::from_secs(5);
 /// heartbeat finish quickly.
 pub const HEARTBEAT_MS: u64 = 100;
 
+/// The heartbeat timeout the fake queen's welcome gives.
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 10 * HEARTBEAT_MS;
+
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -170,12 +173,20 @@ impl Conn {
 
     /// Reads the hello and welcomes the drone as the leader of term `epoch`.
     pub async fn welcome_in(&mut self, epoch: Option<u64>) -> Result<Hello> {
+        self.welcome_with(epoch, None).await
+    }
+
+    /// Reads the hello and welcomes the drone, promising pongs when `pongs` says so (this
+    /// fake never sends them: a test that promises them plays a queen gone silent, or
+    /// sends its own).
+    pub async fn welcome_with(&mut self, epoch: Option<u64>, pongs: Option<bool>) -> Result<Hello> {
         let hello = self.hello().await?;
         self.send(QueenMessage::Welcome(Welcome {
             protocol_version: PROTOCOL_VERSION,
             heartbeat_interval_ms: HEARTBEAT_MS,
-            heartbeat_timeout_ms: 10 * HEARTBEAT_MS,
+            heartbeat_timeout_ms: HEARTBEAT_TIMEOUT_MS,
             epoch,
+            pongs,
         }))
         .await?;
         Ok(hello)

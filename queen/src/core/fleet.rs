@@ -37,6 +37,9 @@ pub(super) struct Drone {
     pub last_seen_wall: DateTime<Utc>,
     pub assigns_sent: u64,
     pub draining: bool,
+    /// The drone's hello asked for a `pong` after each heartbeat (drones that did not
+    /// would not understand one).
+    pub pongs: bool,
     /// The suspect this drone runs alone: it takes no other task until that attempt is
     /// over, stopping included (drones held for a waiting suspect are
     /// `Dispatch::reserved`).
@@ -264,6 +267,7 @@ impl Core {
             heartbeat_interval_ms: self.cfg.leases.heartbeat_interval_ms,
             heartbeat_timeout_ms: self.cfg.leases.heartbeat_timeout_ms,
             epoch: self.epoch,
+            pongs: hello.pongs.then_some(true),
         }));
         let id = hello.drone_id;
         let mut drone = Drone {
@@ -280,6 +284,7 @@ impl Core {
             last_seen_wall: now.wall,
             assigns_sent: 0,
             draining: hello.draining,
+            pongs: hello.pongs,
             isolating: None,
         };
         let mut reattached = 0;
@@ -395,6 +400,11 @@ impl Core {
                 drone.draining = true;
             }
             DroneMessage::Heartbeat(hb) => {
+                if drone.pongs {
+                    // A sign of life for a drone that cannot otherwise tell a frozen queen
+                    // from an idle one: one tiny frame per heartbeat, nothing to compute.
+                    drone.conn.send(QueenMessage::Pong);
+                }
                 self.checkpoints(id, hb.checkpoints);
                 self.heartbeat(id, &hb.held, hb.assigns_seen, now)
             }

@@ -585,6 +585,7 @@ pub fn drone_message(known: &Known) -> impl Strategy<Value = DroneMessage> {
                 token: None,
                 held,
                 draining: false,
+                pongs: false,
             })
         });
     let checkpoint =

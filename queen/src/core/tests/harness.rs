@@ -372,6 +372,7 @@ impl Hive {
                 token: None,
                 held,
                 draining: false,
+                pongs: false,
             }),
             conn: Conn {
                 id: conn,
