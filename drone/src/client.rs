@@ -351,6 +351,9 @@ pub(crate) struct Drone {
     rng: StdRng,
     /// Which queen to dial next, and the highest epoch this drone was welcomed in.
     queens: Queens,
+    /// The heartbeat timeout of the last welcome: with several queens, one that does not
+    /// welcome the drone within it is treated like a silent one (see [`welcome_wait`]).
+    last_heartbeat_timeout: Option<Duration>,
     link: Link,
     phase: Phase,
     /// Set by the first shutdown request; sent in every later hello.
@@ -374,6 +377,7 @@ impl Drone {
         let (finished_tx, finished_rx) = mpsc::channel(OUTCOME_CHANNEL_CAPACITY);
         Ok(Drone {
             queens: Queens::new(config.queen.clone()),
+            last_heartbeat_timeout: None,
             backoff: config.reconnect,
             config,
             drone_id: DroneId::generate(),
@@ -574,6 +578,10 @@ impl Drone {
                 self.config.tls.clone(),
                 hello,
                 self.config.max_frame_len,
+                welcome_wait(
+                    self.config.queen.as_slice().len(),
+                    self.last_heartbeat_timeout,
+                ),
             )),
             queen,
         };
@@ -702,6 +710,7 @@ impl Drone {
         // After a queen restart this drone has the heartbeat timeout to come back
         // and keep its running tasks: never sleep through that window.
         self.backoff = self.backoff.capped_for(session.heartbeat_timeout);
+        self.last_heartbeat_timeout = Some(session.heartbeat_timeout);
         self.link = Link::Connected(session);
         if self.draining {
             self.send(&DroneMessage::Drain).await;
@@ -1050,12 +1059,25 @@ fn message_type(message: &QueenMessage) -> &'static str {
     }
 }
 
-/// Connects, says hello and waits for the answer.
+/// How long to wait for a queen's welcome. With one queen, [`WELCOME_TIMEOUT`]. With
+/// several, once a queen has said how long silence may last, no longer than that (and at
+/// least a second): a queen that accepts the connection but says nothing for that long is
+/// frozen or overloaded (a stopped process's socket still accepts), and the leader may be
+/// another queen, which keeps this drone's running tasks only for that heartbeat timeout.
+fn welcome_wait(queens: usize, last_heartbeat_timeout: Option<Duration>) -> Duration {
+    match last_heartbeat_timeout {
+        Some(t) if queens > 1 => t.clamp(Duration::from_secs(1), WELCOME_TIMEOUT),
+        _ => WELCOME_TIMEOUT,
+    }
+}
+
+/// Connects, says hello and waits (up to `welcome_timeout`) for the answer.
 async fn handshake(
     queen: QueenAddr,
     tls: Option<TlsClient>,
     hello: Hello,
     max_frame_len: usize,
+    welcome_timeout: Duration,
 ) -> Result<Box<Session>, HandshakeError> {
     // Each step's timeout counts time the drone was awake (see `awake`): a drone stopped
     // while the queen answered takes the answer when it resumes instead of timing out.
@@ -1069,14 +1091,14 @@ async fn handshake(
     }
     let stream = match tls {
         None => Stream::Plain(stream),
-        Some(tls) => awake::timeout(WELCOME_TIMEOUT, tls.connect(stream, queen.host()))
+        Some(tls) => awake::timeout(welcome_timeout, tls.connect(stream, queen.host()))
             .await
-            .map_err(|_| HandshakeError::WelcomeTimeout(WELCOME_TIMEOUT))?
+            .map_err(|_| HandshakeError::WelcomeTimeout(welcome_timeout))?
             .map_err(HandshakeError::Tls)?,
     };
     let mut framed = Framed::new(stream, frame::codec(max_frame_len));
     let body = frame::encode(&DroneMessage::Hello(hello))?;
-    let answer = awake::timeout(WELCOME_TIMEOUT, async {
+    let answer = awake::timeout(welcome_timeout, async {
         framed.send(body).await.map_err(HandshakeError::Io)?;
         match framed.next().await {
             None => Err(HandshakeError::Closed),
@@ -1085,7 +1107,7 @@ async fn handshake(
         }
     })
     .await
-    .map_err(|_| HandshakeError::WelcomeTimeout(WELCOME_TIMEOUT))??;
+    .map_err(|_| HandshakeError::WelcomeTimeout(welcome_timeout))??;
     match answer {
         QueenMessage::Welcome(welcome) => {
             if welcome.protocol_version != PROTOCOL_VERSION {
@@ -1105,6 +1127,26 @@ async fn handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_several_queens_a_welcome_is_awaited_only_as_long_as_silence_may_last() {
+        let five = Some(Duration::from_secs(5));
+        assert_eq!(
+            welcome_wait(1, five),
+            WELCOME_TIMEOUT,
+            "one queen: wait for it"
+        );
+        assert_eq!(welcome_wait(2, None), WELCOME_TIMEOUT, "nothing known yet");
+        assert_eq!(welcome_wait(2, five), Duration::from_secs(5));
+        assert_eq!(
+            welcome_wait(3, Some(Duration::from_millis(200))),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            welcome_wait(2, Some(Duration::from_secs(60))),
+            WELCOME_TIMEOUT
+        );
+    }
 
     fn reject(reason: &str, versions: &[u32], code: Option<RejectCode>) -> Reject {
         Reject {

@@ -122,9 +122,12 @@ impl Queens {
     }
 
     /// A standby named `leader`: dial it next. False (and nothing changes) when it was
-    /// already dialled in this round.
+    /// already dialled in this round, or is the queen this drone left for going silent: a
+    /// standby learns of a new leader only once the old one's lease lapses, so for a
+    /// while it names the frozen queen the drone just left, which would hold the drone
+    /// for a whole welcome timeout.
     pub fn leader_named(&mut self, leader: QueenAddr) -> bool {
-        if self.tried.contains(&leader) {
+        if self.tried.contains(&leader) || self.silent.as_ref() == Some(&leader) {
             return false;
         }
         self.round.retain(|a| *a != leader);
@@ -220,6 +223,19 @@ mod tests {
         // A leader named once is not kept: the next round is the given list again.
         q.start_round();
         assert_eq!(drain(&mut q), ["a:1", "b:2", "c:3"]);
+    }
+
+    #[test]
+    fn a_standby_naming_the_queen_that_went_silent_is_not_followed() {
+        let mut q = queens("a:1,b:2");
+        q.start_round();
+        assert_eq!(q.dial_next(), Some(addr("a:1")));
+        q.went_silent(&addr("a:1"));
+        q.start_round();
+        assert_eq!(q.dial_next(), Some(addr("b:2")));
+        // b is a standby whose view of the lease still names a.
+        assert!(!q.leader_named(addr("a:1")));
+        assert_eq!(drain(&mut q), vec!["a:1"], "a stays last");
     }
 
     #[test]

@@ -125,9 +125,10 @@ pub async fn serve(
 
         let started = std::time::Instant::now();
         let term_cfg = (*cfg).clone();
-        let (s, m) = (settings.clone(), metrics.clone());
+        let (s, m, trust) = (settings.clone(), metrics.clone(), election.trust());
         let opened =
-            tokio::task::spawn_blocking(move || Queen::open_term(term_cfg, &s, epoch, m)).await;
+            tokio::task::spawn_blocking(move || Queen::open_term(term_cfg, &s, epoch, trust, m))
+                .await;
         let queen = match opened {
             Ok(Ok(queen)) => queen,
             Ok(Err(e)) => {

@@ -105,12 +105,19 @@ impl Queen {
         cfg: Config,
         settings: &store::pg::Settings,
         epoch: i64,
+        trust: store::pg::Trust,
         metrics: metrics::Metrics,
     ) -> Result<Queen, QueenError> {
         let fatal = CancellationToken::new();
         let tls = net::Tls::from_config(&cfg)?;
         let started = std::time::Instant::now();
-        let opened = Store::open_postgres(settings, epoch, metrics.store.clone(), fatal.clone())?;
+        let opened = Store::open_postgres(
+            settings,
+            epoch,
+            Some(trust),
+            metrics.store.clone(),
+            fatal.clone(),
+        )?;
         Ok(Queen::build(
             cfg,
             opened,

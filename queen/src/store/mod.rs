@@ -373,6 +373,7 @@ impl Store {
     pub fn open_postgres(
         settings: &pg::Settings,
         epoch: i64,
+        trust: Option<pg::Trust>,
         metrics: crate::metrics::StoreMetrics,
         fatal: CancellationToken,
     ) -> Result<(Store, StoreWriter, Recovered), StoreError> {
@@ -382,6 +383,7 @@ impl Store {
         let writer = pg::Writer {
             settings: settings.clone(),
             epoch,
+            trust,
             rx,
             durable: durable.clone(),
             fatal,

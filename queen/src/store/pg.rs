@@ -411,6 +411,9 @@ fn fold(commits: &mut [Commit]) -> Result<Vec<TableWrites>, StoreError> {
 pub(super) struct Writer {
     pub settings: Settings,
     pub epoch: i64,
+    /// Until when the term may write: past it, a batch fails without reaching the
+    /// database (the term is over; the fence would refuse it anyway).
+    pub trust: Option<Trust>,
     pub rx: mpsc::Receiver<Commit>,
     pub durable: Arc<AtomicU64>,
     pub fatal: CancellationToken,
@@ -448,8 +451,15 @@ impl Writer {
                 }
             }
             let started = Instant::now();
+            let lapsed = self
+                .trust
+                .as_ref()
+                .is_some_and(|t| Instant::now() >= t.until());
             let result = match &failed {
                 Some(err) => Err(err.clone()),
+                None if lapsed => Err(CommitError(
+                    "not written: this queen's leader lease lapsed, so its term is over".into(),
+                )),
                 None => self.write(&mut client, &statements, &cancelled, &mut commits),
             };
             self.metrics
@@ -457,6 +467,11 @@ impl Writer {
                 .observe(started.elapsed().as_secs_f64());
             self.metrics.batch_commits.observe(commits.len() as f64);
             match &result {
+                Err(err) if lapsed && failed.is_none() => {
+                    tracing::warn!(error = %err, "a batch came after the term ended; nothing of it is written or acknowledged");
+                    self.fatal.cancel();
+                    failed = Some(err.clone());
+                }
                 Err(err) => {
                     if failed.is_none() {
                         tracing::error!(error = %err, "postgres commit failed: its outcome is unknown, so nothing of it is acknowledged and this queen steps down");
