@@ -1,5 +1,7 @@
 //! The processes under test: a queen started from the release binary (its own data dir,
 //! free ports), real drones, and the HTTP client the benchmarks drive the queen with.
+//! With `--postgres` the queen stores in a PostgreSQL cluster of the hive's own
+//! (`hive_tests::pg`, the harness the HA tests use), optionally with a synchronous standby.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -8,6 +10,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use hive_tests::pg::PgCluster;
 use serde_json::Value;
 use shared::api::Stats;
 
@@ -266,6 +269,55 @@ impl Queen {
         Ok(serde_json::from_value(self.get("/v1/stats")?)?)
     }
 
+    /// Sends `signal` to the queen without waiting for it (`kill -9`, SIGTERM).
+    pub fn signal(&self, signal: libc::c_int) {
+        self.proc.signal(signal);
+    }
+
+    /// Waits up to `limit` for the process to exit (after a signal), failing if it
+    /// exited unsuccessfully.
+    pub fn wait_exit(mut self, limit: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.proc.0.try_wait()? {
+                if !status.success() {
+                    bail!("the queen exited with {status}");
+                }
+                return Ok(());
+            }
+            if t0.elapsed() > limit {
+                bail!("the queen did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The status of `GET path` (a transport error is an error).
+    pub fn status_of(&self, path: &str) -> Result<u16> {
+        match self.agent.get(&self.url(path)).call() {
+            Ok(r) => Ok(r.status()),
+            Err(ureq::Error::Status(code, _)) => Ok(code),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until this queen leads: `/readyz` answers 200 (a standby answers 503, and so
+    /// does a leader still loading its tasks).
+    pub fn wait_leading(&self, limit: Duration) -> Result<()> {
+        poll(limit, || Ok(matches!(self.status_of("/readyz"), Ok(200))))
+            .context("waiting for the queen to lead (/readyz 200)")
+    }
+
+    /// Waits until this queen serves as a standby: `/healthz` says `"role": "standby"`.
+    pub fn wait_standby(&self, limit: Duration) -> Result<()> {
+        poll(limit, || {
+            Ok(self
+                .get("/healthz")
+                .is_ok_and(|v| v["role"].as_str() == Some("standby")))
+        })
+        .context("waiting for the queen to stand by (/healthz role standby)")
+    }
+
     pub fn wait_drones(&self, n: u64, limit: Duration) -> Result<()> {
         poll(limit, || Ok(self.stats()?.drones_connected >= n))
             .with_context(|| format!("waiting for {n} drones to connect"))
@@ -285,12 +337,124 @@ pub fn post_raw(agent: &ureq::Agent, url: &str, body: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where the queen stores: sled in its data dir (the default), or PostgreSQL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Engine {
+    #[default]
+    Sled,
+    /// A fresh primary cluster per trial.
+    Postgres,
+    /// A fresh primary and a synchronous standby per trial: a commit is acknowledged once
+    /// it is on both servers' disks.
+    PostgresSyncStandby,
+}
+
+impl Engine {
+    pub fn from_flags(postgres: bool, sync_standby: bool) -> Engine {
+        match (postgres, sync_standby) {
+            (_, true) => Engine::PostgresSyncStandby,
+            (true, false) => Engine::Postgres,
+            (false, false) => Engine::Sled,
+        }
+    }
+
+    pub fn is_postgres(self) -> bool {
+        self != Engine::Sled
+    }
+
+    /// For the settings line and every JSON line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Sled => "sled",
+            Engine::Postgres => "postgres",
+            Engine::PostgresSyncStandby => "postgres+sync-standby",
+        }
+    }
+}
+
+/// The queen's storage settings: the engine, and `[storage] sync` (sled only).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Storage {
+    pub sync: bool,
+    pub engine: Engine,
+}
+
+impl Storage {
+    /// The settings every report of a mode that can run on PostgreSQL carries.
+    pub fn settings(self) -> Value {
+        let mut s = serde_json::json!({"engine": self.engine.name(), "sync": self.sync});
+        if self.engine.is_postgres() {
+            s["postgres"] = Value::String(PG_SETTINGS.into());
+        }
+        s
+    }
+}
+
+/// What the clusters run with, for the record: `hive_tests::pg`'s settings, unchanged.
+pub const PG_SETTINGS: &str =
+    "hive_tests::pg harness: fsync on, synchronous_commit on, shared_buffers 16MB, loopback TCP";
+
+/// A PostgreSQL primary, and its synchronous standby if asked for, in a temp dir of their
+/// own. Dropping it stops both servers (`PgCluster`'s drop) and then removes the dir.
+#[derive(Debug)]
+pub struct Postgres {
+    /// Declared first, dropped first: the standby goes before its primary.
+    _standby: Option<PgCluster>,
+    pub primary: PgCluster,
+    _dir: tempfile::TempDir,
+}
+
+impl Postgres {
+    /// Creates and starts the clusters `engine` asks for; `None` for sled.
+    pub fn start(engine: Engine) -> Result<Option<Postgres>> {
+        if !engine.is_postgres() {
+            return Ok(None);
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("hive-bench-pg-")
+            .tempdir()?;
+        let primary = harness("starting a PostgreSQL primary", || {
+            PgCluster::primary(dir.path())
+        })?;
+        let standby = if engine == Engine::PostgresSyncStandby {
+            Some(harness("starting a synchronous standby", || {
+                PgCluster::sync_standby_of(&primary)
+            })?)
+        } else {
+            None
+        };
+        Ok(Some(Postgres {
+            _standby: standby,
+            primary,
+            _dir: dir,
+        }))
+    }
+
+    /// The environment that points a queen at the primary.
+    pub fn queen_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("HIVE_STORAGE__BACKEND".into(), "postgres".into()),
+            ("HIVE_POSTGRES__URL".into(), self.primary.url()),
+        ]
+    }
+}
+
+/// Runs a `hive_tests::pg` call, which panics (after printing what went wrong and the
+/// server's log) when a server cannot be set up, and turns that panic into an error.
+fn harness<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|_| anyhow::anyhow!("{what} failed (the reason is printed above)"))
+}
+
 /// A queen on its own temporary data dir, and the binaries to start drones with.
 #[derive(Debug)]
 pub struct Hive {
+    /// Declared first, so dropped (killed) before its database and its dir go.
+    pub queen: Queen,
+    /// The database with `--postgres`: stopped after the queen.
+    pub postgres: Option<Postgres>,
     /// Holds `data/` (the queen's data dir) and `queen.log`; removed when dropped.
     dir: tempfile::TempDir,
-    pub queen: Queen,
     bin_dir: PathBuf,
     sync: bool,
     env: Vec<(String, String)>,
@@ -299,6 +463,24 @@ pub struct Hive {
 impl Hive {
     pub fn start(bin_dir: &Path, sync: bool) -> Result<Hive> {
         Hive::start_with(bin_dir, sync, Vec::new())
+    }
+
+    /// A hive on `storage`: with PostgreSQL, fresh clusters of its own, and returned once
+    /// its queen leads (`/readyz` 200).
+    pub fn start_on(bin_dir: &Path, storage: Storage) -> Result<Hive> {
+        let postgres = Postgres::start(storage.engine)?;
+        let env = postgres
+            .as_ref()
+            .map(Postgres::queen_env)
+            .unwrap_or_default();
+        let mut hive = Hive::start_with(bin_dir, storage.sync, env)?;
+        if postgres.is_some() {
+            hive.queen
+                .wait_leading(Duration::from_secs(120))
+                .with_context(|| format!("see {}", hive.dir.path().join("queen.log").display()))?;
+        }
+        hive.postgres = postgres;
+        Ok(hive)
     }
 
     /// A hive whose queen also gets `env` (config overrides `HIVE_<SECTION>__<KEY>`).
@@ -313,8 +495,9 @@ impl Hive {
             &env,
         )?;
         Ok(Hive {
-            dir,
             queen,
+            postgres: None,
+            dir,
             bin_dir: bin_dir.to_path_buf(),
             sync,
             env,
@@ -329,8 +512,9 @@ impl Hive {
     /// one on the same data dir, returned once it printed its ready line.
     pub fn restart(self) -> Result<(Duration, Hive)> {
         let Hive {
-            dir,
             queen,
+            postgres,
+            dir,
             bin_dir,
             sync,
             env,
@@ -346,8 +530,9 @@ impl Hive {
         Ok((
             stopped_in,
             Hive {
-                dir,
                 queen,
+                postgres,
+                dir,
                 bin_dir,
                 sync,
                 env,

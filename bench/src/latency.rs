@@ -24,8 +24,8 @@ use shared::api::TaskView;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-use crate::hive::{post_raw, Hive};
-use crate::report::{quantile, Machine, Reporter};
+use crate::hive::{post_raw, Hive, Storage};
+use crate::report::{merge, quantile, Machine, Reporter};
 use crate::sim::{self, Behavior, Counters, Event};
 
 /// How long one task may take end to end before the run is declared stuck.
@@ -135,23 +135,21 @@ fn connect_drones(
 
 pub fn run(
     bin_dir: &Path,
-    sync: bool,
+    storage: Storage,
     json_only: bool,
     machine: &Machine,
     rt: &Runtime,
     a: &Args,
 ) -> Result<()> {
-    let mut report = Reporter::new(
-        "latency",
-        machine,
-        json!({"tasks": a.tasks, "warmup": a.warmup, "rate": a.rate, "seconds": a.seconds,
-               "submitters": a.submitters, "drones": a.drones, "slots": a.slots,
-               "work_ms": a.work_ms, "sync": sync, "drone": "simulated"}),
-        json_only,
-    );
+    let mut settings = json!({"tasks": a.tasks, "warmup": a.warmup, "rate": a.rate,
+           "seconds": a.seconds, "submitters": a.submitters, "drones": a.drones,
+           "slots": a.slots, "work_ms": a.work_ms, "drone": "simulated"});
+    merge(&mut settings, storage.settings());
+    let mut report = Reporter::new("latency", machine, settings, json_only);
     report.note("started = assign frame received by a drone; recorded = ack of task_complete received; both from the instant before POST /v1/tasks");
     for trial in 1..=a.trials {
-        let hive = Hive::start(bin_dir, sync)?;
+        // With PostgreSQL: fresh clusters for this trial, stopped when `hive` is dropped.
+        let hive = Hive::start_on(bin_dir, storage)?;
         let (tx, rx) = mpsc::channel();
 
         // Low load: one task at a time.

@@ -13,7 +13,15 @@
 //! $B drones --drones 10000 --trials 3   # queen RSS per idle drone connection, heartbeat CPU
 //! $B --json-only latency ...            # only the JSON lines
 //! $B --sync throughput ...              # queen with [storage] sync = true
+//! $B --postgres throughput ...          # queen on a fresh PostgreSQL primary per trial
+//! $B --sync-standby latency ...         # … and a synchronous standby (throughput, latency)
+//! $B failover --tasks 100000 --trials 3 # kill -9 / SIGTERM of the leading queen with
+//!                                       # N pending: time until the other one writes
 //! ```
+//!
+//! `--postgres` and `--sync-standby` start PostgreSQL clusters of their own with the HA
+//! tests' harness (`hive_tests::pg`: Debian's `postgresql` package; as root the servers
+//! run as the `postgres` user), one set per trial, stopped when the trial ends.
 //!
 //! Each run starts its own queen (temp data dir, free ports, log in the temp dir) from the
 //! binaries next to this one (or `--bin-dir`), prints the machine (with the load average:
@@ -28,6 +36,7 @@
 //! on one clock and ten thousand connections cost one process.
 
 mod drones;
+mod failover;
 mod hive;
 mod latency;
 mod report;
@@ -53,6 +62,14 @@ struct Cli {
     /// Print only the JSON lines (no machine line, settings or tables).
     #[arg(long, global = true)]
     json_only: bool,
+    /// Store in PostgreSQL: a fresh primary cluster of the bench's own per trial
+    /// (`throughput`, `latency`; `failover` always does).
+    #[arg(long, global = true)]
+    postgres: bool,
+    /// As `--postgres`, and the primary gets a synchronous standby: a commit returns once
+    /// it is on both servers' disks.
+    #[arg(long, global = true)]
+    sync_standby: bool,
     #[command(subcommand)]
     what: What,
 }
@@ -72,6 +89,10 @@ enum What {
     Restart(restart::Args),
     /// Queen memory per idle drone connection, with thousands of simulated drones.
     Drones(drones::Args),
+    /// Two queens on one PostgreSQL database with N pending tasks: time from `kill -9` of
+    /// the leader until the standby accepts a write, and from SIGTERM of that one until
+    /// the first, restarted as a standby, does.
+    Failover(failover::Args),
 }
 
 fn main() -> Result<()> {
@@ -94,10 +115,25 @@ fn main() -> Result<()> {
     raise_nofile_limit();
     let machine = report::Machine::detect();
     let (sync, json_only) = (cli.sync, cli.json_only);
+    let engine = hive::Engine::from_flags(cli.postgres, cli.sync_standby);
+    let storage = hive::Storage { sync, engine };
+    if sync && (engine.is_postgres() || matches!(cli.what, What::Failover(_))) {
+        bail!("--sync is sled's `[storage] sync`; PostgreSQL commits with fsync on");
+    }
+    if engine.is_postgres()
+        && matches!(
+            cli.what,
+            What::Requeue(_) | What::Restart(_) | What::Drones(_)
+        )
+    {
+        bail!("--postgres and --sync-standby apply to throughput, latency and failover");
+    }
+
     match &cli.what {
-        What::Throughput(a) => throughput::run(&bin_dir, sync, json_only, &machine, a),
+        What::Throughput(a) => throughput::run(&bin_dir, storage, json_only, &machine, a),
         What::Requeue(a) => requeue::run(&bin_dir, sync, json_only, &machine, a),
-        What::Latency(a) => latency::run(&bin_dir, sync, json_only, &machine, &runtime()?, a),
+        What::Latency(a) => latency::run(&bin_dir, storage, json_only, &machine, &runtime()?, a),
+        What::Failover(a) => failover::run(&bin_dir, engine, json_only, &machine, a),
         What::Restart(a) => restart::run(&bin_dir, sync, json_only, &machine, &runtime()?, a),
         What::Drones(a) => drones::run(&bin_dir, sync, json_only, &machine, &runtime()?, a),
     }

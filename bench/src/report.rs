@@ -222,6 +222,13 @@ impl Drop for Reporter {
     }
 }
 
+/// Adds the fields of `extra` (an object) to `settings` (an object).
+pub fn merge(settings: &mut Value, extra: Value) {
+    if let (Value::Object(s), Value::Object(e)) = (settings, extra) {
+        s.extend(e);
+    }
+}
+
 fn median_of_sorted(sorted: &[f64]) -> f64 {
     let n = sorted.len();
     if n == 0 {

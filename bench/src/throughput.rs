@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::hive::{poll, Hive, Proc};
-use crate::report::{Machine, Reporter};
+use crate::hive::{poll, Hive, Proc, Storage};
+use crate::report::{merge, Machine, Reporter};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -26,15 +26,20 @@ pub struct Args {
     pub trials: u32,
 }
 
-pub fn run(bin_dir: &Path, sync: bool, json_only: bool, machine: &Machine, a: &Args) -> Result<()> {
-    let mut report = Reporter::new(
-        "throughput",
-        machine,
-        json!({"tasks": a.tasks, "drones": a.drones, "slots": a.slots, "batch": a.batch, "sync": sync}),
-        json_only,
-    );
+pub fn run(
+    bin_dir: &Path,
+    storage: Storage,
+    json_only: bool,
+    machine: &Machine,
+    a: &Args,
+) -> Result<()> {
+    let mut settings =
+        json!({"tasks": a.tasks, "drones": a.drones, "slots": a.slots, "batch": a.batch});
+    merge(&mut settings, storage.settings());
+    let mut report = Reporter::new("throughput", machine, settings, json_only);
     for trial in 1..=a.trials {
-        let hive = Hive::start(bin_dir, sync)?;
+        // With PostgreSQL: fresh clusters for this trial, stopped when `hive` is dropped.
+        let hive = Hive::start_on(bin_dir, storage)?;
         let queen = &hive.queen;
         let _drones: Vec<Proc> = (0..a.drones)
             .map(|i| hive.drone(&format!("bench-{i}"), a.slots))
