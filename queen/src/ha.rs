@@ -105,6 +105,9 @@ pub async fn serve(
     standby.stop().await;
 
     let mut standby: Option<Standby> = None;
+    // The epoch of the last term this queen ended: leading again takes a newer one (the
+    // lease thread may not have processed the release of the old one yet).
+    let mut last_ended: Option<i64> = None;
     loop {
         let standby_now = match standby.take() {
             Some(s) => s,
@@ -113,7 +116,9 @@ pub async fn serve(
         tracing::info!(holder = %settings.name, "standing by");
         let epoch = loop {
             if let Role::Leading(epoch) = *role.borrow_and_update() {
-                break Some(epoch);
+                if last_ended.is_none_or(|ended| epoch > ended) {
+                    break Some(epoch);
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break None,
@@ -133,11 +138,13 @@ pub async fn serve(
             Ok(Ok(queen)) => queen,
             Ok(Err(e)) => {
                 tracing::error!(epoch, error = %e, "cannot open the store for this term; giving it up");
+                last_ended = Some(epoch);
                 election.release(epoch);
                 continue;
             }
             Err(e) => {
                 tracing::error!(epoch, error = %e, "opening the store panicked; giving the term up");
+                last_ended = Some(epoch);
                 election.release(epoch);
                 continue;
             }
@@ -189,6 +196,7 @@ pub async fn serve(
             Ok(()) => tracing::warn!(epoch, "the term ended: the lease lapsed or was taken"),
             Err(e) => tracing::error!(epoch, error = %e, "the term ended"),
         }
+        last_ended = Some(epoch);
         election.release(epoch);
     }
     // Releases the lease if this queen still holds it: a standby takes over at its next poll.

@@ -392,8 +392,13 @@ async fn get_task(
     if let Some(view) = st.core.ask(|reply| Request::Get { id, reply }).await? {
         return Ok(Json(view));
     }
-    // Not in memory: finished and durable, or unknown.
-    match st.reader.finished(id) {
+    // Not in memory: finished and durable, or unknown. A store read blocks (a disk read,
+    // or a round trip to PostgreSQL): off the runtime's workers.
+    let reader = st.reader.clone();
+    let found = tokio::task::spawn_blocking(move || reader.finished(id))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match found {
         Ok(Some(task)) => Ok(Json(task.view())),
         Ok(None) => Err(ApiError(StatusCode::NOT_FOUND, format!("no task {id}"))),
         Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),

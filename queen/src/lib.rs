@@ -143,7 +143,7 @@ impl Queen {
         let (mut core, handle, requests) = Core::new(
             cfg.clone(),
             writer,
-            Arc::new(store.reader.clone()),
+            Arc::new(store.core_reader.clone()),
             recovered,
             metrics.clone(),
             fatal.clone(),
@@ -243,10 +243,11 @@ impl Queen {
         // The core, the only writer, has stopped: the writer thread drains and exits.
         let Store {
             reader,
+            core_reader,
             writer_thread,
             ..
         } = store;
-        drop(reader);
+        drop((reader, core_reader));
         let joined = tokio::task::spawn_blocking(move || writer_thread.join());
         if on_sled {
             let _ = joined.await;

@@ -250,3 +250,34 @@ fn a_sled_hive_moves_into_postgres_with_every_task_and_refuses_a_second_copy() {
     pg_hive.start_drone("b", 4);
     pg_hive.wait_all_succeeded(Duration::from_secs(60), &waiting);
 }
+
+#[test]
+fn a_leader_whose_synchronous_standby_dies_steps_down_instead_of_hanging_and_leads_again() {
+    let pg_dir = tempfile::tempdir().expect("temp dir");
+    let primary = PgCluster::primary(pg_dir.path());
+    let mut standby = PgCluster::sync_standby_of(&primary);
+    let mut hive = pg_hive(&primary.url(), 1);
+    hive.start_drone("a", 4);
+    let before = quick_batch(&hive, 30);
+    hive.wait_all_succeeded(Duration::from_secs(60), &before);
+
+    // Every commit now waits for a standby that is gone, the lease's renewals included:
+    // the leader must stop leading (not hang with its lease thread stuck in a commit).
+    standby.kill9();
+    let leader_http = hive.queen.http_addr;
+    hive_tests::wait::wait_until(TAKEOVER, "the leader to step down", || {
+        match hive_tests::api::Api::new(leader_http).get_raw("/readyz") {
+            Ok((503, _)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+
+    // The standby comes back: commits go through again and the queen leads again.
+    standby.start();
+    hive.wait_leader_is(0, Duration::from_secs(60));
+    let after = quick_batch(&hive, 30);
+    let all: Vec<TaskId> = before.iter().chain(&after).copied().collect();
+    hive.wait_all_succeeded(Duration::from_secs(60), &all);
+    let summary = hive.check(Duration::from_secs(60));
+    eprintln!("{summary}");
+}

@@ -261,6 +261,9 @@ pub struct StoreWriter {
 #[derive(Debug)]
 pub struct Store {
     pub reader: StoreReader,
+    /// The scheduler core's reads: on PostgreSQL, connections of its own, so API reads
+    /// (history pages) never make the core wait. On sled, the same as `reader`.
+    pub core_reader: StoreReader,
     /// Joined at shutdown so the last commits are flushed before the process exits.
     pub writer_thread: std::thread::JoinHandle<()>,
     /// sled: the data dir's `LOCK`, held (with its flock) for as long as the queen runs.
@@ -356,6 +359,9 @@ impl Store {
         Ok((
             Store {
                 reader: StoreReader {
+                    engine: ReadEngine::Sled(tree.clone()),
+                },
+                core_reader: StoreReader {
                     engine: ReadEngine::Sled(tree),
                 },
                 writer_thread,
@@ -367,6 +373,10 @@ impl Store {
     }
 }
 
+/// The scheduler core reads one thing at a time (it is one task), plus the purge: two
+/// connections of its own.
+const CORE_READ_CONNECTIONS: usize = 2;
+
 impl Store {
     /// Opens the PostgreSQL store for a leader's term: `epoch` fences every commit (see
     /// [`pg`]). The schema must be prepared ([`pg::prepare`]) and the lease held.
@@ -377,7 +387,8 @@ impl Store {
         metrics: crate::metrics::StoreMetrics,
         fatal: CancellationToken,
     ) -> Result<(Store, StoreWriter, Recovered), StoreError> {
-        let reader = pg::Reader::start(settings)?;
+        let reader = pg::Reader::start(settings, settings.pool_size, "reader")?;
+        let core_reader = pg::Reader::start(settings, CORE_READ_CONNECTIONS, "core-reader")?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let durable = Arc::new(AtomicU64::new(0));
         let writer = pg::Writer {
@@ -408,6 +419,9 @@ impl Store {
             Store {
                 reader: StoreReader {
                     engine: ReadEngine::Postgres(reader),
+                },
+                core_reader: StoreReader {
+                    engine: ReadEngine::Postgres(core_reader),
                 },
                 writer_thread,
                 _lock: None,

@@ -268,8 +268,16 @@ pub fn prepare(settings: &Settings) -> Result<(), StoreError> {
     let mut tx = client.transaction().map_err(pg_err)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SETUP_LOCK])
         .map_err(pg_err)?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS hive_schema (version integer NOT NULL)")
+    // Created only when missing: a queen whose role may read and write the tables but not
+    // create any (a prepared database) must still start.
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('hive_schema') IS NOT NULL", &[])
+        .and_then(|row| row.try_get(0))
         .map_err(pg_err)?;
+    if !exists {
+        tx.batch_execute("CREATE TABLE hive_schema (version integer NOT NULL)")
+            .map_err(pg_err)?;
+    }
     let found: Option<i32> = tx
         .query_one("SELECT max(version) FROM hive_schema", &[])
         .and_then(|row| row.try_get(0))
@@ -530,7 +538,14 @@ impl Writer {
 
 // ----- reads -----
 
-type Job = Box<dyn FnOnce(Result<&mut Client, StoreError>) + Send>;
+/// What a read does with a connection (or the error of getting one).
+type ReadFn = Box<dyn FnOnce(Result<&mut Client, StoreError>) + Send>;
+
+/// A read waiting for a connection, and when its caller stops waiting for it.
+struct Job {
+    run: ReadFn,
+    deadline: Instant,
+}
 
 /// A small pool of read connections, each on its own thread; a read blocks its caller
 /// for one round trip, like a sled read blocks on the disk.
@@ -553,36 +568,46 @@ impl std::fmt::Debug for Reader {
 const PAGE: usize = 256;
 
 impl Reader {
-    /// Starts `settings.pool_size` reader threads; they connect on first use, reconnect
-    /// after an error, and end when the last clone of the reader is dropped.
-    pub fn start(settings: &Settings) -> Result<Reader, StoreError> {
+    /// Connects `threads` read connections (now, so no read pays for a connect) and
+    /// starts a thread for each; a thread reconnects after an error, and they end when the
+    /// last clone of the reader is dropped.
+    pub fn start(settings: &Settings, threads: usize, role: &str) -> Result<Reader, StoreError> {
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        for n in 0..settings.pool_size {
+        let mut clients = Vec::new();
+        for _ in 0..threads.max(1) {
+            clients.push(settings.connect(role)?);
+        }
+        for (n, first) in clients.into_iter().enumerate() {
             let rx = Arc::clone(&rx);
             let settings = settings.clone();
+            let role = role.to_owned();
             std::thread::Builder::new()
-                .name(format!("hive-pg-read-{n}"))
+                .name(format!("hive-pg-{role}-{n}"))
                 .spawn(move || {
-                    let mut client: Option<Client> = None;
+                    let mut client: Option<Client> = Some(first);
                     loop {
                         let job = match rx.lock() {
                             Ok(rx) => rx.recv(),
                             Err(_) => return,
                         };
                         let Ok(job) = job else { return };
+                        if Instant::now() >= job.deadline {
+                            // Its caller has given up: the database is spared the work.
+                            continue;
+                        }
                         if client.as_ref().is_none_or(|c| c.is_closed()) {
                             client = None;
-                            match settings.connect("reader") {
+                            match settings.connect(&role) {
                                 Ok(c) => client = Some(c),
                                 Err(e) => {
-                                    job(Err(e));
+                                    (job.run)(Err(e));
                                     continue;
                                 }
                             }
                         }
                         if let Some(c) = client.as_mut() {
-                            job(Ok(c));
+                            (job.run)(Ok(c));
                         }
                     }
                 })
@@ -593,9 +618,10 @@ impl Reader {
         }
         Ok(Reader {
             jobs,
-            // Well inside the leader's margin (a quarter of the lease), so a read stuck on
-            // a dead database cannot keep the term from ending before its lease lapses.
-            timeout: (settings.lease / 8).max(Duration::from_millis(100)),
+            // A read, unlike a commit, changes nothing, so giving up on one is safe; a
+            // quarter of the lease keeps a database that stopped answering from holding
+            // the core past the moment its term must end.
+            timeout: (settings.lease / 4).max(Duration::from_millis(100)),
         })
     }
 
@@ -604,10 +630,13 @@ impl Reader {
         f: impl FnOnce(&mut Client) -> Result<R, postgres::Error> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let job: Job = Box::new(move |client| {
-            let result = client.and_then(|c| f(c).map_err(pg_err));
-            let _ = tx.send(result);
-        });
+        let job = Job {
+            run: Box::new(move |client| {
+                let result = client.and_then(|c| f(c).map_err(pg_err));
+                let _ = tx.send(result);
+            }),
+            deadline: Instant::now() + self.timeout,
+        };
         self.jobs
             .send(job)
             .map_err(|_| StoreError::Postgres("the read connections are shut down".into()))?;
@@ -876,6 +905,9 @@ impl Trust {
     }
 }
 
+/// How long stopping waits for the lease thread to release the lease.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
 enum Command {
     /// Give up the lease of this epoch (a stop, or a step-down): standbys take over at
     /// their next poll instead of waiting for it to lapse.
@@ -891,8 +923,15 @@ impl Election {
         let base = Instant::now();
         let trusted_until = Arc::new(AtomicU64::new(0));
         let (commands, rx) = std::sync::mpsc::channel();
+        let canceller =
+            Canceller::start(settings.tls.clone()).map_err(|source| StoreError::Io {
+                path: "postgres lease canceller thread".into(),
+                source,
+            })?;
         let campaign = Campaign {
             settings,
+            canceller,
+            statement: 0,
             role: role_tx,
             trusted_until: trusted_until.clone(),
             base,
@@ -937,13 +976,78 @@ impl Election {
     pub fn stop(mut self) {
         let _ = self.commands.send(Command::Stop);
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            // The release is one bounded statement (see `Canceller`); past this, the
+            // lease simply lapses on its own.
+            let deadline = Instant::now() + STOP_WAIT;
+            while !thread.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
         }
+    }
+}
+
+/// Cancels a lease statement that runs past its deadline. A lease write waits for the
+/// synchronous standby like any commit, and with the standby gone it would wait for ever;
+/// the lease thread must go on (to step down, to stop). A lease statement cancelled this
+/// way counts as failed whatever it returns: a renewal that was not replicated must not
+/// extend the leader's trust, and a takeover that was not replicated must not lead (its
+/// row lapses by itself). Data commits are never cancelled.
+struct Canceller {
+    slot: Mutex<Option<(u64, Instant, postgres::CancelToken)>>,
+    /// The last statement (by number) that was cancelled.
+    fired: AtomicU64,
+    stop: AtomicBool,
+}
+
+/// How often the canceller looks at the running lease statement.
+const CANCEL_TICK: Duration = Duration::from_millis(20);
+
+impl Canceller {
+    fn start(
+        tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    ) -> std::io::Result<Arc<Canceller>> {
+        let canceller = Arc::new(Canceller {
+            slot: Mutex::new(None),
+            fired: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let c = Arc::clone(&canceller);
+        std::thread::Builder::new()
+            .name("hive-pg-lease-cancel".into())
+            .spawn(move || {
+                while !c.stop.load(Ordering::Acquire) {
+                    std::thread::sleep(CANCEL_TICK);
+                    let due = match c.slot.lock() {
+                        Ok(mut slot) => match slot.as_ref() {
+                            Some((_, deadline, _)) if Instant::now() >= *deadline => slot.take(),
+                            _ => None,
+                        },
+                        Err(_) => return,
+                    };
+                    if let Some((n, _, token)) = due {
+                        c.fired.store(n, Ordering::Release);
+                        let sent = match &tls {
+                            Some(tls) => token.cancel_query(tls.clone()),
+                            None => token.cancel_query(NoTls),
+                        };
+                        if let Err(e) = sent {
+                            tracing::warn!(error = %e, "cannot cancel a lease statement past its deadline");
+                        }
+                    }
+                }
+            })?;
+        Ok(canceller)
     }
 }
 
 struct Campaign {
     settings: Settings,
+    canceller: Arc<Canceller>,
+    /// Number of the lease statement running now (see [`Canceller`]).
+    statement: u64,
     role: watch::Sender<Role>,
     trusted_until: Arc<AtomicU64>,
     base: Instant,
@@ -991,6 +1095,35 @@ impl Campaign {
             .ok_or_else(|| StoreError::Postgres("no lease connection".into()))
     }
 
+    /// Runs one lease statement on the lease connection, cancelled (and failed) once it
+    /// has run for a third of the lease.
+    fn bounded<T>(
+        &mut self,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        self.statement += 1;
+        let n = self.statement;
+        let deadline = Instant::now() + self.renew_interval();
+        let canceller = Arc::clone(&self.canceller);
+        let client = self.client()?;
+        if let Ok(mut slot) = canceller.slot.lock() {
+            *slot = Some((n, deadline, client.cancel_token()));
+        }
+        let result = f(client);
+        if let Ok(mut slot) = canceller.slot.lock() {
+            *slot = None;
+        }
+        if canceller.fired.load(Ordering::Acquire) == n {
+            // A cancel may still be on its way: the next statement gets a fresh connection.
+            self.client = None;
+            return Err(StoreError::Postgres(format!(
+                "a lease statement ran past {} ms and was cancelled; it counts as failed",
+                self.renew_interval().as_millis()
+            )));
+        }
+        result.map_err(pg_err)
+    }
+
     fn run(mut self) {
         let mut leading: Option<i64> = None;
         let mut next = Instant::now();
@@ -1013,6 +1146,7 @@ impl Campaign {
                         self.demote();
                         self.release(epoch);
                     }
+                    self.canceller.stop.store(true, Ordering::Release);
                     return;
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -1079,18 +1213,17 @@ impl Campaign {
             self.settings.drones.clone(),
         );
         let sent = Instant::now();
-        let client = self.client()?;
         let taken = if !campaign {
             None
         } else {
-            client
-            .query_opt(
-                "UPDATE hive_leader SET epoch = epoch + 1, holder = $1, http = $2, drones = $3, \
-                 expires_at = now() + $4::bigint * interval '1 millisecond', since = now() \
-                 WHERE id = 1 AND expires_at < now() RETURNING epoch",
-                &[&name, &http, &drones, &lease_ms],
-            )
-            .map_err(pg_err)?
+            self.bounded(|client| {
+                client.query_opt(
+                    "UPDATE hive_leader SET epoch = epoch + 1, holder = $1, http = $2, drones = $3, \
+                     expires_at = now() + $4::bigint * interval '1 millisecond', since = now() \
+                     WHERE id = 1 AND expires_at < now() RETURNING epoch",
+                    &[&name, &http, &drones, &lease_ms],
+                )
+            })?
         };
         if let Some(row) = taken {
             let epoch: i64 = row.try_get(0).map_err(pg_err)?;
@@ -1099,12 +1232,12 @@ impl Campaign {
             self.role.send_replace(Role::Leading(epoch));
             return Ok(Some(epoch));
         }
-        let row = client
-            .query_one(
+        let row = self.bounded(|client| {
+            client.query_one(
                 "SELECT epoch, holder, http, drones, expires_at >= now() FROM hive_leader WHERE id = 1",
                 &[],
             )
-            .map_err(pg_err)?;
+        })?;
         let live: bool = row.try_get(4).map_err(pg_err)?;
         let leader = if live {
             Some(LeaderInfo {
@@ -1131,26 +1264,24 @@ impl Campaign {
     /// Extends the lease if this epoch still holds it.
     fn renew(&mut self, epoch: i64) -> Result<bool, StoreError> {
         let lease_ms = self.settings.lease.as_millis() as i64;
-        let client = self.client()?;
-        let row = client
-            .query_opt(
+        let row = self.bounded(|client| {
+            client.query_opt(
                 "UPDATE hive_leader SET expires_at = now() + $2::bigint * interval '1 millisecond' \
                  WHERE id = 1 AND epoch = $1 RETURNING 1",
                 &[&epoch, &lease_ms],
             )
-            .map_err(pg_err)?;
+        })?;
         Ok(row.is_some())
     }
 
     /// Ends this epoch's lease now, so a standby takes over at its next poll.
     fn release(&mut self, epoch: i64) {
-        let result = self.client().and_then(|c| {
+        let result = self.bounded(|c| {
             c.execute(
                 "UPDATE hive_leader SET expires_at = now() - interval '1 millisecond' \
                  WHERE id = 1 AND epoch = $1",
                 &[&epoch],
             )
-            .map_err(pg_err)
         });
         match result {
             Ok(1) => tracing::info!(epoch, "leader lease released"),
