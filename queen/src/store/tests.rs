@@ -35,10 +35,11 @@ async fn commit(writer: &StoreWriter, mutations: Vec<Mutation>) -> Result<(), Co
 fn close(store: Store, writer: StoreWriter) {
     let Store {
         reader,
+        core_reader,
         writer_thread,
         _lock,
     } = store;
-    drop((reader, writer));
+    drop((reader, core_reader, writer));
     writer_thread.join().expect("writer thread exits cleanly");
     drop(_lock);
 }
