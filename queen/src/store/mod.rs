@@ -1223,9 +1223,12 @@ impl Writer {
     /// One sled batch for a group of commits (not yet durable).
     fn apply_all(&self, commits: &mut [Commit]) -> Result<(), CommitError> {
         let mut batch = sled::Batch::default();
+        // Idempotency keys set or dropped earlier in this batch (sled's batch cannot be
+        // read), so a conditional delete sees them as PostgreSQL's fold does.
+        let mut idem = std::collections::HashMap::new();
         for commit in commits.iter_mut() {
             for m in commit.mutations.drain(..) {
-                self.apply(&mut batch, m)
+                self.apply(&mut batch, &mut idem, m)
                     .map_err(|e| CommitError(e.to_string()))?;
             }
         }
@@ -1234,17 +1237,42 @@ impl Writer {
             .map_err(|e| CommitError(e.to_string()))
     }
 
-    fn apply(&self, batch: &mut sled::Batch, m: Mutation) -> Result<(), sled::Error> {
+    fn apply(
+        &self,
+        batch: &mut sled::Batch,
+        idem: &mut std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
+        m: Mutation,
+    ) -> Result<(), sled::Error> {
         let mut failed = None;
         ops(m, |op| match op {
-            Op::Put(k, v) => batch.insert(k, v),
-            Op::Del(k) => batch.remove(k),
-            // Safe to read here: this thread is the only writer.
-            Op::DelIfEq(k, expected) => match self.tree.get(&k) {
-                Ok(current) if current.as_deref() == Some(&expected[..]) => batch.remove(k),
-                Ok(_) => {}
-                Err(e) => failed = Some(e),
-            },
+            Op::Put(k, v) => {
+                if k.starts_with(IDEM) {
+                    idem.insert(k.clone(), Some(v.clone()));
+                }
+                batch.insert(k, v)
+            }
+            Op::Del(k) => {
+                if k.starts_with(IDEM) {
+                    idem.insert(k.clone(), None);
+                }
+                batch.remove(k)
+            }
+            Op::DelIfEq(k, expected) => {
+                // The value as of this point in the batch; else the stored one (safe to
+                // read here: this thread is the only writer).
+                let current = match idem.get(&k) {
+                    Some(pending) => Ok(pending.clone()),
+                    None => self.tree.get(&k).map(|v| v.map(|v| v.to_vec())),
+                };
+                match current {
+                    Ok(Some(v)) if v == expected => {
+                        idem.insert(k.clone(), None);
+                        batch.remove(k)
+                    }
+                    Ok(_) => {}
+                    Err(e) => failed = Some(e),
+                }
+            }
         });
         failed.map_or(Ok(()), Err)
     }

@@ -402,3 +402,49 @@ fn a_full_filesystem_at_open_says_what_to_do() {
         StoreError::Io { .. }
     ));
 }
+
+/// A purge in the same group commit as a new task taking over the purged task's
+/// idempotency key keeps the key (pointing at the new task); one that follows the old
+/// task's own key in the batch drops it. The same rule PostgreSQL's fold applies.
+#[tokio::test]
+async fn a_purge_sees_idempotency_keys_set_earlier_in_its_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    let (old, new) = (TaskId::generate(), TaskId::generate());
+    let purge = |key: &str| Mutation::Purge {
+        expired: Expired {
+            id: old,
+            finished_ms: 1,
+            entry: RetentionEntry {
+                queue: "q".into(),
+                state: TaskState::Succeeded,
+                idempotency_key: Some(key.into()),
+            },
+        },
+        count: 0,
+    };
+    let idem = |key: &str, id| Mutation::Idempotency {
+        key: key.into(),
+        id,
+    };
+    commit(&w, vec![idem("taken-over", old), idem("own", old)])
+        .await
+        .expect("commit");
+    commit(
+        &w,
+        vec![
+            idem("taken-over", new),
+            purge("taken-over"),
+            idem("own", old),
+            purge("own"),
+        ],
+    )
+    .await
+    .expect("commit");
+    assert_eq!(
+        store.reader.idempotent("taken-over").expect("read"),
+        Some(new)
+    );
+    assert_eq!(store.reader.idempotent("own").expect("read"), None);
+    close(store, w);
+}
