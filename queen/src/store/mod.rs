@@ -1197,14 +1197,7 @@ impl Writer {
             }
         };
         let mut failed: Option<CommitError> = None;
-        while let Some(first) = self.rx.blocking_recv() {
-            let mut commits = vec![first];
-            while commits.len() < MAX_COMMITS_PER_BATCH {
-                match self.rx.try_recv() {
-                    Ok(c) => commits.push(c),
-                    Err(_) => break,
-                }
-            }
+        while let Some(mut commits) = next_batch(&mut self.rx) {
             let result = match &failed {
                 Some(err) => Err(err.clone()),
                 None => self.apply_all(&mut commits),
@@ -1276,6 +1269,21 @@ impl Writer {
         });
         failed.map_or(Ok(()), Err)
     }
+}
+
+/// The next group commit, for either engine's writer: waits for one commit, then takes
+/// every commit already waiting, up to [`MAX_COMMITS_PER_BATCH`]. `None` once the channel
+/// is closed and empty.
+pub(crate) fn next_batch(rx: &mut mpsc::Receiver<Commit>) -> Option<Vec<Commit>> {
+    let first = rx.blocking_recv()?;
+    let mut commits = vec![first];
+    while commits.len() < MAX_COMMITS_PER_BATCH {
+        match rx.try_recv() {
+            Ok(c) => commits.push(c),
+            Err(_) => break,
+        }
+    }
+    Some(commits)
 }
 
 /// One key-level change a [`Mutation`] makes: the layout in the module docs, written once

@@ -31,7 +31,7 @@ use postgres::{Client, NoTls};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{ops, Commit, CommitError, Op, Raw, Rows, StoreError, ACTIVE, MAX_COMMITS_PER_BATCH};
+use super::{ops, Commit, CommitError, Op, Raw, Rows, StoreError, ACTIVE};
 use crate::config::Config;
 
 /// The PostgreSQL schema this build writes (`hive_schema.version`); see
@@ -450,14 +450,7 @@ impl Writer {
 
     pub fn run(mut self, mut client: Client, statements: Statements, cancelled: Arc<AtomicBool>) {
         let mut failed: Option<CommitError> = None;
-        while let Some(first) = self.rx.blocking_recv() {
-            let mut commits = vec![first];
-            while commits.len() < MAX_COMMITS_PER_BATCH {
-                match self.rx.try_recv() {
-                    Ok(c) => commits.push(c),
-                    Err(_) => break,
-                }
-            }
+        while let Some(mut commits) = super::next_batch(&mut self.rx) {
             let started = Instant::now();
             let lapsed = self
                 .trust
