@@ -384,13 +384,68 @@ fn parse_id(raw: &str) -> Result<TaskId, ApiError> {
         .map_err(|_| ApiError::bad(format!("invalid task id `{raw}`: expected a UUID")))
 }
 
+/// The longest `GET /v1/tasks/{id}?wait_ms=` may hold a request: long enough that a
+/// waiting client asks about twice a minute, short enough for proxies' idle timeouts.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
 async fn get_task(
     State(st): State<AppState>,
     Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<TaskView>, ApiError> {
     let id = parse_id(&id)?;
+    let mut wait_ms = 0;
+    for (k, v) in &q {
+        match k.as_str() {
+            "wait_ms" => {
+                wait_ms = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|ms| *ms <= MAX_WAIT_MS)
+                    .ok_or_else(|| {
+                        ApiError::bad(format!(
+                            "wait_ms must be a whole number of milliseconds from 0 to {MAX_WAIT_MS}, got {v:?}"
+                        ))
+                    })?;
+            }
+            other => {
+                return Err(ApiError::bad(format!(
+                    "unknown query parameter `{other}`, expected wait_ms"
+                )))
+            }
+        }
+    }
+    if wait_ms == 0 {
+        return current_view(&st, id).await.map(Json);
+    }
+    // Listen before looking, so an end between the look and the wait is not missed.
+    let mut ends = st.core.watch_ends();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+    loop {
+        let view = current_view(&st, id).await?;
+        if view.state.is_terminal() {
+            return Ok(Json(view));
+        }
+        // Wait for this task's end (or a sign we missed some), then look again.
+        loop {
+            match tokio::time::timeout_at(deadline, ends.recv()).await {
+                Ok(Ok(ended)) if ended == id => break,
+                Ok(Ok(_)) => continue,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                // The core stopped, or time is up: the task as it is now.
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => {
+                    return current_view(&st, id).await.map(Json);
+                }
+            }
+        }
+    }
+}
+
+/// A task as the queen knows it now: from the core, or (finished and out of memory) from
+/// the store.
+async fn current_view(st: &AppState, id: TaskId) -> Result<TaskView, ApiError> {
     if let Some(view) = st.core.ask(|reply| Request::Get { id, reply }).await? {
-        return Ok(Json(view));
+        return Ok(view);
     }
     // Not in memory: finished and durable, or unknown. A store read blocks (a disk read,
     // or a round trip to PostgreSQL): off the runtime's workers.
@@ -399,7 +454,7 @@ async fn get_task(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     match found {
-        Ok(Some(task)) => Ok(Json(task.view())),
+        Ok(Some(task)) => Ok(task.view()),
         Ok(None) => Err(ApiError(StatusCode::NOT_FOUND, format!("no task {id}"))),
         Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
     }

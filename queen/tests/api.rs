@@ -277,3 +277,63 @@ async fn a_dependent_task_is_cancelled_when_its_dependency_is() {
         .contains(&parent.id.to_string()));
     q.stop().await;
 }
+
+/// Guards the server-side wait: `?wait_ms=` answers as soon as the task's end is durable
+/// (not at the end of the wait), answers with the task as it is when the wait runs out,
+/// answers a finished task at once, and refuses a wait out of bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_on_a_task_answers_when_it_ends_or_when_the_wait_runs_out() {
+    use shared::protocol::DroneMessage;
+    use shared::DroneId;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = TestQueen::start(fast_config(dir.path())).await;
+    let t = q.submit(json!({"kind": "echo", "payload": 7})).await;
+    let mut d =
+        common::FakeDrone::connect(q.drones, common::hello(DroneId::generate(), 1, vec![])).await;
+    let a = d.expect_assign().await;
+
+    // Running: a short wait runs out and says so.
+    let (status, body) = q
+        .call("GET", &format!("/v1/tasks/{}?wait_ms=200", t.id), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "running");
+
+    // A long wait ends with the outcome, long before its 60 s.
+    let started = std::time::Instant::now();
+    let url = q.url(&format!("/v1/tasks/{}?wait_ms=60000", t.id));
+    let waiting = tokio::task::spawn_blocking(move || {
+        let resp = ureq::get(&url).call().expect("the waiting request");
+        let status = resp.status();
+        let body: serde_json::Value = resp.into_json().expect("json");
+        (status, body)
+    });
+    d.send(DroneMessage::TaskComplete(shared::protocol::TaskComplete {
+        task_id: a.task_id,
+        fence: a.fence,
+        result: json!("seven"),
+    }))
+    .await;
+    let (status, body) = waiting.await.expect("the waiting request");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "succeeded");
+    assert_eq!(body["result"], "seven");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "the wait ran to its end instead of answering the outcome"
+    );
+
+    // Finished: at once.
+    let (status, body) = q
+        .call("GET", &format!("/v1/tasks/{}?wait_ms=60000", t.id), None)
+        .await;
+    assert_eq!((status, body["state"].clone()), (200, json!("succeeded")));
+
+    for bad in ["wait_ms=60001", "wait_ms=-1", "wait_ms=soon", "wait=1"] {
+        let (status, body) = q
+            .call("GET", &format!("/v1/tasks/{}?{bad}", t.id), None)
+            .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    q.stop().await;
+}

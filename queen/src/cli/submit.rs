@@ -20,9 +20,13 @@ pub const BATCH_CHUNK: usize = 1_000;
 /// Largest `--file` read. The whole file is read and every spec checked before the first
 /// chunk is sent, so a typo on line 90,000 does not leave 89 chunks submitted.
 pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
-/// How often `--wait` asks about unfinished tasks: quick enough to feel live, a few
+/// How often `--wait` looks at unfinished tasks at most: quick enough to feel live, a few
 /// requests per second per task at most.
 pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How long `--wait` lets the queen hold a request for the last unfinished task
+/// (`?wait_ms=`): the answer comes when the task ends, not at the next poll. Well inside
+/// the client's request timeout.
+pub const WAIT_HOLD_MS: u64 = 10_000;
 /// Width of the `--wait` progress bar, in characters.
 const BAR_WIDTH: usize = 24;
 
@@ -396,7 +400,21 @@ fn wait_for(ctx: &Ctx, ids: &[TaskId]) -> Result<(Vec<Value>, Exit), CliError> {
         if open.is_empty() {
             break;
         }
-        std::thread::sleep(WAIT_POLL_INTERVAL);
+        // Wait on the first unfinished task server-side: with only one left the answer
+        // comes as it ends; with more, the progress line is redrawn every poll interval.
+        let hold = if open.len() == 1 {
+            WAIT_HOLD_MS
+        } else {
+            WAIT_POLL_INTERVAL.as_millis() as u64
+        };
+        let asked = std::time::Instant::now();
+        if let Some(id) = open.first().and_then(|&i| ids.get(i)) {
+            ctx.client.get(&format!("/v1/tasks/{id}?wait_ms={hold}"))?;
+        }
+        // A queen from before `wait_ms` answers at once: never ask faster than the poll.
+        if let Some(left) = WAIT_POLL_INTERVAL.checked_sub(asked.elapsed()) {
+            std::thread::sleep(left);
+        }
     }
     progress.finish();
     let mut failed = 0;

@@ -219,6 +219,8 @@ pub struct CoreHandle {
     pub(crate) tx: mpsc::Sender<Request>,
     pub(crate) recovered: Arc<AtomicBool>,
     pub(crate) disk: Arc<DiskState>,
+    /// A receiver of task ends, kept only to make more (see [`CoreHandle::watch_ends`]).
+    pub(crate) ended: Arc<tokio::sync::broadcast::Receiver<shared::TaskId>>,
 }
 
 /// The data dir's free space as last sampled (by the queen's sampler, see `lib.rs`), and
@@ -259,6 +261,12 @@ impl DiskState {
 }
 
 impl CoreHandle {
+    /// The ids of tasks whose terminal state is durable, from now on. Closed when the core
+    /// stops.
+    pub fn watch_ends(&self) -> tokio::sync::broadcast::Receiver<shared::TaskId> {
+        self.ended.resubscribe()
+    }
+
     /// Whether startup recovery is over: every active task is loaded and every request is
     /// answered at once (before that, some wait; see [`super::Core::run`]).
     pub fn is_recovered(&self) -> bool {

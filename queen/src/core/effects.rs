@@ -3,7 +3,8 @@
 //! writer while deciding; the loop hands the pass's commits over at its end.
 
 use shared::protocol::QueenMessage;
-use tokio::sync::oneshot;
+use shared::TaskId;
+use tokio::sync::{broadcast, oneshot};
 
 use super::api::{Conn, CoreError};
 use crate::store::{AfterCommit, Commit, CommitError, Mutation};
@@ -14,16 +15,32 @@ pub struct Effects {
     outgoing: Vec<Commit>,
     /// Commits made so far (the writer numbers them alike, from 1).
     made: u64,
+    /// Told the id of every task whose terminal state became durable (for clients waiting
+    /// on a task: `GET /v1/tasks/{id}?wait_ms=`). Dropped with the core, which ends every
+    /// wait.
+    ended: Option<broadcast::Sender<TaskId>>,
 }
+
+/// Task ends buffered for slow waiters; one that falls further behind reads its task again.
+pub const ENDED_BUFFER: usize = 4_096;
 
 impl Effects {
     /// Queues mutations as one atomic commit; `after` runs once they are durable (commits
     /// become durable in the order they are made, so `after` may rely on every commit
     /// before it). Returns the commit's number.
     pub fn commit(&mut self, mutations: Vec<Mutation>, after: Option<AfterCommit>) -> u64 {
+        let after = match &self.ended {
+            Some(tx) => announce_ends(tx, &mutations, after),
+            None => after,
+        };
         self.outgoing.push(Commit { mutations, after });
         self.made += 1;
         self.made
+    }
+
+    /// Announces, on `tx`, every task a commit finishes once it is durable.
+    pub fn announce_ends_on(&mut self, tx: broadcast::Sender<TaskId>) {
+        self.ended = Some(tx);
     }
 
     /// Queues mutations nobody waits for.
@@ -70,4 +87,34 @@ impl Effects {
     pub fn take(&mut self) -> Vec<Commit> {
         std::mem::take(&mut self.outgoing)
     }
+}
+
+/// `after`, plus: once the commit is durable, the ids of the tasks it finished go to `tx`.
+fn announce_ends(
+    tx: &broadcast::Sender<TaskId>,
+    mutations: &[Mutation],
+    after: Option<AfterCommit>,
+) -> Option<AfterCommit> {
+    let ended: Vec<TaskId> = mutations
+        .iter()
+        .filter_map(|m| match m {
+            Mutation::Finish { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    if ended.is_empty() {
+        return after;
+    }
+    let tx = tx.clone();
+    Some(Box::new(move |r: Result<(), CommitError>| {
+        if r.is_ok() {
+            for id in ended {
+                // No waiter is fine.
+                let _ = tx.send(id);
+            }
+        }
+        if let Some(after) = after {
+            after(r);
+        }
+    }))
 }

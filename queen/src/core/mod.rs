@@ -211,10 +211,13 @@ impl Core {
             core.schedules.insert(schedule, now.wall);
         }
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        let (ended, ends) = tokio::sync::broadcast::channel(effects::ENDED_BUFFER);
+        core.fx.announce_ends_on(ended);
         let handle = CoreHandle {
             tx,
             recovered: core.recovered_flag.clone(),
             disk: core.disk.clone(),
+            ended: Arc::new(ends),
         };
         (core, handle, rx)
     }
