@@ -31,9 +31,27 @@ pub struct DevArgs {
     /// The drone binary (default: `drone` next to this `queen` binary).
     #[arg(long)]
     pub drone_bin: Option<PathBuf>,
+    /// Also print every task's lines (assigned, succeeded, ...) from the queen and the
+    /// drones. Without it the terminal shows the progress and anything that went wrong
+    /// (warnings and errors); `RUST_LOG`, when set, decides instead.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+impl DevArgs {
+    /// The log filter for the queen and its drones: `None` leaves `RUST_LOG` or the config
+    /// in charge.
+    pub fn log_filter(&self) -> Option<&'static str> {
+        if self.verbose || std::env::var_os("RUST_LOG").is_some() {
+            None
+        } else {
+            Some("warn")
+        }
+    }
 }
 
 pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
+    let log_filter = args.log_filter();
     let drone_bin = match args.drone_bin {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("drone"),
@@ -75,7 +93,11 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
 
     let mut children = Vec::new();
     for i in 1..=args.drones {
-        let child = tokio::process::Command::new(&drone_bin)
+        let mut command = tokio::process::Command::new(&drone_bin);
+        if let Some(filter) = log_filter {
+            command.env("RUST_LOG", filter);
+        }
+        let child = command
             .args([
                 "--queen",
                 &drones_at.to_string(),

@@ -77,7 +77,13 @@ fn main() -> ExitCode {
             };
             cli::run(defaults, cli.client, command).into()
         }
-        Some(Command::Dev(args)) => server(cfg, Some(args)),
+        Some(Command::Dev(args)) => {
+            let mut cfg = cfg;
+            if let Some(filter) = args.log_filter() {
+                cfg.log.level = filter.to_owned();
+            }
+            server(cfg, Some(args))
+        }
         Some(Command::Migrate(args)) => migrate(cfg, args),
         None => server(cfg, None),
     }

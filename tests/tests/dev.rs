@@ -47,7 +47,8 @@ fn spawn_dev(dir: &std::path::Path, args: &[&str]) -> (Proc, mpsc::Receiver<Stri
         .env("HIVE_QUEEN__DATA_DIR", dir.join("data"))
         .env("HIVE_QUEEN__LISTEN", "127.0.0.1:0")
         .env("HIVE_QUEEN__HTTP", "127.0.0.1:0")
-        .env_remove("HIVE_AUTH__TOKEN");
+        .env_remove("HIVE_AUTH__TOKEN")
+        .env_remove("RUST_LOG");
     let mut queen = Proc::spawn("queen dev", cmd, &dir.join("dev.log"), Stdout::Piped);
     let stdout = queen.child_mut().stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
@@ -117,6 +118,12 @@ fn queen_dev_runs_its_sample_batch_serves_and_stops_with_its_drones() {
             .any(|l| l.contains("sample batch: 12/12 finished")),
         "{lines:#?}"
     );
+    // The terminal shows the progress, not a line per task from every drone.
+    let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default();
+    assert!(
+        !log.contains("task succeeded") && !log.contains("task assigned"),
+        "per-task lines without --verbose:\n{log}"
+    );
 
     // It keeps serving: the page, and the API with the batch's outcome and both drones.
     let page = ureq::get(&dashboard)
@@ -135,6 +142,23 @@ fn queen_dev_runs_its_sample_batch_serves_and_stops_with_its_drones() {
     let drones = processes_with(&drones_addr);
     assert_eq!(drones.len(), 2, "two local drones: {drones:?}");
 
+    stop_cleanly(&mut queen, &drones_addr);
+}
+
+/// `queen dev --verbose` shows every task's lines from the drones.
+#[test]
+fn queen_dev_verbose_shows_every_tasks_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut queen, rx) = spawn_dev(
+        dir.path(),
+        &["--drones", "1", "--slots", "2", "--tasks", "4", "--verbose"],
+    );
+    let lines = lines_until(&rx, |l| l == "sample batch complete");
+    let drones_addr = after(&lines, "queen: drones connect to ")
+        .and_then(|rest| rest.split(',').next().map(str::to_owned))
+        .expect("the drones' address");
+    let log = std::fs::read_to_string(dir.path().join("dev.log")).unwrap_or_default();
+    assert!(log.contains("task succeeded"), "{log}");
     stop_cleanly(&mut queen, &drones_addr);
 }
 
