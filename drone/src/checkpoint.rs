@@ -6,7 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde_json::Value;
@@ -144,6 +144,48 @@ impl Checkpoints {
 
     pub fn remove(&self, held: Held) {
         let _ = std::fs::remove_file(self.path(held));
+    }
+
+    /// Where an exec attempt's input (`"input"`) or result (`"result"`) file lives, beside
+    /// its checkpoint file, in the directory the task's user may write.
+    pub fn io_path(&self, held: Held, what: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}-{}.{what}.json", held.task_id, held.fence))
+    }
+
+    /// Writes a file for the task to read (its input), readable by the task's user only.
+    /// A stale file is removed first; `create_new` never follows a planted symlink.
+    pub fn write_for_task(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(path);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        }
+        std::io::Write::write_all(&mut f, bytes)
+    }
+
+    /// Reads a file the task wrote (its result), which the drone does not trust: no
+    /// symlink followed, no FIFO waited on, at most `max + 1` bytes. `None` when absent.
+    pub fn read_from_task(&self, path: &Path, max: usize) -> std::io::Result<Option<Vec<u8>>> {
+        let file: File = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        let mut bytes = Vec::new();
+        file.take(max as u64 + 1).read_to_end(&mut bytes)?;
+        Ok(Some(bytes))
     }
 }
 

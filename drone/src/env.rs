@@ -16,13 +16,26 @@ pub const FENCE_ENV: &str = "HIVE_FENCE";
 /// The file the attempt may write its checkpoint to (see [`crate::checkpoint`]).
 pub const CHECKPOINT_FILE_ENV: &str = "HIVE_CHECKPOINT_FILE";
 
+/// The file holding the payload's `input` (JSON), also the task's stdin; set only when
+/// the payload has one.
+pub const INPUT_FILE_ENV: &str = "HIVE_INPUT_FILE";
+/// The file the task may write its result to (JSON): it then becomes the task's result.
+pub const RESULT_FILE_ENV: &str = "HIVE_RESULT_FILE";
+
 /// The `LANG` every task gets: UTF-8 without depending on which locales the host has
 /// generated (glibc has built `C.UTF-8` in since 2.35; Debian and Ubuntu ship it).
 pub const TASK_LANG: &str = "C.UTF-8";
 
 /// The variables the drone sets to describe the lease. Nothing else may set them: not
 /// the payload, not the config (a config that tries is refused at start).
-pub const LEASE_ENV: [&str; 4] = [TASK_ID_ENV, ATTEMPT_ENV, FENCE_ENV, CHECKPOINT_FILE_ENV];
+pub const LEASE_ENV: [&str; 6] = [
+    TASK_ID_ENV,
+    ATTEMPT_ENV,
+    FENCE_ENV,
+    CHECKPOINT_FILE_ENV,
+    INPUT_FILE_ENV,
+    RESULT_FILE_ENV,
+];
 
 /// Variables that make the dynamic loader or libc load code or data from a path of the
 /// caller's choosing: glibc's list of variables it drops for set-user-ID programs

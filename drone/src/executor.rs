@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::awake;
 use crate::checkpoint::Checkpoints;
 use crate::config::Config;
-use crate::env::{ATTEMPT_ENV, CHECKPOINT_FILE_ENV, FENCE_ENV, TASK_ID_ENV};
+use crate::env::{
+    ATTEMPT_ENV, CHECKPOINT_FILE_ENV, FENCE_ENV, INPUT_FILE_ENV, RESULT_FILE_ENV, TASK_ID_ENV,
+};
 use crate::kind::Kind;
 use crate::outbox::Outcome;
 use crate::policy::Policy;
@@ -67,6 +69,9 @@ pub struct ExecSpec {
     /// Exit codes by which the task says retrying cannot help: the task fails at once.
     #[serde(default)]
     pub permanent_exit_codes: Vec<i32>,
+    /// JSON for the task: on its stdin, and in the file `HIVE_INPUT_FILE` names.
+    #[serde(default)]
+    pub input: Option<Value>,
 }
 
 impl ExecSpec {
@@ -194,6 +199,41 @@ pub enum Ending {
     Stopped(StopReason),
 }
 
+/// A successful attempt that wrote its result file has that JSON as its result (instead of
+/// its exit code and output). A result file that cannot be read, is too large or is not
+/// JSON fails the attempt for good (the task finished; running it again writes the same);
+/// a failed attempt keeps its outcome whatever the file holds.
+pub fn with_result_file(
+    outcome: Outcome,
+    written: std::io::Result<Option<Vec<u8>>>,
+    max_bytes: usize,
+) -> Outcome {
+    let Outcome::Complete(mut done) = outcome else {
+        return outcome;
+    };
+    let problem = match written {
+        Ok(None) => return Outcome::Complete(done),
+        Ok(Some(bytes)) if bytes.len() > max_bytes => {
+            format!("the task's result file is larger than {max_bytes} bytes")
+        }
+        Ok(Some(bytes)) => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(value) => {
+                done.result = value;
+                return Outcome::Complete(done);
+            }
+            Err(e) => format!("the task's result file is not JSON: {e}"),
+        },
+        Err(e) => format!("could not read the task's result file: {e}"),
+    };
+    Outcome::Failed(TaskFailed {
+        task_id: done.task_id,
+        fence: done.fence,
+        error: problem,
+        result: Some(done.result),
+        retryable: false,
+    })
+}
+
 /// The pure rule from how an exec attempt ended to the outcome the queen gets.
 pub fn exec_outcome(
     held: Held,
@@ -262,6 +302,10 @@ pub struct Executor {
 struct Prepared {
     /// Where the command starts; `None` for the drone's own directory.
     cwd: Option<PathBuf>,
+    /// The input file (also the task's stdin), when the payload has `input`.
+    input: Option<PathBuf>,
+    /// Where the task may write its result.
+    result: PathBuf,
     env: BTreeMap<String, OsString>,
     /// The program to start: as named, or the path the allowlist approved.
     program: OsString,
@@ -387,7 +431,25 @@ impl Executor {
             }
         };
         self.policy.check_payload_env(&spec.env).map_err(refuse)?;
-        let lease = [
+        let result = self.checkpoints.io_path(held, "result");
+        let _ = std::fs::remove_file(&result);
+        let input = match &spec.input {
+            None => None,
+            Some(value) => {
+                let path = self.checkpoints.io_path(held, "input");
+                self.checkpoints
+                    .write_for_task(&path, value.to_string().as_bytes())
+                    .map_err(|e| {
+                        Outcome::failed(
+                            held,
+                            format!("could not write the task's input file: {e}"),
+                            true,
+                        )
+                    })?;
+                Some(path)
+            }
+        };
+        let mut lease = vec![
             (TASK_ID_ENV, OsString::from(assign.task_id.to_string())),
             (ATTEMPT_ENV, OsString::from(assign.attempt.to_string())),
             (FENCE_ENV, OsString::from(assign.fence.to_string())),
@@ -395,7 +457,11 @@ impl Executor {
                 CHECKPOINT_FILE_ENV,
                 self.checkpoints.path(held).into_os_string(),
             ),
+            (RESULT_FILE_ENV, result.clone().into_os_string()),
         ];
+        if let Some(path) = &input {
+            lease.push((INPUT_FILE_ENV, path.clone().into_os_string()));
+        }
         let env = self
             .policy
             .task_env(work.map(WorkDir::path), &spec.env, &lease, |name: &str| {
@@ -415,6 +481,8 @@ impl Executor {
         };
         Ok(Prepared {
             cwd,
+            input,
+            result,
             env,
             program,
             arg0,
@@ -521,14 +589,22 @@ impl Executor {
             (ending, exit)
         };
         let ((), (ending, exit)) = tokio::join!(read_output, supervise);
-        exec_outcome(
+        let outcome = exec_outcome(
             held,
             &ending,
             exit,
             &spec.permanent_exit_codes,
             stdout,
             stderr,
-        )
+        );
+        let written = self
+            .checkpoints
+            .read_from_task(&prepared.result, self.max_output_bytes);
+        if let Some(input) = &prepared.input {
+            let _ = std::fs::remove_file(input);
+        }
+        let _ = std::fs::remove_file(&prepared.result);
+        with_result_file(outcome, written, self.max_output_bytes)
     }
 
     fn command(
@@ -545,8 +621,15 @@ impl Executor {
             identity: self.policy.run_as.as_ref(),
         };
         let mut command = supervised_command(&self.supervisor, &launch, &status.write);
+        // The input, when there is one, is also the task's stdin (read from the file, so
+        // a task that never reads it blocks nothing).
+        let stdin = prepared
+            .input
+            .as_ref()
+            .and_then(|path| std::fs::File::open(path).ok())
+            .map_or_else(std::process::Stdio::null, std::process::Stdio::from);
         command
-            .stdin(std::process::Stdio::null())
+            .stdin(stdin)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         if let Some(cwd) = &prepared.cwd {
@@ -798,8 +881,51 @@ mod tests {
                 env: [("A".to_owned(), "1".to_owned())].into(),
                 cwd: Some(PathBuf::from("/tmp")),
                 permanent_exit_codes: vec![],
+                input: None,
             })
         );
+    }
+
+    #[test]
+    fn a_result_file_replaces_the_output_only_when_the_attempt_succeeded_and_it_is_json() {
+        let held = Held {
+            task_id: shared::TaskId::generate(),
+            fence: shared::Fence(1),
+        };
+        let done = || {
+            Outcome::Complete(TaskComplete {
+                task_id: held.task_id,
+                fence: held.fence,
+                result: json!({"exit_code": 0}),
+            })
+        };
+        let result = |o: Outcome| match o {
+            Outcome::Complete(c) => Ok(c.result),
+            Outcome::Failed(f) => Err((f.error, f.retryable)),
+        };
+        assert_eq!(
+            result(with_result_file(done(), Ok(None), 10)),
+            Ok(json!({"exit_code": 0}))
+        );
+        assert_eq!(
+            result(with_result_file(done(), Ok(Some(b"[1,2]".to_vec())), 10)),
+            Ok(json!([1, 2]))
+        );
+        let too_big = result(with_result_file(done(), Ok(Some(vec![b'1'; 11])), 10));
+        assert!(
+            matches!(&too_big, Err((e, false)) if e.contains("larger than 10")),
+            "{too_big:?}"
+        );
+        let unreadable = result(with_result_file(
+            done(),
+            Err(std::io::Error::other("not a regular file")),
+            10,
+        ));
+        assert!(matches!(&unreadable, Err((e, false)) if e.contains("not a regular file")));
+        // A failed attempt stays failed with its own error, whatever the file says.
+        let failed = Outcome::failed(held, "exit code 3", true);
+        let kept = result(with_result_file(failed, Ok(Some(b"{}".to_vec())), 10));
+        assert_eq!(kept, Err(("exit code 3".to_owned(), true)));
     }
 
     #[test]

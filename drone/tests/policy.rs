@@ -213,6 +213,7 @@ async fn tasks_see_only_the_configured_environment_never_the_drones() -> Result<
         "HIVE_ATTEMPT",
         "HIVE_CHECKPOINT_FILE",
         "HIVE_FENCE",
+        "HIVE_RESULT_FILE",
         "HIVE_TASK_ID",
         "LANG",
         "OWN",

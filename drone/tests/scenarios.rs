@@ -121,6 +121,54 @@ async fn exec_sees_its_lease_and_payload_env() -> Result<()> {
     Ok(())
 }
 
+/// JSON in and out of `exec` without a pool: the payload's `input` on stdin and in
+/// `$HIVE_INPUT_FILE`; what the task writes to `$HIVE_RESULT_FILE` is its result; a result
+/// file that is not JSON fails the attempt for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_takes_json_input_and_gives_a_json_result() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let input = json!({"name": "ada", "n": [1, 2, 3]});
+    let task = assign(
+        "exec",
+        json!({
+            "cmd": ["sh", "-c", "IFS= read -r line || true; \
+                    [ \"$line\" = \"$(cat \"$HIVE_INPUT_FILE\")\" ] || exit 3; \
+                    printf '{\"echo\": %s}' \"$line\" > \"$HIVE_RESULT_FILE\"; echo ignored"],
+            "input": input,
+        }),
+    );
+    conn.assign(task.clone()).await?;
+    let done = completed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(done.result, json!({"echo": input}));
+
+    // No input: stdin is empty and the input variable unset; no result file: the output.
+    let task = assign(
+        "exec",
+        json!({"cmd": ["sh", "-c", "cat; echo \"${HIVE_INPUT_FILE:-none}\""]}),
+    );
+    conn.assign(task.clone()).await?;
+    let done = completed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(done.result["stdout"], "none\n");
+
+    let task = assign(
+        "exec",
+        json!({"cmd": ["sh", "-c", "echo '{not json' > \"$HIVE_RESULT_FILE\""]}),
+    );
+    conn.assign(task.clone()).await?;
+    match conn.outcome(task.task_id).await? {
+        DroneMessage::TaskFailed(f) => {
+            assert!(f.error.contains("not JSON"), "{}", f.error);
+            assert!(!f.retryable);
+        }
+        other => anyhow::bail!("expected a failure, got {other:?}"),
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nonzero_exit_is_a_retryable_failure_with_code_and_output() -> Result<()> {
     let queen = FakeQueen::start().await?;

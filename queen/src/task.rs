@@ -335,9 +335,12 @@ fn validate_exec_payload(payload: &Value) -> Result<(), SpecError> {
         SpecError("exec payload must be an object like {\"cmd\": [\"prog\", \"arg\"]}".into())
     })?;
     for key in obj.keys() {
-        if !matches!(key.as_str(), "cmd" | "env" | "cwd" | "permanent_exit_codes") {
+        if !matches!(
+            key.as_str(),
+            "cmd" | "env" | "cwd" | "permanent_exit_codes" | "input"
+        ) {
             return Err(SpecError(format!(
-                "unknown field `{key}` in exec payload, expected cmd, env, cwd or permanent_exit_codes"
+                "unknown field `{key}` in exec payload, expected cmd, env, cwd, permanent_exit_codes or input"
             )));
         }
     }
