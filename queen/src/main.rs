@@ -145,39 +145,42 @@ fn server(cfg: Config, dev: Option<dev::DevArgs>) -> ExitCode {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let drone_addr = cfg.listen_addr()?;
-    let http_addr = cfg.http_addr()?;
-    let data_dir = cfg.queen.data_dir.clone();
-    let backend = cfg.storage.backend;
-    // sled: the store is opened (and the data dir locked) before anything listens.
-    let queen = match backend {
-        Backend::Sled => Some(tokio::task::spawn_blocking(move || Queen::open(cfg)).await??),
+    let (drone_addr, http_addr) = (cfg.listen_addr()?, cfg.http_addr()?);
+    let shutdown = CancellationToken::new();
+    match cfg.storage.backend {
+        Backend::Sled => {
+            // The store is opened (and the data dir locked) before anything listens.
+            let data_dir = cfg.queen.data_dir.clone();
+            let queen = tokio::task::spawn_blocking(move || Queen::open(cfg)).await??;
+            let listeners = listen(drone_addr, http_addr, &shutdown).await?;
+            tracing::info!(data_dir = %data_dir.display(), "queen ready");
+            queen.serve(listeners, shutdown).await?;
+        }
         Backend::Postgres => {
             let checked = cfg.clone();
             tokio::task::spawn_blocking(move || queen::ha::precheck(&checked)).await??;
-            let drones = bind(drone_addr, "queen.listen").await?;
-            let http = bind(http_addr, "queen.http").await?;
-            let (drones_at, http_at) = (drones.local_addr()?, http.local_addr()?);
-            tracing::info!(drones = %drones_at, http = %http_at, "queen listening; leader or standby as the postgres lease decides");
-            println!("ready drones={drones_at} http={http_at}");
-            let shutdown = CancellationToken::new();
-            tokio::spawn(signals(shutdown.clone()));
-            queen::ha::serve(cfg, Listeners { drones, http }, shutdown).await?;
-            return Ok(());
+            let listeners = listen(drone_addr, http_addr, &shutdown).await?;
+            tracing::info!("leader or standby as the postgres lease decides");
+            queen::ha::serve(cfg, listeners, shutdown).await?;
         }
-    };
-    let Some(queen) = queen else { return Ok(()) };
+    }
+    Ok(())
+}
+
+/// Binds both listeners, prints the `ready` line and starts watching for signals.
+async fn listen(
+    drone_addr: std::net::SocketAddr,
+    http_addr: std::net::SocketAddr,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Listeners> {
     let drones = bind(drone_addr, "queen.listen").await?;
     let http = bind(http_addr, "queen.http").await?;
     let (drones_at, http_at) = (drones.local_addr()?, http.local_addr()?);
-    tracing::info!(drones = %drones_at, http = %http_at, data_dir = %data_dir.display(), "queen ready");
+    tracing::info!(drones = %drones_at, http = %http_at, "queen listening");
     // A machine-readable line on stdout for scripts and tests (ports may be 0 in config).
     println!("ready drones={drones_at} http={http_at}");
-
-    let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    queen.serve(Listeners { drones, http }, shutdown).await?;
-    Ok(())
+    Ok(Listeners { drones, http })
 }
 
 async fn bind(addr: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListener> {

@@ -403,7 +403,7 @@ impl Store {
         let (client, statements, cancelled) = writer.connect()?;
         let recovered = recover_from(
             ActiveScan {
-                source: ScanSource::Postgres(settings.clone()),
+                source: ScanSource::Postgres(Box::new(settings.clone())),
                 db_path: PathBuf::from("postgres"),
             },
             |prefix| reader.scan_prefix(prefix),
@@ -715,7 +715,7 @@ pub struct ActiveScan {
 #[derive(Debug)]
 enum ScanSource {
     Sled(sled::Tree),
-    Postgres(pg::Settings),
+    Postgres(Box<pg::Settings>),
 }
 
 impl ActiveScan {

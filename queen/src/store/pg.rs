@@ -118,7 +118,8 @@ $$;
 /// How the queen reaches the database, from `[postgres]`.
 #[derive(Clone)]
 pub struct Settings {
-    url: String,
+    /// `postgres.url`, parsed once.
+    config: postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     pub pool_size: usize,
     pub lease: Duration,
@@ -169,9 +170,9 @@ impl Settings {
         let url = pg
             .url
             .as_ref()
-            .map(|u| u.0.clone())
             .ok_or_else(|| StoreError::Postgres("postgres.url is not set".into()))?;
         let parsed: postgres::Config = url
+            .0
             .parse()
             .map_err(|e| StoreError::Postgres(format!("postgres.url does not parse: {e}")))?;
         let tls = match &pg.tls_ca {
@@ -196,7 +197,7 @@ impl Settings {
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "queen".into());
         Ok(Settings {
-            url,
+            config: parsed,
             tls,
             pool_size: pg.pool_size,
             lease: Duration::from_millis(pg.lease_ms),
@@ -228,10 +229,7 @@ impl Settings {
         role: &str,
         notices: Option<Arc<AtomicBool>>,
     ) -> Result<Client, StoreError> {
-        let mut config: postgres::Config = self
-            .url
-            .parse()
-            .map_err(|e| StoreError::Postgres(format!("postgres.url does not parse: {e}")))?;
+        let mut config = self.config.clone();
         config
             .application_name(&format!("hive-queen {role}"))
             .connect_timeout(self.connect_timeout)
@@ -870,9 +868,7 @@ pub enum Role {
 /// a margin, so it stops leading before the lease can lapse on the database.
 pub struct Election {
     role: watch::Receiver<Role>,
-    /// Until when (nanoseconds after `base`) the current term may act.
-    trusted_until: Arc<AtomicU64>,
-    base: Instant,
+    trust: Trust,
     commands: std::sync::mpsc::Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -885,16 +881,34 @@ impl std::fmt::Debug for Election {
     }
 }
 
-/// Until when the current term may act (past once it has lapsed or been given up).
+/// Until when the current term may act (past once it has lapsed or been given up):
+/// written by the lease thread, read by the watchdog and the writer.
 #[derive(Debug, Clone)]
 pub struct Trust {
+    /// Nanoseconds after `base`; 0 is "not trusted".
     until: Arc<AtomicU64>,
     base: Instant,
 }
 
 impl Trust {
+    fn new() -> Trust {
+        Trust {
+            until: Arc::new(AtomicU64::new(0)),
+            base: Instant::now(),
+        }
+    }
+
     pub fn until(&self) -> Instant {
         self.base + Duration::from_nanos(self.until.load(Ordering::Acquire))
+    }
+
+    fn set(&self, until: Instant) {
+        let nanos = until.saturating_duration_since(self.base).as_nanos() as u64;
+        self.until.store(nanos, Ordering::Release);
+    }
+
+    fn clear(&self) {
+        self.until.store(0, Ordering::Release);
     }
 }
 
@@ -913,8 +927,7 @@ impl Election {
     /// Starts campaigning (the schema must be prepared).
     pub fn start(settings: Settings) -> Result<Election, StoreError> {
         let (role_tx, role) = watch::channel(Role::Standby(None));
-        let base = Instant::now();
-        let trusted_until = Arc::new(AtomicU64::new(0));
+        let trust = Trust::new();
         let (commands, rx) = std::sync::mpsc::channel();
         let canceller =
             Canceller::start(settings.tls.clone()).map_err(|source| StoreError::Io {
@@ -926,8 +939,7 @@ impl Election {
             canceller,
             statement: 0,
             role: role_tx,
-            trusted_until: trusted_until.clone(),
-            base,
+            trust: trust.clone(),
             commands: rx,
             client: None,
         };
@@ -940,8 +952,7 @@ impl Election {
             })?;
         Ok(Election {
             role,
-            trusted_until,
-            base,
+            trust,
             commands,
             thread: Some(thread),
         })
@@ -954,10 +965,7 @@ impl Election {
 
     /// Until when the current term may act, readable from anywhere.
     pub fn trust(&self) -> Trust {
-        Trust {
-            until: self.trusted_until.clone(),
-            base: self.base,
-        }
+        self.trust.clone()
     }
 
     /// Gives up the lease of `epoch` if this queen still holds it.
@@ -1042,8 +1050,7 @@ struct Campaign {
     /// Number of the lease statement running now (see [`Canceller`]).
     statement: u64,
     role: watch::Sender<Role>,
-    trusted_until: Arc<AtomicU64>,
-    base: Instant,
+    trust: Trust,
     commands: std::sync::mpsc::Receiver<Command>,
     client: Option<Client>,
 }
@@ -1063,11 +1070,6 @@ impl Campaign {
         // A quarter: enough for drift and for the term to wind down (a read in flight
         // gives up after an eighth) before the lease lapses on the database.
         self.settings.lease / 4
-    }
-
-    fn set_trust(&self, until: Instant) {
-        let nanos = until.saturating_duration_since(self.base).as_nanos() as u64;
-        self.trusted_until.store(nanos, Ordering::Release);
     }
 
     fn client(&mut self) -> Result<&mut Client, StoreError> {
@@ -1163,7 +1165,7 @@ impl Campaign {
                     let sent = Instant::now();
                     match self.renew(epoch) {
                         Ok(true) => {
-                            self.set_trust(sent + self.settings.lease - self.margin());
+                            self.trust.set(sent + self.settings.lease - self.margin());
                             next = Instant::now() + self.renew_interval();
                         }
                         Ok(false) => {
@@ -1175,7 +1177,7 @@ impl Campaign {
                         Err(e) => {
                             tracing::warn!(epoch, error = %e, "cannot renew the leader lease");
                             self.client = None;
-                            if Instant::now() >= self.trusted_until_instant() {
+                            if Instant::now() >= self.trust.until() {
                                 tracing::warn!(epoch, "the leader lease lapsed: stepping down");
                                 leading = None;
                                 self.demote();
@@ -1188,12 +1190,8 @@ impl Campaign {
         }
     }
 
-    fn trusted_until_instant(&self) -> Instant {
-        self.base + Duration::from_nanos(self.trusted_until.load(Ordering::Acquire))
-    }
-
     fn demote(&mut self) {
-        self.trusted_until.store(0, Ordering::Release);
+        self.trust.clear();
         self.role.send_replace(Role::Standby(None));
     }
 
@@ -1220,7 +1218,7 @@ impl Campaign {
         };
         if let Some(row) = taken {
             let epoch: i64 = row.try_get(0).map_err(pg_err)?;
-            self.set_trust(sent + self.settings.lease - self.margin());
+            self.trust.set(sent + self.settings.lease - self.margin());
             tracing::info!(epoch, holder = %name, "this queen leads");
             self.role.send_replace(Role::Leading(epoch));
             return Ok(Some(epoch));
