@@ -37,6 +37,7 @@ use crate::config::{Config, QueenAddr};
 use crate::executor::{Executor, StopReason};
 use crate::link::{Stream, TlsClient};
 use crate::outbox::{Outbox, Outcome};
+use crate::pool::Pools;
 use crate::process::Spawner;
 use crate::queens::{Queens, Verdict};
 
@@ -105,6 +106,8 @@ pub enum DroneError {
     Spawner(#[source] std::io::Error),
     #[error("could not create the checkpoint directory: {0}")]
     Checkpoints(#[source] std::io::Error),
+    #[error("could not start the worker pools: {0}")]
+    Pools(String),
 }
 
 /// Why one connection attempt failed.
@@ -365,6 +368,8 @@ pub(crate) struct Drone {
     finished_tx: mpsc::Sender<(Held, Outcome)>,
     finished_rx: mpsc::Receiver<(Held, Outcome)>,
     executor: Arc<Executor>,
+    /// Worker pools and the kinds they handle (none until [`Drone::start_pools`]).
+    pools: Pools,
     tasks: TaskTracker,
 }
 
@@ -395,8 +400,26 @@ impl Drone {
             finished_tx,
             finished_rx,
             executor,
+            pools: Pools::default(),
             tasks: TaskTracker::new(),
         })
+    }
+
+    /// Starts the configured worker pools, each process ready, before the first hello
+    /// (which announces their kinds). `Ok(false)` when a shutdown was asked for meanwhile.
+    pub(crate) async fn start_pools(&mut self) -> Result<bool, DroneError> {
+        if self.config.pools.is_empty() {
+            return Ok(true);
+        }
+        let starting = Pools::start(&self.config, &self.executor);
+        tokio::select! {
+            started = starting => {
+                self.pools = started.map_err(DroneError::Pools)?;
+                Ok(true)
+            }
+            _ = self.shutdown.graceful.cancelled() => Ok(false),
+            _ = self.shutdown.immediate.cancelled() => Ok(false),
+        }
     }
 
     pub(crate) async fn run(mut self) -> Result<(), DroneError> {
@@ -564,7 +587,14 @@ impl Drone {
             name: self.config.name.clone(),
             labels: self.config.labels.clone(),
             slots: self.config.slots,
-            kinds: self.config.policy.kinds.clone(),
+            kinds: self
+                .config
+                .policy
+                .kinds
+                .iter()
+                .chain(self.pools.kinds())
+                .cloned()
+                .collect(),
             token: self.config.token.clone(),
             held: self.held(),
             draining: self.draining,
@@ -810,6 +840,7 @@ impl Drone {
             held: self.held(),
             assigns_seen,
             checkpoints,
+            pools: self.pools.statuses(),
         };
         self.send(&DroneMessage::Heartbeat(heartbeat)).await;
     }
@@ -905,9 +936,12 @@ impl Drone {
                 "assigned more tasks than slots; running it anyway (the queen decides)"
             );
         }
-        if let Some(outcome) = Executor::immediate(&self.config.policy, &assign) {
-            self.record(outcome, assign.attempt).await;
-            return;
+        let pool = self.pools.get(&assign.kind);
+        if pool.is_none() {
+            if let Some(outcome) = Executor::immediate(&self.config.policy, &assign) {
+                self.record(outcome, assign.attempt).await;
+                return;
+            }
         }
         let (stop_tx, stop_rx) = oneshot::channel();
         let checkpoint = self
@@ -932,7 +966,10 @@ impl Drone {
         let finished = self.finished_tx.clone();
         self.tasks.spawn(
             async move {
-                let outcome = executor.run_exec(assign, stop_rx).await;
+                let outcome = match pool {
+                    Some(pool) => crate::pool::run(pool, assign, stop_rx).await,
+                    None => executor.run_exec(assign, stop_rx).await,
+                };
                 // Fails only when `run` has already returned: nobody is left to tell.
                 let _ = finished.send((held, outcome)).await;
             }
@@ -1036,6 +1073,7 @@ impl Drone {
                 }
             }
         }
+        self.pools.stop().await;
         tracing::info!(undelivered = self.outbox.len(), "drone stopped");
     }
 }

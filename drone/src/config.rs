@@ -4,6 +4,7 @@
 //! Everything here is pure apart from reading the file and the host name, so the layering
 //! rules are unit-tested without a process or a network.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -237,9 +238,14 @@ pub struct Cli {
     /// address being dialled].
     #[arg(long, value_name = "NAME")]
     pub tls_server_name: Option<String>,
+    /// A worker pool: `NAME[:PROCESSES]=COMMAND`, e.g. `py:4=python3 -m hive worker
+    /// app.tasks` (the command is split as a shell would split it; no shell runs). Repeat
+    /// for more pools; given flags replace the file's `[[pool]]` tables. See docs/POOLS.md.
+    #[arg(long = "pool", value_name = "NAME[:N]=COMMAND")]
+    pub pools: Vec<String>,
     /// A TOML file with any of: queen, slots, name, labels, token, drain_grace_ms,
     /// kill_grace_ms, max_output_bytes, max_frame_len, log_format, tls_ca, tls_cert,
-    /// tls_key, tls_server_name, and a [policy] section.
+    /// tls_key, tls_server_name, a [policy] section and [[pool]] tables.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// How to write logs to stderr [default: pretty].
@@ -288,6 +294,143 @@ pub struct FileConfig {
     /// What tasks may do on this host (see [`crate::policy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyFile>,
+    /// Worker pools (`[[pool]]` tables; docs/POOLS.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<Vec<PoolFile>>,
+}
+
+/// One `[[pool]]` table as written.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    pub name: String,
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tasks: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_ms: Option<u64>,
+}
+
+/// Processes in a pool when the config does not say.
+pub const DEFAULT_POOL_PROCESSES: u32 = 2;
+/// The most processes one pool may have.
+pub const MAX_POOL_PROCESSES: u32 = 1024;
+/// How long a pool process may take to say `ready` when the config does not say.
+pub const DEFAULT_POOL_READY_TIMEOUT_MS: u64 = 30_000;
+
+/// A validated worker pool (see `crate::pool`, which runs it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolSpec {
+    pub name: String,
+    /// The program and its arguments; never empty.
+    pub command: Vec<String>,
+    pub processes: u32,
+    /// Retire a process after this many tasks.
+    pub max_tasks: Option<u64>,
+    /// Retire a process whose resident memory is above this many MiB after a task.
+    pub max_memory_mib: Option<u64>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<PathBuf>,
+    pub ready_timeout: Duration,
+}
+
+impl PoolSpec {
+    /// Validates one `[[pool]]` table.
+    pub fn from_file(file: PoolFile) -> Result<PoolSpec, String> {
+        let name = file.name;
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+        if !valid_name {
+            return Err(format!(
+                "pool name `{name}` must be 1 to 64 letters, digits, `-`, `_` or `.`"
+            ));
+        }
+        let first = file.command.first().map(String::as_str).unwrap_or("");
+        if first.is_empty() {
+            return Err(format!("pool `{name}`: `command` must name a program"));
+        }
+        if file.command.iter().any(|a| a.contains('\0')) {
+            return Err(format!("pool `{name}`: `command` contains a NUL byte"));
+        }
+        let processes = file.processes.unwrap_or(DEFAULT_POOL_PROCESSES);
+        if processes == 0 || processes > MAX_POOL_PROCESSES {
+            return Err(format!(
+                "pool `{name}`: `processes` must be between 1 and {MAX_POOL_PROCESSES}, got {processes}"
+            ));
+        }
+        if file.max_tasks == Some(0) {
+            return Err(format!(
+                "pool `{name}`: `max_tasks` must be at least 1 (leave it out to never recycle)"
+            ));
+        }
+        if file.max_memory_mib == Some(0) {
+            return Err(format!(
+                "pool `{name}`: `max_memory_mib` must be at least 1 (leave it out for no limit)"
+            ));
+        }
+        let env = file.env.unwrap_or_default();
+        for (key, value) in &env {
+            if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
+                return Err(format!(
+                    "pool `{name}`: env variable {key:?} must be a non-empty name without `=` \
+                     or NUL, with a value without NUL"
+                ));
+            }
+        }
+        let ready_timeout_ms = file
+            .ready_timeout_ms
+            .unwrap_or(DEFAULT_POOL_READY_TIMEOUT_MS);
+        if ready_timeout_ms == 0 {
+            return Err(format!("pool `{name}`: `ready_timeout_ms` must be above 0"));
+        }
+        Ok(PoolSpec {
+            name,
+            command: file.command,
+            processes,
+            max_tasks: file.max_tasks,
+            max_memory_mib: file.max_memory_mib,
+            env,
+            cwd: file.cwd,
+            ready_timeout: Duration::from_millis(ready_timeout_ms),
+        })
+    }
+
+    /// Reads a `--pool NAME[:PROCESSES]=COMMAND` flag.
+    pub fn parse_flag(flag: &str) -> Result<PoolFile, String> {
+        let usage =
+            "expected NAME[:PROCESSES]=COMMAND, e.g. `py:4=python3 -m hive worker app.tasks`";
+        let (head, command) = flag
+            .split_once('=')
+            .ok_or_else(|| format!("`{flag}`: {usage}"))?;
+        let (name, processes) = match head.split_once(':') {
+            Some((name, n)) => {
+                let n = n.parse::<u32>().map_err(|_| {
+                    format!("`{flag}`: `{n}` is not a number of processes; {usage}")
+                })?;
+                (name, Some(n))
+            }
+            None => (head, None),
+        };
+        let command = shlex::split(command)
+            .ok_or_else(|| format!("`{flag}`: the command has an unclosed quote"))?;
+        Ok(PoolFile {
+            name: name.to_owned(),
+            command,
+            processes,
+            ..PoolFile::default()
+        })
+    }
 }
 
 impl FileConfig {
@@ -357,6 +500,8 @@ pub struct Config {
     pub supervisor: PathBuf,
     /// How logs are written (used by the binary before it calls [`crate::run`]).
     pub log_format: LogFormat,
+    /// Worker pools: long-lived processes that run tasks of the kinds they announce.
+    pub pools: Vec<PoolSpec>,
     /// Which kinds run, which programs, as whom, where and with what environment.
     pub policy: Policy,
     /// TLS to the queen (none: plain TCP), its files already loaded.
@@ -382,6 +527,7 @@ impl Default for Config {
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
             supervisor: default_supervisor(),
             log_format: LogFormat::default(),
+            pools: Vec::new(),
             policy: Policy::default(),
             tls: None,
             reconnect: Backoff::default(),
@@ -455,6 +601,29 @@ impl Config {
         let policy = Policy::resolve(file.policy.unwrap_or_default())
             .map_err(|e| invalid(e.key, e.message))?;
 
+        // Flags replace the file's pools, as with labels: one command line says exactly
+        // which pools a drone has.
+        let pool_files = if cli.pools.is_empty() {
+            file.pool.unwrap_or_default()
+        } else {
+            cli.pools
+                .iter()
+                .map(|flag| PoolSpec::parse_flag(flag))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| invalid("pool", m))?
+        };
+        let mut pools: Vec<PoolSpec> = Vec::new();
+        for pool in pool_files {
+            let pool = PoolSpec::from_file(pool).map_err(|m| invalid("pool", m))?;
+            if pools.iter().any(|p| p.name == pool.name) {
+                return Err(invalid(
+                    "pool",
+                    format!("two pools are named `{}`", pool.name),
+                ));
+            }
+            pools.push(pool);
+        }
+
         let tls_ca = cli.tls_ca.clone().or(file.tls_ca);
         let tls_cert = cli.tls_cert.clone().or(file.tls_cert);
         let tls_key = cli.tls_key.clone().or(file.tls_key);
@@ -511,6 +680,7 @@ impl Config {
                 .log_format
                 .or(file.log_format)
                 .unwrap_or(defaults.log_format),
+            pools,
             policy,
             tls,
             reconnect: defaults.reconnect,
@@ -830,6 +1000,7 @@ mod tests {
             tls_server_name: Some(String::new()),
             // Its keys are checked by the policy module's own test.
             policy: Some(PolicyFile::default()),
+            pool: Some(Vec::new()),
         };
         let table = match toml::Value::try_from(every_key) {
             Ok(toml::Value::Table(t)) => t,
@@ -839,7 +1010,11 @@ mod tests {
             let documented = EXAMPLE
                 .lines()
                 .map(|l| l.trim_start_matches('#').trim_start())
-                .any(|l| l.starts_with(&format!("{key} =")) || l == format!("[{key}]"));
+                .any(|l| {
+                    l.starts_with(&format!("{key} ="))
+                        || l == format!("[{key}]")
+                        || l == format!("[[{key}]]")
+                });
             assert!(documented, "config/drone.toml does not document `{key}`");
         }
     }

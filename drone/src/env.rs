@@ -26,15 +26,28 @@ pub const RESULT_FILE_ENV: &str = "HIVE_RESULT_FILE";
 /// generated (glibc has built `C.UTF-8` in since 2.35; Debian and Ubuntu ship it).
 pub const TASK_LANG: &str = "C.UTF-8";
 
+/// The pool process's end of its channel to the drone (docs/POOLS.md).
+pub const POOL_FD_ENV: &str = "HIVE_POOL_FD";
+/// The local protocol version the drone speaks with pool processes.
+pub const POOL_PROTOCOL_ENV: &str = "HIVE_POOL_PROTOCOL";
+/// The pool's name.
+pub const POOL_NAME_ENV: &str = "HIVE_POOL_NAME";
+/// The process's index in its pool, from 0.
+pub const POOL_PROCESS_ENV: &str = "HIVE_POOL_PROCESS";
+
 /// The variables the drone sets to describe the lease. Nothing else may set them: not
 /// the payload, not the config (a config that tries is refused at start).
-pub const LEASE_ENV: [&str; 6] = [
+pub const LEASE_ENV: [&str; 10] = [
     TASK_ID_ENV,
     ATTEMPT_ENV,
     FENCE_ENV,
     CHECKPOINT_FILE_ENV,
     INPUT_FILE_ENV,
     RESULT_FILE_ENV,
+    POOL_FD_ENV,
+    POOL_PROTOCOL_ENV,
+    POOL_NAME_ENV,
+    POOL_PROCESS_ENV,
 ];
 
 /// Variables that make the dynamic loader or libc load code or data from a path of the

@@ -234,6 +234,23 @@ pub fn with_result_file(
     })
 }
 
+/// The error of an attempt that ran past its timeout, and whether to retry it.
+pub fn timed_out(timeout_ms: u64) -> (String, bool) {
+    (format!("timed out after {timeout_ms} ms"), true)
+}
+
+/// The error of an attempt the drone stopped, and whether to retry it: a cancel is final,
+/// a shutdown or a superseded lease is not the task's fault.
+pub fn stopped(reason: &StopReason) -> (String, bool) {
+    match reason {
+        StopReason::Cancelled(reason) => (format!("cancelled: {reason}"), false),
+        StopReason::Shutdown => ("drone shutting down".to_owned(), true),
+        StopReason::Superseded(fence) => {
+            (format!("superseded by a newer lease (fence {fence})"), true)
+        }
+    }
+}
+
 /// The pure rule from how an exec attempt ended to the outcome the queen gets.
 pub fn exec_outcome(
     held: Held,
@@ -252,12 +269,8 @@ pub fn exec_outcome(
         obj.insert("signal".to_owned(), Value::from(sig));
     }
     let (error, retryable) = match ending {
-        Ending::TimedOut { timeout_ms } => (format!("timed out after {timeout_ms} ms"), true),
-        Ending::Stopped(StopReason::Cancelled(reason)) => (format!("cancelled: {reason}"), false),
-        Ending::Stopped(StopReason::Shutdown) => ("drone shutting down".to_owned(), true),
-        Ending::Stopped(StopReason::Superseded(fence)) => {
-            (format!("superseded by a newer lease (fence {fence})"), true)
-        }
+        Ending::TimedOut { timeout_ms } => timed_out(*timeout_ms),
+        Ending::Stopped(reason) => stopped(reason),
         Ending::Exited => match exit {
             Exit::Code(0) => {
                 return Outcome::Complete(TaskComplete {
@@ -288,12 +301,12 @@ pub fn exec_outcome(
 pub struct Executor {
     /// Where running tasks keep their checkpoint files.
     pub checkpoints: Checkpoints,
-    spawner: Spawner,
-    supervisor: PathBuf,
+    pub(crate) spawner: Spawner,
+    pub(crate) supervisor: PathBuf,
     max_output_bytes: usize,
-    kill_grace: Duration,
+    pub(crate) kill_grace: Duration,
     /// What tasks may do on this host, checked before anything is spawned.
-    policy: Policy,
+    pub(crate) policy: Policy,
 }
 
 /// An exec attempt ready to start: everything the payload asked for, checked against the
@@ -620,7 +633,7 @@ impl Executor {
             env: &prepared.env,
             identity: self.policy.run_as.as_ref(),
         };
-        let mut command = supervised_command(&self.supervisor, &launch, &status.write);
+        let mut command = supervised_command(&self.supervisor, &launch, &status.write, None);
         // The input, when there is one, is also the task's stdin (read from the file, so
         // a task that never reads it blocks nothing).
         let stdin = prepared
@@ -697,7 +710,9 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 /// Reads the shim's report: `None` when it started the command, the error text otherwise.
-async fn read_spawn_report(read: std::os::fd::OwnedFd) -> std::io::Result<Option<String>> {
+pub(crate) async fn read_spawn_report(
+    read: std::os::fd::OwnedFd,
+) -> std::io::Result<Option<String>> {
     let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
     let mut report = Vec::new();
     // In time the drone was awake: a report the shim wrote while the drone was stopped is

@@ -21,6 +21,8 @@
 //! - [`queens`]: which queen address to dial next (a round of the given ones, a leader a
 //!   standby names first) and whether a welcome comes from a deposed leader (pure).
 //! - [`executor`]: runs `echo` and `exec`; how an attempt's end becomes an outcome.
+//! - [`pool`]: worker pools, long-lived processes that run tasks of the kinds they
+//!   announce over a local channel (docs/POOLS.md).
 //! - [`client`]: the connection state machine, held tasks, outbox delivery, shutdown.
 //!
 //! Invariants: the connection loop never waits on a task; a task never waits on the
@@ -51,6 +53,8 @@ pub mod queens;
 
 pub mod executor;
 
+pub mod pool;
+
 pub mod client;
 
 pub use client::{DroneError, Shutdown};
@@ -75,5 +79,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DroneError> {
     for warning in p.startup_warnings(identity::effective_uid()) {
         tracing::warn!("{warning}");
     }
-    client::Drone::new(config, shutdown)?.run().await
+    let mut drone = client::Drone::new(config, shutdown)?;
+    if !drone.start_pools().await? {
+        return Ok(());
+    }
+    drone.run().await
 }

@@ -61,9 +61,13 @@ pub struct PolicyFile {
 /// The policy the drone enforces, validated and resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
-    /// The kinds this drone runs and announces in its hello, in [`Kind::ALL`] order. An
-    /// assignment of any other kind fails permanently.
+    /// The built-in kinds this drone runs and announces in its hello, in [`Kind::ALL`]
+    /// order. An assignment of any other built-in kind fails permanently.
     pub kinds: Vec<String>,
+    /// The pool kinds (handled by worker pools, see `crate::pool`) `policy.kinds` allows:
+    /// `None` when `policy.kinds` is unset (a pool may handle any kind), otherwise the
+    /// listed names that are not built-in kinds, each of which some pool must handle.
+    pub pool_kinds: Option<Vec<String>>,
     /// The canonical paths `exec` may run. Empty means any program.
     pub allowed_programs: BTreeSet<PathBuf>,
     /// Whom tasks run as; `None` means the drone's own user.
@@ -85,6 +89,7 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             kinds: Kind::names().map(str::to_owned).to_vec(),
+            pool_kinds: None,
             allowed_programs: BTreeSet::new(),
             run_as: None,
             work_root: None,
@@ -125,7 +130,8 @@ impl Policy {
         euid: libc::uid_t,
         lookup: impl Fn(&str) -> Result<Identity, String>,
     ) -> Result<Policy, PolicyError> {
-        let kinds = resolve_kinds(file.kinds).map_err(|m| invalid("policy.kinds", m))?;
+        let (kinds, pool_kinds) =
+            resolve_kinds(file.kinds).map_err(|m| invalid("policy.kinds", m))?;
 
         let task_path = file
             .task_path
@@ -183,6 +189,7 @@ impl Policy {
 
         Ok(Policy {
             kinds,
+            pool_kinds,
             allowed_programs,
             run_as,
             work_root,
@@ -313,26 +320,37 @@ impl Policy {
     }
 }
 
-/// The kinds to run: all built-in ones when unset; otherwise the listed ones, each of
-/// which must be a kind this drone has code for.
-fn resolve_kinds(listed: Option<Vec<String>>) -> Result<Vec<String>, String> {
+/// The kinds to run: every built-in one (and any pool kind) when unset; otherwise the
+/// listed built-in ones, and the listed other names as the only kinds pools may handle
+/// (checked against what the pools announce when they start).
+type ResolvedKinds = (Vec<String>, Option<Vec<String>>);
+
+fn resolve_kinds(listed: Option<Vec<String>>) -> Result<ResolvedKinds, String> {
     let all = Kind::names();
     let Some(listed) = listed else {
-        return Ok(all.map(str::to_owned).to_vec());
+        return Ok((all.map(str::to_owned).to_vec(), None));
     };
     if listed.is_empty() {
         return Err(format!(
-            "must list at least one kind (leave it out to run every kind: {all:?})"
+            "must list at least one kind (leave it out to run every kind: {all:?} and \
+             whatever the worker pools handle)"
         ));
     }
-    if let Some(unknown) = listed.iter().find(|k| Kind::from_name(k).is_none()) {
-        return Err(format!("unknown kind `{unknown}`: this drone runs {all:?}"));
+    if let Some(bad) = listed.iter().find(|k| k.trim().is_empty() || k.len() > 200) {
+        return Err(format!("`{bad}` is not a kind name (1 to 200 bytes)"));
     }
-    Ok(all
+    let built_in = all
         .iter()
         .filter(|k| listed.iter().any(|l| l == *k))
         .map(|k| (*k).to_owned())
-        .collect())
+        .collect();
+    let mut pool_kinds: Vec<String> = Vec::new();
+    for name in listed.into_iter().filter(|k| Kind::from_name(k).is_none()) {
+        if !pool_kinds.contains(&name) {
+            pool_kinds.push(name);
+        }
+    }
+    Ok((built_in, Some(pool_kinds)))
 }
 
 fn check_task_path(task_path: &str) -> Result<(), String> {
@@ -477,7 +495,17 @@ mod tests {
         });
         assert_eq!(p.kinds, strings(&["echo", "exec"]));
 
-        for bad in [vec![], strings(&["teleport"])] {
+        // A name that is not built in is a pool kind: allowed here, and checked against
+        // what the pools announce at start (crate::pool).
+        let p = ok(PolicyFile {
+            kinds: Some(strings(&["echo", "resize", "resize"])),
+            ..PolicyFile::default()
+        });
+        assert_eq!(p.kinds, strings(&["echo"]));
+        assert_eq!(p.pool_kinds, Some(strings(&["resize"])));
+        assert_eq!(ok(PolicyFile::default()).pool_kinds, None);
+
+        for bad in [vec![], strings(&[" "])] {
             let e = refused_key(PolicyFile {
                 kinds: Some(bad),
                 ..PolicyFile::default()

@@ -138,8 +138,13 @@ pub fn supervised_command(
     supervisor: &Path,
     launch: &Launch<'_>,
     status_write: &OwnedFd,
+    channel: Option<&OwnedFd>,
 ) -> Command {
     let status_fd = status_write.as_raw_fd();
+    // A pool process's end of its channel (crate::pool): kept open across both execs (the
+    // shim's and the command's) under the same number, which the command finds in
+    // `HIVE_POOL_FD`.
+    let channel_fd = channel.map(AsRawFd::as_raw_fd);
     let mut command = Command::new(supervisor);
     command
         .arg(supervise::SUBCOMMAND)
@@ -188,6 +193,11 @@ pub fn supervised_command(
             // changes the flag in the child's descriptor table only.
             if libc::fcntl(status_fd, libc::F_SETFD, 0) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = channel_fd {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });

@@ -374,6 +374,7 @@ async fn a_frame_over_max_frame_len_is_refused_naming_the_limit() {
             fence: a.fence,
             data: json!("x".repeat(5_000)),
         }],
+        pools: Vec::new(),
     });
     let mut messages = Vec::new();
     // After the hello (the drone's own connection), then as the first frame.

@@ -228,6 +228,32 @@ pub struct Heartbeat {
     /// New checkpoints of running tasks since the last heartbeat.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checkpoints: Vec<Checkpoint>,
+    /// The drone's worker pools, as they are now (absent from drones without pools and
+    /// from drones before this field).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolStatus>,
+}
+
+/// One worker pool of a drone (docs/POOLS.md), as its heartbeats report it: shown in
+/// `GET /v1/drones` and the `hive_pool_*` metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub name: String,
+    /// The kinds its processes handle.
+    pub kinds: Vec<String>,
+    /// How many processes it is configured to keep.
+    pub processes: u32,
+    /// Processes that said `ready` and are alive now.
+    pub ready: u32,
+    /// Of those, the ones running a task.
+    pub busy: u32,
+    /// Processes started again since the drone started, after one exited or was killed
+    /// for any reason but recycling (`max_tasks`, `max_memory_mib`).
+    pub restarts: u64,
+    /// The last reason a process of the pool failed to start or died, while processes
+    /// keep failing (cleared once one completes a task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing: Option<String>,
 }
 
 /// A running task's checkpoint: small JSON it wrote to resume from (for `exec`, the content

@@ -148,6 +148,7 @@ fn drone_message() -> impl Strategy<Value = DroneMessage> {
                 held,
                 assigns_seen,
                 checkpoints,
+                pools: Vec::new(),
             })
         });
     let complete = (task_id(), fence(), json()).prop_map(|(task_id, fence, result)| {

@@ -262,6 +262,7 @@ impl FakeDrone {
                     held: state.held().clone(),
                     assigns_seen: state.assigns_seen.load(Ordering::SeqCst),
                     checkpoints: vec![],
+                    pools: Vec::new(),
                 });
                 let (done, _) = oneshot::channel();
                 if out.send((framed(&hb), done)).is_err() {
@@ -311,6 +312,7 @@ impl FakeDrone {
             held,
             assigns_seen: self.assigns_seen(),
             checkpoints,
+            pools: Vec::new(),
         }))
         .await;
     }

@@ -604,6 +604,7 @@ pub fn drone_message(known: &Known) -> impl Strategy<Value = DroneMessage> {
                 held,
                 assigns_seen,
                 checkpoints,
+                pools: Vec::new(),
             })
         });
     let complete = (task_id(known), fence(), json_value()).prop_map(|(task_id, fence, result)| {

@@ -404,6 +404,7 @@ impl Hive {
                 held,
                 assigns_seen,
                 checkpoints: Vec::new(),
+                pools: Vec::new(),
             }),
         );
     }
