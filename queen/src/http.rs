@@ -682,7 +682,8 @@ async fn stats(State(st): State<AppState>) -> Result<Json<shared::api::Stats>, A
 
 async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
     let stats = st.core.ask(|reply| Request::Stats { reply }).await?;
-    let text = st.metrics.render(&stats);
+    let drones = st.core.ask(|reply| Request::Drones { reply }).await?;
+    let text = st.metrics.render(&stats, &drones);
     Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response())
 }
 

@@ -12,7 +12,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use shared::api::Stats;
+use shared::api::{DroneView, Stats};
 
 /// Seconds buckets from 100 µs to 5 min: dispatch is sub-millisecond when drones are free
 /// and minutes when they are not; runs span the same range.
@@ -52,6 +52,12 @@ pub struct Metrics {
     tasks: IntGaugeVec,
     drones_connected: IntGauge,
     unroutable: IntGauge,
+    /// Worker pools of connected drones (docs/POOLS.md), by drone and pool.
+    pool_processes: IntGaugeVec,
+    pool_ready: IntGaugeVec,
+    pool_busy: IntGaugeVec,
+    pool_restarts: IntGaugeVec,
+    pool_failing: IntGaugeVec,
     /// Free bytes on the data dir's filesystem, as last sampled.
     pub store_free_bytes: IntGauge,
     /// 1 while the queen refuses new work for want of disk space (`[storage] min_free_mb`).
@@ -174,6 +180,26 @@ impl Metrics {
             .expect("static gauge options are valid"),
             drones_connected: IntGauge::new("hive_drones_connected", "Drones connected now.")
                 .expect("static gauge options are valid"),
+            pool_processes: pool_gauge(
+                "hive_pool_processes",
+                "Processes a drone's worker pool is configured to keep.",
+            ),
+            pool_ready: pool_gauge(
+                "hive_pool_processes_ready",
+                "Processes of a drone's worker pool that are up and ready.",
+            ),
+            pool_busy: pool_gauge(
+                "hive_pool_processes_busy",
+                "Processes of a drone's worker pool running a task.",
+            ),
+            pool_restarts: pool_gauge(
+                "hive_pool_restarts",
+                "Processes of a drone's worker pool started again since the drone started (crashes, kills, failed starts).",
+            ),
+            pool_failing: pool_gauge(
+                "hive_pool_failing",
+                "1 while a drone's worker pool keeps failing to start or keep processes (see GET /v1/drones).",
+            ),
             unroutable: IntGauge::new(
                 "hive_tasks_unroutable",
                 "Pending tasks no connected drone can run (kind or labels).",
@@ -210,6 +236,11 @@ impl Metrics {
             Box::new(m.run_duration.clone()),
             Box::new(m.tasks.clone()),
             Box::new(m.drones_connected.clone()),
+            Box::new(m.pool_processes.clone()),
+            Box::new(m.pool_ready.clone()),
+            Box::new(m.pool_busy.clone()),
+            Box::new(m.pool_restarts.clone()),
+            Box::new(m.pool_failing.clone()),
             Box::new(m.unroutable.clone()),
             Box::new(m.store_free_bytes.clone()),
             Box::new(m.store_degraded.clone()),
@@ -224,8 +255,34 @@ impl Metrics {
         m
     }
 
-    /// The text exposition, with the state gauges set from `stats` first.
-    pub fn render(&self, stats: &Stats) -> String {
+    /// The text exposition, with the state gauges set from `stats` and `drones` first.
+    pub fn render(&self, stats: &Stats, drones: &[DroneView]) -> String {
+        let pool_gauges = [
+            &self.pool_processes,
+            &self.pool_ready,
+            &self.pool_busy,
+            &self.pool_restarts,
+            &self.pool_failing,
+        ];
+        for gauge in pool_gauges {
+            gauge.reset();
+        }
+        for drone in drones {
+            let id = drone.id.to_string();
+            for pool in &drone.pools {
+                let labels = [drone.name.as_str(), id.as_str(), pool.name.as_str()];
+                let values = [
+                    i64::from(pool.processes),
+                    i64::from(pool.ready),
+                    i64::from(pool.busy),
+                    i64::try_from(pool.restarts).unwrap_or(i64::MAX),
+                    i64::from(pool.failing.is_some()),
+                ];
+                for (gauge, value) in pool_gauges.iter().zip(values) {
+                    gauge.with_label_values(&labels).set(value);
+                }
+            }
+        }
         self.tasks.reset();
         for (queue, states) in &stats.by_queue {
             for (state, n) in states {
@@ -246,6 +303,11 @@ impl Metrics {
     }
 }
 
+fn pool_gauge(name: &str, help: &str) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), &["drone", "drone_id", "pool"])
+        .expect("static gauge options are valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,7 +323,42 @@ mod tests {
             .entry("default".into())
             .or_default()
             .insert("pending".into(), 7);
-        let text = m.render(&stats);
+        let drone = DroneView {
+            id: shared::DroneId::generate(),
+            name: "d1".into(),
+            labels: vec![],
+            kinds: vec!["py.greet".into()],
+            slots: 4,
+            running: vec![],
+            connected: true,
+            draining: false,
+            last_seen: chrono::Utc::now(),
+            pools: vec![shared::protocol::PoolStatus {
+                name: "py".into(),
+                kinds: vec!["py.greet".into()],
+                processes: 4,
+                ready: 3,
+                busy: 1,
+                restarts: 5,
+                failing: Some("exited with code 1".into()),
+            }],
+        };
+        let text = m.render(&stats, std::slice::from_ref(&drone));
+        for (metric, want) in [
+            ("hive_pool_processes", 4.0),
+            ("hive_pool_processes_ready", 3.0),
+            ("hive_pool_processes_busy", 1.0),
+            ("hive_pool_restarts", 5.0),
+            ("hive_pool_failing", 1.0),
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(metric)
+                    && l.contains("pool=\"py\"")
+                    && l.contains("drone=\"d1\"")
+                    && l.ends_with(&format!(" {want}"))),
+                "{metric} {want} missing from:\n{text}"
+            );
+        }
         let lines = text.lines().map(|l| Ok(l.to_owned()));
         let scrape = prometheus_parse::Scrape::parse(lines).expect("parses");
         let names: std::collections::BTreeSet<&str> =

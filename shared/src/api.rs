@@ -336,6 +336,10 @@ pub struct DroneView {
     pub connected: bool,
     pub draining: bool,
     pub last_seen: DateTime<Utc>,
+    /// The drone's worker pools as its last heartbeat reported them (absent when it has
+    /// none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<crate::protocol::PoolStatus>,
 }
 
 /// Answer of `GET /v1/drones`.

@@ -37,6 +37,8 @@ pub(super) struct Drone {
     pub last_seen_wall: DateTime<Utc>,
     pub assigns_sent: u64,
     pub draining: bool,
+    /// Its worker pools, as its last heartbeat reported them.
+    pub pools: Vec<shared::protocol::PoolStatus>,
     /// The drone's hello asked for a `pong` after each heartbeat (drones that did not
     /// would not understand one).
     pub pongs: bool,
@@ -116,6 +118,7 @@ impl Drone {
             connected: true,
             draining: self.draining,
             last_seen: self.last_seen_wall,
+            pools: self.pools.clone(),
         }
     }
 }
@@ -285,6 +288,7 @@ impl Core {
             assigns_sent: 0,
             draining: hello.draining,
             pongs: hello.pongs,
+            pools: Vec::new(),
             isolating: None,
         };
         let mut reattached = 0;
@@ -405,6 +409,7 @@ impl Core {
                     // from an idle one: one tiny frame per heartbeat, nothing to compute.
                     drone.conn.send(QueenMessage::Pong);
                 }
+                drone.pools = hb.pools;
                 self.checkpoints(id, hb.checkpoints);
                 self.heartbeat(id, &hb.held, hb.assigns_seen, now)
             }
