@@ -11,6 +11,10 @@
 //! $B restart --tasks 1000000            # fill, SIGTERM, restart: time to serving and to
 //!                                       # draining the backlog, queen RSS, data dir size
 //! $B drones --drones 10000 --trials 3   # queen RSS per idle drone connection, heartbeat CPU
+//! $B pool --lang python --tasks 20000 --processes 2 --slots 32
+//!                                       # a no-op Python (or node) handler on a drone's
+//!                                       # worker pool, end to end (sdk/)
+//! $B pool-rtt --lang python             # drone↔worker round trip p50/p99, start → ready
 //! $B --json-only latency ...            # only the JSON lines
 //! $B --sync throughput ...              # queen with [storage] sync = true
 //! $B --postgres throughput ...          # queen on a fresh PostgreSQL primary per trial
@@ -39,6 +43,7 @@ mod drones;
 mod failover;
 mod hive;
 mod latency;
+mod pool;
 mod report;
 mod requeue;
 mod restart;
@@ -93,6 +98,12 @@ enum What {
     /// the leader until the standby accepts a write, and from SIGTERM of that one until
     /// the first, restarted as a standby, does.
     Failover(failover::Args),
+    /// Tasks in Python or Node on a drone's worker pool (sdk/): batch submit → handler →
+    /// recorded, to compare with Celery and BullMQ (../shared/peers) in the same run.
+    Pool(pool::Args),
+    /// The pool's own cost: `run` → `done` round trips with one SDK worker process
+    /// (p50, p99) and a process start → `ready`.
+    PoolRtt(pool::RttArgs),
 }
 
 fn main() -> Result<()> {
@@ -123,7 +134,11 @@ fn main() -> Result<()> {
     if engine.is_postgres()
         && matches!(
             cli.what,
-            What::Requeue(_) | What::Restart(_) | What::Drones(_)
+            What::Requeue(_)
+                | What::Restart(_)
+                | What::Drones(_)
+                | What::Pool(_)
+                | What::PoolRtt(_)
         )
     {
         bail!("--postgres and --sync-standby apply to throughput, latency and failover");
@@ -136,6 +151,8 @@ fn main() -> Result<()> {
         What::Failover(a) => failover::run(&bin_dir, engine, json_only, &machine, a),
         What::Restart(a) => restart::run(&bin_dir, sync, json_only, &machine, &runtime()?, a),
         What::Drones(a) => drones::run(&bin_dir, sync, json_only, &machine, &runtime()?, a),
+        What::Pool(a) => pool::run(&bin_dir, sync, json_only, &machine, a),
+        What::PoolRtt(a) => pool::run_rtt(json_only, &machine, a),
     }
 }
 

@@ -285,6 +285,7 @@ async fn drive(
                     held: drone.held(),
                     assigns_seen: drone.assigns_seen,
                     checkpoints: Vec::new(),
+                    pools: Vec::new(),
                 }));
             }
             _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {

@@ -35,6 +35,7 @@ fn abuses() -> Vec<Abuse> {
             held: vec![],
             assigns_seen: 0,
             checkpoints: vec![],
+            pools: vec![],
         }))
         .expect("json"),
     );
