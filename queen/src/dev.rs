@@ -31,6 +31,14 @@ pub struct DevArgs {
     /// The drone binary (default: `drone` next to this `queen` binary).
     #[arg(long)]
     pub drone_bin: Option<PathBuf>,
+    /// Where the Python SDK is: with `python3` on the PATH and `<DIR>/examples/tasks.py`
+    /// present, one more drone runs a worker pool of those function-style tasks and the
+    /// sample batch includes some (`py.greet`). The default finds it in a checkout.
+    #[arg(long, value_name = "DIR", default_value = "sdk/python")]
+    pub python_sdk: PathBuf,
+    /// Do not start the Python worker pool.
+    #[arg(long)]
+    pub no_python: bool,
     /// Also print every task's lines (assigned, succeeded, ...) from the queen and the
     /// drones. Without it the terminal shows the progress and anything that went wrong
     /// (warnings and errors); `RUST_LOG`, when set, decides instead.
@@ -52,7 +60,7 @@ impl DevArgs {
 
 pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
     let log_filter = args.log_filter();
-    let drone_bin = match args.drone_bin {
+    let drone_bin = match args.drone_bin.clone() {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("drone"),
     };
@@ -116,9 +124,34 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
         "started {} drones with {} slots each",
         args.drones, args.slots
     );
+    let python = if args.no_python {
+        false
+    } else {
+        match python_pool_drone(
+            &args,
+            &drone_bin,
+            &drones_at.to_string(),
+            &data_dir,
+            log_filter,
+        ) {
+            Ok(Some(child)) => {
+                children.push(child);
+                println!(
+                    "started a drone with a Python worker pool ({}/examples/tasks.py: py.greet, py.wordcount, py.sleep)",
+                    args.python_sdk.display()
+                );
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                println!("no Python worker pool: {e:#}");
+                false
+            }
+        }
+    };
 
     if args.tasks > 0 {
-        let ids = submit_sample(&core, args.tasks).await?;
+        let ids = submit_sample(&core, args.tasks, python).await?;
         println!("submitted a sample batch of {} tasks", ids.len());
         watch(&core, &reader, &ids, &shutdown).await;
     }
@@ -139,12 +172,74 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn submit_sample(core: &CoreHandle, n: usize) -> anyhow::Result<Vec<TaskId>> {
+/// Starts a drone with a two-process pool running the Python SDK's example tasks, when
+/// `python3` and the SDK are there (`Ok(None)` when they are not: the demo goes on
+/// without). Its config goes into the data dir.
+fn python_pool_drone(
+    args: &DevArgs,
+    drone_bin: &std::path::Path,
+    queen: &str,
+    data_dir: &std::path::Path,
+    log_filter: Option<&str>,
+) -> anyhow::Result<Option<tokio::process::Child>> {
+    let examples = args.python_sdk.join("examples");
+    if !examples.join("tasks.py").is_file() {
+        println!(
+            "no Python worker pool: {} not found (run from the repository, or pass --python-sdk)",
+            examples.join("tasks.py").display()
+        );
+        return Ok(None);
+    }
+    let python_found = std::process::Command::new("python3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !python_found {
+        println!("no Python worker pool: python3 is not on the PATH");
+        return Ok(None);
+    }
+    let sdk = std::fs::canonicalize(&args.python_sdk)?;
+    let quoted = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
+    let config = format!(
+        "queen = {}\nslots = 8\nname = \"dev-drone-python\"\n\n[[pool]]\nname = \"py\"\n\
+         command = [\"python3\", \"-m\", \"hive\", \"worker\", \"tasks\"]\nprocesses = 2\n\
+         cwd = {}\nenv = {{ PYTHONPATH = {} }}\n",
+        quoted(queen),
+        quoted(&sdk.join("examples").display().to_string()),
+        quoted(&sdk.display().to_string()),
+    );
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join("dev-drone-python.toml");
+    std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+    let mut command = tokio::process::Command::new(drone_bin);
+    if let Some(filter) = log_filter {
+        command.env("RUST_LOG", filter);
+    }
+    let child = command
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", drone_bin.display()))?;
+    Ok(Some(child))
+}
+
+async fn submit_sample(core: &CoreHandle, n: usize, python: bool) -> anyhow::Result<Vec<TaskId>> {
     let now = Utc::now();
     let limits = queen::config::TaskSection::default();
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
-        let spec = if i % 3 == 0 {
+        let spec = if python && i % 5 == 1 {
+            TaskSpec {
+                kind: "py.greet".into(),
+                payload: serde_json::json!({"name": format!("task {i}")}),
+                queue: Some("sample".into()),
+                ..Default::default()
+            }
+        } else if i % 3 == 0 {
             TaskSpec {
                 kind: "exec".into(),
                 payload: serde_json::json!({"cmd": ["sh", "-c", "sleep 0.$((RANDOM % 5)); echo \"hello from task $HIVE_TASK_ID (attempt $HIVE_ATTEMPT)\""]}),
