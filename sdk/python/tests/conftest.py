@@ -213,3 +213,279 @@ def fake_drone(tmp_path):
     finally:
         for d in started:
             d.kill()
+
+
+# ---------------------------------------------------------------------------------------
+# A real queen and real drones (integration tests)
+# ---------------------------------------------------------------------------------------
+
+#: Lease timings that make failure detection fast (as the Rust harness's FAST_LEASES): a
+#: heartbeat every 200 ms, a silent drone loses its leases after 1 s, a closed connection
+#: gets 300 ms to come back, and a failed attempt is retried after ~100 ms.
+FAST_QUEEN_ENV = {
+    "HIVE_LEASES__HEARTBEAT_INTERVAL_MS": "200",
+    "HIVE_LEASES__HEARTBEAT_TIMEOUT_MS": "1000",
+    "HIVE_LEASES__RECONNECT_GRACE_MS": "300",
+    "HIVE_TASKS__RETRY_BASE_MS": "100",
+    "HIVE_TASKS__RETRY_MAX_MS": "500",
+}
+
+
+def binary(name: str) -> Path:
+    """``HIVE_QUEEN_BIN`` / ``HIVE_DRONE_BIN``, else ``<repo>/target/debug/<name>``."""
+    env = os.environ.get("HIVE_{}_BIN".format(name.upper()))
+    return Path(env) if env else REPO_ROOT / "target" / "debug" / name
+
+
+@pytest.fixture(scope="session")
+def hive_bins() -> Dict[str, Path]:
+    """The queen and drone binaries; the integration tests skip when they are missing
+    (they fail instead with HIVE_SDK_REQUIRE_INTEGRATION=1)."""
+    bins = {"queen": binary("queen"), "drone": binary("drone")}
+    missing = [str(p) for p in bins.values() if not os.access(str(p), os.X_OK)]
+    if missing:
+        msg = "no queen/drone binaries at {} (build them with cargo, or set HIVE_QUEEN_BIN " \
+              "and HIVE_DRONE_BIN)".format(", ".join(missing))
+        if os.environ.get("HIVE_SDK_REQUIRE_INTEGRATION"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return bins
+
+
+def log_tail(path: Path, n: int = 40) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-n:])
+
+
+def _proc_state(pid: int) -> Optional[str]:
+    try:
+        with open("/proc/{}/stat".format(pid)) as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is dead)."""
+    state = _proc_state(pid)
+    return state is not None and state not in ("Z", "X")
+
+
+def pids_with_env(marker: str) -> List[int]:
+    """Live processes whose environment holds the line ``marker`` (KEY=VALUE)."""
+    want = marker.encode()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/{}/environ".format(name), "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if want in env and alive(int(name)):
+            out.append(int(name))
+    return out
+
+
+class Queen:
+    """A queen process on ephemeral ports and a fresh data dir."""
+
+    def __init__(self, binary_path: Path, tmp: Path, env: Optional[Dict[str, str]] = None) -> None:
+        self.tmp = tmp
+        self.log = tmp / "queen.log"
+        self.stdout = tmp / "queen.stdout"
+        e = clean_env(RUST_LOG="info")
+        e.update(FAST_QUEEN_ENV)
+        e.update(env or {})
+        e.update({
+            "HIVE_QUEEN__LISTEN": "127.0.0.1:0",
+            "HIVE_QUEEN__HTTP": "127.0.0.1:0",
+            "HIVE_QUEEN__DATA_DIR": str(tmp / "queen-data"),
+        })
+        with open(self.stdout, "wb") as out, open(self.log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [str(binary_path)], cwd=str(tmp), env=e, stdin=subprocess.DEVNULL,
+                stdout=out, stderr=err, start_new_session=True,
+            )
+        line = poll(self._ready_line, what="the queen's ready line")
+        fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
+        self.drones_addr = fields["drones"]
+        self.http_addr = fields["http"]
+        self.url = "http://" + self.http_addr
+        self.client = hive.Client(self.url, timeout=10.0)
+
+    def _ready_line(self) -> Optional[str]:
+        for line in self.stdout.read_text(errors="replace").splitlines():
+            if line.startswith("ready "):
+                return line
+        if self.proc.poll() is not None:
+            pytest.fail("the queen exited ({}) before it was ready:\n{}".format(
+                self.proc.returncode, log_tail(self.log)))
+        return None
+
+    def stop(self) -> None:
+        self.client.close()
+        kill_group(self.proc)
+
+
+class Drone:
+    """A drone process with worker pools from a config file (``[[pool]]`` tables)."""
+
+    def __init__(self, binary_path: Path, queen: Queen, tmp: Path, name: str,
+                 pools: List[Dict[str, Any]], slots: int = 4, extra_toml: str = "") -> None:
+        self.name = name
+        self.queen = queen
+        self.marker = "PYHIVE_TEST_DRONE={}-{}".format(name, os.urandom(6).hex())
+        self.config = tmp / "{}.toml".format(name)
+        self.log = tmp / "{}.log".format(name)
+        self.kinds: List[str] = []
+        text = ["kill_grace_ms = 500", extra_toml, ""]
+        mark_key, mark_value = self.marker.split("=", 1)
+        for p in pools:
+            command = p.get("command") or [sys.executable, "-m", "hive", "worker"] + list(p["modules"])
+            env = {"PYTHONPATH": str(SDK_DIR), mark_key: mark_value}
+            env.update(p.get("env", {}))
+            text += [
+                "[[pool]]",
+                "name = {}".format(json.dumps(p.get("name", "py"))),
+                "command = [{}]".format(", ".join(json.dumps(c) for c in command)),
+                "processes = {}".format(int(p.get("processes", 2))),
+                "cwd = {}".format(json.dumps(str(p.get("cwd", TESTS_DIR)))),
+                "env = {{ {} }}".format(", ".join(
+                    "{} = {}".format(k, json.dumps(v)) for k, v in env.items())),
+            ]
+            if "ready_timeout_ms" in p:
+                text.append("ready_timeout_ms = {}".format(int(p["ready_timeout_ms"])))
+            text.append("")
+            self.kinds += list(p.get("kinds", []))
+        self.config.write_text("\n".join(text))
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(binary_path), "--queen", queen.drones_addr, "--slots", str(slots),
+                 "--name", name, "--config", str(self.config)],
+                cwd=str(tmp), env=clean_env(RUST_LOG="info"), stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def registered(self) -> Dict[str, Any]:
+        """Waits until the queen lists this drone, connected, with its pools' kinds."""
+        def listed() -> Optional[Dict[str, Any]]:
+            if self.proc.poll() is not None:
+                pytest.fail("drone {} exited ({}):\n{}".format(
+                    self.name, self.proc.returncode, log_tail(self.log)))
+            for d in self.queen.client.drones():
+                if d["name"] == self.name and d["connected"] and set(self.kinds) <= set(d["kinds"]):
+                    return d
+            return None
+        return poll(listed, what="drone {} to register with kinds {}".format(self.name, self.kinds))
+
+    def pool_pids(self) -> List[int]:
+        """The live processes of this drone's pools (found by the marker in their env)."""
+        return pids_with_env(self.marker)
+
+    def exit_code(self, timeout: float = DEADLINE) -> int:
+        """Waits for the drone to exit on its own; returns its exit code."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail("drone {} still runs after {:g} s:\n{}".format(
+                self.name, timeout, log_tail(self.log)))
+
+    def kill9(self) -> None:
+        """``kill -9`` of the drone process alone (not its group), then reaps it."""
+        try:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=DEADLINE)
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+        for pid in self.pool_pids():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+class Hive:
+    """One test's queen and drones; everything is killed at teardown."""
+
+    def __init__(self, bins: Dict[str, Path], tmp: Path) -> None:
+        self.bins = bins
+        self.tmp = tmp
+        self.drones: List[Drone] = []
+        self.queen: Optional[Queen] = None
+
+    def start_queen(self, env: Optional[Dict[str, str]] = None) -> Queen:
+        self.queen = Queen(self.bins["queen"], self.tmp, env)
+        return self.queen
+
+    @property
+    def client(self) -> hive.Client:
+        assert self.queen is not None
+        return self.queen.client
+
+    def start_drone(self, pools: List[Dict[str, Any]], name: Optional[str] = None,
+                    slots: int = 4, wait: bool = True, extra_toml: str = "") -> Drone:
+        assert self.queen is not None
+        d = Drone(self.bins["drone"], self.queen, self.tmp,
+                  name or "drone{}".format(len(self.drones) + 1), pools, slots, extra_toml)
+        self.drones.append(d)
+        if wait:
+            d.registered()
+        return d
+
+    def close(self) -> None:
+        for d in self.drones:
+            d.stop()
+        if self.queen is not None:
+            self.queen.stop()
+
+    def logs(self) -> str:
+        parts = []
+        for path in sorted(self.tmp.glob("*.log")):
+            parts.append("==== {} ====\n{}".format(path.name, log_tail(path, 60)))
+        return "\n".join(parts)
+
+
+#: The pool most integration tests use: tasks_fixture's kinds.
+PY_KINDS = ["py.echo", "py.noop", "py.pid", "py.env", "py.fail", "py.perm", "py.block",
+            "py.hold", "py.exit", "py.segv", "py.ckpt", "py.sleep"]
+
+
+def py_pool(processes: int = 2, **kw: Any) -> Dict[str, Any]:
+    p = {"name": "py", "modules": ["tasks_fixture"], "processes": processes, "kinds": PY_KINDS}
+    p.update(kw)
+    return p
+
+
+@pytest.fixture
+def hive_env(hive_bins, tmp_path, request):
+    """A started queen (fast leases and retries) and a way to start drones; the logs are
+    printed when the test fails."""
+    h = Hive(hive_bins, tmp_path)
+    try:
+        h.start_queen()
+        yield h
+    finally:
+        failed = getattr(request.node, "rep_call", None)
+        if failed is not None and failed.failed:
+            print(h.logs())
+        h.close()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
