@@ -571,13 +571,26 @@ def import_modules(modules: Iterable[Union[str, ModuleType]]) -> List[ModuleType
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):
                 raise
-            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
             raise WorkerSetupError(
                 "cannot import task module {!r}: {}: {}\n{}".format(
-                    mod, type(e).__name__, e, tb.rstrip("\n")
+                    mod, type(e).__name__, e, _import_traceback(e)
                 )
             ) from e
     return out
+
+
+def _import_traceback(exc: BaseException) -> str:
+    """The traceback of a failed import, without the worker's and importlib's frames."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if f.filename not in (__file__, importlib.__file__)
+        and not f.filename.startswith("<frozen importlib")
+    ]
+    text = "Traceback (most recent call last):\n" if frames else ""
+    text += "".join(traceback.format_list(frames))
+    text += "".join(traceback.format_exception_only(type(exc), exc))
+    return text.rstrip("\n")
 
 
 def run(

@@ -337,15 +337,20 @@ class Drone:
     """A drone process with worker pools from a config file (``[[pool]]`` tables)."""
 
     def __init__(self, binary_path: Path, queen: Queen, tmp: Path, name: str,
-                 pools: List[Dict[str, Any]], slots: int = 4, extra_toml: str = "") -> None:
+                 pools: List[Dict[str, Any]], slots: int = 4, extra_toml: str = "",
+                 args: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None,
+                 kinds: Optional[List[str]] = None, cwd: Optional[Path] = None) -> None:
         self.name = name
         self.queen = queen
         self.marker = "PYHIVE_TEST_DRONE={}-{}".format(name, os.urandom(6).hex())
         self.config = tmp / "{}.toml".format(name)
         self.log = tmp / "{}.log".format(name)
-        self.kinds: List[str] = []
+        self.kinds: List[str] = list(kinds or [])
         text = ["kill_grace_ms = 500", extra_toml, ""]
         mark_key, mark_value = self.marker.split("=", 1)
+        drone_env = clean_env(RUST_LOG="info")
+        drone_env[mark_key] = mark_value  # for pools given by flag (env_passthrough)
+        drone_env.update(env or {})
         for p in pools:
             command = p.get("command") or [sys.executable, "-m", "hive", "worker"] + list(p["modules"])
             env = {"PYTHONPATH": str(SDK_DIR), mark_key: mark_value}
@@ -367,8 +372,8 @@ class Drone:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [str(binary_path), "--queen", queen.drones_addr, "--slots", str(slots),
-                 "--name", name, "--config", str(self.config)],
-                cwd=str(tmp), env=clean_env(RUST_LOG="info"), stdin=subprocess.DEVNULL,
+                 "--name", name, "--config", str(self.config)] + list(args or []),
+                cwd=str(cwd or tmp), env=drone_env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
@@ -385,8 +390,9 @@ class Drone:
         return poll(listed, what="drone {} to register with kinds {}".format(self.name, self.kinds))
 
     def pool_pids(self) -> List[int]:
-        """The live processes of this drone's pools (found by the marker in their env)."""
-        return pids_with_env(self.marker)
+        """The live processes of this drone's pools (found by the marker in their env; the
+        drone has it too, for pools given by flag, and is left out)."""
+        return [p for p in pids_with_env(self.marker) if p != self.proc.pid]
 
     def exit_code(self, timeout: float = DEADLINE) -> int:
         """Waits for the drone to exit on its own; returns its exit code."""
@@ -436,10 +442,13 @@ class Hive:
         return self.queen.client
 
     def start_drone(self, pools: List[Dict[str, Any]], name: Optional[str] = None,
-                    slots: int = 4, wait: bool = True, extra_toml: str = "") -> Drone:
+                    slots: int = 4, wait: bool = True, **kw: Any) -> Drone:
+        """Starts a drone with ``pools`` (``[[pool]]`` tables: name, modules or command,
+        processes, kinds it must announce, env, cwd, ready_timeout_ms); ``kw`` goes to
+        :class:`Drone` (extra_toml, args, env, kinds, cwd). Waits until the queen lists it."""
         assert self.queen is not None
         d = Drone(self.bins["drone"], self.queen, self.tmp,
-                  name or "drone{}".format(len(self.drones) + 1), pools, slots, extra_toml)
+                  name or "drone{}".format(len(self.drones) + 1), pools, slots, **kw)
         self.drones.append(d)
         if wait:
             d.registered()
