@@ -514,15 +514,19 @@ def serve(channel: Channel, handlers: Optional[Dict[str, Handler]] = None) -> in
     handlers = registered() if handlers is None else handlers
     if not handlers:
         raise WorkerSetupError("no task handlers are registered")
-    channel.send(
-        {
-            "type": "ready",
-            "protocol": PROTOCOL_VERSION,
-            "kinds": sorted(handlers),
-            "sdk": SDK_NAME,
-            "pid": os.getpid(),
-        }
-    )
+    try:
+        channel.send(
+            {
+                "type": "ready",
+                "protocol": PROTOCOL_VERSION,
+                "kinds": sorted(handlers),
+                "sdk": SDK_NAME,
+                "pid": os.getpid(),
+            }
+        )
+    except (BrokenPipeError, ConnectionResetError):
+        return 0  # the drone is already gone
+
     runner = _Runner(handlers, channel)
     read_frame = channel.read_frame
     send_text = channel.send_text

@@ -216,6 +216,47 @@ def fake_drone(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# A test PKI (https)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 / localhost, made with `openssl`
+    (skipped where there is none): ``{"ca", "cert", "key"}`` paths (PEM)."""
+    import shutil
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    ext = d / "server.ext"
+    ext.write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid\n"
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl] + list(args), cwd=str(d), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=DEADLINE)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=hive sdk test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-addext", "subjectKeyIdentifier=hash")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "server.ext")
+    return {"ca": d / "ca.crt", "cert": d / "server.crt", "key": d / "server.key"}
+
+
+# ---------------------------------------------------------------------------------------
 # A real queen and real drones (integration tests)
 # ---------------------------------------------------------------------------------------
 
@@ -295,7 +336,8 @@ def pids_with_env(marker: str) -> List[int]:
 class Queen:
     """A queen process on ephemeral ports and a fresh data dir."""
 
-    def __init__(self, binary_path: Path, tmp: Path, env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(self, binary_path: Path, tmp: Path, env: Optional[Dict[str, str]] = None,
+                 **client_kw: Any) -> None:
         self.tmp = tmp
         self.log = tmp / "queen.log"
         self.stdout = tmp / "queen.stdout"
@@ -316,8 +358,10 @@ class Queen:
         fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
         self.drones_addr = fields["drones"]
         self.http_addr = fields["http"]
-        self.url = "http://" + self.http_addr
-        self.client = hive.Client(self.url, timeout=10.0)
+        scheme = "https" if e.get("HIVE_TLS__CERT") else "http"
+        self.url = "{}://{}".format(scheme, self.http_addr)
+        client_kw.setdefault("timeout", 10.0)
+        self.client = hive.Client(self.url, **client_kw)
 
     def _ready_line(self) -> Optional[str]:
         for line in self.stdout.read_text(errors="replace").splitlines():
@@ -432,8 +476,13 @@ class Hive:
         self.drones: List[Drone] = []
         self.queen: Optional[Queen] = None
 
-    def start_queen(self, env: Optional[Dict[str, str]] = None) -> Queen:
-        self.queen = Queen(self.bins["queen"], self.tmp, env)
+    def start_queen(self, env: Optional[Dict[str, str]] = None, **client_kw: Any) -> Queen:
+        """Starts a queen (stopping the one running); ``client_kw`` configures its client."""
+        if self.queen is not None:
+            self.queen.stop()
+        tmp = self.tmp / "queen{}".format(len(list(self.tmp.glob("queen*"))))
+        tmp.mkdir()
+        self.queen = Queen(self.bins["queen"], tmp, env, **client_kw)
         return self.queen
 
     @property
@@ -462,7 +511,7 @@ class Hive:
 
     def logs(self) -> str:
         parts = []
-        for path in sorted(self.tmp.glob("*.log")):
+        for path in sorted(self.tmp.glob("**/*.log")):
             parts.append("==== {} ====\n{}".format(path.name, log_tail(path, 60)))
         return "\n".join(parts)
 

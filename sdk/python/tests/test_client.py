@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +22,7 @@ class Stub:
     where ``fn(req)`` returns ``(status, body)`` or the string ``"drop"`` (close the
     connection without answering). Every request is recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Optional[Dict[str, Any]] = None) -> None:
         self.requests: List[Dict[str, Any]] = []
         self.routes: List[Any] = []
         self.connections = 0
@@ -84,11 +85,17 @@ class Stub:
                 pass  # a client that hung up on purpose (the timeout test)
 
         self.server = Server(("127.0.0.1", 0), Handler)
+        scheme = "http"
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls["cert"]), str(tls["key"]))
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
         self.thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
         )
         self.thread.start()
-        self.url = "http://127.0.0.1:{}".format(self.server.server_address[1])
+        self.url = "{}://127.0.0.1:{}".format(scheme, self.server.server_address[1])
 
     def on(self, method: str, prefix: str, fn: Callable[[Dict[str, Any]], Any]) -> None:
         self.routes.append((method, prefix, fn))
@@ -299,6 +306,31 @@ def test_cancel_sends_the_reason_and_accepts_its_own_lost_answer(stub):
     assert n == [{"reason": "not needed"}, {"reason": "not needed"}]
 
 
+def test_retry_accepts_its_own_lost_answer(stub):
+    n = []
+
+    def retry(req):
+        n.append(1)
+        if len(n) == 1:
+            return "drop"
+        return (409, {"error": "task 0190-a is pending; only failed or cancelled tasks can be retried"})
+
+    stub.on("POST", "/v1/tasks/0190-a/retry", retry)
+    stub.on("GET", "/v1/tasks/0190-a", lambda r: (200, task_record(state="pending")))
+    c = hive.Client(stub.url, backoff=0.01)
+    assert c.retry("0190-a")["state"] == "pending"
+    assert len(n) == 2
+
+
+def test_retry_of_a_task_that_cannot_be_retried_is_a_409(stub):
+    stub.on("POST", "/v1/tasks/0190-a/retry", lambda r: (409, {"error": "task 0190-a is running; only failed or cancelled tasks can be retried"}))
+    c = hive.Client(stub.url)
+    with pytest.raises(hive.ApiError) as info:
+        c.retry("0190-a")
+    assert info.value.status == 409
+    assert len(stub.requests) == 1, "no GET: the first answer was not lost"
+
+
 def test_cancel_of_a_finished_task_is_a_409(stub):
     stub.on("POST", "/v1/tasks/0190-a/cancel", lambda r: (409, {"error": "task 0190-a is already succeeded"}))
     c = hive.Client(stub.url)
@@ -330,3 +362,19 @@ def test_https_needs_an_https_url():
         hive.Client("http://127.0.0.1:1", cafile="/nonexistent.pem")
     with pytest.raises(ValueError):
         hive.Client("ftp://127.0.0.1:1")
+
+
+def test_https_with_a_ca_file_and_an_untrusted_certificate(pki):
+    s = Stub(tls=pki)
+    try:
+        s.on("GET", "/v1/stats", lambda r: (200, {"by_state": {}}))
+        assert hive.Client(s.url, cafile=str(pki["ca"])).stats() == {"by_state": {}}
+        ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+        assert hive.Client(s.url, ssl_context=ctx).stats() == {"by_state": {}}
+        # Without the CA the certificate is refused at once: retrying cannot help.
+        with pytest.raises(hive.ConnectionError) as info:
+            hive.Client(s.url, retries=3, backoff=0.01).stats()
+        assert "cannot verify the queen's certificate" in str(info.value)
+        assert info.value.attempts == 1
+    finally:
+        s.close()

@@ -300,3 +300,26 @@ def test_throughput_of_noop_tasks(hive_env):
     rate = n / (time.monotonic() - start)
     sys.stdout.write("\nend-to-end no-op tasks: {:.0f}/s\n".format(rate))
     assert last["state"] == "succeeded"
+
+
+def test_https_and_a_token(hive_env, pki):
+    """A queen with [tls] and a token: the client verifies it with the CA file and sends
+    the bearer token; a drone connects over TLS and runs a pool task."""
+    q = hive_env.start_queen(
+        {"HIVE_TLS__CERT": str(pki["cert"]), "HIVE_TLS__KEY": str(pki["key"]),
+         "HIVE_AUTH__TOKEN": "sdk-secret"},
+        cafile=str(pki["ca"]), token="sdk-secret")
+    assert q.url.startswith("https://")
+    hive_env.start_drone([py_pool(processes=1)], args=["--tls-ca", str(pki["ca"]), "--token", "sdk-secret"])
+    c = hive_env.client
+    t = ended(c, c.submit("py.echo", "tls")["id"])
+    assert t["state"] == "succeeded" and t["result"]["payload"] == "tls"
+    with pytest.raises(hive.ApiError) as info:
+        hive.Client(q.url, cafile=str(pki["ca"])).stats()
+    assert info.value.status == 401
+    assert info.value.message == "missing or invalid bearer token"
+    with pytest.raises(hive.ApiError) as info:
+        hive.Client(q.url, cafile=str(pki["ca"]), token="wrong").stats()
+    assert info.value.status == 401
+    with pytest.raises(hive.ConnectionError, match="cannot verify"):
+        hive.Client(q.url, token="sdk-secret").stats()
