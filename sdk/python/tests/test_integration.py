@@ -292,11 +292,12 @@ def test_throughput_of_noop_tasks(hive_env):
     """Reports the end-to-end rate of no-op tasks (debug builds of the queen and drone)."""
     hive_env.start_drone([py_pool(processes=2)], slots=8)
     c = hive_env.client
-    n = 2000
+    n = 1500
     start = time.monotonic()
     tasks = c.batch([{"kind": "py.noop"} for _ in range(n)])
-    last = ended(c, tasks[-1]["id"])
-    poll(lambda: c.stats()["by_state"]["succeeded"] >= n, what="every no-op task to succeed")
+    last = c.wait(tasks[-1]["id"], timeout=3 * DEADLINE)
+    poll(lambda: c.stats()["by_state"]["succeeded"] >= n, timeout=3 * DEADLINE,
+         what="every no-op task to succeed")
     rate = n / (time.monotonic() - start)
     sys.stdout.write("\nend-to-end no-op tasks: {:.0f}/s\n".format(rate))
     assert last["state"] == "succeeded"
