@@ -77,6 +77,7 @@ _KIND_RE = re.compile(r"^[A-Za-z0-9\-_.:/]{1,128}$")
 # Compact JSON; allow_nan=False so a NaN result is refused here instead of sending the
 # drone something that is not JSON.
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_encode_utf8 = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
 _decode = json.loads
 
 
@@ -354,12 +355,15 @@ class TaskContext:
                 )
             )
         text = _encode(data)
-        if len(text) > MAX_CHECKPOINT_BYTES and len(text.encode("utf-8")) > MAX_CHECKPOINT_BYTES:
-            raise ValueError(
-                "checkpoint is {} bytes of JSON, over the limit of {}".format(
-                    len(text.encode("utf-8")), MAX_CHECKPOINT_BYTES
+        if len(text) > MAX_CHECKPOINT_BYTES:
+            # Measured as the drone does: UTF-8, non-ASCII characters unescaped.
+            size = len(_encode_utf8(data).encode("utf-8"))
+            if size > MAX_CHECKPOINT_BYTES:
+                raise ValueError(
+                    "checkpoint is {} bytes of JSON, over the limit of {}".format(
+                        size, MAX_CHECKPOINT_BYTES
+                    )
                 )
-            )
         frame = '{"type":"checkpoint","task_id":' + _encode(self.task_id) + ',"data":' + text + "}"
         if self._channel is not None:
             self._channel.send_text(frame)
@@ -405,9 +409,7 @@ def error_text(exc: BaseException, with_traceback: bool = True) -> str:
         return head
     if not tail:
         return head
-    text = head + "\n\nTraceback (most recent call last, last {} frames):\n".format(
-        len(frames)
-    )
+    text = head + "\n\nTraceback (most recent call last):\n"
     room = MAX_ERROR_BYTES - len(text.encode("utf-8"))
     raw = tail.encode("utf-8", "replace")
     if len(raw) > room:

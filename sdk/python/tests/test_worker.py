@@ -12,7 +12,7 @@ from hive.worker import TaskContext, error_text
 EXPECTED_KINDS = sorted([
     "bare_name", "t.async", "t.async_boom", "t.big_checkpoint", "t.boom", "t.checkpoint",
     "t.ctx", "t.echo", "t.nan", "t.noop", "t.one_arg", "t.perm", "t.print", "t.set",
-    "t.unicode",
+    "t.unicode", "t.utf8_checkpoint",
 ])
 
 
@@ -118,6 +118,14 @@ def test_an_oversized_checkpoint_fails_in_the_handler(fake_drone):
     assert out["type"] == "failed" and out["retryable"] is True
     assert out["error"].startswith("ValueError: checkpoint is ")
     assert "over the limit of 65536" in out["error"]
+
+
+def test_a_checkpoint_is_measured_in_utf8_bytes(fake_drone):
+    d = fake_drone(["worker_tasks"])
+    d.ready()
+    cps, out = d.run("t.utf8_checkpoint")
+    assert out["type"] == "done"
+    assert cps[0]["data"] == {"text": "\u00e9" * 20000}
 
 
 @pytest.mark.parametrize("kind,detail", [("t.set", "TypeError"), ("t.nan", "ValueError")])

@@ -98,3 +98,10 @@ def noop(payload, ctx):
 @task("t.unicode")
 def unicode(payload, ctx):
     return {"text": payload + " \u00e9\u4e2d\U0001f41d"}
+
+
+@task("t.utf8_checkpoint")
+def utf8_checkpoint(payload, ctx):
+    # 40,000 bytes of UTF-8 (under 64 KiB), 120,000 characters once \u-escaped.
+    ctx.checkpoint({"text": "\u00e9" * 20000})
+    return "ok"
