@@ -315,6 +315,8 @@ def test_https_and_a_token(hive_env, pki):
     c = hive_env.client
     t = ended(c, c.submit("py.echo", "tls")["id"])
     assert t["state"] == "succeeded" and t["result"]["payload"] == "tls"
+    env = ended(c, c.submit("py.env")["id"])["result"]
+    assert "sdk-secret" not in env.values(), "the drone's token never reaches a pool process"
     with pytest.raises(hive.ApiError) as info:
         hive.Client(q.url, cafile=str(pki["ca"])).stats()
     assert info.value.status == 401
