@@ -311,12 +311,14 @@ def test_https_and_a_token(hive_env, pki):
          "HIVE_AUTH__TOKEN": "sdk-secret"},
         cafile=str(pki["ca"]), token="sdk-secret")
     assert q.url.startswith("https://")
-    hive_env.start_drone([py_pool(processes=1)], args=["--tls-ca", str(pki["ca"]), "--token", "sdk-secret"])
+    hive_env.start_drone([py_pool(processes=1)], args=["--tls-ca", str(pki["ca"])],
+                         env={"HIVE_DRONE_TOKEN": "sdk-secret"})
     c = hive_env.client
     t = ended(c, c.submit("py.echo", "tls")["id"])
     assert t["state"] == "succeeded" and t["result"]["payload"] == "tls"
     env = ended(c, c.submit("py.env")["id"])["result"]
-    assert "sdk-secret" not in env.values(), "the drone's token never reaches a pool process"
+    assert "HIVE_DRONE_TOKEN" not in env and "sdk-secret" not in env.values(), \
+        "the drone's token never reaches a pool process"
     with pytest.raises(hive.ApiError) as info:
         hive.Client(q.url, cafile=str(pki["ca"])).stats()
     assert info.value.status == 401
