@@ -328,3 +328,24 @@ def test_https_and_a_token(hive_env, pki):
     assert info.value.status == 401
     with pytest.raises(hive.ConnectionError, match="cannot verify"):
         hive.Client(q.url, token="sdk-secret").stats()
+
+
+def test_the_example_tasks(hive_env):
+    """examples/tasks.py (the demo's pool) runs as documented."""
+    from conftest import SDK_DIR
+
+    hive_env.start_drone([{"name": "examples", "modules": ["tasks"], "processes": 1,
+                           "cwd": SDK_DIR / "examples",
+                           "kinds": ["py.greet", "py.wordcount", "py.sleep"]}])
+    c = hive_env.client
+    greet = ended(c, c.submit("py.greet", {"name": "Ada"})["id"])
+    assert greet["result"] == {"greeting": "Hello, Ada!", "attempt": 1}
+    text = "the cat and the hat\n" * 2500
+    count = ended(c, c.submit("py.wordcount", {"text": text})["id"])
+    assert count["state"] == "succeeded"
+    assert count["result"]["words"] == 12500 and count["result"]["distinct"] == 4
+    assert count["result"]["top"][0] == ["the", 5000]
+    slept = ended(c, c.submit("py.sleep", {"seconds": 0.05})["id"])
+    assert slept["result"] == {"slept": 0.05}
+    bad = ended(c, c.submit("py.greet", 5)["id"])
+    assert bad["state"] == "failed" and bad["attempts"] == 1
