@@ -1,0 +1,3 @@
+"""A module that registers no task handlers (the worker must refuse to start)."""
+
+VALUE = 1
