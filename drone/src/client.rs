@@ -512,6 +512,12 @@ impl Drone {
     async fn handle(&mut self, event: Event) -> Result<(), DroneError> {
         match event {
             Event::Finished { held, outcome } => {
+                if matches!(outcome, Outcome::Failed(_)) {
+                    // A checkpoint written just before the attempt failed must reach the
+                    // queen before the failure does, or the next attempt starts without it
+                    // (heartbeats carry checkpoints, and the file goes with the attempt).
+                    self.send_last_checkpoint(held).await;
+                }
                 let attempt = self.running.remove(&held).map_or(0, |t| t.attempt);
                 self.executor.checkpoints.remove(held);
                 self.record(outcome, attempt).await;
@@ -840,6 +846,37 @@ impl Drone {
             held: self.held(),
             assigns_seen,
             checkpoints,
+            pools: self.pools.statuses(),
+        };
+        self.send(&DroneMessage::Heartbeat(heartbeat)).await;
+    }
+
+    /// Sends a heartbeat now if `held`'s checkpoint changed since the last one. The queen
+    /// reads a connection's frames in order, so it stores the checkpoint before the outcome
+    /// that follows.
+    async fn send_last_checkpoint(&mut self, held: Held) {
+        let Link::Connected(session) = &self.link else {
+            return;
+        };
+        let assigns_seen = session.assigns_seen;
+        let Some(task) = self.running.get_mut(&held) else {
+            return;
+        };
+        let Some(data) = self
+            .executor
+            .checkpoints
+            .changed(held, &mut task.checkpoint)
+        else {
+            return;
+        };
+        let heartbeat = Heartbeat {
+            held: self.held(),
+            assigns_seen,
+            checkpoints: vec![shared::protocol::Checkpoint {
+                task_id: held.task_id,
+                fence: held.fence,
+                data,
+            }],
             pools: self.pools.statuses(),
         };
         self.send(&DroneMessage::Heartbeat(heartbeat)).await;
