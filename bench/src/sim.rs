@@ -106,6 +106,7 @@ pub async fn connect(addr: &str, name: &str, slots: u32) -> Result<Connected> {
             held: Vec::new(),
             draining: false,
             pongs: false,
+            pools: Vec::new(),
         });
         framed.send(frame::encode(&hello)?).await?;
         let answer = framed

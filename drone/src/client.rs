@@ -512,12 +512,11 @@ impl Drone {
     async fn handle(&mut self, event: Event) -> Result<(), DroneError> {
         match event {
             Event::Finished { held, outcome } => {
-                if matches!(outcome, Outcome::Failed(_)) {
-                    // A checkpoint written just before the attempt failed must reach the
-                    // queen before the failure does, or the next attempt starts without it
-                    // (heartbeats carry checkpoints, and the file goes with the attempt).
-                    self.send_last_checkpoint(held).await;
-                }
+                // A checkpoint written just before the attempt ended must reach the queen
+                // before the outcome does, or the next attempt starts without it and the
+                // task's record misses it (heartbeats carry checkpoints, and the file goes
+                // with the attempt).
+                self.send_last_checkpoint(held).await;
                 let attempt = self.running.remove(&held).map_or(0, |t| t.attempt);
                 self.executor.checkpoints.remove(held);
                 self.record(outcome, attempt).await;
@@ -605,6 +604,7 @@ impl Drone {
             held: self.held(),
             draining: self.draining,
             pongs: true,
+            pools: self.pools.statuses(),
         };
         tracing::debug!(attempt, %queen, held = hello.held.len(), "connecting to the queen");
         self.link = Link::Connecting {

@@ -92,6 +92,10 @@ pub struct Hello {
     /// and say so by leaving `pongs` out of their welcome.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pongs: bool,
+    /// The drone's worker pools as they are at connect (heartbeats keep them current);
+    /// absent from drones without pools and from drones before this field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -419,6 +423,7 @@ mod tests {
             held: vec![],
             draining: false,
             pongs: false,
+            pools: Vec::new(),
         }
     }
 

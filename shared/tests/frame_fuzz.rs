@@ -130,6 +130,7 @@ fn drone_message() -> impl Strategy<Value = DroneMessage> {
                     held,
                     draining,
                     pongs: !draining,
+                    pools: Vec::new(),
                 })
             },
         );

@@ -60,6 +60,7 @@ pub fn hello(id: DroneId, slots: u32, held: Vec<Held>) -> Hello {
         held,
         draining: false,
         pongs: false,
+        pools: vec![],
     }
 }
 

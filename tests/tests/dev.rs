@@ -184,3 +184,138 @@ fn queen_dev_stops_cleanly_on_sigterm_while_its_sample_batch_runs() {
     );
     stop_cleanly(&mut queen, &drones_addr);
 }
+
+/// Every process descended from `pid` (children first), read from /proc.
+fn descendants(pid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(i32, i32)> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+/// `./run-hive` shows a function-style task: with the Python SDK at hand, `queen dev`
+/// starts a drone whose worker pool runs `sdk/python/examples/tasks.py`, the sample batch's
+/// `py.greet` tasks succeed with the handler's greeting, and the pool's processes stop with
+/// the hive.
+#[test]
+fn queen_dev_runs_python_tasks_on_a_worker_pool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sdk = bins::workspace_root().join("sdk/python");
+    let sdk = sdk.to_str().expect("a UTF-8 path");
+    let (mut queen, rx) = spawn_dev(
+        dir.path(),
+        &[
+            "--drones",
+            "1",
+            "--slots",
+            "2",
+            "--tasks",
+            "10",
+            "--python-sdk",
+            sdk,
+        ],
+    );
+    let lines = lines_until(&rx, |l| l == "sample batch complete");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("started a drone with a Python worker pool")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("sample batch: 10/10 finished")),
+        "{lines:#?}"
+    );
+    let dashboard = after(&lines, "dashboard: ").expect("a dashboard URL");
+    let drones_addr = after(&lines, "queen: drones connect to ")
+        .and_then(|rest| rest.split(',').next().map(str::to_owned))
+        .expect("the drones' address");
+    let page: serde_json::Value = ureq::get(&format!("{dashboard}v1/tasks?queue=sample&limit=100"))
+        .call()
+        .expect("tasks")
+        .into_json()
+        .expect("json");
+    let greeted: Vec<&serde_json::Value> = page["tasks"]
+        .as_array()
+        .expect("a task list")
+        .iter()
+        .filter(|t| t["kind"] == "py.greet")
+        .collect();
+    assert_eq!(greeted.len(), 2, "tasks 1 and 6 of 10 are py.greet: {page}");
+    for t in &greeted {
+        assert_eq!(t["state"], "succeeded", "{t}");
+        let greeting = t["result"]["greeting"].as_str().unwrap_or_default();
+        assert!(greeting.starts_with("Hello, task "), "{t}");
+    }
+    let drones: serde_json::Value = ureq::get(&format!("{dashboard}v1/drones"))
+        .call()
+        .expect("drones")
+        .into_json()
+        .expect("json");
+    let python_drone = drones["drones"]
+        .as_array()
+        .expect("a drone list")
+        .iter()
+        .find(|d| d["name"] == "dev-drone-python")
+        .cloned()
+        .unwrap_or_else(|| panic!("no dev-drone-python in {drones}"));
+    assert_eq!(python_drone["pools"][0]["name"], "py", "{python_drone}");
+    assert_eq!(python_drone["pools"][0]["processes"], 2, "{python_drone}");
+
+    // The pool's processes (the drone's shims and the Python workers under them) stop with
+    // the hive.
+    let config = dir.path().join("data/dev-drone-python.toml");
+    let python_drones = processes_with(config.to_str().expect("a UTF-8 path"));
+    assert_eq!(
+        python_drones.len(),
+        1,
+        "one Python pool drone: {python_drones:?}"
+    );
+    let pool_processes = descendants(python_drones[0]);
+    assert!(
+        pool_processes.len() >= 4,
+        "two shims and two Python workers: {pool_processes:?}"
+    );
+    stop_cleanly(&mut queen, &drones_addr);
+    wait_until(
+        Duration::from_secs(10),
+        "the Python pool's processes to stop with the hive",
+        || !pool_processes.iter().any(|p| alive(*p)),
+    );
+}

@@ -288,7 +288,7 @@ impl Core {
             assigns_sent: 0,
             draining: hello.draining,
             pongs: hello.pongs,
-            pools: Vec::new(),
+            pools: hello.pools,
             isolating: None,
         };
         let mut reattached = 0;

@@ -586,6 +586,7 @@ pub fn drone_message(known: &Known) -> impl Strategy<Value = DroneMessage> {
                 held,
                 draining: false,
                 pongs: false,
+                pools: Vec::new(),
             })
         });
     let checkpoint =

@@ -373,6 +373,7 @@ impl Hive {
                 held,
                 draining: false,
                 pongs: false,
+                pools: Vec::new(),
             }),
             conn: Conn {
                 id: conn,
