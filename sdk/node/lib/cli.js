@@ -29,6 +29,21 @@ class CliError extends Error {
 }
 
 /**
+ * The error and the stack frames of user code: without Node's module loader and this
+ * SDK, so the message stays within the stderr tail the drone reports.
+ * @param {unknown} err
+ */
+function userStack(err) {
+  const head = describeError(err);
+  const stack = err instanceof Error && typeof err.stack === 'string' ? err.stack.split('\n') : [];
+  const frames = stack
+    .filter((line) => /^\s+at /.test(line))
+    .filter((line) => !line.includes('node:') && !line.includes(__dirname))
+    .slice(0, 8);
+  return [head, ...frames].join('\n');
+}
+
+/**
  * Loads one module and registers its tasks: those it registers itself with `task()`, or,
  * if it registers none, the functions it exports.
  * @param {string} spec the module's path as given
@@ -59,8 +74,7 @@ async function loadModule(spec, cwd) {
     if (err && err.code === 'ERR_MODULE_NOT_FOUND' && String(err.message).includes(file)) {
       throw new CliError(`cannot find task module ${spec} (${file})`);
     }
-    const detail = err && err.stack ? err.stack : describeError(err);
-    throw new CliError(`loading task module ${spec} failed: ${detail}`);
+    throw new CliError(`loading task module ${spec} failed: ${userStack(err)}`);
   }
   if (reg.size > before) return reg.size - before;
   try {

@@ -2,7 +2,7 @@
 // The worker against a fake drone: a real `hive-worker` process with a Unix socket as fd 3.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { FakeDrone } = require('./helpers/fake-drone');
+const { FakeDrone } = require('../testkit/fake-drone');
 
 /** Starts a worker on `modules`, checks its `ready`, and kills it after the test. */
 async function worker(t, modules = ['tasks.js'], options) {

@@ -7,10 +7,10 @@ const os = require('node:os');
 const path = require('node:path');
 const { once } = require('node:events');
 const { spawn } = require('node:child_process');
-const { FrameParser, encodeFrame } = require('../../lib/frames');
+const { FrameParser, encodeFrame } = require('../lib/frames');
 
-const BIN = path.join(__dirname, '..', '..', 'bin', 'hive-worker.js');
-const FIXTURES = path.join(__dirname, '..', 'fixtures');
+const BIN = path.join(__dirname, '..', 'bin', 'hive-worker.js');
+const FIXTURES = path.join(__dirname, 'fixtures');
 /** Bounds every wait, so a broken worker fails a test instead of hanging it. */
 const DEADLINE_MS = 10000;
 
