@@ -26,7 +26,11 @@ describe('integration: a real queen and drone run hive-worker pools', { skip }, 
     await hive.explain(() =>
       hive.startDrone('a1', {
         slots: 4,
-        pools: [nodePool('node', ['tasks.js']), nodePool('other', ['exported.js', 'exported.mjs'])],
+        pools: [
+          nodePool('node', ['tasks.js']),
+          nodePool('other', ['exported.js', 'exported.mjs']),
+          nodePool('example', [path.join(__dirname, '..', 'examples', 'tasks.js')]),
+        ],
       }),
     );
     c = hive.client;
@@ -178,6 +182,14 @@ describe('integration: a real queen and drone run hive-worker pools', { skip }, 
     assert.match(done.errors[0].error, /SIGKILL|signal 9/);
   });
 
+  test('a checkpoint sent just before a retryable failure reaches the retry', async () => {
+    // No heartbeat in between: the drone sends the last checkpoint ahead of the outcome.
+    const t = await run('node.checkpoint-then-fail', null, { max_attempts: 2 });
+    assert.equal(t.state, 'succeeded', JSON.stringify(t.errors));
+    assert.deepEqual(t.result, { attempt: 2, lastCheckpoint: { from: 1 } });
+    assert.deepEqual(t.errors.map((e) => e.error), ['Error: failed after a checkpoint']);
+  });
+
   test('two pools with different kinds on one drone', async () => {
     const [a, b, e] = await Promise.all([
       run('node.exported', 'x'),
@@ -185,6 +197,14 @@ describe('integration: a real queen and drone run hive-worker pools', { skip }, 
       run('node.esm', 'z'),
     ]);
     assert.deepEqual([a.result, b.result, e.result], [{ hello: 'x' }, 'other:y', { esm: 'z' }]);
+  });
+
+  test('the example tasks run', async () => {
+    const greet = await run('node.greet', { name: 'bee' });
+    assert.deepEqual(greet.result, { greeting: 'hello, bee' });
+    const numbers = Array.from({ length: 2500 }, (_, i) => i);
+    const sum = await run('node.sum', numbers);
+    assert.deepEqual(sum.result, { sum: (2499 * 2500) / 2, count: 2500 });
   });
 
   test('client errors carry the status and the API message', async () => {
