@@ -30,6 +30,7 @@ describe('integration: a real queen and drone run hive-worker pools', { skip }, 
           nodePool('node', ['tasks.js']),
           nodePool('other', ['exported.js', 'exported.mjs']),
           nodePool('example', [path.join(__dirname, '..', 'examples', 'tasks.js')]),
+          nodePool('recycle', ['recycle.js'], { max_tasks: 2 }),
         ],
       }),
     );
@@ -190,6 +191,20 @@ describe('integration: a real queen and drone run hive-worker pools', { skip }, 
     assert.deepEqual(t.errors.map((e) => e.error), ['Error: failed after a checkpoint']);
   });
 
+  test('max_tasks: the drone closes the channel, the worker exits, a fresh one takes over', async () => {
+    const pids = [];
+    for (let i = 0; i < 3; i++) {
+      const t = await run('node.recycle-pid', null);
+      assert.equal(t.state, 'succeeded');
+      pids.push(t.result);
+      hive.workerPids.add(t.result);
+    }
+    assert.equal(pids[0], pids[1]);
+    assert.notEqual(pids[2], pids[0]);
+    await until(`the retired process ${pids[0]} to exit`, () => !alive(pids[0]));
+    assert.doesNotMatch(hive.drones.get('a1').output, /recycle.*(SIGKILL|killed)/);
+  });
+
   test('two pools with different kinds on one drone', async () => {
     const [a, b, e] = await Promise.all([
       run('node.exported', 'x'),
@@ -220,7 +235,16 @@ describe('integration: a real queen and drone run hive-worker pools', { skip }, 
     await assert.rejects(c.cancel(t.id), { status: 409 });
     const stats = await c.stats();
     assert.ok(stats.by_state.succeeded >= 1);
-    assert.ok((await c.list({ state: 'succeeded', limit: 2 })).tasks.length > 0);
+    const page = await c.list({ state: 'succeeded', limit: 2 });
+    assert.equal(page.tasks.length, 2);
+    assert.ok(page.next);
+    const ids = [];
+    for await (const task of c.iterate({ state: 'succeeded', limit: 2 })) {
+      ids.push(task.id);
+      if (ids.length === 5) break;
+    }
+    assert.equal(new Set(ids).size, 5, 'pages follow each other');
+    assert.deepEqual(ids.slice(0, 2), page.tasks.map((x) => x.id));
   });
 
   test('a retried submit with the same idempotency key does not create a second task', async () => {

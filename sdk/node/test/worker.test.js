@@ -163,6 +163,12 @@ test('tasks as plain exports, and ESM default exports', async (t) => {
   assert.deepEqual((await d.run('node.esm', 'z'))[0].result, { esm: 'z' });
 });
 
+test('an ES module .js file (in a "type": "module" package) that calls task()', async (t) => {
+  const d = await worker(t, ['esm-pkg/tasks.js']);
+  assert.deepEqual(d.ready.kinds, ['node.esm-task']);
+  assert.deepEqual((await d.run('node.esm-task', 5))[0].result, { esm: true, attempt: 1, payload: 5 });
+});
+
 async function failsToStart(t, modules, options) {
   const d = await FakeDrone.start(modules, options);
   t.after(() => d.kill());
