@@ -189,10 +189,14 @@ class Worker {
       return;
     }
     if (out !== null && (typeof out === 'object' || typeof out === 'function') && typeof out.then === 'function') {
-      out.then(
-        (value) => this.done(ctx, value),
-        (e) => this.fail(ctx, describeError(e), !isPermanent(e)),
-      );
+      try {
+        out.then(
+          (value) => this.done(ctx, value),
+          (e) => this.fail(ctx, describeError(e), !isPermanent(e)),
+        );
+      } catch (e) {
+        this.fail(ctx, describeError(e), !isPermanent(e)); // a thenable whose then() throws
+      }
     } else {
       this.done(ctx, out);
     }
