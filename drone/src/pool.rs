@@ -766,6 +766,14 @@ impl Process {
         }
     }
 
+    /// SIGTERM to the group, `grace` for the process to exit, then SIGKILL: how the
+    /// process of a timed-out or cancelled task ends (docs/POOLS.md).
+    async fn terminate(&mut self, grace: Duration) {
+        self.group.signal(libc::SIGTERM);
+        let _ = tokio::time::timeout(grace, self.child.wait()).await;
+        self.group.signal(libc::SIGKILL);
+    }
+
     /// SIGKILL to the group, then reaps it and removes its directory.
     async fn kill_now(self) {
         let Process {
@@ -1197,6 +1205,8 @@ async fn run_job(
             _ = sleep_until_opt(deadline) => {
                 let ms = assign.timeout_ms.unwrap_or(0);
                 tracing::warn!(pool = %process.pool, process = process.index, task_id = %held.task_id, timeout_ms = ms, "task timed out; replacing its pool process");
+                // SIGTERM first, so the handler can clean up, as for a cancel (and `exec`).
+                process.terminate(pool.executor.kill_grace).await;
                 let (error, retryable) = timed_out(ms);
                 return (
                     Outcome::failed(held, error, retryable),
@@ -1213,11 +1223,7 @@ async fn run_job(
                 // Kill it before the outcome goes out: "cancelled" means it stopped.
                 match reason {
                     StopReason::Shutdown => process.group.signal(libc::SIGKILL),
-                    _ => {
-                        process.group.signal(libc::SIGTERM);
-                        let _ = tokio::time::timeout(pool.executor.kill_grace, process.child.wait()).await;
-                        process.group.signal(libc::SIGKILL);
-                    }
+                    _ => process.terminate(pool.executor.kill_grace).await,
                 }
                 let after = if pool.stopping.is_cancelled() {
                     After::Stop
