@@ -331,47 +331,54 @@ async fn a_pool_announces_its_kinds_runs_their_tasks_and_shows_in_heartbeats() -
 }
 
 /// Guards the queue's order (docs/POOLS.md: pool tasks wait "in the order they were
-/// assigned"): with the only process busy, tasks assigned one after another must run in
-/// that order, not in whatever order the drone's runtime first polls them.
+/// assigned"): with the only process busy, tasks assigned together must run in that
+/// order, not in whatever order the drone's runtime first polls them. A few rounds,
+/// since a wrong order shows only when the runtime happens to reorder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_tasks_wait_for_a_process_in_the_order_they_were_assigned() -> Result<()> {
+    const ROUNDS: usize = 6;
     const WAITING: usize = 6;
     let w = Workdir::new()?;
     let mut h = hive(vec![spec(w.pool("py", "py", 1))], |c| {
         c.slots = WAITING as u32 + 1;
     })
     .await?;
-    let go = w.file("go");
-    let first = task("py", json!({"do": "block", "go": go}));
-    h.conn.assign(first.clone()).await?;
-    w.started_on(first.task_id).await;
-    let waiting: Vec<Assign> = (0..WAITING)
-        .map(|n| task("py", json!({"do": "pid", "n": n})))
-        .collect();
-    for t in &waiting {
-        h.conn.assign(t.clone()).await?;
-    }
-    let last = support::held(&waiting[WAITING - 1]);
-    h.conn
-        .heartbeat_where("a heartbeat holding every task", |held, _| {
-            held.contains(&last)
-        })
-        .await?;
-    std::fs::write(&go, b"")?;
     let mut book = Book::default();
-    let ids: Vec<TaskId> = waiting.iter().map(|t| t.task_id).collect();
-    book.wait_for(&mut h.conn, &ids).await?;
+    let mut expected: Vec<String> = Vec::new();
+    for round in 0..ROUNDS {
+        let go = w.file(&format!("go-{round}"));
+        let first = task("py", json!({"do": "block", "go": go}));
+        h.conn.assign(first.clone()).await?;
+        w.started_on(first.task_id).await;
+        let waiting: Vec<Assign> = (0..WAITING)
+            .map(|n| task("py", json!({"do": "pid", "n": n})))
+            .collect();
+        // In one write, as a queen leasing several tasks at once does.
+        h.conn.assign_all(&waiting).await?;
+        let last = support::held(&waiting[WAITING - 1]);
+        h.conn
+            .heartbeat_where("a heartbeat holding every task", |held, _| {
+                held.contains(&last)
+            })
+            .await?;
+        std::fs::write(&go, b"")?;
+        let ids: Vec<TaskId> = std::iter::once(&first)
+            .chain(&waiting)
+            .map(|t| t.task_id)
+            .collect();
+        book.wait_for(&mut h.conn, &ids).await?;
+        expected.extend(ids.iter().map(TaskId::to_string));
 
-    let log = std::fs::read_to_string(w.file("started"))?;
-    let ran: Vec<&str> = log
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    let expected: Vec<String> = std::iter::once(&first)
-        .chain(&waiting)
-        .map(|t| t.task_id.to_string())
-        .collect();
-    assert_eq!(ran, expected, "tasks ran out of assignment order");
+        let log = std::fs::read_to_string(w.file("started"))?;
+        let ran: Vec<&str> = log
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(
+            ran, expected,
+            "round {round}: tasks ran out of assignment order"
+        );
+    }
     Ok(())
 }
 
@@ -993,10 +1000,8 @@ async fn a_pool_process_sees_the_protocol_variables_and_its_env_and_nothing_else
     assert_eq!(get("GREETING"), Some("hello pool"));
     assert_eq!(get("PATH"), Some(drone::policy::DEFAULT_TASK_PATH));
 
-    assert!(
-        std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
-        "cargo gives test processes CARGO_MANIFEST_DIR"
-    );
+    // Under cargo the test process has CARGO_MANIFEST_DIR (and HOME, USER, ...): the
+    // drone's environment, which must not reach the pool.
     assert_eq!(get("CARGO_MANIFEST_DIR"), None, "the drone's env leaked");
     // Python may add LC_CTYPE when it coerces the C locale; nothing else may appear.
     let allowed = [
@@ -1014,5 +1019,13 @@ async fn a_pool_process_sees_the_protocol_variables_and_its_env_and_nothing_else
         .filter(|k| !allowed.contains(&k.as_str()))
         .collect();
     assert!(extra.is_empty(), "unexpected variables: {extra:?}");
+    let ours: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| !allowed.contains(&k.as_str()))
+        .collect();
+    assert!(
+        !ours.is_empty(),
+        "the test process has no variables of its own, so this test shows nothing"
+    );
     Ok(())
 }
