@@ -795,6 +795,8 @@ async fn a_pool_whose_program_does_not_exist_stops_the_drone_naming_it() -> Resu
     Ok(())
 }
 
+/// Guards the start error an operator acts on: a worker that dies before `ready` (a bad
+/// import, a missing setting) stops the drone with its exit and the tail of its stderr.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_exiting_before_ready_stops_the_drone_with_its_stderr() -> Result<()> {
     let w = Workdir::new()?;
@@ -820,6 +822,8 @@ async fn a_pool_exiting_before_ready_stops_the_drone_with_its_stderr() -> Result
     Ok(())
 }
 
+/// Guards `ready_timeout_ms`: a worker that never says `ready` does not hang the drone's
+/// start forever, and is not left running after the drone gives up on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_silent_past_ready_timeout_stops_the_drone_and_is_killed() -> Result<()> {
     let w = Workdir::new()?;
@@ -858,6 +862,8 @@ async fn two_pools_announcing_one_kind_stop_the_drone_and_leave_no_process() -> 
     Ok(())
 }
 
+/// Guards the built-in kinds: a pool may not take over `echo` (or `exec`, which policy
+/// governs) by announcing it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_announcing_a_built_in_kind_stops_the_drone() -> Result<()> {
     let w = Workdir::new()?;
