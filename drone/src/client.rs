@@ -308,6 +308,12 @@ impl Phase {
     }
 }
 
+/// What a spawned task runs: a pool task, already in its pool's queue, or an `exec`.
+enum Work {
+    Pool(crate::pool::Queued),
+    Exec(Assign),
+}
+
 /// A task this drone is running.
 #[derive(Debug)]
 struct RunningTask {
@@ -999,13 +1005,20 @@ impl Drone {
             fence = %assign.fence,
             attempt = assign.attempt
         );
+        // A pool task joins its pool's queue here, not when its future first runs: the
+        // runtime polls new futures in no particular order, and pool tasks wait for a
+        // process in the order they were assigned (docs/POOLS.md).
+        let work = match pool {
+            Some(pool) => Work::Pool(crate::pool::queue(&pool, assign)),
+            None => Work::Exec(assign),
+        };
         let executor = Arc::clone(&self.executor);
         let finished = self.finished_tx.clone();
         self.tasks.spawn(
             async move {
-                let outcome = match pool {
-                    Some(pool) => crate::pool::run(pool, assign, stop_rx).await,
-                    None => executor.run_exec(assign, stop_rx).await,
+                let outcome = match work {
+                    Work::Pool(queued) => queued.outcome(stop_rx).await,
+                    Work::Exec(assign) => executor.run_exec(assign, stop_rx).await,
                 };
                 // Fails only when `run` has already returned: nobody is left to tell.
                 let _ = finished.send((held, outcome)).await;

@@ -9,10 +9,10 @@
 //! Shape: every process slot of a pool has a *keeper* task that starts a process, waits
 //! for its `ready`, then takes jobs from the pool's queue one at a time until the process
 //! dies, is killed (timeout, cancel, protocol error) or is recycled, and starts the next.
-//! A task's own future ([`run`]) puts a job in that queue and waits for its outcome; a
-//! stop (cancel, shutdown, superseded lease) that arrives while the job still waits takes
-//! it back from the queue, and one that arrives later is forwarded to the keeper running
-//! it.
+//! The drone puts a task's job in that queue as the assignment arrives ([`queue`]), and
+//! the task's own future ([`Queued::outcome`]) waits for its outcome; a stop (cancel,
+//! shutdown, superseded lease) that arrives while the job still waits takes it back from
+//! the queue, and one that arrives later is forwarded to the keeper running it.
 //!
 //! Every process runs under the supervisor shim, in its own process group with a
 //! parent-death signal ([`crate::process`]), so pool processes die with their drone as
@@ -411,51 +411,83 @@ impl Pools {
     }
 }
 
-/// Runs one task on `pool`: waits for an idle process, runs the task there and returns
-/// the outcome. A stop that arrives while the task still waits ends it at once.
-pub async fn run(
-    pool: Arc<Pool>,
-    assign: Assign,
-    mut stop: oneshot::Receiver<StopReason>,
-) -> Outcome {
+/// A task in its pool's queue, from [`queue`] until [`Queued::outcome`] returns.
+#[derive(Debug)]
+pub struct Queued {
+    held: Held,
+    state: Arc<AtomicU8>,
+    /// Where a stop goes once a keeper has claimed the job.
+    forward: oneshot::Sender<StopReason>,
+    reply: oneshot::Receiver<Outcome>,
+    /// The pool was stopping: the task never joined its queue.
+    refused: bool,
+}
+
+/// Puts a task in `pool`'s queue, behind every task queued before it. Not async on
+/// purpose: the drone calls it as the assignment arrives, so tasks wait in the order they
+/// were assigned (a spawned future would join the queue whenever the runtime first polls
+/// it, and the runtime polls new futures in no particular order).
+pub fn queue(pool: &Pool, assign: Assign) -> Queued {
     let held = Held {
         task_id: assign.task_id,
         fence: assign.fence,
     };
     let state = Arc::new(AtomicU8::new(QUEUED));
-    let (forward_tx, forward_rx) = oneshot::channel();
-    let (reply_tx, mut reply_rx) = oneshot::channel();
+    let (forward, forward_rx) = oneshot::channel();
+    let (reply_tx, reply) = oneshot::channel();
     let job = Job {
         assign,
         state: Arc::clone(&state),
         stop: forward_rx,
         reply: reply_tx,
     };
-    if pool.jobs_tx.send(job).is_err() {
-        return Outcome::failed(held, "the drone's worker pool is stopping", true);
+    let refused = pool.jobs_tx.send(job).is_err();
+    Queued {
+        held,
+        state,
+        forward,
+        reply,
+        refused,
     }
-    let mut forward = Some(forward_tx);
-    let mut listening = true;
-    loop {
-        tokio::select! {
-            outcome = &mut reply_rx => {
-                return outcome.unwrap_or_else(|_| {
-                    Outcome::failed(held, "the worker pool stopped before the task ended", true)
-                });
-            }
-            reason = &mut stop, if listening => {
-                listening = false;
-                let Ok(reason) = reason else { continue };
-                if state
-                    .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    let (error, retryable) = stopped(&reason);
-                    return Outcome::failed(held, error, retryable);
+}
+
+impl Queued {
+    /// Waits for an idle process to run the task and returns the outcome. A stop that
+    /// arrives while the task still waits ends it at once.
+    pub async fn outcome(self, mut stop: oneshot::Receiver<StopReason>) -> Outcome {
+        let Queued {
+            held,
+            state,
+            forward,
+            mut reply,
+            refused,
+        } = self;
+        if refused {
+            return Outcome::failed(held, "the drone's worker pool is stopping", true);
+        }
+        let mut forward = Some(forward);
+        let mut listening = true;
+        loop {
+            tokio::select! {
+                outcome = &mut reply => {
+                    return outcome.unwrap_or_else(|_| {
+                        Outcome::failed(held, "the worker pool stopped before the task ended", true)
+                    });
                 }
-                if let Some(forward) = forward.take() {
-                    // The keeper may have just finished; its outcome is on its way.
-                    let _ = forward.send(reason);
+                reason = &mut stop, if listening => {
+                    listening = false;
+                    let Ok(reason) = reason else { continue };
+                    if state
+                        .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        let (error, retryable) = stopped(&reason);
+                        return Outcome::failed(held, error, retryable);
+                    }
+                    if let Some(forward) = forward.take() {
+                        // The keeper may have just finished; its outcome is on its way.
+                        let _ = forward.send(reason);
+                    }
                 }
             }
         }
@@ -732,6 +764,14 @@ impl Process {
                 output.stderr_tail.clear();
             }
         }
+    }
+
+    /// SIGTERM to the group, `grace` for the process to exit, then SIGKILL: how the
+    /// process of a timed-out or cancelled task ends (docs/POOLS.md).
+    async fn terminate(&mut self, grace: Duration) {
+        self.group.signal(libc::SIGTERM);
+        let _ = tokio::time::timeout(grace, self.child.wait()).await;
+        self.group.signal(libc::SIGKILL);
     }
 
     /// SIGKILL to the group, then reaps it and removes its directory.
@@ -1165,6 +1205,8 @@ async fn run_job(
             _ = sleep_until_opt(deadline) => {
                 let ms = assign.timeout_ms.unwrap_or(0);
                 tracing::warn!(pool = %process.pool, process = process.index, task_id = %held.task_id, timeout_ms = ms, "task timed out; replacing its pool process");
+                // SIGTERM first, so the handler can clean up, as for a cancel (and `exec`).
+                process.terminate(pool.executor.kill_grace).await;
                 let (error, retryable) = timed_out(ms);
                 return (
                     Outcome::failed(held, error, retryable),
@@ -1181,11 +1223,7 @@ async fn run_job(
                 // Kill it before the outcome goes out: "cancelled" means it stopped.
                 match reason {
                     StopReason::Shutdown => process.group.signal(libc::SIGKILL),
-                    _ => {
-                        process.group.signal(libc::SIGTERM);
-                        let _ = tokio::time::timeout(pool.executor.kill_grace, process.child.wait()).await;
-                        process.group.signal(libc::SIGKILL);
-                    }
+                    _ => process.terminate(pool.executor.kill_grace).await,
                 }
                 let after = if pool.stopping.is_cancelled() {
                     After::Stop

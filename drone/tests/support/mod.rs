@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 pub use hive_testkit::wait_until_async;
 use serde_json::Value;
@@ -227,6 +228,17 @@ impl Conn {
 
     pub async fn assign(&mut self, assign: Assign) -> Result<()> {
         self.send(QueenMessage::Assign(assign)).await
+    }
+
+    /// Sends several assigns in one write, so the drone reads them in one go.
+    pub async fn assign_all(&mut self, assigns: &[Assign]) -> Result<()> {
+        for a in assigns {
+            self.framed
+                .feed(frame::encode(&QueenMessage::Assign(a.clone()))?)
+                .await?;
+        }
+        SinkExt::<Bytes>::flush(&mut self.framed).await?;
+        Ok(())
     }
 
     pub async fn ack(&mut self, task_id: TaskId, fence: Fence) -> Result<()> {
