@@ -3,10 +3,12 @@
 //! sent to the queen with the next heartbeat, stored with the task, and handed to the next
 //! attempt if this one is lost.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 use serde_json::Value;
@@ -24,6 +26,11 @@ pub struct Checkpoints {
     max_bytes: usize,
     /// The user tasks run as (`policy.run_as`), who must be able to write the files.
     owner: Option<(libc::uid_t, libc::gid_t)>,
+    /// How many times the drone itself wrote each attempt's file ([`Checkpoints::prepare`]:
+    /// a pool process's checkpoints). File times are coarse (a clock tick), so two
+    /// checkpoints of one length written within a tick look alike by time and size; this
+    /// count tells them apart.
+    written: Mutex<HashMap<Held, u64>>,
 }
 
 /// What the drone last sent of one checkpoint file, to send only changes.
@@ -31,6 +38,7 @@ pub struct Checkpoints {
 pub struct Seen {
     modified: Option<SystemTime>,
     len: u64,
+    written: u64,
 }
 
 impl Checkpoints {
@@ -46,6 +54,7 @@ impl Checkpoints {
             dir,
             max_bytes,
             owner: None,
+            written: Mutex::new(HashMap::new()),
         })
     }
 
@@ -84,17 +93,32 @@ impl Checkpoints {
             if let Err(e) = written {
                 tracing::warn!(task_id = %held.task_id, error = %e, "could not write the checkpoint file");
             }
+            // Counted after the write: a heartbeat between the two sends the new content
+            // and then, seeing the count move, sends it once more (never too little).
+            if let Ok(mut counts) = self.written.lock() {
+                *counts.entry(held).or_default() += 1;
+            }
         }
         self.seen(held)
     }
 
     fn seen(&self, held: Held) -> Seen {
+        let written = self
+            .written
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&held).copied())
+            .unwrap_or(0);
         match std::fs::symlink_metadata(self.path(held)) {
             Ok(m) => Seen {
                 modified: m.modified().ok(),
                 len: m.len(),
+                written,
             },
-            Err(_) => Seen::default(),
+            Err(_) => Seen {
+                written,
+                ..Seen::default()
+            },
         }
     }
 
@@ -144,6 +168,9 @@ impl Checkpoints {
 
     pub fn remove(&self, held: Held) {
         let _ = std::fs::remove_file(self.path(held));
+        if let Ok(mut counts) = self.written.lock() {
+            counts.remove(&held);
+        }
     }
 
     /// Where an exec attempt's input (`"input"`) or result (`"result"`) file lives, beside
@@ -236,5 +263,33 @@ mod tests {
         let dir = c.dir.clone();
         drop(c);
         assert!(!dir.exists(), "the directory goes with the drone");
+    }
+
+    /// A pool process's checkpoints are written by the drone: each one counts as news even
+    /// when it has the length of the last one and lands within the same clock tick (file
+    /// times are coarse), or a later attempt would resume from an older one.
+    #[test]
+    fn checkpoints_the_drone_writes_count_as_news_whatever_the_clock_says() {
+        let c = Checkpoints::new(64).expect("dir");
+        let held = Held {
+            task_id: TaskId::generate(),
+            fence: Fence(3),
+        };
+        let mut seen = c.prepare(held, None);
+        let tick = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        for step in 1..=5 {
+            let data = serde_json::json!({ "step": step });
+            c.prepare(held, Some(&data));
+            // As a coarse clock would stamp them: every write in the same tick.
+            std::fs::File::options()
+                .write(true)
+                .open(c.path(held))
+                .and_then(|f| f.set_modified(tick))
+                .expect("set the file's time");
+            assert_eq!(c.changed(held, &mut seen), Some(data), "step {step}");
+            assert_eq!(c.changed(held, &mut seen), None);
+        }
+        c.remove(held);
+        assert_eq!(c.seen(held), Seen::default(), "forgotten with its file");
     }
 }
