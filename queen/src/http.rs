@@ -257,7 +257,10 @@ async fn healthz() -> Json<Health> {
     get,
     path = "/",
     tag = "dashboard",
-    responses((status = 200, description = "The dashboard page", body = String, content_type = "text/html"))
+    responses(
+        (status = 200, description = "The dashboard page", body = String, content_type = "text/html"),
+        (status = 503, description = "A standby queen (HA on PostgreSQL): the leader serves the dashboard", body = StandbyError),
+    )
 )]
 async fn dashboard() -> Html<&'static str> {
     Html(DASHBOARD)

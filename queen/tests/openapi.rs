@@ -755,6 +755,7 @@ async fn a_standby_answers_as_documented() {
         ("GET", "/v1/tasks", "/v1/tasks"),
         ("POST", "/v1/tasks", "/v1/tasks"),
         ("GET", "/v1/stats", "/v1/stats"),
+        ("GET", "/", "/"),
     ] {
         let answer = standby_call(method, path).await;
         assert_eq!(answer.status, 503, "{method} {path}: {}", answer.text);
