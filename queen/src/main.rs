@@ -47,6 +47,9 @@ enum Command {
     /// the counts, and says how to start the hive on it (the way a single-machine hive
     /// grows into an HA one). The data dir is left as it was.
     Migrate(MigrateArgs),
+    /// Prints the HTTP API's OpenAPI 3 document: what `GET /v1/openapi.json` serves.
+    /// `queen openapi > docs/openapi.json` refreshes the checked-in copy.
+    Openapi,
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +64,9 @@ struct MigrateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Openapi) = cli.command {
+        return openapi();
+    }
     let cfg = match Config::load(cli.config.as_deref(), std::env::vars()) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -85,7 +91,29 @@ fn main() -> ExitCode {
             server(cfg, Some(args))
         }
         Some(Command::Migrate(args)) => migrate(cfg, args),
+        // Answered before the config is read.
+        Some(Command::Openapi) => openapi(),
         None => server(cfg, None),
+    }
+}
+
+/// `queen openapi`: the document on stdout. Needs no config and no queen.
+fn openapi() -> ExitCode {
+    use std::io::Write;
+    let written = queen::http::openapi_json_text()
+        .map_err(|e| e.to_string())
+        .and_then(|text| {
+            std::io::stdout()
+                .lock()
+                .write_all(text.as_bytes())
+                .map_err(|e| e.to_string())
+        });
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("queen openapi: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

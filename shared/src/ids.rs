@@ -4,11 +4,14 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 /// A task's identity: a UUIDv7, so ids sort by creation time (the store and the ready
 /// queues rely on that for FIFO order among equal priorities).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(transparent)]
 pub struct TaskId(pub Uuid);
 
@@ -45,7 +48,9 @@ impl FromStr for TaskId {
 /// A drone's identity. A drone process picks one at start and keeps it across reconnects,
 /// which is how the queen re-attaches that drone's leases after a connection drop or a
 /// queen restart. A restarted drone process is a new drone: its children died with it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(transparent)]
 pub struct DroneId(pub Uuid);
 
@@ -71,7 +76,9 @@ impl FromStr for DroneId {
 /// The lease fence: grows with every lease of one task and never repeats, across queen
 /// restarts too (the grant is durable before the drone hears of it). An outcome is
 /// recorded only when it carries the fence of the task's current lease.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(transparent)]
 pub struct Fence(pub u64);
 
