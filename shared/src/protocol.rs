@@ -240,7 +240,7 @@ pub struct Heartbeat {
 
 /// One worker pool of a drone (docs/POOLS.md), as its heartbeats report it: shown in
 /// `GET /v1/drones` and the `hive_pool_*` metrics.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PoolStatus {
     pub name: String,
     /// The kinds its processes handle.
