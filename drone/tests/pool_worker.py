@@ -109,6 +109,7 @@ if "EXIT_BEFORE_READY" in os.environ:
 if "NEVER_READY" in os.environ:
     wait_for(None)
 
+HELD = []
 send({"type": "ready", "protocol": 1, "kinds": KINDS, "sdk": "pooltests/1", "pid": os.getpid()})
 
 while True:
@@ -156,6 +157,10 @@ while True:
         send({"type": "done", "task_id": tid, "result": {"checkpoint_in_run": run["checkpoint"]}})
     elif do == "fail":
         send({"type": "failed", "task_id": tid, "error": p["error"], "retryable": p["retryable"]})
+    elif do == "grow":
+        # Keeps `mib` MiB resident (touched, so it is in RSS) for the rest of its life.
+        HELD.append(bytearray(b"x" * (p["mib"] << 20)))
+        send({"type": "done", "task_id": tid, "result": {"pid": os.getpid()}})
     elif do == "env":
         send({"type": "done", "task_id": tid, "result": dict(os.environ)})
     else:  # "pid": who ran it, and what `run` said

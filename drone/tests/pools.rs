@@ -705,6 +705,41 @@ async fn max_tasks_recycles_a_process_without_counting_a_restart() -> Result<()>
     Ok(())
 }
 
+/// Guards `max_memory_mib`: a process whose resident memory is above it after a task is
+/// recycled (its next task runs on a fresh process; not counted as a restart), and one
+/// below it is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_memory_recycles_a_process_that_grew_past_it() -> Result<()> {
+    let w = Workdir::new()?;
+    let mut pool = w.pool("py", "py", 1);
+    pool.max_memory_mib = Some(64);
+    let mut h = hive(vec![spec(pool)], |_| {}).await?;
+    let first = pid_task(&mut h.conn, "py").await?;
+    assert_eq!(
+        pid_task(&mut h.conn, "py").await?,
+        first,
+        "a process below max_memory_mib is kept"
+    );
+    let grow = task("py", json!({"do": "grow", "mib": 128}));
+    h.conn.assign(grow.clone()).await?;
+    assert_eq!(
+        pid_of(&completed(h.conn.outcome(grow.task_id).await?)?)?,
+        first
+    );
+    let next = pid_task(&mut h.conn, "py").await?;
+    assert_ne!(
+        next, first,
+        "the process that grew past max_memory_mib was kept"
+    );
+    wait_all_gone(&[first]).await;
+    let status = pool_status(&mut h.conn, "py", "a ready process after recycling", |p| {
+        p.ready == 1
+    })
+    .await?;
+    assert_eq!(status.restarts, 0, "{status:?}");
+    Ok(())
+}
+
 // ----- 8. crash loops -----
 
 /// The most restarts a crash loop may make within `window` of its first crash when the
