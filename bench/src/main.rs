@@ -11,7 +11,7 @@
 //! $B restart --tasks 1000000            # fill, SIGTERM, restart: time to serving and to
 //!                                       # draining the backlog, queen RSS, data dir size
 //! $B drones --drones 10000 --trials 3   # queen RSS per idle drone connection, heartbeat CPU
-//! $B pool --lang python --tasks 20000 --processes 2 --slots 32
+//! $B pool --lang python --tasks 20000 --processes 2 --slots 128
 //!                                       # a no-op Python (or node) handler on a drone's
 //!                                       # worker pool, end to end (sdk/)
 //! $B pool-rtt --lang python             # drone↔worker round trip p50/p99, start → ready

@@ -90,8 +90,8 @@ pub struct Args {
     #[arg(long, default_value_t = 2)]
     pub processes: u32,
     /// The drone's slots: above `processes`, the next tasks wait in the drone while the
-    /// queen's round trip is in flight.
-    #[arg(long, default_value_t = 32)]
+    /// queen's round trip is in flight (like BullMQ's `concurrency` or Celery's prefetch).
+    #[arg(long, default_value_t = 128)]
     pub slots: u32,
     /// Tasks per batch request.
     #[arg(long, default_value_t = 1_000)]

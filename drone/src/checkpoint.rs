@@ -30,7 +30,17 @@ pub struct Checkpoints {
     /// a pool process's checkpoints). File times are coarse (a clock tick), so two
     /// checkpoints of one length written within a tick look alike by time and size; this
     /// count tells them apart.
-    written: Mutex<HashMap<Held, u64>>,
+    written: Mutex<HashMap<Held, Attempt>>,
+}
+
+/// What the drone knows of one attempt's checkpoint file without looking at it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Attempt {
+    /// Checkpoints the drone wrote into it.
+    written: u64,
+    /// Only the drone writes it (a pool process's attempt): with nothing written there is
+    /// no file, and nothing to look at or remove.
+    drone_only: bool,
 }
 
 /// What the drone last sent of one checkpoint file, to send only changes.
@@ -96,19 +106,47 @@ impl Checkpoints {
             // Counted after the write: a heartbeat between the two sends the new content
             // and then, seeing the count move, sends it once more (never too little).
             if let Ok(mut counts) = self.written.lock() {
-                *counts.entry(held).or_default() += 1;
+                counts.entry(held).or_default().written += 1;
             }
         }
         self.seen(held)
     }
 
-    fn seen(&self, held: Held) -> Seen {
-        let written = self
-            .written
+    /// [`Checkpoints::prepare`] for an attempt on a pool process, whose file only the
+    /// drone writes (the process sends checkpoints over its channel): until one is written
+    /// the drone touches no file for it, which saves a pool task three file system calls.
+    pub fn prepare_for_pool(&self, held: Held, initial: Option<&Value>) -> Seen {
+        if let Ok(mut counts) = self.written.lock() {
+            counts.insert(
+                held,
+                Attempt {
+                    written: 0,
+                    drone_only: true,
+                },
+            );
+        }
+        match initial {
+            Some(_) => self.prepare(held, initial),
+            None => self.seen(held),
+        }
+    }
+
+    fn attempt(&self, held: Held) -> Attempt {
+        self.written
             .lock()
             .ok()
             .and_then(|c| c.get(&held).copied())
-            .unwrap_or(0);
+            .unwrap_or_default()
+    }
+
+    fn seen(&self, held: Held) -> Seen {
+        let Attempt {
+            written,
+            drone_only,
+        } = self.attempt(held);
+        if drone_only && written == 0 {
+            return Seen::default();
+        }
         match std::fs::symlink_metadata(self.path(held)) {
             Ok(m) => Seen {
                 modified: m.modified().ok(),
@@ -167,9 +205,14 @@ impl Checkpoints {
     }
 
     pub fn remove(&self, held: Held) {
-        let _ = std::fs::remove_file(self.path(held));
-        if let Ok(mut counts) = self.written.lock() {
-            counts.remove(&held);
+        let attempt = self
+            .written
+            .lock()
+            .ok()
+            .and_then(|mut c| c.remove(&held))
+            .unwrap_or_default();
+        if !(attempt.drone_only && attempt.written == 0) {
+            let _ = std::fs::remove_file(self.path(held));
         }
     }
 
@@ -291,5 +334,36 @@ mod tests {
         }
         c.remove(held);
         assert_eq!(c.seen(held), Seen::default(), "forgotten with its file");
+    }
+
+    /// A pool attempt's file exists only once the drone wrote a checkpoint, and its
+    /// checkpoints are news like any other.
+    #[test]
+    fn a_pool_attempt_has_a_file_only_once_a_checkpoint_is_written() {
+        let c = Checkpoints::new(64).expect("dir");
+        let held = Held {
+            task_id: TaskId::generate(),
+            fence: Fence(4),
+        };
+        let mut seen = c.prepare_for_pool(held, None);
+        assert!(!c.path(held).exists());
+        assert_eq!(c.changed(held, &mut seen), None);
+        let data = serde_json::json!({"step": 1});
+        c.prepare(held, Some(&data));
+        assert!(c.path(held).exists());
+        assert_eq!(c.changed(held, &mut seen), Some(data));
+        c.remove(held);
+        assert!(!c.path(held).exists(), "removed with its attempt");
+
+        let resumed = Held {
+            task_id: TaskId::generate(),
+            fence: Fence(5),
+        };
+        let earlier = serde_json::json!({"step": 7});
+        let mut seen = c.prepare_for_pool(resumed, Some(&earlier));
+        assert!(c.path(resumed).exists(), "the earlier attempt's checkpoint is kept");
+        assert_eq!(c.changed(resumed, &mut seen), None, "the queen has it already");
+        c.remove(resumed);
+        assert!(!c.path(resumed).exists());
     }
 }

@@ -987,10 +987,12 @@ impl Drone {
             }
         }
         let (stop_tx, stop_rx) = oneshot::channel();
-        let checkpoint = self
-            .executor
-            .checkpoints
-            .prepare(held, assign.checkpoint.as_ref());
+        let checkpoints = &self.executor.checkpoints;
+        let checkpoint = if pool.is_some() {
+            checkpoints.prepare_for_pool(held, assign.checkpoint.as_ref())
+        } else {
+            checkpoints.prepare(held, assign.checkpoint.as_ref())
+        };
         self.running.insert(
             held,
             RunningTask {
