@@ -361,8 +361,15 @@ mod tests {
         };
         let earlier = serde_json::json!({"step": 7});
         let mut seen = c.prepare_for_pool(resumed, Some(&earlier));
-        assert!(c.path(resumed).exists(), "the earlier attempt's checkpoint is kept");
-        assert_eq!(c.changed(resumed, &mut seen), None, "the queen has it already");
+        assert!(
+            c.path(resumed).exists(),
+            "the earlier attempt's checkpoint is kept"
+        );
+        assert_eq!(
+            c.changed(resumed, &mut seen),
+            None,
+            "the queen has it already"
+        );
         c.remove(resumed);
         assert!(!c.path(resumed).exists());
     }

@@ -105,7 +105,7 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
         if let Some(filter) = log_filter {
             command.env("RUST_LOG", filter);
         }
-        let child = command
+        command
             .args([
                 "--queen",
                 &drones_at.to_string(),
@@ -115,7 +115,9 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
                 &format!("dev-drone-{i}"),
             ])
             .stdin(Stdio::null())
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        dies_with_this_process(&mut command);
+        let child = command
             .spawn()
             .with_context(|| format!("starting {}", drone_bin.display()))?;
         children.push(child);
@@ -172,6 +174,30 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Asks the kernel to send the local drone SIGTERM when `queen dev` goes, however it goes
+/// (`kill -9` included), so no drone of a dev hive keeps reconnecting to a queen that is
+/// gone. SIGTERM lets it drain, and its task and pool processes die with it. The signal is
+/// tied to the thread that forks: a tokio worker thread, which lives as long as the
+/// runtime, i.e. the process.
+fn dies_with_this_process(command: &mut tokio::process::Command) {
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl and
+    // getppid, which are async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Gone between the fork and the prctl: no signal will ever come.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Starts a drone with a two-process pool running the Python SDK's example tasks, when
 /// `python3` and the SDK are there (`Ok(None)` when they are not: the demo goes on
 /// without). Its config goes into the data dir.
@@ -217,11 +243,13 @@ fn python_pool_drone(
     if let Some(filter) = log_filter {
         command.env("RUST_LOG", filter);
     }
-    let child = command
+    command
         .arg("--config")
         .arg(&path)
         .stdin(Stdio::null())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    dies_with_this_process(&mut command);
+    let child = command
         .spawn()
         .with_context(|| format!("starting {}", drone_bin.display()))?;
     Ok(Some(child))

@@ -319,3 +319,49 @@ fn queen_dev_runs_python_tasks_on_a_worker_pool() {
         || !pool_processes.iter().any(|p| alive(*p)),
     );
 }
+
+/// Guards the local drones of a dev hive: when `queen dev` is killed outright (`kill -9`,
+/// a crashed terminal, a test that panicked), its drones and their pool processes go too,
+/// instead of reconnecting forever to a queen that is gone.
+#[test]
+fn the_local_drones_die_with_a_killed_queen_dev() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sdk = bins::workspace_root().join("sdk/python");
+    let sdk = sdk.to_str().expect("a UTF-8 path");
+    let (mut queen, rx) = spawn_dev(
+        dir.path(),
+        &[
+            "--drones",
+            "2",
+            "--slots",
+            "2",
+            "--tasks",
+            "6",
+            "--python-sdk",
+            sdk,
+        ],
+    );
+    let lines = lines_until(&rx, |l| l == "sample batch complete");
+    let drones_addr = after(&lines, "queen: drones connect to ")
+        .and_then(|rest| rest.split(',').next().map(str::to_owned))
+        .expect("the drones' address");
+    let config = dir.path().join("data/dev-drone-python.toml");
+    let mut everything = processes_with(&drones_addr);
+    assert_eq!(everything.len(), 2, "two local drones: {everything:?}");
+    let python_drones = processes_with(config.to_str().expect("a UTF-8 path"));
+    assert_eq!(python_drones.len(), 1, "{python_drones:?}");
+    everything.extend(&python_drones);
+    everything.extend(descendants(python_drones[0]));
+    assert!(
+        everything.len() >= 7,
+        "drones, shims and workers: {everything:?}"
+    );
+
+    queen.signal(libc::SIGKILL);
+    wait_until(DEADLINE, "queen dev to die", || queen.exit_status());
+    wait_until(
+        Duration::from_secs(20),
+        "every drone and pool process of the killed dev hive to exit",
+        || !everything.iter().any(|p| alive(*p)),
+    );
+}
