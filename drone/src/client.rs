@@ -417,14 +417,25 @@ impl Drone {
         if self.config.pools.is_empty() {
             return Ok(true);
         }
-        let starting = Pools::start(&self.config, &self.executor);
+        let stopping = CancellationToken::new();
+        let (config, executor) = (self.config.clone(), Arc::clone(&self.executor));
+        let starting = Pools::start(&config, &executor, stopping.clone());
+        tokio::pin!(starting);
+        let (graceful, immediate) = (
+            self.shutdown.graceful.clone(),
+            self.shutdown.immediate.clone(),
+        );
         tokio::select! {
-            started = starting => {
+            started = &mut starting => {
                 self.pools = started.map_err(DroneError::Pools)?;
                 Ok(true)
             }
-            _ = self.shutdown.graceful.cancelled() => Ok(false),
-            _ = self.shutdown.immediate.cancelled() => Ok(false),
+            _ = async { tokio::select! { _ = graceful.cancelled() => {}, _ = immediate.cancelled() => {} } } => {
+                // Not dropped half-way: the start kills what it started, then returns.
+                stopping.cancel();
+                let _ = starting.await;
+                Ok(false)
+            }
         }
     }
 

@@ -79,6 +79,15 @@ pub async fn run(config: Config, shutdown: Shutdown) -> Result<(), DroneError> {
     for warning in p.startup_warnings(identity::effective_uid()) {
         tracing::warn!("{warning}");
     }
+    let pool_uid = p
+        .run_as
+        .as_ref()
+        .map_or_else(identity::effective_uid, |u| u.uid);
+    if !config.pools.is_empty() && pool_uid == 0 {
+        tracing::warn!(
+            "worker pool processes run as root (set policy.run_as to an unprivileged user)"
+        );
+    }
     let mut drone = client::Drone::new(config, shutdown)?;
     if !drone.start_pools().await? {
         return Ok(());

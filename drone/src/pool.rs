@@ -193,6 +193,9 @@ const ABANDONED: u8 = 2;
 #[derive(Debug)]
 struct Job {
     assign: Assign,
+    /// When its `timeout_ms` runs out, counted from its assignment, as the queen counts it
+    /// (waiting for a process included).
+    deadline: Option<Instant>,
     state: Arc<AtomicU8>,
     /// A stop forwarded once a keeper has claimed the job.
     stop: oneshot::Receiver<StopReason>,
@@ -252,8 +255,17 @@ impl Pools {
     /// Starts every configured pool and waits until each of its processes is ready. A
     /// process that cannot start, dies or stays silent fails the whole start with an error
     /// naming the pool and why, and every process started so far is killed.
-    pub async fn start(config: &Config, executor: &Arc<Executor>) -> Result<Pools, String> {
-        let mut pools = Pools::default();
+    /// `stopping` ends it early (the drone is asked to stop meanwhile): every process
+    /// started so far is killed before it returns.
+    pub async fn start(
+        config: &Config,
+        executor: &Arc<Executor>,
+        stopping: CancellationToken,
+    ) -> Result<Pools, String> {
+        let mut pools = Pools {
+            stopping,
+            ..Pools::default()
+        };
         let started = pools.start_all(config, executor).await;
         if let Err(e) = started {
             pools.stop().await;
@@ -415,6 +427,9 @@ impl Pools {
 #[derive(Debug)]
 pub struct Queued {
     held: Held,
+    deadline: Option<Instant>,
+    timeout_ms: Option<u64>,
+    pool: String,
     state: Arc<AtomicU8>,
     /// Where a stop goes once a keeper has claimed the job.
     forward: oneshot::Sender<StopReason>,
@@ -435,8 +450,11 @@ pub fn queue(pool: &Pool, assign: Assign) -> Queued {
     let state = Arc::new(AtomicU8::new(QUEUED));
     let (forward, forward_rx) = oneshot::channel();
     let (reply_tx, reply) = oneshot::channel();
+    let timeout_ms = assign.timeout_ms;
+    let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
     let job = Job {
         assign,
+        deadline,
         state: Arc::clone(&state),
         stop: forward_rx,
         reply: reply_tx,
@@ -444,6 +462,9 @@ pub fn queue(pool: &Pool, assign: Assign) -> Queued {
     let refused = pool.jobs_tx.send(job).is_err();
     Queued {
         held,
+        deadline,
+        timeout_ms,
+        pool: pool.spec.name.clone(),
         state,
         forward,
         reply,
@@ -457,6 +478,9 @@ impl Queued {
     pub async fn outcome(self, mut stop: oneshot::Receiver<StopReason>) -> Outcome {
         let Queued {
             held,
+            deadline,
+            timeout_ms,
+            pool,
             state,
             forward,
             mut reply,
@@ -467,8 +491,26 @@ impl Queued {
         }
         let mut forward = Some(forward);
         let mut listening = true;
+        let mut waiting = true;
         loop {
             tokio::select! {
+                // Still waiting for a process when its time is up: the queen counts the
+                // timeout from the assignment too, so it ends here rather than run late.
+                _ = sleep_until_opt(deadline), if waiting => {
+                    waiting = false;
+                    if state
+                        .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        let ms = timeout_ms.unwrap_or(0);
+                        let (error, retryable) = timed_out(ms);
+                        return Outcome::failed(
+                            held,
+                            format!("{error}, waiting for a free process of pool `{pool}`"),
+                            retryable,
+                        );
+                    }
+                }
                 outcome = &mut reply => {
                     return outcome.unwrap_or_else(|_| {
                         Outcome::failed(held, "the worker pool stopped before the task ended", true)
@@ -547,6 +589,9 @@ impl Process {
             .map_err(|e| e.replace("exec payload", "pool config"))?;
         let (work, cwd) = match &policy.work_root {
             Some(root) => {
+                // Checked before the directory exists, so a bad `cwd` leaves nothing behind.
+                let inside = sandboxed_cwd(spec.cwd.as_deref())
+                    .map_err(|e| e.replace("invalid exec payload: ", "invalid pool `cwd`: "))?;
                 let name = format!(
                     "pool-{}-{index}-{}",
                     spec.name,
@@ -558,11 +603,16 @@ impl Process {
                         root.display()
                     )
                 })?;
-                let inside = sandboxed_cwd(spec.cwd.as_deref())?;
-                let cwd = work
-                    .make_cwd(&inside, policy.run_as.as_ref())
-                    .map_err(|e| format!("could not create its cwd `{}`: {e}", inside.display()))?;
-                (Some(work), Some(cwd))
+                match work.make_cwd(&inside, policy.run_as.as_ref()) {
+                    Ok(cwd) => (Some(work), Some(cwd)),
+                    Err(e) => {
+                        work.remove().await;
+                        return Err(format!(
+                            "could not create its cwd `{}`: {e}",
+                            inside.display()
+                        ));
+                    }
+                }
             }
             None => {
                 if let Some(cwd) = spec.cwd.as_ref().filter(|c| !c.is_dir()) {
@@ -571,6 +621,46 @@ impl Process {
                 (None, spec.cwd.clone())
             }
         };
+        let home = work.as_ref().map(|w| w.path().to_path_buf());
+        let launched = Self::launch(
+            spec,
+            executor,
+            max_frame_len,
+            index,
+            stopping,
+            &command_text,
+            home.as_deref(),
+            cwd,
+        )
+        .await;
+        match launched {
+            Ok(mut process) => {
+                process.work = work;
+                Ok(process)
+            }
+            Err(e) => {
+                // Every way out of a failed start removes the directory it was given.
+                if let Some(work) = work {
+                    work.remove().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the process (in `cwd`, with `home` as its HOME) and waits for its `ready`.
+    #[allow(clippy::too_many_arguments)]
+    async fn launch(
+        spec: &PoolSpec,
+        executor: &Arc<Executor>,
+        max_frame_len: usize,
+        index: u32,
+        stopping: CancellationToken,
+        command_text: &str,
+        home: Option<&Path>,
+        cwd: Option<std::path::PathBuf>,
+    ) -> Result<Process, String> {
+        let policy = &executor.policy;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| format!("could not create its channel: {e}"))?;
         let theirs = OwnedFd::from(theirs);
@@ -584,12 +674,7 @@ impl Process {
             (POOL_NAME_ENV, OsString::from(&spec.name)),
             (POOL_PROCESS_ENV, OsString::from(index.to_string())),
         ];
-        let env = policy.task_env(
-            work.as_ref().map(WorkDir::path),
-            &spec.env,
-            &vars,
-            |name: &str| std::env::var_os(name),
-        );
+        let env = policy.task_env(home, &spec.env, &vars, |name: &str| std::env::var_os(name));
         let base = cwd.as_deref().unwrap_or(Path::new(""));
         let named = &spec.command[0];
         let resolved =
@@ -678,7 +763,7 @@ impl Process {
             },
             output,
             output_done,
-            work,
+            work: None,
             tasks_run: 0,
         };
         let first = tokio::select! {
@@ -717,6 +802,9 @@ impl Process {
                         announced.pid = None;
                     }
                 }
+                if announced.pid.is_none() && spec.max_memory_mib.is_some() {
+                    tracing::warn!(pool = %spec.name, process = index, "the process's `ready` gives no pid of its group: max_memory_mib does not apply to it");
+                }
                 process.announced = announced;
                 Ok(process)
             }
@@ -738,6 +826,14 @@ impl Process {
             }
         };
         // Its group is done: let the stderr reader reach the end, so the tail is whole.
+        self.group.signal(libc::SIGKILL);
+        let _ = tokio::time::timeout(EXIT_WAIT, &mut self.output_done).await;
+        exit
+    }
+
+    /// The process has exited (`exit`): kills what is left of its group (children that
+    /// still hold its channel or output) and lets the stderr reader reach the end.
+    async fn exited(&mut self, exit: Exit) -> Exit {
         self.group.signal(libc::SIGKILL);
         let _ = tokio::time::timeout(EXIT_WAIT, &mut self.output_done).await;
         exit
@@ -958,6 +1054,7 @@ async fn keep(pool: Arc<Pool>, index: u32, mut first: Option<Process>) {
                         pool.restarts.fetch_add(1, Ordering::Relaxed);
                         let delay = restart_delay(failures);
                         tracing::warn!(pool = %pool.spec.name, process = index, failures, retry_in_ms = delay.as_millis() as u64, error = %e, "a pool process failed to start");
+                        fail_waiting(&pool, &e);
                         pool.set_failing(Some(e));
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => continue,
@@ -1000,6 +1097,36 @@ async fn keep(pool: Arc<Pool>, index: u32, mut first: Option<Process>) {
     }
 }
 
+/// With no process of the pool up, the tasks waiting for one fail (retryably, so the
+/// queen runs them again, here or elsewhere) instead of waiting while every start fails;
+/// tasks taken back while they waited leave the queue too.
+fn fail_waiting(pool: &Pool, why: &str) {
+    if pool.ready.load(Ordering::Relaxed) > 0 {
+        return;
+    }
+    // A keeper that holds the queue is serving, so a process is up after all.
+    let Ok(mut jobs) = pool.jobs_rx.try_lock() else {
+        return;
+    };
+    while let Ok(job) = jobs.try_recv() {
+        if job
+            .state
+            .compare_exchange(QUEUED, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let held = Held {
+                task_id: job.assign.task_id,
+                fence: job.assign.fence,
+            };
+            let _ = job.reply.send(Outcome::failed(
+                held,
+                format!("no process of pool `{}` could start: {why}", pool.spec.name),
+                true,
+            ));
+        }
+    }
+}
+
 /// Runs jobs on `process` until it has to go.
 async fn serve(pool: &Pool, process: &mut Process, failures: &mut u32) -> Retire {
     loop {
@@ -1019,6 +1146,11 @@ async fn serve(pool: &Pool, process: &mut Process, failures: &mut u32) -> Retire
                 };
                 return Retire::Replace { why, backoff: true };
             }
+            status = process.child.wait() => {
+                let exit = process.exited(Exit::from(status)).await;
+                let why = format!("it {} while idle{}", describe_exit(exit), process.stderr_tail());
+                return Retire::Replace { why, backoff: true };
+            }
             _ = pool.stopping.cancelled() => return Retire::Stop,
         };
         if job
@@ -1030,7 +1162,7 @@ async fn serve(pool: &Pool, process: &mut Process, failures: &mut u32) -> Retire
             continue;
         }
         pool.busy.fetch_add(1, Ordering::Relaxed);
-        let (outcome, after) = run_job(pool, process, job.assign, job.stop).await;
+        let (outcome, after) = run_job(pool, process, job.assign, job.deadline, job.stop).await;
         pool.busy.fetch_sub(1, Ordering::Relaxed);
         process.set_task(None);
         // Fails only when the task's future is gone (the drone stopped).
@@ -1072,6 +1204,7 @@ async fn run_job(
     pool: &Pool,
     process: &mut Process,
     assign: Assign,
+    deadline: Option<Instant>,
     mut stop: oneshot::Receiver<StopReason>,
 ) -> (Outcome, After) {
     let held = Held {
@@ -1117,24 +1250,64 @@ async fn run_job(
             After::Keep,
         );
     }
-    if let Err(e) = send(&mut process.channel, frame).await {
-        let exit = process.exit_status().await;
-        let why = format!(
-            "it could not be given the task ({e}); it {}{}",
-            describe_exit(exit),
-            process.stderr_tail()
-        );
-        return (
-            Outcome::failed(held, why.clone(), true),
-            After::Replace { why, backoff: true },
-        );
+    let ms = assign.timeout_ms.unwrap_or(0);
+    if deadline.is_some_and(|d| d <= Instant::now()) {
+        // Claimed as its time ran out; its own future may have just given up on it too.
+        let (error, retryable) = timed_out(ms);
+        return (Outcome::failed(held, error, retryable), After::Keep);
     }
-    let deadline = assign
-        .timeout_ms
-        .map(|ms| Instant::now() + Duration::from_millis(ms));
+    // A process that does not read its channel must not hold the task (or a stop) up: the
+    // write races the deadline and stops like the rest of the attempt.
     let mut listening = true;
+    let sent = {
+        let sending = send(&mut process.channel, frame);
+        tokio::pin!(sending);
+        loop {
+            tokio::select! {
+                sent = &mut sending => break Ok(sent),
+                _ = sleep_until_opt(deadline) => break Err(None),
+                reason = &mut stop, if listening => match reason {
+                    Ok(reason) => break Err(Some(reason)),
+                    // A dropped sender means nobody will stop it, not a stop.
+                    Err(_) => listening = false,
+                },
+            }
+        }
+    };
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let exit = process.exit_status().await;
+            let why = format!(
+                "it could not be given the task ({e}); it {}{}",
+                describe_exit(exit),
+                process.stderr_tail()
+            );
+            return (
+                Outcome::failed(held, why.clone(), true),
+                After::Replace { why, backoff: true },
+            );
+        }
+        Err(None) => {
+            let (error, retryable) = timed_out(ms);
+            return (
+                Outcome::failed(held, error, retryable),
+                After::Replace {
+                    why: format!("it did not take its task within {ms} ms"),
+                    backoff: true,
+                },
+            );
+        }
+        Err(Some(reason)) => {
+            let (error, retryable) = stopped(&reason);
+            let after = stopped_after(pool, &reason, &error);
+            return (Outcome::failed(held, error, retryable), after);
+        }
+    }
     loop {
         tokio::select! {
+            // What the process wrote before it exited is read before its exit is seen.
+            biased;
             frame = process.channel.next() => {
                 let frame = match frame {
                     Some(Ok(frame)) => frame,
@@ -1202,8 +1375,21 @@ async fn run_job(
                     }
                 }
             }
+            status = process.child.wait() => {
+                // The process is gone though its channel is still open: something it
+                // started holds it. Its group goes with it.
+                let exit = process.exited(Exit::from(status)).await;
+                let why = format!(
+                    "the pool process {} while running the task{}",
+                    describe_exit(exit),
+                    process.stderr_tail()
+                );
+                return (
+                    Outcome::failed(held, why.clone(), true),
+                    After::Replace { why, backoff: true },
+                );
+            }
             _ = sleep_until_opt(deadline) => {
-                let ms = assign.timeout_ms.unwrap_or(0);
                 tracing::warn!(pool = %process.pool, process = process.index, task_id = %held.task_id, timeout_ms = ms, "task timed out; replacing its pool process");
                 // SIGTERM first, so the handler can clean up, as for a cancel (and `exec`).
                 process.terminate(pool.executor.kill_grace).await;
@@ -1225,13 +1411,22 @@ async fn run_job(
                     StopReason::Shutdown => process.group.signal(libc::SIGKILL),
                     _ => process.terminate(pool.executor.kill_grace).await,
                 }
-                let after = if pool.stopping.is_cancelled() {
-                    After::Stop
-                } else {
-                    After::Replace { why: format!("its task was stopped ({error})"), backoff: false }
-                };
+                let after = stopped_after(pool, &reason, &error);
                 return (Outcome::failed(held, error, retryable), after);
             }
+        }
+    }
+}
+
+/// What happens to a process whose task was stopped: a drone shutting down starts no
+/// new one; otherwise a fresh one replaces it.
+fn stopped_after(pool: &Pool, reason: &StopReason, error: &str) -> After {
+    if pool.stopping.is_cancelled() || *reason == StopReason::Shutdown {
+        After::Stop
+    } else {
+        After::Replace {
+            why: format!("its task was stopped ({error})"),
+            backoff: false,
         }
     }
 }

@@ -66,6 +66,11 @@ def wait_for(path):
         time.sleep(0.01)
 
 
+def wait_for_line(name):
+    while not os.path.exists(os.path.join(HERE, name)) or not open(os.path.join(HERE, name)).read().strip():
+        time.sleep(0.01)
+
+
 def say(text):
     sys.stderr.write(text)
     sys.stderr.flush()
@@ -157,6 +162,20 @@ while True:
         send({"type": "done", "task_id": tid, "result": {"checkpoint_in_run": run["checkpoint"]}})
     elif do == "fail":
         send({"type": "failed", "task_id": tid, "error": p["error"], "retryable": p["retryable"]})
+    elif do == "fork_and_die":
+        # A child that keeps the channel (and the output pipes) open outlives the process.
+        child = os.fork()
+        if child == 0:
+            note("forked", str(os.getpid()))
+            time.sleep(60)
+            os._exit(0)
+        wait_for_line("forked")
+        say(p.get("stderr", ""))
+        os._exit(p.get("code", 3))
+    elif do == "deaf":
+        # Answers, then stops reading its channel for good.
+        send({"type": "done", "task_id": tid, "result": {"pid": os.getpid()}})
+        wait_for(None)
     elif do == "grow":
         # Keeps `mib` MiB resident (touched, so it is in RSS) for the rest of its life.
         HELD.append(bytearray(b"x" * (p["mib"] << 20)))

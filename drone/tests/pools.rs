@@ -1070,3 +1070,138 @@ async fn a_pool_process_sees_the_protocol_variables_and_its_env_and_nothing_else
     );
     Ok(())
 }
+
+// ----- what a review of the pool code found -----
+
+/// Guards the exit of a process whose children keep its channel open: the attempt fails
+/// when the process exits, with its exit code and stderr, not at the end of file that never
+/// comes (without a timeout it would hang forever), and the children die with its group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_dies_mid_task_fails_it_even_when_its_children_keep_the_channel(
+) -> Result<()> {
+    let w = Workdir::new()?;
+    let mut h = hive(vec![spec(w.pool("py", "py", 1))], |_| {}).await?;
+    let before = pid_task(&mut h.conn, "py").await?;
+    let t = task(
+        "py",
+        json!({"do": "fork_and_die", "code": 3, "stderr": "leaving my child\n"}),
+    );
+    h.conn.assign(t.clone()).await?;
+    let f = failed(h.conn.outcome(t.task_id).await?)?;
+    assert!(f.retryable, "{f:?}");
+    assert!(f.error.contains("exited with code 3"), "{}", f.error);
+    assert!(f.error.contains("leaving my child"), "{}", f.error);
+    let forked: Vec<i32> = std::fs::read_to_string(w.file("forked"))?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert_eq!(forked.len(), 1, "{forked:?}");
+    wait_all_gone(&[before, forked[0]]).await;
+    assert_ne!(pid_task(&mut h.conn, "py").await?, before);
+    Ok(())
+}
+
+/// Guards the timeout of a task that waits for a process: it counts from the assignment,
+/// as the queen counts it, so a task still waiting when its time is up fails as timed out
+/// without ever running (the queen would otherwise give up on it and cancel it midway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_task_times_out_from_its_assignment_without_running() -> Result<()> {
+    let w = Workdir::new()?;
+    let mut h = hive(vec![spec(w.pool("py", "py", 1))], |_| {}).await?;
+    let go = w.file("go");
+    let busy = task("py", json!({"do": "block", "go": go}));
+    h.conn.assign(busy.clone()).await?;
+    let pid = w.started_on(busy.task_id).await;
+    let mut waiting = task("py", json!({"do": "pid"}));
+    waiting.timeout_ms = Some(300);
+    h.conn.assign(waiting.clone()).await?;
+    let f = failed(h.conn.outcome(waiting.task_id).await?)?;
+    assert!(f.error.contains("timed out after 300 ms"), "{}", f.error);
+    assert!(
+        f.error.contains("waiting for a free process"),
+        "{}",
+        f.error
+    );
+    assert!(f.retryable);
+    assert!(
+        !w.started().contains_key(&waiting.task_id.to_string()),
+        "the timed-out task ran"
+    );
+    std::fs::write(&go, "")?;
+    let done = completed(h.conn.outcome(busy.task_id).await?)?;
+    assert_eq!(pid_of(&done)?, pid, "the busy process was left alone");
+    Ok(())
+}
+
+/// Guards the hand-over of a task to a process that no longer reads its channel: the
+/// write cannot block the attempt past its timeout (nor a cancel), and the process is
+/// replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_stops_reading_cannot_hold_a_task_past_its_timeout() -> Result<()> {
+    let w = Workdir::new()?;
+    let mut h = hive(vec![spec(w.pool("py", "py", 1))], |_| {}).await?;
+    let deaf = task("py", json!({"do": "deaf"}));
+    h.conn.assign(deaf.clone()).await?;
+    let pid = pid_of(&completed(h.conn.outcome(deaf.task_id).await?)?)?;
+    // Far more than a socket buffer holds, within the frame limit.
+    let mut big = task("py", json!({"do": "pid", "pad": "x".repeat(900 * 1024)}));
+    big.timeout_ms = Some(500);
+    h.conn.assign(big.clone()).await?;
+    let f = failed(h.conn.outcome(big.task_id).await?)?;
+    assert!(f.error.contains("timed out after 500 ms"), "{}", f.error);
+    wait_all_gone(&[pid]).await;
+    assert_ne!(pid_task(&mut h.conn, "py").await?, pid);
+    Ok(())
+}
+
+/// Guards a pool that cannot start processes any more: the tasks waiting for it fail
+/// (retryably, so the queen runs them elsewhere or later) instead of waiting forever with
+/// their leases renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_waiting_for_a_pool_that_cannot_start_fail_retryably() -> Result<()> {
+    let w = Workdir::new()?;
+    let mut pool = w.pool("py", "py", 1);
+    pool.env = Some(
+        [(
+            "CRASH_MARKER".to_owned(),
+            w.file("marker").display().to_string(),
+        )]
+        .into(),
+    );
+    let mut h = hive(vec![spec(pool)], |_| {}).await?;
+    // The one process dies; every start after it fails.
+    let crash = task("py", json!({"do": "exit", "code": 1}));
+    h.conn.assign(crash.clone()).await?;
+    failed(h.conn.outcome(crash.task_id).await?)?;
+    let waiting = task("py", json!({"do": "pid"}));
+    h.conn.assign(waiting.clone()).await?;
+    let f = failed(h.conn.outcome(waiting.task_id).await?)?;
+    assert!(f.retryable, "{f:?}");
+    assert!(
+        f.error.contains("no process of pool `py` could start"),
+        "{}",
+        f.error
+    );
+    assert!(f.error.contains("exited with code 1"), "{}", f.error);
+    Ok(())
+}
+
+/// Guards a shutdown that arrives while the pools start: the drone stops at once and kills
+/// the processes it started, instead of leaving them to the parent-death signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_the_pools_start_kills_what_was_started() -> Result<()> {
+    let w = Workdir::new()?;
+    let mut pool = w.pool("py", "py", 2);
+    pool.env = Some([("NEVER_READY".to_owned(), "1".to_owned())].into());
+    pool.ready_timeout_ms = Some(60_000);
+    let queen = FakeQueen::start().await?;
+    let mut config = test_config(queen.addr)?;
+    config.pools = vec![spec(pool)];
+    let mut drone = InProcessDrone::start(config);
+    let pids = pids_in(&w.file("pids"), 2).await;
+    drone.shutdown.graceful.cancel();
+    let finished = drone.finished().await?;
+    assert!(finished.is_ok(), "{finished:?}");
+    wait_all_gone(&pids).await;
+    Ok(())
+}
