@@ -1283,10 +1283,7 @@ async fn run_job(
                 describe_exit(exit),
                 process.stderr_tail()
             );
-            return (
-                Outcome::failed(held, why.clone(), true),
-                After::Replace { why, backoff: true },
-            );
+            return lost(held, why);
         }
         Err(None) => {
             let (error, retryable) = timed_out(ms);
@@ -1319,10 +1316,7 @@ async fn run_job(
                             describe_exit(exit),
                             process.stderr_tail()
                         );
-                        return (
-                            Outcome::failed(held, why.clone(), true),
-                            After::Replace { why, backoff: true },
-                        );
+                        return lost(held, why);
                     }
                 };
                 let message = match shared::frame::decode::<FromWorker>(&frame) {
@@ -1384,10 +1378,7 @@ async fn run_job(
                     describe_exit(exit),
                     process.stderr_tail()
                 );
-                return (
-                    Outcome::failed(held, why.clone(), true),
-                    After::Replace { why, backoff: true },
-                );
+                return lost(held, why);
             }
             _ = sleep_until_opt(deadline) => {
                 tracing::warn!(pool = %process.pool, process = process.index, task_id = %held.task_id, timeout_ms = ms, "task timed out; replacing its pool process");
@@ -1416,6 +1407,14 @@ async fn run_job(
             }
         }
     }
+}
+
+/// A retryable failure for an attempt whose process went away, and its replacement.
+fn lost(held: Held, why: String) -> (Outcome, After) {
+    (
+        Outcome::failed(held, why.clone(), true),
+        After::Replace { why, backoff: true },
+    )
 }
 
 /// What happens to a process whose task was stopped: a drone shutting down starts no

@@ -498,6 +498,19 @@ impl Hive {
     /// one) after `kill -9`ing it if it still runs, and waits until the queen lists the new
     /// process; returns its id.
     pub fn restart_drone(&mut self, name: &str) -> DroneId {
+        self.restart_drone_as(name, Died::Panic)
+            .unwrap_or_else(|| unreachable!("Died::Panic panics instead"))
+    }
+
+    /// [`Hive::restart_drone`] in a scenario where a drone may be killed at any moment,
+    /// even before the harness sees it connected (a poison task that kills every drone it
+    /// runs on may reach the fresh one first): `None` when it died, for the scenario to
+    /// account for and restart again.
+    pub fn restart_drone_may_die(&mut self, name: &str) -> Option<DroneId> {
+        self.restart_drone_as(name, Died::Return)
+    }
+
+    fn restart_drone_as(&mut self, name: &str, died: Died) -> Option<DroneId> {
         let i = self
             .drones
             .iter()
@@ -510,9 +523,9 @@ impl Hive {
         let new = self.drones[i].respawn();
         let old = std::mem::replace(&mut self.drones[i], new);
         self.retired.push(old);
-        let id = self.wait_drone_connected_other_than(name, old_id);
+        let id = self.wait_drone_connected_as(name, old_id, died)?;
         self.drones[i].id = Some(id);
-        id
+        Some(id)
     }
 
     /// The drones started so far under a name and still alive, by name.
@@ -561,6 +574,16 @@ impl Hive {
     /// [`Hive::wait_drone_connected`], ignoring a listing with id `not` (a previous
     /// process of that name the queen may not have dropped yet).
     fn wait_drone_connected_other_than(&mut self, name: &str, not: Option<DroneId>) -> DroneId {
+        self.wait_drone_connected_as(name, not, Died::Panic)
+            .unwrap_or_else(|| unreachable!("Died::Panic panics instead"))
+    }
+
+    fn wait_drone_connected_as(
+        &mut self,
+        name: &str,
+        not: Option<DroneId>,
+        died: Died,
+    ) -> Option<DroneId> {
         let api = self.api.clone();
         let drones = &mut self.drones;
         wait_until(
@@ -569,6 +592,9 @@ impl Hive {
             || {
                 if let Some(d) = drones.iter_mut().find(|d| d.name == name) {
                     if let Some(status) = d.exit_status() {
+                        if died == Died::Return {
+                            return Ok(None);
+                        }
                         panic!(
                             "drone {name} exited ({status}) instead of connecting\n{}",
                             dump_logs()
@@ -579,7 +605,7 @@ impl Hive {
                 views
                     .iter()
                     .find(|v| v.name == name && v.connected && Some(v.id) != not)
-                    .map(|v| v.id)
+                    .map(|v| Some(v.id))
                     .ok_or_else(|| {
                         format!(
                             "connected drones: {:?}",
@@ -911,4 +937,13 @@ impl Drop for Hive {
             );
         }
     }
+}
+
+/// What waiting for a (re)started drone does when its process exits first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Died {
+    /// Fail the test, with every log: the drone could not start.
+    Panic,
+    /// Return `None`: the scenario kills drones and accounts for each death itself.
+    Return,
 }

@@ -185,6 +185,31 @@ fn queen_dev_stops_cleanly_on_sigterm_while_its_sample_batch_runs() {
     stop_cleanly(&mut queen, &drones_addr);
 }
 
+/// `queen dev` with `drones` drones of 2 slots, a sample batch of `tasks` and this
+/// checkout's Python SDK, so it starts a drone with a Python worker pool too.
+fn spawn_dev_with_python(
+    dir: &std::path::Path,
+    drones: u32,
+    tasks: u32,
+) -> (Proc, mpsc::Receiver<String>) {
+    let sdk = bins::workspace_root().join("sdk/python");
+    let sdk = sdk.to_str().expect("a UTF-8 path");
+    let (drones, tasks) = (drones.to_string(), tasks.to_string());
+    spawn_dev(
+        dir,
+        &[
+            "--drones",
+            &drones,
+            "--slots",
+            "2",
+            "--tasks",
+            &tasks,
+            "--python-sdk",
+            sdk,
+        ],
+    )
+}
+
 /// Every process descended from `pid` (children first), read from /proc.
 fn descendants(pid: i32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -234,21 +259,7 @@ fn alive(pid: i32) -> bool {
 #[test]
 fn queen_dev_runs_python_tasks_on_a_worker_pool() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sdk = bins::workspace_root().join("sdk/python");
-    let sdk = sdk.to_str().expect("a UTF-8 path");
-    let (mut queen, rx) = spawn_dev(
-        dir.path(),
-        &[
-            "--drones",
-            "1",
-            "--slots",
-            "2",
-            "--tasks",
-            "10",
-            "--python-sdk",
-            sdk,
-        ],
-    );
+    let (mut queen, rx) = spawn_dev_with_python(dir.path(), 1, 10);
     let lines = lines_until(&rx, |l| l == "sample batch complete");
     assert!(
         lines
@@ -326,21 +337,7 @@ fn queen_dev_runs_python_tasks_on_a_worker_pool() {
 #[test]
 fn the_local_drones_die_with_a_killed_queen_dev() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sdk = bins::workspace_root().join("sdk/python");
-    let sdk = sdk.to_str().expect("a UTF-8 path");
-    let (mut queen, rx) = spawn_dev(
-        dir.path(),
-        &[
-            "--drones",
-            "2",
-            "--slots",
-            "2",
-            "--tasks",
-            "6",
-            "--python-sdk",
-            sdk,
-        ],
-    );
+    let (mut queen, rx) = spawn_dev_with_python(dir.path(), 2, 6);
     let lines = lines_until(&rx, |l| l == "sample batch complete");
     let drones_addr = after(&lines, "queen: drones connect to ")
         .and_then(|rest| rest.split(',').next().map(str::to_owned))

@@ -523,7 +523,9 @@ impl Soak {
                         excuses: true,
                     });
                 }
-                self.hive.restart_drone(&name);
+                // The poison may kill the fresh drone before it is seen connected: that
+                // death is found (and explained, or not) by the next round.
+                let _ = self.hive.restart_drone_may_die(&name);
             }
         }
         self.last_alive = now;
@@ -554,7 +556,9 @@ impl Soak {
                             .is_ok_and(|ds| ds.iter().all(|d| Some(d.id) != gone))
                     });
                 }
-                self.hive.restart_drone(&victim);
+                // The poison may kill it again before it is seen connected; the next
+                // round restarts it then.
+                let _ = self.hive.restart_drone_may_die(&victim);
             }
             Kind::DroneChurn => {
                 let mut live = self.live();
@@ -567,7 +571,7 @@ impl Soak {
                     self.kill_drone(victim, kind.name());
                 }
                 for victim in live.iter().take(n) {
-                    self.hive.restart_drone(victim);
+                    let _ = self.hive.restart_drone_may_die(victim);
                 }
             }
             Kind::QueenKill => {
