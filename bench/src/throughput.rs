@@ -24,6 +24,10 @@ pub struct Args {
     /// Runs, each with a fresh queen and drones; the median (min–max) follows.
     #[arg(long, default_value_t = 3)]
     pub trials: u32,
+    /// Run `exec` tasks of `/bin/true` instead of `echo`: what starting a process per
+    /// task costs end to end.
+    #[arg(long)]
+    pub exec: bool,
 }
 
 pub fn run(
@@ -33,8 +37,9 @@ pub fn run(
     machine: &Machine,
     a: &Args,
 ) -> Result<()> {
-    let mut settings =
-        json!({"tasks": a.tasks, "drones": a.drones, "slots": a.slots, "batch": a.batch});
+    let kind = if a.exec { "exec" } else { "echo" };
+    let mut settings = json!({"tasks": a.tasks, "drones": a.drones, "slots": a.slots,
+        "batch": a.batch, "kind": kind});
     merge(&mut settings, storage.settings());
     let mut report = Reporter::new("throughput", machine, settings, json_only);
     for trial in 1..=a.trials {
@@ -50,7 +55,10 @@ pub fn run(
         while left > 0 {
             let n = left.min(a.batch.max(1));
             let specs: Vec<Value> = (0..n)
-                .map(|i| json!({"kind": "echo", "payload": i}))
+                .map(|i| match a.exec {
+                    true => json!({"kind": "exec", "payload": {"cmd": ["/bin/true"]}}),
+                    false => json!({"kind": "echo", "payload": i}),
+                })
                 .collect();
             queen.post("/v1/tasks/batch", json!({ "tasks": specs }))?;
             left -= n;
