@@ -34,10 +34,13 @@ pub const POOL_PROTOCOL_ENV: &str = "HIVE_POOL_PROTOCOL";
 pub const POOL_NAME_ENV: &str = "HIVE_POOL_NAME";
 /// The process's index in its pool, from 0.
 pub const POOL_PROCESS_ENV: &str = "HIVE_POOL_PROCESS";
+/// The largest frame the drone accepts (its `max_frame_len`), so a worker can fail a
+/// result too large to send instead of breaking the protocol with it.
+pub const POOL_MAX_FRAME_ENV: &str = "HIVE_POOL_MAX_FRAME";
 
 /// The variables the drone sets to describe the lease. Nothing else may set them: not
 /// the payload, not the config (a config that tries is refused at start).
-pub const LEASE_ENV: [&str; 10] = [
+pub const LEASE_ENV: [&str; 11] = [
     TASK_ID_ENV,
     ATTEMPT_ENV,
     FENCE_ENV,
@@ -48,6 +51,7 @@ pub const LEASE_ENV: [&str; 10] = [
     POOL_PROTOCOL_ENV,
     POOL_NAME_ENV,
     POOL_PROCESS_ENV,
+    POOL_MAX_FRAME_ENV,
 ];
 
 /// Variables that make the dynamic loader or libc load code or data from a path of the

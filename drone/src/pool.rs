@@ -44,7 +44,9 @@ use tokio_util::task::TaskTracker;
 use crate::awake;
 use crate::checkpoint::MAX_CHECKPOINT_BYTES;
 use crate::config::{Config, PoolSpec};
-use crate::env::{POOL_FD_ENV, POOL_NAME_ENV, POOL_PROCESS_ENV, POOL_PROTOCOL_ENV};
+use crate::env::{
+    POOL_FD_ENV, POOL_MAX_FRAME_ENV, POOL_NAME_ENV, POOL_PROCESS_ENV, POOL_PROTOCOL_ENV,
+};
 use crate::executor::{read_spawn_report, stopped, timed_out, Executor, Exit, StopReason};
 use crate::kind::Kind;
 use crate::outbox::Outcome;
@@ -673,6 +675,10 @@ impl Process {
             ),
             (POOL_NAME_ENV, OsString::from(&spec.name)),
             (POOL_PROCESS_ENV, OsString::from(index.to_string())),
+            (
+                POOL_MAX_FRAME_ENV,
+                OsString::from(max_frame_len.to_string()),
+            ),
         ];
         let env = policy.task_env(home, &spec.env, &vars, |name: &str| std::env::var_os(name));
         let base = cwd.as_deref().unwrap_or(Path::new(""));

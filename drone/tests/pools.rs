@@ -1038,6 +1038,10 @@ async fn a_pool_process_sees_the_protocol_variables_and_its_env_and_nothing_else
     assert_eq!(get("HIVE_POOL_PROTOCOL"), Some("1"));
     assert_eq!(get("HIVE_POOL_NAME"), Some("envy"));
     assert_eq!(get("HIVE_POOL_PROCESS"), Some("0"));
+    assert_eq!(
+        get("HIVE_POOL_MAX_FRAME"),
+        Some(shared::frame::DEFAULT_MAX_FRAME_LEN.to_string().as_str())
+    );
     assert_eq!(get("GREETING"), Some("hello pool"));
     assert_eq!(get("PATH"), Some(drone::policy::DEFAULT_TASK_PATH));
 
@@ -1050,6 +1054,7 @@ async fn a_pool_process_sees_the_protocol_variables_and_its_env_and_nothing_else
         "HIVE_POOL_PROTOCOL",
         "HIVE_POOL_NAME",
         "HIVE_POOL_PROCESS",
+        "HIVE_POOL_MAX_FRAME",
         "GREETING",
         "PATH",
         "LANG",

@@ -286,7 +286,10 @@ function openChannel(value) {
 function serve(handlers, options = {}) {
   if (handlers.size === 0) throw new Error('no task handlers to serve');
   const socket = options.socket || openChannel((options.env || process.env).HIVE_POOL_FD);
-  const worker = new Worker(socket, handlers);
+  const limit = Number((options.env || process.env).HIVE_POOL_MAX_FRAME);
+  // A drone before HIVE_POOL_MAX_FRAME, or a value that makes no sense: the default.
+  const maxFrame = Number.isInteger(limit) && limit >= 1024 ? limit : DEFAULT_MAX_FRAME;
+  const worker = new Worker(socket, handlers, { maxFrame });
   socket.on('end', () => process.exit(0));
   socket.on('error', (e) => {
     worker.warn(`the drone's channel failed: ${describeError(e)}`);

@@ -82,6 +82,16 @@ test('PermanentError -> failed, not retryable', async (t) => {
   assert.equal(failed.retryable, false);
 });
 
+test("a result over the drone's frame limit (HIVE_POOL_MAX_FRAME) fails for good", async (t) => {
+  const d = await worker(t, ['tasks.js'], { env: { HIVE_POOL_MAX_FRAME: '2048' } });
+  const [fits] = await d.run('node.echo', 'x'.repeat(1000));
+  assert.equal(fits.type, 'done', JSON.stringify(fits));
+  const [big] = await d.run('node.echo', 'x'.repeat(4000));
+  assert.equal(big.type, 'failed');
+  assert.equal(big.retryable, false);
+  assert.match(big.error, /over the drone's 2048-byte frame limit/);
+});
+
 test('a result that is not JSON -> failed, not retryable, saying why', async (t) => {
   const d = await worker(t);
   const [big] = await d.run('node.bigint', null);

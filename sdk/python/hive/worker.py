@@ -62,8 +62,20 @@ __all__ = [
 PROTOCOL_VERSION = 1
 #: What ``ready`` says in ``sdk``.
 SDK_NAME = "hive-python/" + __version__
-#: The drone refuses frames longer than its ``max_frame_len`` (1 MiB by default).
+#: The drone refuses frames longer than its ``max_frame_len`` (1 MiB by default); it says
+#: its own in ``HIVE_POOL_MAX_FRAME``.
 MAX_FRAME_LEN = 1024 * 1024
+
+
+def max_frame_len(environ: Optional[Dict[str, str]] = None) -> int:
+    """The drone's frame limit from ``HIVE_POOL_MAX_FRAME``, or the default when it is
+    absent or not a sensible number (a drone before that variable)."""
+    env = os.environ if environ is None else environ
+    try:
+        value = int(env.get("HIVE_POOL_MAX_FRAME", ""))
+    except ValueError:
+        return MAX_FRAME_LEN
+    return value if value >= 1024 else MAX_FRAME_LEN
 #: The largest checkpoint the drone accepts (JSON bytes).
 MAX_CHECKPOINT_BYTES = 64 * 1024
 #: Failed attempts carry at most this much error text.
@@ -434,6 +446,7 @@ class _Runner:
     def __init__(self, handlers: Dict[str, Handler], channel: Optional[Channel]) -> None:
         self.handlers = handlers
         self.channel = channel
+        self.max_frame = max_frame_len()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     @property
@@ -496,11 +509,12 @@ class _Runner:
                 False,
             )
         frame = '{"type":"done","task_id":' + _encode(task_id) + ',"result":' + result_text + "}"
-        if len(frame) > MAX_FRAME_LEN - 4 and len(frame.encode("utf-8")) > MAX_FRAME_LEN - 4:
+        limit = self.max_frame
+        if len(frame) > limit - 4 and len(frame.encode("utf-8")) > limit - 4:
             return _failed(
                 task_id,
                 "the handler's result is {} bytes of JSON, over the drone's frame limit of "
-                "{} bytes".format(len(result_text.encode("utf-8")), MAX_FRAME_LEN),
+                "{} bytes".format(len(result_text.encode("utf-8")), limit),
                 False,
             )
         return frame

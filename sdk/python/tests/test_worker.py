@@ -319,3 +319,16 @@ def test_checkpoint_after_the_handler_returned_is_refused():
     ctx._active = False
     with pytest.raises(RuntimeError, match="after its handler returned"):
         ctx.checkpoint({"late": 1})
+
+
+def test_a_result_over_the_drones_frame_limit_fails_for_good(fake_drone):
+    # The drone says its limit in HIVE_POOL_MAX_FRAME; a result that would not fit fails
+    # the attempt for good instead of breaking the protocol with an oversized frame.
+    d = fake_drone(["worker_tasks"], env={"HIVE_POOL_MAX_FRAME": "2048"})
+    d.ready()
+    _, out = d.run("t.echo", "x" * 1000, task_id="fits")
+    assert out["type"] == "done"
+    _, out = d.run("t.echo", "x" * 4000, task_id="too-big")
+    assert out["type"] == "failed"
+    assert out["retryable"] is False
+    assert "frame limit of 2048 bytes" in out["error"]
