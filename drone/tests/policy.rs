@@ -9,26 +9,12 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
-use shared::protocol::{DroneMessage, TaskComplete, TaskFailed};
+use shared::protocol::TaskComplete;
 use shared::Fence;
 use support::*;
 
 use drone::policy::{Policy, PolicyFile};
 use drone::{Cli, Config};
-
-fn failed(message: DroneMessage) -> Result<TaskFailed> {
-    match message {
-        DroneMessage::TaskFailed(f) => Ok(f),
-        other => bail!("expected task_failed, got {other:?}"),
-    }
-}
-
-fn completed(message: DroneMessage) -> Result<TaskComplete> {
-    match message {
-        DroneMessage::TaskComplete(c) => Ok(c),
-        other => bail!("expected task_complete, got {other:?}"),
-    }
-}
 
 fn stdout(done: &TaskComplete) -> &str {
     done.result["stdout"].as_str().unwrap_or_default()

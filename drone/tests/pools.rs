@@ -20,7 +20,7 @@ use drone::pool::RESTART_BACKOFF_MIN;
 use drone::Config;
 use serde_json::{json, Value};
 use shared::protocol::{
-    Assign, CancelTask, DroneMessage, Hello, PoolStatus, QueenMessage, TaskComplete, TaskFailed,
+    Assign, CancelTask, DroneMessage, Hello, PoolStatus, QueenMessage, TaskComplete,
 };
 use shared::TaskId;
 use support::*;
@@ -125,20 +125,6 @@ async fn start_error(config: Config) -> Result<String> {
     match drone.finished().await? {
         Ok(()) => bail!("the drone stopped without an error"),
         Err(e) => Ok(e.to_string()),
-    }
-}
-
-fn failed(message: DroneMessage) -> Result<TaskFailed> {
-    match message {
-        DroneMessage::TaskFailed(f) => Ok(f),
-        other => bail!("expected task_failed, got {other:?}"),
-    }
-}
-
-fn completed(message: DroneMessage) -> Result<TaskComplete> {
-    match message {
-        DroneMessage::TaskComplete(c) => Ok(c),
-        other => bail!("expected task_complete, got {other:?}"),
     }
 }
 

@@ -13,20 +13,6 @@ use shared::protocol::{CancelTask, DroneMessage, QueenMessage, Reject, PROTOCOL_
 use shared::{ids::Secret, Fence};
 use support::*;
 
-fn failed(message: DroneMessage) -> Result<shared::protocol::TaskFailed> {
-    match message {
-        DroneMessage::TaskFailed(f) => Ok(f),
-        other => bail!("expected task_failed, got {other:?}"),
-    }
-}
-
-fn completed(message: DroneMessage) -> Result<shared::protocol::TaskComplete> {
-    match message {
-        DroneMessage::TaskComplete(c) => Ok(c),
-        other => bail!("expected task_complete, got {other:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_carries_version_identity_slots_labels_kinds_and_token() -> Result<()> {
     let queen = FakeQueen::start().await?;

@@ -467,3 +467,19 @@ impl Drop for DroneProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The failure a drone reported, or an error naming what it sent instead.
+pub fn failed(message: DroneMessage) -> Result<shared::protocol::TaskFailed> {
+    match message {
+        DroneMessage::TaskFailed(f) => Ok(f),
+        other => bail!("expected task_failed, got {other:?}"),
+    }
+}
+
+/// The success a drone reported, or an error naming what it sent instead.
+pub fn completed(message: DroneMessage) -> Result<shared::protocol::TaskComplete> {
+    match message {
+        DroneMessage::TaskComplete(c) => Ok(c),
+        other => bail!("expected task_complete, got {other:?}"),
+    }
+}
