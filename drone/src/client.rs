@@ -381,7 +381,7 @@ pub(crate) struct Drone {
 
 impl Drone {
     pub(crate) fn new(config: Config, shutdown: Shutdown) -> Result<Self, DroneError> {
-        let spawner = Spawner::start().map_err(DroneError::Spawner)?;
+        let spawner = Spawner::start(config.supervisor.clone()).map_err(DroneError::Spawner)?;
         let checkpoints =
             Checkpoints::new(MAX_CHECKPOINT_BYTES).map_err(DroneError::Checkpoints)?;
         let executor = Executor::new(&config, spawner, checkpoints);

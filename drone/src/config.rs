@@ -60,9 +60,9 @@ pub const FALLBACK_NAME: &str = "drone";
 /// Where the kernel publishes the host name on Linux.
 const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
 
-/// The program every `exec` task is started through (see [`crate::supervise`]). On Linux
+/// The program that supervises every task process (see [`crate::supervise`]). On Linux
 /// `/proc/self/exe` names the running drone's own image even if its file was replaced or
-/// deleted by an upgrade, so a running drone never mixes with a newer binary's shim.
+/// deleted by an upgrade, so a running drone never mixes with a newer binary's supervisor.
 const SELF_EXE: &str = "/proc/self/exe";
 
 /// How the drone writes its logs (always to stderr).

@@ -17,7 +17,6 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::awake;
 use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::env::{
@@ -26,21 +25,13 @@ use crate::env::{
 use crate::kind::Kind;
 use crate::outbox::Outcome;
 use crate::policy::Policy;
-use crate::process::{supervised_command, Launch, ProcessGroup, Spawner, StatusPipe};
+use crate::process::{Launch, ProcessGroup, SpawnError, Spawner, Started, Supervised};
 use crate::workdir::{sandboxed_cwd, WorkDir};
 
 /// How long the drone keeps reading a task's output after its process group is gone. Only
 /// a process that escaped the group (`setsid`) can still hold the pipes open then; the
 /// result must not wait for it.
 pub const PIPE_DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
-
-/// How long the shim may take to say whether it started the command. It only has to
-/// fork and exec; far longer means the machine is in trouble, and the attempt is failed
-/// (retryably) rather than hung.
-pub const SPAWN_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The most of a spawn error message the drone reads from the shim.
-const MAX_SPAWN_REPORT: u64 = 4096;
 
 /// How many bytes a read from a task's pipe takes at once.
 const READ_CHUNK: usize = 8 * 1024;
@@ -302,7 +293,6 @@ pub struct Executor {
     /// Where running tasks keep their checkpoint files.
     pub checkpoints: Checkpoints,
     pub(crate) spawner: Spawner,
-    pub(crate) supervisor: PathBuf,
     max_output_bytes: usize,
     pub(crate) kill_grace: Duration,
     /// What tasks may do on this host, checked before anything is spawned.
@@ -337,7 +327,6 @@ impl Executor {
         Arc::new(Executor {
             checkpoints,
             spawner,
-            supervisor: config.supervisor.clone(),
             max_output_bytes: config.max_output_bytes,
             kill_grace: config.kill_grace,
             policy: config.policy.clone(),
@@ -518,71 +507,49 @@ impl Executor {
             Ok(p) => p,
             Err(outcome) => return outcome,
         };
-        let status = match StatusPipe::new() {
-            Ok(p) => p,
-            Err(e) => return Outcome::failed(held, format!("could not create a pipe: {e}"), true),
+        let stdin = match &prepared.input {
+            // The input, when there is one, is also the task's stdin (read from the file,
+            // so a task that never reads it blocks nothing).
+            Some(path) => match std::fs::File::open(path) {
+                Ok(file) => Some(file.into()),
+                Err(e) => {
+                    return Outcome::failed(
+                        held,
+                        format!("could not open the input file: {e}"),
+                        true,
+                    )
+                }
+            },
+            None => None,
         };
-        let command = self.command(spec, &prepared, &status);
-        let spawned = self.spawner.spawn(command).await;
-        // Our copy of the write end must close, or the status pipe never reaches its end.
-        drop(status.write);
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(e) => {
-                return Outcome::failed(
-                    held,
-                    format!(
-                        "could not start the supervisor {}: {e}",
-                        self.supervisor.display()
-                    ),
-                    true,
-                )
-            }
+        let launch = Launch {
+            program: OsStr::new(&prepared.program),
+            arg0: prepared.arg0.as_deref(),
+            args: &spec.cmd[1..],
+            env: &prepared.env,
+            identity: self.policy.run_as.as_ref(),
+            cwd: prepared.cwd.as_deref(),
         };
-        let Some(group) = child.id().and_then(ProcessGroup::of_leader) else {
-            let _ = child.wait().await;
-            return Outcome::failed(
-                held,
-                "the supervisor exited before it could be tracked",
-                true,
-            );
+        let Started {
+            mut child,
+            stdout: out_pipe,
+            stderr: err_pipe,
+        } = match self.spawner.spawn(&launch, stdin, None).await {
+            Ok(started) => started,
+            Err(e @ SpawnError::NotStarted { .. }) => {
+                return Outcome::failed(held, e.to_string(), false)
+            }
+            Err(e @ SpawnError::Drone(_)) => return Outcome::failed(held, e.to_string(), true),
         };
-
-        match read_spawn_report(status.read).await {
-            Ok(None) => {}
-            Ok(Some(spawn_error)) => {
-                let _ = child.wait().await;
-                return Outcome::failed(held, spawn_error, false);
-            }
-            Err(e) => {
-                group.signal(libc::SIGKILL);
-                let _ = child.wait().await;
-                return Outcome::failed(held, format!("could not start the task: {e}"), true);
-            }
-        }
+        let group = child.group();
         tracing::debug!(pgid = group.id(), "task process started");
 
         let mut stdout = Capture::new(self.max_output_bytes);
         let mut stderr = Capture::new(self.max_output_bytes);
-        let out_pipe = child.stdout.take();
-        let err_pipe = child.stderr.take();
         let exited = CancellationToken::new();
 
         let read_output = async {
-            let drain = async {
-                tokio::join!(
-                    async {
-                        if let Some(p) = out_pipe {
-                            stdout.fill(p).await
-                        }
-                    },
-                    async {
-                        if let Some(p) = err_pipe {
-                            stderr.fill(p).await
-                        }
-                    },
-                )
-            };
+            let drain = async { tokio::join!(stdout.fill(out_pipe), stderr.fill(err_pipe),) };
             tokio::select! {
                 _ = drain => {}
                 _ = async { exited.cancelled().await; tokio::time::sleep(PIPE_DRAIN_AFTER_EXIT).await } => {
@@ -620,42 +587,11 @@ impl Executor {
         with_result_file(outcome, written, self.max_output_bytes)
     }
 
-    fn command(
-        &self,
-        spec: &ExecSpec,
-        prepared: &Prepared,
-        status: &StatusPipe,
-    ) -> tokio::process::Command {
-        let launch = Launch {
-            program: OsStr::new(&prepared.program),
-            arg0: prepared.arg0.as_deref(),
-            args: &spec.cmd[1..],
-            env: &prepared.env,
-            identity: self.policy.run_as.as_ref(),
-        };
-        let mut command = supervised_command(&self.supervisor, &launch, &status.write, None);
-        // The input, when there is one, is also the task's stdin (read from the file, so
-        // a task that never reads it blocks nothing).
-        let stdin = prepared
-            .input
-            .as_ref()
-            .and_then(|path| std::fs::File::open(path).ok())
-            .map_or_else(std::process::Stdio::null, std::process::Stdio::from);
-        command
-            .stdin(stdin)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        if let Some(cwd) = &prepared.cwd {
-            command.current_dir(cwd);
-        }
-        command
-    }
-
     /// Waits for the process to end by itself, or ends it: at the timeout or on a stop
     /// request, SIGTERM to the group, then SIGKILL after the grace (at once for shutdown).
     async fn wait_or_stop(
         &self,
-        child: &mut tokio::process::Child,
+        child: &mut Supervised,
         group: ProcessGroup,
         timeout_ms: Option<u64>,
         stop: oneshot::Receiver<StopReason>,
@@ -706,32 +642,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Reads the shim's report: `None` when it started the command, the error text otherwise.
-pub(crate) async fn read_spawn_report(
-    read: std::os::fd::OwnedFd,
-) -> std::io::Result<Option<String>> {
-    let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(read)?;
-    let mut report = Vec::new();
-    // In time the drone was awake: a report the shim wrote while the drone was stopped is
-    // read, not taken for a silent shim (which would kill a task that started fine).
-    awake::timeout(
-        SPAWN_REPORT_TIMEOUT,
-        pipe.take(MAX_SPAWN_REPORT).read_to_end(&mut report),
-    )
-    .await
-    .map_err(|_| {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the supervisor did not report",
-        )
-    })??;
-    if report.is_empty() {
-        Ok(None)
-    } else {
-        Ok(Some(String::from_utf8_lossy(&report).into_owned()))
     }
 }
 

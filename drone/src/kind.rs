@@ -10,7 +10,7 @@ use std::fmt;
 pub enum Kind {
     /// Completes at once with its payload as the result; no process.
     Echo,
-    /// Runs a program (see `executor::ExecSpec`) under the supervisor shim.
+    /// Runs a program (see `executor::ExecSpec`) through the drone's process supervisor.
     Exec,
 }
 

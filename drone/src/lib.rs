@@ -10,7 +10,8 @@
 //! - [`kind`]: the built-in kinds (`echo`, `exec`) and their names.
 //! - [`outbox`]: outcomes awaiting an ack (pure).
 //! - [`program`]: the `PATH` search, with symlinks and `..` resolved.
-//! - [`supervise`]: the shim every `exec` task runs under, so tasks die with the drone.
+//! - [`supervise`]: the drone's process supervisor, which starts every task and pool
+//!   process and kills them all when the drone dies.
 //! - [`workdir`]: per-attempt work directories and where a task's `cwd` may lead in one.
 //! - [`checkpoint`]: checkpoint files of running attempts.
 //! - [`process`]: the only code that forks or signals processes.

@@ -10,7 +10,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    // The exec supervisor shim is this same binary; it must not parse flags, log or start
+    // The process supervisor is this same binary; it must not parse flags, log or start
     // a runtime (see drone::supervise).
     let mut args = std::env::args_os();
     if args.nth(1).as_deref() == Some(OsStr::new(drone::supervise::SUBCOMMAND)) {

@@ -14,9 +14,9 @@
 //! shutdown, superseded lease) that arrives while the job still waits takes it back from
 //! the queue, and one that arrives later is forwarded to the keeper running it.
 //!
-//! Every process runs under the supervisor shim, in its own process group with a
-//! parent-death signal ([`crate::process`]), so pool processes die with their drone as
-//! `exec` tasks do.
+//! Every process is started by the drone's supervisor, in its own process group with a
+//! parent-death signal ([`crate::process`], [`crate::supervise`]), so pool processes die
+//! with their drone as `exec` tasks do.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -34,7 +34,6 @@ use shared::protocol::{Assign, Held, PoolStatus, TaskComplete};
 use shared::{Fence, TaskId};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::UnixStream;
-use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -47,10 +46,10 @@ use crate::config::{Config, PoolSpec};
 use crate::env::{
     POOL_FD_ENV, POOL_MAX_FRAME_ENV, POOL_NAME_ENV, POOL_PROCESS_ENV, POOL_PROTOCOL_ENV,
 };
-use crate::executor::{read_spawn_report, stopped, timed_out, Executor, Exit, StopReason};
+use crate::executor::{stopped, timed_out, Executor, Exit, StopReason};
 use crate::kind::Kind;
 use crate::outbox::Outcome;
-use crate::process::{supervised_command, Launch, ProcessGroup, StatusPipe};
+use crate::process::{Launch, ProcessGroup, Started, Supervised, POOL_CHANNEL_FD};
 use crate::workdir::{sandboxed_cwd, WorkDir};
 
 /// The version of the local protocol this drone speaks (docs/POOLS.md).
@@ -552,7 +551,7 @@ type SharedOutput = Arc<Mutex<Output>>;
 struct Process {
     index: u32,
     pool: String,
-    child: Child,
+    child: Supervised,
     group: ProcessGroup,
     channel: Framed<UnixStream, LengthDelimitedCodec>,
     announced: Announced,
@@ -666,9 +665,8 @@ impl Process {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
             .map_err(|e| format!("could not create its channel: {e}"))?;
         let theirs = OwnedFd::from(theirs);
-        let fd_number = std::os::fd::AsRawFd::as_raw_fd(&theirs);
         let vars = [
-            (POOL_FD_ENV, OsString::from(fd_number.to_string())),
+            (POOL_FD_ENV, OsString::from(POOL_CHANNEL_FD.to_string())),
             (
                 POOL_PROTOCOL_ENV,
                 OsString::from(PROTOCOL_VERSION.to_string()),
@@ -689,52 +687,26 @@ impl Process {
             Some(path) => (path.into_os_string(), Some(named.clone())),
             None => (OsString::from(named), None),
         };
-        let status = StatusPipe::new().map_err(|e| format!("could not create a pipe: {e}"))?;
         let launch = Launch {
             program: OsStr::new(&program),
             arg0: arg0.as_deref(),
             args: &spec.command[1..],
             env: &env,
             identity: policy.run_as.as_ref(),
+            cwd: cwd.as_deref(),
         };
-        let mut command =
-            supervised_command(&executor.supervisor, &launch, &status.write, Some(&theirs));
-        command
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        if let Some(cwd) = &cwd {
-            command.current_dir(cwd);
-        }
-        let spawned = executor.spawner.spawn(command).await;
-        drop(status.write);
-        drop(theirs);
-        let mut child = spawned.map_err(|e| {
-            format!(
-                "could not start the supervisor {}: {e}",
-                executor.supervisor.display()
-            )
-        })?;
-        let Some(group) = child.id().and_then(ProcessGroup::of_leader) else {
-            let _ = child.wait().await;
-            return Err("its supervisor exited before it could be tracked".into());
-        };
-        match read_spawn_report(status.read).await {
-            Ok(None) => {}
-            Ok(Some(spawn_error)) => {
-                let _ = child.wait().await;
-                return Err(format!("could not run `{command_text}`: {spawn_error}"));
-            }
-            Err(e) => {
-                group.signal(libc::SIGKILL);
-                let _ = child.wait().await;
-                return Err(format!("could not run `{command_text}`: {e}"));
-            }
-        }
+        let Started {
+            mut child,
+            stdout,
+            stderr,
+        } = executor
+            .spawner
+            .spawn(&launch, None, Some(theirs))
+            .await
+            .map_err(|e| format!("could not run `{command_text}`: {e}"))?;
+        let group = child.group();
         let output: SharedOutput = Arc::default();
         let output_done = {
-            let stdout = child.stdout.take();
-            let stderr = child.stderr.take();
             let pool = spec.name.clone();
             let output = Arc::clone(&output);
             tokio::spawn(async move {
@@ -921,7 +893,7 @@ impl Process {
 
 /// Kills what is left of a process's group, reaps it and removes its directory.
 async fn reap(
-    mut child: Child,
+    mut child: Supervised,
     group: ProcessGroup,
     output_done: tokio::task::JoinHandle<()>,
     work: Option<WorkDir>,
@@ -976,13 +948,12 @@ fn signal_name(sig: i32) -> Option<&'static str> {
 /// it runs, and keeps the tail of its stderr. Reads to the end whatever comes, so a chatty
 /// process never blocks on a full pipe.
 async fn forward_output(
-    pipe: Option<impl AsyncRead + Unpin>,
+    mut pipe: impl AsyncRead + Unpin,
     pool: &str,
     index: u32,
     stream: &'static str,
     output: &SharedOutput,
 ) {
-    let Some(mut pipe) = pipe else { return };
     let mut buf = vec![0u8; 8 * 1024];
     let mut line: Vec<u8> = Vec::new();
     let log = |line: &[u8]| {

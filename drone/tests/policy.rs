@@ -328,7 +328,7 @@ async fn run_as_drops_root_for_the_task_and_the_drone_can_still_kill_it() -> Res
         "uid, gid, no supplementary groups but its own, owns its directory"
     );
 
-    // The task cannot signal a root shim, but the root drone can still stop the task.
+    // The task cannot signal the root supervisor, but the root drone can still stop the task.
     let mut slow = assign(
         "exec",
         json!({"cmd": ["sh", "-c", "echo $$; exec sleep 30"]}),

@@ -5,7 +5,7 @@
 //! temporary directory) that speaks the local protocol with nothing but the standard
 //! library and does what each task's payload says, hostile things included. Most tests run
 //! `drone::run` in-process (pool processes still start through the real binary's
-//! supervisor shim); the `kill -9` one runs the real binary.
+//! process supervisor); the `kill -9` one runs the real binary.
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! The drone against a fake queen: each test names the failure it guards against.
 //!
 //! Most tests run `drone::run` in-process (exec tasks still go through the real binary's
-//! supervisor shim); the ones about signals and `kill -9` run the real binary.
+//! process supervisor); the ones about signals and `kill -9` run the real binary.
 
 mod support;
 
@@ -272,8 +272,48 @@ async fn a_timeout_kills_the_whole_process_group() -> Result<()> {
     let f = failed(conn.outcome(task.task_id).await?)?;
     assert_eq!(f.error, "timed out after 1000 ms");
     assert!(f.retryable);
-    // The shell and its background grandchild both die, not just the shim.
+    // The shell and its background grandchild both die, not just the shell.
     wait_all_gone(&pids).await;
+    Ok(())
+}
+
+/// Guards the drone's process supervisor (one per drone, the parent of every task
+/// process): if it is killed outright, its tasks must not run on unwatched, their
+/// attempts must fail (retryably, so the queen runs them again), and the next task must
+/// start under a new supervisor rather than fail forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_supervisor_fails_its_tasks_kills_their_groups_and_is_replaced() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let _drone = InProcessDrone::start(test_config(queen.addr)?);
+    let mut conn = queen.accept().await?;
+    conn.welcome().await?;
+
+    let task = exec(
+        "echo $PPID > supervisor; echo $$ > pids; sleep 30 & echo $! >> pids; wait",
+        dir.path(),
+    );
+    conn.assign(task.clone()).await?;
+    let pids = pids_in(&dir.path().join("pids"), 2).await;
+    let supervisor = pids_in(&dir.path().join("supervisor"), 1).await[0];
+    signal(u32::try_from(supervisor)?, libc::SIGKILL)?;
+
+    let f = failed(conn.outcome(task.task_id).await?)?;
+    assert!(f.retryable, "{f:?}");
+    // The shell and its background grandchild both die with the supervisor.
+    wait_all_gone(&pids).await;
+
+    let next = exec("echo $PPID", dir.path());
+    conn.assign(next.clone()).await?;
+    let done = completed(conn.outcome(next.task_id).await?)?;
+    let new_supervisor: i32 = done.result["stdout"]
+        .as_str()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no parent pid in {}", done.result))?;
+    assert_ne!(
+        new_supervisor, supervisor,
+        "a new supervisor runs the next task"
+    );
     Ok(())
 }
 
@@ -372,7 +412,7 @@ async fn a_timed_out_task_gets_sigterm_before_sigkill() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_start_with_no_signal_blocked() -> Result<()> {
-    // The shim blocks signals for itself; a task inheriting that mask would ignore the
+    // The supervisor blocks signals for itself; a task inheriting that mask would ignore the
     // drone's SIGTERM and could only be SIGKILLed, never stopped politely.
     let queen = FakeQueen::start().await?;
     let _drone = InProcessDrone::start(test_config(queen.addr)?);

@@ -46,8 +46,8 @@ use crate::execlog::Phase;
 /// the checker says so loudly if the records disagree).
 pub const QUEEN_DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
-/// How long after its drone's death a task process may still write a line: the supervisor
-/// shim hears of the death from the kernel and kills the group in well under a millisecond
+/// How long after its drone's death a task process may still write a line: the drone's
+/// supervisor hears of the death from the kernel and kills the groups in well under a millisecond
 /// when healthy; this covers a loaded machine and the log's 10 ms clock.
 pub const ORPHAN_MARGIN_S: f64 = 0.25;
 

@@ -1,7 +1,7 @@
 //! Counting real executions: `exec` tasks wrapped so that each run appends a `start` line
 //! (and a `done` line when its body finished) to a shared log file, tagged with the task id,
 //! attempt and fence the drone gave it, the task's own pid, the pid of the drone that runs
-//! it (the parent of the supervisor shim that is the task's parent) and the time (seconds
+//! it (the parent of the drone's supervisor, which is the task's parent) and the time (seconds
 //! since boot, from `/proc/uptime`, the clock [`crate::process::uptime`] reads). A body can
 //! also log a `child` line for a process it starts ([`ExecLog::child`]), so a checker can
 //! make sure no process of a task outlives its drone — neither still running at the end
@@ -86,7 +86,7 @@ impl ExecLog {
 
     /// A shell script that logs `start`, runs `body`, then logs `done` if `body` succeeded;
     /// its exit status is `body`'s. The drone's pid is read from `/proc` (field 4 of the
-    /// shim's `stat` is the shim's parent) into [`DRONE_PID_VAR`]; times come from
+    /// supervisor's `stat` is the supervisor's parent) into [`DRONE_PID_VAR`]; times come from
     /// `/proc/uptime` with the shell's own `read`, so logging starts no process.
     pub fn script(&self, body: &str) -> String {
         let log = shell_quote(&self.path.to_string_lossy());
@@ -315,7 +315,7 @@ mod tests {
             phases,
             vec![Phase::Start, Phase::Child, Phase::Done, Phase::Start]
         );
-        // Here the "shim" is this test process, so the "drone" is its parent.
+        // Here the "supervisor" is this test process, so the "drone" is its parent.
         let me = std::process::id() as i32;
         assert!(entries.iter().all(|e| e.drone_pid.is_some_and(|d| d != me)));
         let now = crate::process::uptime();

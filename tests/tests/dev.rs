@@ -309,8 +309,8 @@ fn queen_dev_runs_python_tasks_on_a_worker_pool() {
     assert_eq!(python_drone["pools"][0]["name"], "py", "{python_drone}");
     assert_eq!(python_drone["pools"][0]["processes"], 2, "{python_drone}");
 
-    // The pool's processes (the drone's shims and the Python workers under them) stop with
-    // the hive.
+    // The pool's processes (the drone's supervisor and the Python workers under it) stop
+    // with the hive.
     let config = dir.path().join("data/dev-drone-python.toml");
     let python_drones = processes_with(config.to_str().expect("a UTF-8 path"));
     assert_eq!(
@@ -320,8 +320,8 @@ fn queen_dev_runs_python_tasks_on_a_worker_pool() {
     );
     let pool_processes = descendants(python_drones[0]);
     assert!(
-        pool_processes.len() >= 4,
-        "two shims and two Python workers: {pool_processes:?}"
+        pool_processes.len() >= 3,
+        "the supervisor and two Python workers: {pool_processes:?}"
     );
     stop_cleanly(&mut queen, &drones_addr);
     wait_until(
@@ -350,8 +350,8 @@ fn the_local_drones_die_with_a_killed_queen_dev() {
     everything.extend(&python_drones);
     everything.extend(descendants(python_drones[0]));
     assert!(
-        everything.len() >= 7,
-        "drones, shims and workers: {everything:?}"
+        everything.len() >= 6,
+        "drones, the supervisor and workers: {everything:?}"
     );
 
     queen.signal(libc::SIGKILL);
