@@ -542,6 +542,11 @@ impl Hive {
 
     /// A real drone process.
     pub fn drone(&self, name: &str, slots: u32) -> Result<Proc> {
+        self.drone_with(name, slots, &[])
+    }
+
+    /// A real drone process with more flags.
+    pub fn drone_with(&self, name: &str, slots: u32, extra: &[&str]) -> Result<Proc> {
         Ok(Proc(
             Command::new(self.bin_dir.join("drone"))
                 .args([
@@ -552,6 +557,7 @@ impl Hive {
                     "--name",
                     name,
                 ])
+                .args(extra)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

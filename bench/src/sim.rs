@@ -107,6 +107,7 @@ pub async fn connect(addr: &str, name: &str, slots: u32) -> Result<Connected> {
             draining: false,
             pongs: false,
             pools: Vec::new(),
+            encodings: Vec::new(),
         });
         framed.send(frame::encode(&hello)?).await?;
         let answer = framed

@@ -28,6 +28,10 @@ pub struct Args {
     /// task costs end to end.
     #[arg(long)]
     pub exec: bool,
+    /// The protocol encoding the drones ask for (`json` or `msgpack`); also reports the
+    /// frame sizes of one task's messages in it.
+    #[arg(long, default_value = "json")]
+    pub encoding: String,
 }
 
 pub fn run(
@@ -39,7 +43,9 @@ pub fn run(
 ) -> Result<()> {
     let kind = if a.exec { "exec" } else { "echo" };
     let mut settings = json!({"tasks": a.tasks, "drones": a.drones, "slots": a.slots,
-        "batch": a.batch, "kind": kind});
+        "batch": a.batch, "kind": kind, "encoding": a.encoding});
+    let encoding = shared::frame::Encoding::from_name(&a.encoding)
+        .ok_or_else(|| anyhow::anyhow!("--encoding is json or msgpack, not {}", a.encoding))?;
     merge(&mut settings, storage.settings());
     let mut report = Reporter::new("throughput", machine, settings, json_only);
     for trial in 1..=a.trials {
@@ -47,9 +53,10 @@ pub fn run(
         let hive = Hive::start_on(bin_dir, storage)?;
         let queen = &hive.queen;
         let _drones: Vec<Proc> = (0..a.drones)
-            .map(|i| hive.drone(&format!("bench-{i}"), a.slots))
+            .map(|i| hive.drone_with(&format!("bench-{i}"), a.slots, &["--encoding", &a.encoding]))
             .collect::<Result<_>>()?;
         queen.wait_drones(u64::from(a.drones), Duration::from_secs(20))?;
+        let cpu0 = queen.cpu_time()?;
         let start = Instant::now();
         let mut left = a.tasks;
         while left > 0 {
@@ -74,6 +81,13 @@ pub fn run(
                 >= a.tasks as u64)
         })?;
         let total = start.elapsed();
+        let cpu = queen.cpu_time()?.saturating_sub(cpu0);
+        report.value(
+            trial,
+            "queen_cpu_us_per_task",
+            "us",
+            cpu.as_secs_f64() * 1e6 / a.tasks as f64,
+        );
         report.value(
             trial,
             "submit_only_tasks_per_s",
@@ -89,5 +103,48 @@ pub fn run(
         report.value(trial, "e2e_seconds", "s", total.as_secs_f64());
     }
     report.summary();
+    for (message, bytes) in wire_sizes(encoding, a.exec)? {
+        report.value(0, &format!("frame_bytes_{message}"), "bytes", bytes as f64);
+    }
     Ok(())
+}
+
+/// The frame bodies one task of this bench exchanges with its drone, in `encoding`: the
+/// assign, the completion and its ack (heartbeats are per drone, not per task).
+fn wire_sizes(encoding: shared::frame::Encoding, exec: bool) -> Result<Vec<(&'static str, usize)>> {
+    use shared::protocol::{Ack, AckStatus, Assign, DroneMessage, QueenMessage, TaskComplete};
+    let (task_id, fence) = (shared::TaskId::generate(), shared::Fence(1));
+    let (payload, result) = if exec {
+        (
+            json!({"cmd": ["/bin/true"]}),
+            json!({"exit_code": 0, "stdout": "", "stderr": ""}),
+        )
+    } else {
+        (json!(12345), json!(12345))
+    };
+    let assign = QueenMessage::Assign(Assign {
+        task_id,
+        fence,
+        attempt: 1,
+        kind: if exec { "exec" } else { "echo" }.into(),
+        queue: "default".into(),
+        payload,
+        timeout_ms: None,
+        checkpoint: None,
+    });
+    let complete = DroneMessage::TaskComplete(TaskComplete {
+        task_id,
+        fence,
+        result,
+    });
+    let ack = QueenMessage::Ack(Ack {
+        task_id,
+        fence,
+        status: AckStatus::Recorded,
+    });
+    Ok(vec![
+        ("assign", encoding.encode(&assign)?.len()),
+        ("complete", encoding.encode(&complete)?.len()),
+        ("ack", encoding.encode(&ack)?.len()),
+    ])
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use shared::frame::{self, FrameError};
+use shared::frame::{self, Encoding, FrameError};
 use shared::protocol::{
     Assign, CancelTask, DroneMessage, Heartbeat, Held, Hello, QueenMessage, Reject, RejectCode,
     Welcome, PROTOCOL_VERSION,
@@ -129,6 +129,8 @@ pub enum HandshakeError {
     Frame(#[from] FrameError),
     #[error("expected welcome or reject, got {0}")]
     Unexpected(&'static str),
+    #[error("the queen chose the encoding {0:?}, which the hello did not offer")]
+    Encoding(String),
     #[error("rejected: {}", .0.reason)]
     Rejected(Reject),
 }
@@ -187,6 +189,8 @@ struct Session {
     /// Set when the queen answers heartbeats (`pongs` in the welcome): how long it has
     /// said nothing. Unset for queens that do not, whose silence means nothing.
     silence: Option<Silence>,
+    /// How messages are written after the welcome, both ways.
+    encoding: Encoding,
 }
 
 impl Session {
@@ -194,6 +198,7 @@ impl Session {
         framed: Framed<Stream, LengthDelimitedCodec>,
         welcome: &Welcome,
         queen: QueenAddr,
+        encoding: Encoding,
     ) -> Self {
         let heartbeat_interval =
             Duration::from_millis(welcome.heartbeat_interval_ms).max(MIN_HEARTBEAT_INTERVAL);
@@ -222,6 +227,7 @@ impl Session {
             epoch: welcome.epoch,
             queen,
             silence,
+            encoding,
         }
     }
 }
@@ -502,7 +508,7 @@ impl Drone {
                     frame = session.framed.next() => Event::Incoming(match frame {
                         None => Incoming::Closed,
                         Some(Err(e)) => Incoming::Failed(e),
-                        Some(Ok(body)) => match frame::decode::<QueenMessage>(&body) {
+                        Some(Ok(body)) => match session.encoding.decode::<QueenMessage>(&body) {
                             Ok(m) => Incoming::Message(m),
                             Err(e) => Incoming::Malformed(e),
                         },
@@ -622,6 +628,7 @@ impl Drone {
             draining: self.draining,
             pongs: true,
             pools: self.pools.statuses(),
+            encodings: self.config.encoding.offer(),
         };
         tracing::debug!(attempt, %queen, held = hello.held.len(), "connecting to the queen");
         self.link = Link::Connecting {
@@ -822,7 +829,7 @@ impl Drone {
         let Link::Connected(session) = &mut self.link else {
             return false;
         };
-        let body = match frame::encode(message) {
+        let body = match session.encoding.encode(message) {
             Ok(body) => body,
             Err(e) => {
                 tracing::error!(error = %e, "could not encode a message");
@@ -1098,7 +1105,8 @@ impl Drone {
 
     /// Logs an outcome, keeps it until acked, and sends it if connected.
     async fn record(&mut self, outcome: Outcome, attempt: u32) {
-        let outcome = outcome.fit_to_frame(self.config.max_frame_len);
+        let outcome =
+            outcome.fit_to_frame(self.config.max_frame_len, self.config.encoding.encodings());
         match &outcome {
             Outcome::Complete(c) => {
                 tracing::info!(task_id = %c.task_id, fence = %c.fence, attempt, "task succeeded");
@@ -1198,6 +1206,7 @@ async fn handshake(
             .map_err(HandshakeError::Tls)?,
     };
     let mut framed = Framed::new(stream, frame::codec(max_frame_len));
+    let offered = hello.encodings.clone();
     let body = frame::encode(&DroneMessage::Hello(hello))?;
     let answer = awake::timeout(welcome_timeout, async {
         framed.send(body).await.map_err(HandshakeError::Io)?;
@@ -1218,7 +1227,13 @@ async fn handshake(
                     "the queen welcomed us with a different protocol version"
                 );
             }
-            Ok(Box::new(Session::new(framed, &welcome, queen)))
+            let encoding = match &welcome.encoding {
+                None => Encoding::Json,
+                Some(name) => Encoding::from_name(name)
+                    .filter(|e| *e == Encoding::Json || offered.iter().any(|o| o == name))
+                    .ok_or_else(|| HandshakeError::Encoding(name.clone()))?,
+            };
+            Ok(Box::new(Session::new(framed, &welcome, queen, encoding)))
         }
         QueenMessage::Reject(reject) => Err(HandshakeError::Rejected(reject)),
         other => Err(HandshakeError::Unexpected(message_type(&other))),

@@ -76,6 +76,35 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the drone asks to write protocol messages after the handshake (docs/PROTOCOL.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WireEncoding {
+    /// JSON, what every queen speaks.
+    #[default]
+    Json,
+    /// MessagePack when the queen agrees in its welcome, JSON otherwise.
+    Msgpack,
+}
+
+impl WireEncoding {
+    /// The encodings besides JSON this asks for, most wanted first.
+    pub fn encodings(self) -> &'static [shared::frame::Encoding] {
+        match self {
+            WireEncoding::Json => &[],
+            WireEncoding::Msgpack => &[shared::frame::Encoding::MessagePack],
+        }
+    }
+
+    /// What the hello offers.
+    pub fn offer(self) -> Vec<String> {
+        self.encodings()
+            .iter()
+            .map(|e| e.name().to_owned())
+            .collect()
+    }
+}
+
 /// One queen's address as `HOST:PORT`. Kept as text and resolved at each connect, so a
 /// queen that moves behind a DNS name is found again after a reconnect.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -244,13 +273,17 @@ pub struct Cli {
     #[arg(long = "pool", value_name = "NAME[:N]=COMMAND")]
     pub pools: Vec<String>,
     /// A TOML file with any of: queen, slots, name, labels, token, drain_grace_ms,
-    /// kill_grace_ms, max_output_bytes, max_frame_len, log_format, tls_ca, tls_cert,
-    /// tls_key, tls_server_name, a [policy] section and [[pool]] tables.
+    /// kill_grace_ms, max_output_bytes, max_frame_len, log_format, encoding, tls_ca,
+    /// tls_cert, tls_key, tls_server_name, a [policy] section and [[pool]] tables.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// How to write logs to stderr [default: pretty].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// The protocol encoding to ask the queen for after the handshake; `msgpack` falls
+    /// back to JSON with a queen that does not speak it [default: json].
+    #[arg(long, value_enum)]
+    pub encoding: Option<WireEncoding>,
 }
 
 fn parse_secret(text: &str) -> Result<Secret, std::convert::Infallible> {
@@ -283,6 +316,8 @@ pub struct FileConfig {
     pub max_frame_len: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<WireEncoding>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -494,7 +529,9 @@ pub struct Config {
     pub max_output_bytes: usize,
     /// The largest frame sent or accepted.
     pub max_frame_len: usize,
-    /// The program `exec` tasks are started through: this drone binary, run as
+    /// The protocol encoding asked for in the hello.
+    pub encoding: WireEncoding,
+    /// The program that supervises task processes: this drone binary, run as
     /// `__supervise`. Tests that drive [`crate::run`] in-process point it at the built
     /// `drone` binary, because there the current executable is the test harness.
     pub supervisor: PathBuf,
@@ -525,6 +562,7 @@ impl Default for Config {
             kill_grace: Duration::from_millis(DEFAULT_KILL_GRACE_MS),
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            encoding: WireEncoding::default(),
             supervisor: default_supervisor(),
             log_format: LogFormat::default(),
             pools: Vec::new(),
@@ -675,6 +713,7 @@ impl Config {
                 .unwrap_or(defaults.kill_grace),
             max_output_bytes: file.max_output_bytes.unwrap_or(defaults.max_output_bytes),
             max_frame_len,
+            encoding: cli.encoding.or(file.encoding).unwrap_or(defaults.encoding),
             supervisor: defaults.supervisor,
             log_format: cli
                 .log_format
@@ -994,6 +1033,7 @@ mod tests {
             max_output_bytes: Some(0),
             max_frame_len: Some(0),
             log_format: Some(LogFormat::Pretty),
+            encoding: Some(WireEncoding::Json),
             tls_ca: Some(PathBuf::new()),
             tls_cert: Some(PathBuf::new()),
             tls_key: Some(PathBuf::new()),

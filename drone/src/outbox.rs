@@ -4,6 +4,7 @@
 //! stale: either way the queen has it). It survives any number of disconnects and is
 //! sent again after every welcome, so a queen outage never loses a result (G6, docs/GUARANTEES.md).
 
+use shared::frame::Encoding;
 use shared::protocol::{DroneMessage, Held, TaskComplete, TaskFailed};
 
 /// How a task attempt ended, ready to send.
@@ -49,13 +50,22 @@ impl Outcome {
     /// The same outcome, or, when it would not fit in one frame, a permanent failure saying
     /// so. Without this an oversized outcome would fail to send, the drone would reconnect
     /// and send it again, forever.
-    pub fn fit_to_frame(self, max_frame_len: usize) -> Self {
-        let len = match shared::frame::encode(&self.to_message()) {
-            Ok(body) => body.len(),
-            // serde_json cannot fail on these types; if it ever did, the same message
-            // would fail at send time too, so treat it as unsendable.
-            Err(_) => usize::MAX,
-        };
+    ///
+    /// Measured in JSON and in each encoding in `also` (the ones the hello offers): the
+    /// queen may answer in any of them, and one is not always smaller than the other
+    /// (MessagePack writes `0.5` in 9 bytes, JSON in 3).
+    pub fn fit_to_frame(self, max_frame_len: usize, also: &[Encoding]) -> Self {
+        let message = self.to_message();
+        let len = std::iter::once(Encoding::Json)
+            .chain(also.iter().copied())
+            .map(|e| match e.encode(&message) {
+                Ok(body) => body.len(),
+                // The encoders cannot fail on these types; if one ever did, the same
+                // message would fail at send time too, so treat it as unsendable.
+                Err(_) => usize::MAX,
+            })
+            .max()
+            .unwrap_or(usize::MAX);
         if len <= max_frame_len {
             return self;
         }
@@ -191,8 +201,8 @@ mod tests {
             fence: Fence(4),
             result: json!("x".repeat(10_000)),
         });
-        assert_eq!(big.clone().fit_to_frame(20_000), big);
-        match big.fit_to_frame(5_000) {
+        assert_eq!(big.clone().fit_to_frame(20_000, &[]), big);
+        match big.fit_to_frame(5_000, &[Encoding::MessagePack]) {
             Outcome::Failed(f) => {
                 assert_eq!((f.task_id, f.fence), (t, Fence(4)));
                 assert!(!f.retryable, "retrying would produce the same outcome");

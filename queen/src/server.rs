@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use shared::frame;
+use shared::frame::{self, Encoding};
 use shared::ids::Secret;
 use shared::protocol::{self, DroneMessage, Hello, QueenMessage};
 use tokio::net::TcpListener;
@@ -204,6 +204,10 @@ async fn connection<S: Io>(
         }
     };
 
+    // The wire encoding after the welcome: the first the drone offered that this queen
+    // speaks (it speaks all it knows), JSON otherwise. The core knows nothing of it: the
+    // writer puts the choice in the welcome it forwards, the last JSON frame it writes.
+    let encoding = Encoding::choose(&hello.encodings, &[Encoding::MessagePack]);
     let (tx, mut rx) = mpsc::unbounded_channel::<QueenMessage>();
     let conn = Conn {
         id,
@@ -223,6 +227,8 @@ async fn connection<S: Io>(
 
     let writer_close = close.clone();
     let writer = async move {
+        // JSON until the welcome is written (a reject or an error before it is JSON too).
+        let mut writing = Encoding::Json;
         loop {
             // Biased: a queued `error` is written before a close is noticed.
             let msg = tokio::select! {
@@ -230,17 +236,27 @@ async fn connection<S: Io>(
                 m = rx.recv() => m,
                 _ = writer_close.cancelled() => None,
             };
-            let Some(msg) = msg else { break };
+            let Some(mut msg) = msg else { break };
             // Feed everything already queued, then flush once.
             let mut last = is_final(&msg);
-            if feed(&mut sink, &msg).await.is_err() {
+            let fed = match &mut msg {
+                QueenMessage::Welcome(welcome) => {
+                    welcome.encoding =
+                        (encoding != Encoding::Json).then(|| encoding.name().to_owned());
+                    let fed = feed(&mut sink, &msg, Encoding::Json).await;
+                    writing = encoding;
+                    fed
+                }
+                _ => feed(&mut sink, &msg, writing).await,
+            };
+            if fed.is_err() {
                 break;
             }
             while !last {
                 match rx.try_recv() {
                     Ok(m) => {
                         last = is_final(&m);
-                        if feed(&mut sink, &m).await.is_err() {
+                        if feed(&mut sink, &m, writing).await.is_err() {
                             break;
                         }
                     }
@@ -270,7 +286,8 @@ async fn connection<S: Io>(
                     let _ = tx.send(QueenMessage::Error { message });
                     break;
                 }
-                Some(Ok(bytes)) => match frame::decode::<DroneMessage>(&bytes) {
+                // The drone writes nothing after its hello until it has our welcome.
+                Some(Ok(bytes)) => match encoding.decode::<DroneMessage>(&bytes) {
                     Ok(msg) => {
                         if core.send(Request::Message { conn: id, msg }).await.is_err() {
                             break;
@@ -344,12 +361,15 @@ type Sink<S> = futures_util::stream::SplitSink<
     bytes::Bytes,
 >;
 
-async fn feed<S: Io>(sink: &mut Sink<S>, msg: &QueenMessage) -> Result<(), ()> {
-    let bytes = frame::encode(msg).map_err(|e| tracing::error!(error = %e, "encode failed"))?;
+async fn feed<S: Io>(sink: &mut Sink<S>, msg: &QueenMessage, encoding: Encoding) -> Result<(), ()> {
+    let bytes = encoding
+        .encode(msg)
+        .map_err(|e| tracing::error!(error = %e, "encode failed"))?;
     sink.feed(bytes).await.map_err(|_| ())
 }
 
+/// Sends one message before the welcome (so as JSON) and flushes.
 async fn send<S: Io>(sink: &mut Sink<S>, msg: &QueenMessage) -> Result<(), ()> {
-    feed(sink, msg).await?;
+    feed(sink, msg, Encoding::Json).await?;
     sink.flush().await.map_err(|_| ())
 }

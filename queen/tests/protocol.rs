@@ -493,3 +493,58 @@ async fn heartbeats_are_answered_with_pongs_only_when_the_hello_asked() {
     );
     q.stop().await;
 }
+
+/// Guards the negotiated binary encoding (issue 16): a drone that offers MessagePack is
+/// told so in a JSON welcome and then both sides speak it (a task goes through assign and
+/// completion and is recorded); an offer the queen does not know, or none, leaves the
+/// connection on JSON, what every drone speaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msgpack_is_spoken_only_when_offered_and_chosen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = TestQueen::start(fast_config(dir.path())).await;
+
+    let offering = shared::protocol::Hello {
+        encodings: vec!["zstd-json".into(), "msgpack".into()],
+        ..hello(DroneId::generate(), 1, vec![])
+    };
+    let mut binary = FakeDrone::connect(q.drones, offering).await;
+    assert_eq!(
+        binary.welcome.as_ref().and_then(|w| w.encoding.clone()),
+        Some("msgpack".to_owned())
+    );
+    let t = q
+        .submit(json!({"kind": "echo", "payload": {"n": 0.5, "s": "é"}}))
+        .await;
+    let assign = binary.expect_assign().await;
+    assert_eq!(assign.task_id, t.id);
+    assert_eq!(assign.payload, json!({"n": 0.5, "s": "é"}));
+    binary
+        .send(complete(&assign, json!({"ok": [1, 2.5, null]})))
+        .await;
+    assert_eq!(
+        binary.expect_ack().await,
+        (t.id, Fence(1), AckStatus::Recorded)
+    );
+    let done = q.task(t.id).await;
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert_eq!(done.result, Some(json!({"ok": [1, 2.5, null]})));
+
+    let unknown = shared::protocol::Hello {
+        encodings: vec!["zstd-json".into()],
+        ..hello(DroneId::generate(), 1, vec![])
+    };
+    let mut text = FakeDrone::connect(q.drones, unknown).await;
+    assert_eq!(text.welcome.as_ref().and_then(|w| w.encoding.clone()), None);
+    // A JSON frame after the welcome is understood: the ghost completion is acked stale.
+    let ghost = shared::TaskId::generate();
+    text.complete(ghost, Fence(1), json!(null)).await;
+    assert_eq!(
+        text.recv().await,
+        Some(QueenMessage::Ack(shared::protocol::Ack {
+            task_id: ghost,
+            fence: Fence(1),
+            status: AckStatus::Stale,
+        }))
+    );
+    q.stop().await;
+}

@@ -1,5 +1,9 @@
-//! Framing: a 4-byte big-endian length, then one JSON object. Pure apart from the codec
+//! Framing: a 4-byte big-endian length, then one message. Pure apart from the codec
 //! constructor, so both sides (and tests) encode and decode the same way.
+//!
+//! A message is a JSON object unless the drone offered another [`Encoding`] in its hello
+//! and the queen chose it in the welcome; from then on both directions of that
+//! connection use it. The hello and the welcome are always JSON.
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -17,6 +21,74 @@ pub enum FrameError {
     Malformed(#[source] serde_json::Error),
     #[error("could not encode message: {0}")]
     Encode(#[source] serde_json::Error),
+    #[error("malformed MessagePack message: {0}")]
+    MalformedBinary(#[source] rmp_serde::decode::Error),
+    #[error("could not encode message as MessagePack: {0}")]
+    EncodeBinary(#[source] rmp_serde::encode::Error),
+}
+
+/// The deepest nesting a MessagePack frame may have, serde_json's own limit for JSON.
+const MAX_DEPTH: usize = 128;
+
+/// How the messages of a connection are written after the handshake.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Encoding {
+    /// JSON objects: the default, what every drone and queen speaks.
+    #[default]
+    Json,
+    /// MessagePack maps with the same field names as the JSON (so optional and unknown
+    /// fields behave exactly as in JSON), named `msgpack` in the hello and welcome.
+    MessagePack,
+}
+
+impl Encoding {
+    /// The name in a hello's `encodings` and a welcome's `encoding`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::Json => "json",
+            Encoding::MessagePack => "msgpack",
+        }
+    }
+
+    /// The encoding a name stands for; `None` for one this build does not know.
+    pub fn from_name(name: &str) -> Option<Encoding> {
+        match name {
+            "json" => Some(Encoding::Json),
+            "msgpack" => Some(Encoding::MessagePack),
+            _ => None,
+        }
+    }
+
+    /// The first of `offered` this side speaks and `allowed`, JSON when there is none.
+    pub fn choose(offered: &[String], allowed: &[Encoding]) -> Encoding {
+        offered
+            .iter()
+            .filter_map(|name| Encoding::from_name(name))
+            .find(|e| allowed.contains(e))
+            .unwrap_or_default()
+    }
+
+    pub fn encode<T: Serialize>(self, msg: &T) -> Result<Bytes, FrameError> {
+        match self {
+            Encoding::Json => encode(msg),
+            Encoding::MessagePack => rmp_serde::to_vec_named(msg)
+                .map(Bytes::from)
+                .map_err(FrameError::EncodeBinary),
+        }
+    }
+
+    pub fn decode<T: DeserializeOwned>(self, frame: &[u8]) -> Result<T, FrameError> {
+        match self {
+            Encoding::Json => decode(frame),
+            Encoding::MessagePack => {
+                let mut de = rmp_serde::Deserializer::from_read_ref(frame);
+                // As serde_json's limit: a hostile peer's deep nesting is an error, not a
+                // stack overflow (rmp-serde's own default, 1024, overflows a 2 MiB stack).
+                de.set_max_depth(MAX_DEPTH);
+                T::deserialize(&mut de).map_err(FrameError::MalformedBinary)
+            }
+        }
+    }
 }
 
 /// The codec both sides use, refusing frames longer than `max_frame_len`.
@@ -68,6 +140,60 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_u32(1 << 30);
         assert!(codec.decode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn the_first_offered_encoding_this_side_allows_is_chosen_else_json() {
+        let offer = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let both = [Encoding::MessagePack];
+        assert_eq!(
+            Encoding::choose(&offer(&["cbor", "msgpack"]), &both),
+            Encoding::MessagePack
+        );
+        assert_eq!(Encoding::choose(&offer(&["cbor"]), &both), Encoding::Json);
+        assert_eq!(Encoding::choose(&offer(&[]), &both), Encoding::Json);
+        assert_eq!(Encoding::choose(&offer(&["msgpack"]), &[]), Encoding::Json);
+        for e in [Encoding::Json, Encoding::MessagePack] {
+            assert_eq!(Encoding::from_name(e.name()), Some(e));
+        }
+    }
+
+    #[test]
+    fn msgpack_is_smaller_than_json_for_an_assign_and_garbage_is_an_error() {
+        let assign = crate::protocol::QueenMessage::Assign(crate::protocol::Assign {
+            task_id: crate::TaskId::generate(),
+            fence: crate::Fence(7),
+            attempt: 1,
+            kind: "echo".into(),
+            queue: "default".into(),
+            payload: serde_json::json!({"n": 1}),
+            timeout_ms: None,
+            checkpoint: None,
+        });
+        let json = Encoding::Json.encode(&assign).unwrap_or_default();
+        let binary = Encoding::MessagePack.encode(&assign).unwrap_or_default();
+        assert!(
+            !binary.is_empty() && binary.len() < json.len(),
+            "{} vs {}",
+            binary.len(),
+            json.len()
+        );
+        assert!(matches!(
+            Encoding::MessagePack.decode::<DroneMessage>(b"\xc1garbage"),
+            Err(FrameError::MalformedBinary(_))
+        ));
+        // A hostile peer's deep nesting is an error, not a stack overflow: a map with a
+        // `type` whose value nests 100,000 one-element arrays.
+        let mut deep = b"\x81\xa4type".to_vec();
+        deep.extend_from_slice(&[0x91; 100_000]);
+        deep.push(0xc0);
+        assert!(Encoding::MessagePack.decode::<DroneMessage>(&deep).is_err());
+        let mut deep_value = b"\x82\xa4type\xa9heartbeat\xa4held".to_vec();
+        deep_value.extend_from_slice(&[0x91; 100_000]);
+        deep_value.push(0xc0);
+        assert!(Encoding::MessagePack
+            .decode::<DroneMessage>(&deep_value)
+            .is_err());
     }
 
     #[test]

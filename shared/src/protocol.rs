@@ -96,6 +96,11 @@ pub struct Hello {
     /// absent from drones without pools and from drones before this field.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pools: Vec<PoolStatus>,
+    /// Encodings besides JSON the drone can speak after the handshake, most wanted first
+    /// (`"msgpack"`: [`crate::frame::Encoding`]). Absent: JSON. A queen picks one it
+    /// knows, or none, and says which in its welcome.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub encodings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,6 +122,10 @@ pub struct Welcome {
     /// and when the hello did not ask: the drone must not judge the queen's silence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pongs: Option<bool>,
+    /// The encoding both sides use after this welcome, one the hello offered. Absent
+    /// (from queens before this field too): JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -424,6 +433,7 @@ mod tests {
             draining: false,
             pongs: false,
             pools: Vec::new(),
+            encodings: Vec::new(),
         }
     }
 

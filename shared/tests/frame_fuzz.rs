@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Map, Value};
-use shared::frame::{self, FrameError};
+use shared::frame::{self, Encoding, FrameError};
 use shared::protocol::{
     Checkpoint, DroneMessage, Heartbeat, Held, Hello, QueenMessage, TaskComplete, TaskFailed,
 };
@@ -131,6 +131,7 @@ fn drone_message() -> impl Strategy<Value = DroneMessage> {
                     draining,
                     pongs: !draining,
                     pools: Vec::new(),
+                    encodings: Vec::new(),
                 })
             },
         );
@@ -349,7 +350,68 @@ fn decode_both(body: &[u8]) -> Result<(), TestCaseError> {
     if let Ok(msg) = frame::decode::<QueenMessage>(body) {
         frame::encode(&msg).map_err(|e| TestCaseError::fail(e.to_string()))?;
     }
+    // The same bytes read as MessagePack (a connection that negotiated it).
+    let binary = Encoding::MessagePack;
+    if let Ok(msg) = binary.decode::<DroneMessage>(body) {
+        let again = binary
+            .encode(&msg)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let back = binary
+            .decode::<DroneMessage>(&again)
+            .map_err(|e| TestCaseError::fail(format!("{msg:?} does not decode again: {e}")))?;
+        prop_assert_eq!(std::mem::discriminant(&back), std::mem::discriminant(&msg));
+    }
+    if let Ok(msg) = binary.decode::<QueenMessage>(body) {
+        binary
+            .encode(&msg)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
     Ok(())
+}
+
+/// Guards the negotiated binary encoding: every variant, payloads of any JSON shape
+/// included (floats, nesting, unicode), decodes from MessagePack to exactly the message
+/// that went in, and the queen's messages do too.
+#[test]
+fn every_variant_round_trips_through_msgpack() {
+    run(drone_message(), |msg| {
+        let body = Encoding::MessagePack
+            .encode(&msg)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let back = Encoding::MessagePack
+            .decode::<DroneMessage>(&body)
+            .map_err(|e| TestCaseError::fail(format!("{msg:?}: {e}")))?;
+        prop_assert_eq!(&back, &msg);
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let queen = (task_id(), fence(), json(), prop::option::of(json())).prop_map(
+        |(task_id, fence, payload, checkpoint)| {
+            // `Some(null)` is `None` on the wire in either encoding (and means the same).
+            let checkpoint = checkpoint.filter(|c| !c.is_null());
+            QueenMessage::Assign(shared::protocol::Assign {
+                task_id,
+                fence,
+                attempt: 2,
+                kind: "exec".into(),
+                queue: "default".into(),
+                payload,
+                timeout_ms: Some(1000),
+                checkpoint,
+            })
+        },
+    );
+    run(queen, |msg| {
+        let body = Encoding::MessagePack
+            .encode(&msg)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let back = Encoding::MessagePack
+            .decode::<QueenMessage>(&body)
+            .map_err(|e| TestCaseError::fail(format!("{msg:?}: {e}")))?;
+        prop_assert_eq!(&back, &msg);
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Guards the happy path under any chunking: valid frames of every variant, several in a

@@ -67,6 +67,7 @@ impl FakeDrone {
                 heartbeat_timeout_ms: 0,
                 epoch: None,
                 pongs: None,
+                encoding: None,
             }),
             inner: Mutex::new(d),
         }

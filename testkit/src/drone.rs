@@ -61,6 +61,7 @@ pub fn hello(id: DroneId, slots: u32, held: Vec<Held>) -> Hello {
         draining: false,
         pongs: false,
         pools: vec![],
+        encodings: Vec::new(),
     }
 }
 
@@ -116,9 +117,19 @@ struct State {
     live: bool,
     /// The live heartbeat clock sends (false once the drone went silent).
     heartbeating: AtomicBool,
+    /// The welcome chose MessagePack: every frame after it, both ways, is MessagePack.
+    msgpack: AtomicBool,
 }
 
 impl State {
+    fn encoding(&self) -> frame::Encoding {
+        if self.msgpack.load(Ordering::SeqCst) {
+            frame::Encoding::MessagePack
+        } else {
+            frame::Encoding::Json
+        }
+    }
+
     fn held(&self) -> std::sync::MutexGuard<'_, Vec<Held>> {
         self.held
             .lock()
@@ -266,7 +277,7 @@ impl FakeDrone {
                     pools: Vec::new(),
                 });
                 let (done, _) = oneshot::channel();
-                if out.send((framed(&hb), done)).is_err() {
+                if out.send((framed(&hb, state.encoding()), done)).is_err() {
                     return;
                 }
             }
@@ -286,7 +297,7 @@ impl FakeDrone {
     }
 
     pub async fn try_send(&self, msg: &DroneMessage) -> io::Result<()> {
-        self.write(framed(msg)).await
+        self.write(framed(msg, self.state.encoding())).await
     }
 
     /// Sends `msg`; panics if it cannot be written.
@@ -571,8 +582,8 @@ fn frame_of(body: &[u8]) -> Bytes {
     Bytes::from(buf)
 }
 
-fn framed(msg: &DroneMessage) -> Bytes {
-    frame_of(&frame::encode(msg).expect("protocol messages serialize"))
+fn framed(msg: &DroneMessage, encoding: frame::Encoding) -> Bytes {
+    frame_of(&encoding.encode(msg).expect("protocol messages serialize"))
 }
 
 /// Writes what the drone sends, in order, saying for each whether it was written.
@@ -601,10 +612,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let incoming = match frames.next().await {
             None => Incoming::Closed(None),
             Some(Err(e)) => Incoming::Closed(Some(e.to_string())),
-            Some(Ok(body)) => match frame::decode::<QueenMessage>(&body) {
+            Some(Ok(body)) => match state.encoding().decode::<QueenMessage>(&body) {
                 Ok(m) => {
                     if state.live {
                         state.saw(&m);
+                    }
+                    // The welcome is JSON; what it chose holds from the next frame on,
+                    // and the drone writes nothing before it has read the welcome.
+                    if let QueenMessage::Welcome(w) = &m {
+                        let binary =
+                            w.encoding.as_deref() == Some(frame::Encoding::MessagePack.name());
+                        state.msgpack.store(binary, Ordering::SeqCst);
                     }
                     Incoming::Msg(m)
                 }

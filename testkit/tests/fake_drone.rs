@@ -50,6 +50,7 @@ async fn welcome(link: &mut Link, interval_ms: u64) {
             heartbeat_timeout_ms: 10 * interval_ms,
             epoch: None,
             pongs: None,
+            encoding: None,
         }),
     )
     .await;

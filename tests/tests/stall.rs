@@ -277,6 +277,7 @@ fn a_drone_stalled_during_its_handshake_takes_the_welcome_that_waits() {
         heartbeat_timeout_ms: 30_000,
         epoch: None,
         pongs: None,
+        encoding: None,
     });
     write_frame(&mut conn, &welcome).expect("send the welcome");
     thaw_after(drone.pid(), stopped, DRONE_STALL);

@@ -188,6 +188,7 @@ impl Conn {
             heartbeat_timeout_ms: HEARTBEAT_TIMEOUT_MS,
             epoch,
             pongs,
+            encoding: None,
         }))
         .await?;
         Ok(hello)

@@ -271,6 +271,8 @@ impl Core {
             heartbeat_timeout_ms: self.cfg.leases.heartbeat_timeout_ms,
             epoch: self.epoch,
             pongs: hello.pongs.then_some(true),
+            // The connection's edge (server.rs) fills in the wire encoding it chose.
+            encoding: None,
         }));
         let id = hello.drone_id;
         let mut drone = Drone {

@@ -587,6 +587,7 @@ pub fn drone_message(known: &Known) -> impl Strategy<Value = DroneMessage> {
                 draining: false,
                 pongs: false,
                 pools: Vec::new(),
+                encodings: Vec::new(),
             })
         });
     let checkpoint =

@@ -374,6 +374,7 @@ impl Hive {
                 draining: false,
                 pongs: false,
                 pools: Vec::new(),
+                encodings: Vec::new(),
             }),
             conn: Conn {
                 id: conn,
