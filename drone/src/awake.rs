@@ -118,6 +118,15 @@ impl Silence {
     }
 }
 
+/// Sleeps until `deadline`, or forever when there is none (a `select!` arm that never
+/// fires).
+pub async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};

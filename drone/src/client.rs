@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::awake::{self, Silence};
+use crate::awake::{self, sleep_until_opt, Silence};
 use crate::backoff::Backoff;
 use crate::checkpoint::{Checkpoints, Seen, MAX_CHECKPOINT_BYTES};
 use crate::config::{Config, QueenAddr};
@@ -1146,13 +1146,6 @@ impl Drone {
         }
         self.pools.stop().await;
         tracing::info!(undelivered = self.outbox.len(), "drone stopped");
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

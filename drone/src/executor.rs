@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::awake::sleep_until_opt;
 use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::env::{
@@ -635,13 +636,6 @@ impl Executor {
             }
         }
         ending
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

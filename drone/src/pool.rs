@@ -40,7 +40,7 @@ use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::awake;
+use crate::awake::{self, sleep_until_opt};
 use crate::checkpoint::MAX_CHECKPOINT_BYTES;
 use crate::config::{Config, PoolSpec};
 use crate::env::{
@@ -1412,13 +1412,6 @@ async fn send(
     frame: Bytes,
 ) -> std::io::Result<()> {
     channel.send(frame).await
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

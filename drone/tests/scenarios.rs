@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use serde_json::json;
+use shared::frame::Encoding;
 use shared::protocol::{CancelTask, DroneMessage, QueenMessage, Reject, PROTOCOL_VERSION};
 use shared::{ids::Secret, Fence};
 use support::*;
@@ -274,6 +275,35 @@ async fn a_timeout_kills_the_whole_process_group() -> Result<()> {
     assert!(f.retryable);
     // The shell and its background grandchild both die, not just the shell.
     wait_all_gone(&pids).await;
+    Ok(())
+}
+
+/// Guards the negotiated encoding (issue 16) on the drone's side: a drone configured for
+/// MessagePack offers it, and once the welcome chooses it, reads the queen's frames and
+/// writes its own in it (an outcome written in JSON would not decode here); a drone left
+/// at the default offers nothing; a welcome choosing an encoding the hello did not offer
+/// makes the drone drop that connection rather than guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn msgpack_is_offered_when_configured_and_spoken_once_chosen() -> Result<()> {
+    let queen = FakeQueen::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = test_config(queen.addr)?;
+    config.encoding = drone::config::WireEncoding::Msgpack;
+    let _drone = InProcessDrone::start(config);
+    let mut conn = queen.accept().await?;
+    let hello = conn.welcome_encoding(Encoding::MessagePack).await?;
+    assert_eq!(hello.encodings, vec!["msgpack".to_owned()]);
+    let task = exec("echo 0.5", dir.path());
+    conn.assign(task.clone()).await?;
+    let done = completed(conn.outcome(task.task_id).await?)?;
+    assert_eq!(done.result["stdout"], "0.5\n");
+
+    let json_queen = FakeQueen::start().await?;
+    let _json_drone = InProcessDrone::start(test_config(json_queen.addr)?);
+    let mut conn = json_queen.accept().await?;
+    let hello = conn.welcome_encoding(Encoding::MessagePack).await?;
+    assert!(hello.encodings.is_empty(), "{hello:?}");
+    conn.closed_by_the_drone().await?;
     Ok(())
 }
 

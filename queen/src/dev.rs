@@ -101,26 +101,18 @@ pub async fn run(cfg: Config, args: DevArgs) -> anyhow::Result<()> {
 
     let mut children = Vec::new();
     for i in 1..=args.drones {
-        let mut command = tokio::process::Command::new(&drone_bin);
-        if let Some(filter) = log_filter {
-            command.env("RUST_LOG", filter);
-        }
-        command
-            .args([
+        children.push(start_drone(
+            &drone_bin,
+            log_filter,
+            [
                 "--queen",
                 &drones_at.to_string(),
                 "--slots",
                 &args.slots.to_string(),
                 "--name",
                 &format!("dev-drone-{i}"),
-            ])
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        dies_with_this_process(&mut command);
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting {}", drone_bin.display()))?;
-        children.push(child);
+            ],
+        )?);
     }
     println!(
         "started {} drones with {} slots each",
@@ -239,20 +231,25 @@ fn python_pool_drone(
     std::fs::create_dir_all(data_dir)?;
     let path = data_dir.join("dev-drone-python.toml");
     std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
+    let config_flag = std::ffi::OsString::from("--config");
+    start_drone(drone_bin, log_filter, [config_flag, path.into_os_string()]).map(Some)
+}
+
+/// Starts one local drone with `args`, logging at `log_filter`; it dies with this process.
+fn start_drone<S: AsRef<std::ffi::OsStr>>(
+    drone_bin: &std::path::Path,
+    log_filter: Option<&str>,
+    args: impl IntoIterator<Item = S>,
+) -> anyhow::Result<tokio::process::Child> {
     let mut command = tokio::process::Command::new(drone_bin);
     if let Some(filter) = log_filter {
         command.env("RUST_LOG", filter);
     }
-    command
-        .arg("--config")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
     dies_with_this_process(&mut command);
-    let child = command
+    command
         .spawn()
-        .with_context(|| format!("starting {}", drone_bin.display()))?;
-    Ok(Some(child))
+        .with_context(|| format!("starting {}", drone_bin.display()))
 }
 
 async fn submit_sample(core: &CoreHandle, n: usize, python: bool) -> anyhow::Result<Vec<TaskId>> {

@@ -58,7 +58,7 @@ fn media_type(content_type: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// A request to a real queen over HTTP, on a blocking thread.
+/// A request to a real queen over HTTP.
 async fn call(
     q: &TestQueen,
     method: &str,
@@ -66,31 +66,12 @@ async fn call(
     body: Option<Value>,
     token: Option<&str>,
 ) -> Answer {
-    let url = q.url(path);
-    let method = method.to_string();
-    let token = token.map(str::to_string);
-    tokio::task::spawn_blocking(move || {
-        let mut req = ureq::request(&method, &url);
-        if let Some(t) = token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        let res = match body {
-            Some(b) => req.send_string(&b.to_string()),
-            None => req.call(),
-        };
-        let resp = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{method} {url}: transport error: {e}"),
-        };
-        Answer {
-            status: resp.status(),
-            media_type: media_type(resp.header("Content-Type").unwrap_or_default()),
-            text: resp.into_string().expect("body"),
-        }
-    })
-    .await
-    .expect("join")
+    let (status, content_type, text) = q.request(method, path, body, token).await;
+    Answer {
+        status,
+        media_type: media_type(&content_type),
+        text,
+    }
 }
 
 /// A request to a standby queen's router, in process.

@@ -369,22 +369,27 @@ fn decode_both(body: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// `msg` through MessagePack and back is `msg`.
+fn msgpack_round_trip<T>(msg: T) -> Result<(), TestCaseError>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let body = Encoding::MessagePack
+        .encode(&msg)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let back = Encoding::MessagePack
+        .decode::<T>(&body)
+        .map_err(|e| TestCaseError::fail(format!("{msg:?}: {e}")))?;
+    prop_assert_eq!(&back, &msg);
+    Ok(())
+}
+
 /// Guards the negotiated binary encoding: every variant, payloads of any JSON shape
 /// included (floats, nesting, unicode), decodes from MessagePack to exactly the message
 /// that went in, and the queen's messages do too.
 #[test]
 fn every_variant_round_trips_through_msgpack() {
-    run(drone_message(), |msg| {
-        let body = Encoding::MessagePack
-            .encode(&msg)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let back = Encoding::MessagePack
-            .decode::<DroneMessage>(&body)
-            .map_err(|e| TestCaseError::fail(format!("{msg:?}: {e}")))?;
-        prop_assert_eq!(&back, &msg);
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    run(drone_message(), msgpack_round_trip).unwrap_or_else(|e| panic!("{e}"));
     let queen = (task_id(), fence(), json(), prop::option::of(json())).prop_map(
         |(task_id, fence, payload, checkpoint)| {
             // `Some(null)` is `None` on the wire in either encoding (and means the same).
@@ -401,17 +406,7 @@ fn every_variant_round_trips_through_msgpack() {
             })
         },
     );
-    run(queen, |msg| {
-        let body = Encoding::MessagePack
-            .encode(&msg)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let back = Encoding::MessagePack
-            .decode::<QueenMessage>(&body)
-            .map_err(|e| TestCaseError::fail(format!("{msg:?}: {e}")))?;
-        prop_assert_eq!(&back, &msg);
-        Ok(())
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    run(queen, msgpack_round_trip).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Guards the happy path under any chunking: valid frames of every variant, several in a

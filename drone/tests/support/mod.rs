@@ -102,6 +102,7 @@ impl FakeQueen {
         };
         Ok(Conn {
             framed: Framed::new(stream, frame::codec(frame::DEFAULT_MAX_FRAME_LEN)),
+            encoding: frame::Encoding::Json,
         })
     }
 }
@@ -126,6 +127,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 pub struct Conn {
     framed: Framed<Box<dyn Io>, LengthDelimitedCodec>,
+    /// How frames after the welcome are written, both ways (the welcome chose it).
+    encoding: frame::Encoding,
 }
 
 impl std::fmt::Debug for Conn {
@@ -136,7 +139,7 @@ impl std::fmt::Debug for Conn {
 
 impl Conn {
     pub async fn send(&mut self, message: QueenMessage) -> Result<()> {
-        self.framed.send(frame::encode(&message)?).await?;
+        self.framed.send(self.encoding.encode(&message)?).await?;
         Ok(())
     }
 
@@ -146,7 +149,7 @@ impl Conn {
             .await
             .context("the drone sent nothing in time")?
             .ok_or_else(|| anyhow!("the drone closed the connection"))??;
-        Ok(frame::decode(&body)?)
+        Ok(self.encoding.decode(&body)?)
     }
 
     /// The first message `pick` accepts, skipping others (heartbeats mostly).
@@ -194,6 +197,23 @@ impl Conn {
         Ok(hello)
     }
 
+    /// Reads the hello and welcomes the drone choosing `encoding` (named as on the wire,
+    /// offered or not); frames after the welcome use it.
+    pub async fn welcome_encoding(&mut self, encoding: frame::Encoding) -> Result<Hello> {
+        let hello = self.hello().await?;
+        self.send(QueenMessage::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_interval_ms: HEARTBEAT_MS,
+            heartbeat_timeout_ms: HEARTBEAT_TIMEOUT_MS,
+            epoch: None,
+            pongs: None,
+            encoding: Some(encoding.name().to_owned()),
+        }))
+        .await?;
+        self.encoding = encoding;
+        Ok(hello)
+    }
+
     /// Reads the hello and rejects it as a standby does, naming `leader` if given.
     pub async fn reject_not_leader(&mut self, leader: Option<String>) -> Result<Hello> {
         let hello = self.hello().await?;
@@ -222,7 +242,7 @@ impl Conn {
             Ok(None | Some(Err(_))) => Ok(()),
             Ok(Some(Ok(body))) => bail!(
                 "the drone sent {:?} instead of closing",
-                frame::decode::<DroneMessage>(&body)
+                self.encoding.decode::<DroneMessage>(&body)
             ),
         }
     }
@@ -235,7 +255,7 @@ impl Conn {
     pub async fn assign_all(&mut self, assigns: &[Assign]) -> Result<()> {
         for a in assigns {
             self.framed
-                .feed(frame::encode(&QueenMessage::Assign(a.clone()))?)
+                .feed(self.encoding.encode(&QueenMessage::Assign(a.clone()))?)
                 .await?;
         }
         SinkExt::<Bytes>::flush(&mut self.framed).await?;

@@ -106,6 +106,21 @@ impl TestQueen {
         body: Option<serde_json::Value>,
         token: Option<&str>,
     ) -> (u16, serde_json::Value) {
+        let (status, _, text) = self.request(method, path, body, token).await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    /// One request as it went: the status, the `Content-Type` and the body's text.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        token: Option<&str>,
+    ) -> (u16, String, String) {
         let url = self.url(path);
         let method = method.to_string();
         let token = token.map(str::to_string);
@@ -121,14 +136,11 @@ impl TestQueen {
             let resp = match res {
                 Ok(r) => r,
                 Err(ureq::Error::Status(_, r)) => r,
-                Err(e) => panic!("transport error: {e}"),
+                Err(e) => panic!("{method} {url}: transport error: {e}"),
             };
             let status = resp.status();
-            let text = resp.into_string().expect("body");
-            (
-                status,
-                serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
-            )
+            let content_type = resp.header("Content-Type").unwrap_or_default().to_owned();
+            (status, content_type, resp.into_string().expect("body"))
         })
         .await
         .expect("join")
