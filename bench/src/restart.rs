@@ -51,6 +51,10 @@ pub struct Args {
     /// Runs, each with a fresh queen; the median (min–max) follows.
     #[arg(long, default_value_t = 1)]
     pub trials: u32,
+    /// Drain the filled queen without restarting it: how its memory behaves while a
+    /// backlog built at full speed drains.
+    #[arg(long)]
+    pub no_restart: bool,
 }
 
 pub fn run(
@@ -68,7 +72,8 @@ pub fn run(
         "restart",
         machine,
         json!({"tasks": a.tasks, "batch": a.batch, "submitters": a.submitters,
-               "drones": a.drones, "slots": a.slots, "sync": sync, "drone": "simulated"}),
+               "drones": a.drones, "slots": a.slots, "sync": sync, "drone": "simulated",
+               "restart": !a.no_restart}),
         json_only,
     );
     report.note("spawn_to_*: from spawning the restarted queen; connect_to_*: from the drones starting to connect (right after the first /v1/stats answer); all_assigned / all_recorded: the last task's assign / ack arrived (the drones complete each task at once)");
@@ -136,60 +141,13 @@ fn one(
     report.value(trial, "queen_rss_filled", "MiB", mib(filled.rss));
     report.value(trial, "queen_hwm_filled", "MiB", mib(filled.hwm));
 
-    // Restart.
-    let (stopped_in, hive) = hive.restart()?;
-    let queen = &hive.queen;
-    let spawned = queen.spawned_at;
-    let disk = disk_usage(&hive.data_dir())?;
-    report.value(trial, "stop_seconds", "s", stopped_in.as_secs_f64());
-    report.value(trial, "data_dir_on_disk", "MiB", mib(disk.allocated));
-    report.value(trial, "data_dir_apparent", "MiB", mib(disk.apparent));
-    report.value(
-        trial,
-        "spawn_to_ready",
-        "s",
-        (queen.ready_at - spawned).as_secs_f64(),
-    );
-    let healthz = loop {
-        if queen.agent().get(&queen.url("/healthz")).call().is_ok() {
-            break Instant::now();
-        }
-        if spawned.elapsed() > crate::hive::READY_TIMEOUT {
-            bail!("the restarted queen did not answer /healthz");
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    let (hive, spawned) = if a.no_restart {
+        (hive, None)
+    } else {
+        let (hive, spawned) = restart(hive, n, trial, report)?;
+        (hive, Some(spawned))
     };
-    report.value(
-        trial,
-        "spawn_to_healthz",
-        "s",
-        (healthz - spawned).as_secs_f64(),
-    );
-    // The first `/v1/stats` answer: it must already count every task pending (the queen
-    // rebuilds its ready queues before it serves).
-    let (stats, took) = timed_stats(queen)?;
-    let counted = Instant::now();
-    if pending(&stats) != n {
-        bail!(
-            "the restarted queen counts {} pending tasks, expected {n}",
-            pending(&stats)
-        );
-    }
-    report.value(
-        trial,
-        "spawn_to_stats_all_pending",
-        "s",
-        (counted - spawned).as_secs_f64(),
-    );
-    report.value(
-        trial,
-        "stats_call_restarted",
-        "ms",
-        took.as_secs_f64() * 1e3,
-    );
-    let restarted = queen.memory()?;
-    report.value(trial, "queen_rss_restarted", "MiB", mib(restarted.rss));
-    report.value(trial, "queen_hwm_restarted", "MiB", mib(restarted.hwm));
+    let queen = &hive.queen;
 
     // Drain with simulated drones; watched through their counters, not `/v1/stats`, which
     // would compete with the drain for the queen's core.
@@ -217,7 +175,13 @@ fn one(
     // A generous bound: 1,000 tasks/s would be an order of magnitude below expectations.
     let limit = Duration::from_secs(60 + n / 1_000);
     let mut last_progress = Instant::now();
+    let mut last_sample = Instant::now();
+    let mut peak_draining = queen.memory()?.rss;
     while counters.all_recorded.get().is_none() {
+        if last_sample.elapsed() > Duration::from_millis(100) {
+            peak_draining = peak_draining.max(queen.memory()?.rss);
+            last_sample = Instant::now();
+        }
         if Counters::get(&counters.lost) > 0 {
             bail!("a simulated drone lost its connection during the drain");
         }
@@ -259,12 +223,14 @@ fn one(
         after_connect(counters.all_recorded.get()),
     );
     if let Some(done) = counters.all_recorded.get() {
-        report.value(
-            trial,
-            "spawn_to_all_recorded",
-            "s",
-            (*done - spawned).as_secs_f64(),
-        );
+        if let Some(spawned) = spawned {
+            report.value(
+                trial,
+                "spawn_to_all_recorded",
+                "s",
+                (*done - spawned).as_secs_f64(),
+            );
+        }
         report.value(
             trial,
             "drain_tasks_per_s",
@@ -277,6 +243,12 @@ fn one(
         bail!("{stale} completions were acknowledged as stale");
     }
     let drained = queen.memory()?;
+    report.value(
+        trial,
+        "queen_rss_peak_draining",
+        "MiB",
+        mib(peak_draining.max(drained.rss)),
+    );
     report.value(trial, "queen_rss_drained", "MiB", mib(drained.rss));
     report.value(trial, "queen_hwm_drained", "MiB", mib(drained.hwm));
     let stats = queen.stats()?;
@@ -336,4 +308,64 @@ fn fill(queen: &Queen, a: &Args, json_only: bool) -> Result<Duration> {
             .map_err(|_| anyhow::anyhow!("a submitter thread panicked"))??;
     }
     Ok(start.elapsed())
+}
+
+/// Restarts the filled queen and reports how long until it serves and counts every task
+/// pending, and its memory then; returns the new hive and when its queen was spawned.
+fn restart(hive: Hive, n: u64, trial: u32, report: &mut Reporter) -> Result<(Hive, Instant)> {
+    let (stopped_in, hive) = hive.restart()?;
+    let queen = &hive.queen;
+    let spawned = queen.spawned_at;
+    let disk = disk_usage(&hive.data_dir())?;
+    report.value(trial, "stop_seconds", "s", stopped_in.as_secs_f64());
+    report.value(trial, "data_dir_on_disk", "MiB", mib(disk.allocated));
+    report.value(trial, "data_dir_apparent", "MiB", mib(disk.apparent));
+    report.value(
+        trial,
+        "spawn_to_ready",
+        "s",
+        (queen.ready_at - spawned).as_secs_f64(),
+    );
+    let healthz = loop {
+        if queen.agent().get(&queen.url("/healthz")).call().is_ok() {
+            break Instant::now();
+        }
+        if spawned.elapsed() > crate::hive::READY_TIMEOUT {
+            bail!("the restarted queen did not answer /healthz");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    report.value(
+        trial,
+        "spawn_to_healthz",
+        "s",
+        (healthz - spawned).as_secs_f64(),
+    );
+    // The first `/v1/stats` answer: it must already count every task pending (the queen
+    // rebuilds its ready queues before it serves).
+    let (stats, took) = timed_stats(queen)?;
+    let counted = Instant::now();
+    if pending(&stats) != n {
+        bail!(
+            "the restarted queen counts {} pending tasks, expected {n}",
+            pending(&stats)
+        );
+    }
+    report.value(
+        trial,
+        "spawn_to_stats_all_pending",
+        "s",
+        (counted - spawned).as_secs_f64(),
+    );
+    report.value(
+        trial,
+        "stats_call_restarted",
+        "ms",
+        took.as_secs_f64() * 1e3,
+    );
+    let restarted = queen.memory()?;
+    report.value(trial, "queen_rss_restarted", "MiB", mib(restarted.rss));
+    report.value(trial, "queen_hwm_restarted", "MiB", mib(restarted.hwm));
+
+    Ok((hive, spawned))
 }
