@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::hive::{poll, Hive, Proc, Storage};
+use crate::hive::{poll, post_raw, Hive, Proc, Storage};
 use crate::report::{merge, Machine, Reporter};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -18,9 +18,13 @@ pub struct Args {
     pub drones: u32,
     #[arg(long, default_value_t = 8)]
     pub slots: u32,
-    /// Tasks per batch request.
+    /// Tasks per batch request; 1 submits each task alone (`POST /v1/tasks`).
     #[arg(long, default_value_t = 1_000)]
     pub batch: usize,
+    /// Concurrent submitters, each with its own connection, each waiting for its answer
+    /// before sending the next request (as beanstalk-bench's producers do).
+    #[arg(long, default_value_t = 1)]
+    pub submitters: usize,
     /// Runs, each with a fresh queen and drones; the median (min–max) follows.
     #[arg(long, default_value_t = 3)]
     pub trials: u32,
@@ -43,7 +47,7 @@ pub fn run(
 ) -> Result<()> {
     let kind = if a.exec { "exec" } else { "echo" };
     let mut settings = json!({"tasks": a.tasks, "drones": a.drones, "slots": a.slots,
-        "batch": a.batch, "kind": kind, "encoding": a.encoding});
+        "batch": a.batch, "submitters": a.submitters, "kind": kind, "encoding": a.encoding});
     let encoding = shared::frame::Encoding::from_name(&a.encoding)
         .ok_or_else(|| anyhow::anyhow!("--encoding is json or msgpack, not {}", a.encoding))?;
     merge(&mut settings, storage.settings());
@@ -58,18 +62,7 @@ pub fn run(
         queen.wait_drones(u64::from(a.drones), Duration::from_secs(20))?;
         let cpu0 = queen.cpu_time()?;
         let start = Instant::now();
-        let mut left = a.tasks;
-        while left > 0 {
-            let n = left.min(a.batch.max(1));
-            let specs: Vec<Value> = (0..n)
-                .map(|i| match a.exec {
-                    true => json!({"kind": "exec", "payload": {"cmd": ["/bin/true"]}}),
-                    false => json!({"kind": "echo", "payload": i}),
-                })
-                .collect();
-            queen.post("/v1/tasks/batch", json!({ "tasks": specs }))?;
-            left -= n;
-        }
+        submit_all(queen, a)?;
         let submitted = start.elapsed();
         poll(Duration::from_secs(600), || {
             Ok(queen
@@ -107,6 +100,49 @@ pub fn run(
         report.value(0, &format!("frame_bytes_{message}"), "bytes", bytes as f64);
     }
     Ok(())
+}
+
+/// Submits `a.tasks` tasks from `a.submitters` threads, each with its own connection,
+/// in requests of `a.batch` tasks (a batch request, or `POST /v1/tasks` for 1).
+fn submit_all(queen: &crate::hive::Queen, a: &Args) -> Result<()> {
+    let submitters = a.submitters.max(1);
+    let batch = a.batch.max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..submitters)
+            .map(|s| {
+                // This submitter's share: an even split, the remainder to the first ones.
+                let share = a.tasks / submitters + usize::from(s < a.tasks % submitters);
+                let agent = ureq::AgentBuilder::new()
+                    .timeout(Duration::from_secs(300))
+                    .build();
+                scope.spawn(move || -> Result<()> {
+                    let mut left = share;
+                    while left > 0 {
+                        let n = left.min(batch);
+                        let specs: Vec<Value> = (0..n)
+                            .map(|i| match a.exec {
+                                true => json!({"kind": "exec", "payload": {"cmd": ["/bin/true"]}}),
+                                false => json!({"kind": "echo", "payload": i}),
+                            })
+                            .collect();
+                        if batch == 1 {
+                            let spec = specs.into_iter().next().unwrap_or(Value::Null);
+                            post_raw(&agent, &queen.url("/v1/tasks"), &spec.to_string())?;
+                        } else {
+                            let body = json!({ "tasks": specs }).to_string();
+                            post_raw(&agent, &queen.url("/v1/tasks/batch"), &body)?;
+                        }
+                        left -= n;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a submitter panicked"))?
+        })
+    })
 }
 
 /// The frame bodies one task of this bench exchanges with its drone, in `encoding`: the

@@ -41,15 +41,31 @@ struct Args {
     cache_mb: u64,
     #[arg(long, default_value_t = 1)]
     trials: u32,
+    /// Write each record's whole life instead of one insert: the submit's `a/` put, the
+    /// grant's `a/` put (in the next batch), and the finish (`a/` delete, `f/` put and a
+    /// `t/` retention entry, in the batch after), as the queen does for a task that runs
+    /// once; `records_per_s` then counts whole lives.
+    #[arg(long)]
+    lifecycle: bool,
+    /// sled's segment mode: `low-space` (sled's default, the queen's) or
+    /// `high-throughput`.
+    #[arg(long, default_value = "low-space")]
+    mode: String,
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
     for trial in 1..=a.trials {
         let dir = tempfile::tempdir()?;
+        let mode = match a.mode.as_str() {
+            "low-space" => sled::Mode::LowSpace,
+            "high-throughput" => sled::Mode::HighThroughput,
+            other => anyhow::bail!("--mode is low-space or high-throughput, not {other}"),
+        };
         let db = sled::Config::new()
             .path(dir.path().join("db"))
             .cache_capacity(a.cache_mb << 20)
+            .mode(mode)
             .open()
             .context("opening sled")?;
         let tree = db.open_tree("hive")?;
@@ -57,13 +73,38 @@ fn main() -> Result<()> {
         let start = Instant::now();
         let mut done = 0;
         let mut unflushed = 0;
-        while done < a.records {
+        // With --lifecycle: the ids submitted by the last batch (granted in this one) and
+        // granted by the last batch (finished in this one).
+        let (mut submitted, mut granted): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (vec![], vec![]);
+        while done < a.records || !submitted.is_empty() || !granted.is_empty() {
             let n = a.batch.max(1).min(a.records - done);
             let mut batch = sled::Batch::default();
+            let mut new = Vec::with_capacity(n);
             for _ in 0..n {
+                let id = uuid::Uuid::now_v7();
                 let mut key = b"a/".to_vec();
-                key.extend_from_slice(uuid::Uuid::now_v7().as_bytes());
-                batch.insert(key, value.clone());
+                key.extend_from_slice(id.as_bytes());
+                batch.insert(key.clone(), value.clone());
+                new.push(key);
+            }
+            if a.lifecycle {
+                for key in &submitted {
+                    batch.insert(key.clone(), value.clone());
+                }
+                for (i, key) in granted.iter().enumerate() {
+                    batch.remove(key.clone());
+                    let mut finished = b"f/".to_vec();
+                    finished.extend_from_slice(&key[2..]);
+                    batch.insert(finished, value.clone());
+                    let mut retention = b"t/".to_vec();
+                    retention.extend_from_slice(&(done as u64 + i as u64).to_be_bytes());
+                    retention.extend_from_slice(&key[2..]);
+                    batch.insert(
+                        retention,
+                        &b"{\"queue\":\"default\",\"state\":\"succeeded\"}"[..],
+                    );
+                }
+                granted = std::mem::replace(&mut submitted, new);
             }
             tree.apply_batch(batch)?;
             for _ in 0..a.reclaim_flushes {
@@ -71,7 +112,8 @@ fn main() -> Result<()> {
             }
             unflushed += 1;
             done += n;
-            if unflushed >= a.batches_per_flush.max(1) || done == a.records {
+            let last = done == a.records && submitted.is_empty() && granted.is_empty();
+            if unflushed >= a.batches_per_flush.max(1) || last {
                 db.flush()?;
                 unflushed = 0;
             }
@@ -84,7 +126,7 @@ fn main() -> Result<()> {
         println!(
             "{}",
             json!({"bench": "sled_alone", "trial": trial, "records": a.records,
-                   "batch": a.batch, "batches_per_flush": a.batches_per_flush, "reclaim_flushes": a.reclaim_flushes, "value_bytes": a.value_bytes, "cache_mb": a.cache_mb,
+                   "batch": a.batch, "batches_per_flush": a.batches_per_flush, "reclaim_flushes": a.reclaim_flushes, "value_bytes": a.value_bytes, "cache_mb": a.cache_mb, "lifecycle": a.lifecycle, "mode": a.mode,
                    "records_per_s": (a.records as f64 / took.as_secs_f64()).round(),
                    "rss_filled_mib": filled.0, "hwm_filled_mib": filled.1,
                    "rss_collected_mib": collected.0})
