@@ -215,12 +215,12 @@ impl Queen {
             stop.clone(),
             tracker.clone(),
         ));
-        let app = http::router(http::AppState {
+        let app = http::router(http::AppState::new(http::Shared {
             core: handle.clone(),
             reader: store.reader.clone(),
             cfg: cfg.clone(),
             metrics,
-        });
+        }));
         let http_task = tokio::spawn(net::serve_http(
             listeners.http,
             app,

@@ -93,12 +93,12 @@ impl Hive {
             .expect("join")
             .expect("queen opens");
         let core = queen.handle();
-        let app = queen::http::router(queen::http::AppState {
+        let app = queen::http::router(queen::http::AppState::new(queen::http::Shared {
             core: core.clone(),
             reader: queen.reader(),
             cfg: Arc::new(cfg),
             metrics: queen::metrics::Metrics::new(),
-        });
+        }));
         let drones_l = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
