@@ -448,3 +448,48 @@ async fn a_purge_sees_idempotency_keys_set_earlier_in_its_batch() {
     assert_eq!(store.reader.idempotent("own").expect("read"), None);
     close(store, w);
 }
+
+/// A group commit that comes down to one key is written without a sled batch (which would
+/// sync a batch manifest first): the key's last value in the group is what is stored, and
+/// it is as durable as a batch.
+#[tokio::test]
+async fn a_group_of_one_key_keeps_its_last_value_and_survives_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut granted, lone, mut gone) = (task(), task(), task());
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    commit(&w, vec![Mutation::save(&gone)])
+        .await
+        .expect("durable");
+    // A submit and its grant in one commit: one key written twice.
+    let submitted = granted.clone();
+    granted.state = TaskState::Running;
+    granted.attempts = 1;
+    commit(
+        &w,
+        vec![Mutation::save(&submitted), Mutation::save(&granted)],
+    )
+    .await
+    .expect("durable");
+    commit(&w, vec![Mutation::save(&lone)])
+        .await
+        .expect("durable");
+    // Several keys after single ones: a batch again.
+    gone.state = TaskState::Succeeded;
+    gone.finished_at = Some(Utc::now());
+    commit(&w, vec![Mutation::finish(&gone, 1)])
+        .await
+        .expect("durable");
+    close(store, w);
+
+    let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
+    let mut active = rec.active.collect().expect("scan");
+    active.sort_by_key(|t| t.id);
+    let mut want = vec![granted, lone];
+    want.sort_by_key(|t| t.id);
+    assert_eq!(
+        active, want,
+        "the grant's value won, the lone save is there"
+    );
+    assert_eq!(store.reader.finished(gone.id).expect("read"), Some(gone));
+    close(store, w);
+}
