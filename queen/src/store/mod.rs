@@ -2,12 +2,14 @@
 //! module turns them into keys, batches and flushes, so the engine could be swapped
 //! without touching the scheduler.
 //!
-//! Layout: one sled tree, `hive`, with key prefixes, so that every commit — however many
-//! tasks it touches — is one atomic `apply_batch`:
+//! Layout: one sled tree, `hive`, with key prefixes. Every group commit, however many
+//! tasks it touches, is atomic: one key is one insert, several go through the group
+//! journal ([`journal`]):
 //!
 //! | key                               | value                                  |
 //! |-----------------------------------|----------------------------------------|
 //! | `m/schema`                        | schema version, u32 big-endian         |
+//! | `m/group`                         | last journaled group whole in sled, u64 |
 //! | `a/<task id>`                     | active (non-terminal) task record      |
 //! | `f/<task id>`                     | finished task record                   |
 //! | `t/<finished ms BE><task id>`     | retention index entry (JSON)           |
@@ -19,11 +21,12 @@
 //! Active and finished tasks live apart, so a restart reads only active ones.
 //!
 //! Writes go through a two-stage writer (group commit). The writer thread drains every
-//! commit waiting in its channel and applies them to sled as one batch; the flusher thread
+//! commit waiting in its channel and writes them to sled as one atomic group; the flusher thread
 //! flushes everything applied so far (plus `syncfs` with `[storage] sync`), then runs those
 //! commits' continuations in order. The next batch is applied while the last one flushes.
 //! Nothing is acknowledged or sent to a drone before the write it depends on is durable.
 
+mod journal;
 pub mod pg;
 pub mod record;
 
@@ -43,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::task::Task;
 
 /// The storage schema this build writes. See `migrations-notes/`.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Commits queued for the writer before submitters wait: enough to keep a batch full
 /// while the previous one flushes, small enough to bound memory.
@@ -58,6 +61,8 @@ type Decoded = Result<Vec<record::Recovered>, StoreError>;
 pub const MAX_COMMITS_PER_BATCH: usize = 8_192;
 
 const SCHEMA_KEY: &[u8] = b"m/schema";
+/// The last group commit whose writes are all in sled (see [`journal`]).
+const GROUP_KEY: &[u8] = b"m/group";
 const ACTIVE: &[u8] = b"a/";
 const FINISHED: &[u8] = b"f/";
 const RETENTION: &[u8] = b"t/";
@@ -323,6 +328,8 @@ impl Store {
         })?;
         let tree = db.open_tree("hive")?;
         check_schema(&tree, &db_path, &dir.join(MARKER))?;
+        let last_group = finish_interrupted_group(&tree, dir)?;
+        let journal = journal::Journal::start(dir, opts.sync, last_group).map_err(io)?;
         let opened = opening.elapsed();
         let recovered = recover(&tree, &db_path)?;
         tracing::info!(
@@ -351,6 +358,9 @@ impl Store {
             sync_file,
             fatal,
             metrics: opts.metrics.clone(),
+            journal,
+            seq: last_group,
+            journal_durable: Arc::new(AtomicU64::new(last_group)),
         };
         let writer_thread = std::thread::Builder::new()
             .name("hive-store-writer".into())
@@ -458,6 +468,7 @@ pub fn migrate_to_postgres(
     let db = open_sled(&db_path, 64 * 1024 * 1024)?;
     let tree = db.open_tree("hive")?;
     check_schema_key(&tree, &db_path, true)?;
+    finish_interrupted_group(&tree, data_dir)?;
     pg::prepare(settings)?;
     let sources: Vec<(&'static [u8], &'static str)> = pg::TABLES.to_vec();
     pg::import(settings, &sources, |prefix, take| {
@@ -621,8 +632,11 @@ fn check_schema_key(tree: &sled::Tree, db_path: &Path, marked: bool) -> Result<(
                 // 1 → 2: task records are written in the compact v2 form from now on;
                 // v1 records are read as they are and rewritten as v2 when they next
                 // change. 2 → 3: a task with lost-lease evidence is written as a v3
-                // record (v2 plus `suspicion`); nothing existing is rewritten. Marking
-                // the database keeps an older queen, which cannot read v3, from opening it.
+                // record (v2 plus `suspicion`); nothing existing is rewritten. 3 → 4:
+                // groups of several keys go through the group journal (`journal`) instead
+                // of sled batches; nothing is rewritten. Marking the database keeps an
+                // older queen, which cannot read v3 or would not replay the journal after
+                // a crash, from opening it.
                 tracing::info!(
                     from = found,
                     to = SCHEMA_VERSION,
@@ -632,6 +646,57 @@ fn check_schema_key(tree: &sled::Tree, db_path: &Path, marked: bool) -> Result<(
                 tree.flush()?;
             }
             Ok(())
+        }
+    }
+}
+
+/// Completes the group commit a crash interrupted: applies every journal record newer
+/// than `m/group` (see [`journal`]), records the last one there and flushes. Returns the
+/// last group number, after which new groups are numbered. The journal files are left for
+/// [`journal::Journal::start`], which deletes them once this is durable.
+fn finish_interrupted_group(tree: &sled::Tree, data_dir: &Path) -> Result<u64, StoreError> {
+    let done = last_group(tree, data_dir)?;
+    let groups = journal::read(data_dir).map_err(|source| StoreError::Io {
+        path: data_dir.join(journal::DIR),
+        source,
+    })?;
+    let mut last = done;
+    let mut writes = 0;
+    for (seq, group) in groups {
+        if seq <= last {
+            continue;
+        }
+        for (k, v) in group {
+            match v {
+                Some(v) => tree.insert(k, v).map(drop),
+                None => tree.remove(k).map(drop),
+            }?;
+            writes += 1;
+        }
+        last = seq;
+    }
+    if last > done {
+        tree.insert(GROUP_KEY, &last.to_be_bytes())?;
+        tree.flush()?;
+        tracing::warn!(
+            groups = last - done,
+            writes,
+            "completed group commits a crash interrupted (none had been acknowledged)"
+        );
+    }
+    Ok(last)
+}
+
+/// `m/group`: 0 if no group of several keys was ever written.
+fn last_group(tree: &sled::Tree, data_dir: &Path) -> Result<u64, StoreError> {
+    match tree.get(GROUP_KEY)? {
+        None => Ok(0),
+        Some(raw) => {
+            let bytes: [u8; 8] = raw.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                path: data_dir.join("db"),
+                detail: "m/group is not 8 bytes".into(),
+            })?;
+            Ok(u64::from_be_bytes(bytes))
         }
     }
 }
@@ -1082,6 +1147,8 @@ impl StoreWriter {
 struct Applied {
     commits: Vec<Commit>,
     result: Result<(), CommitError>,
+    /// The last journaled group applied by then.
+    group: u64,
 }
 
 /// The second stage of the writer: makes applied commits durable and answers them.
@@ -1092,6 +1159,8 @@ struct Flusher {
     fatal: CancellationToken,
     metrics: crate::metrics::StoreMetrics,
     rx: std::sync::mpsc::Receiver<Applied>,
+    /// Told the last journaled group each flush made durable.
+    journal_durable: Arc<AtomicU64>,
 }
 
 impl Flusher {
@@ -1113,6 +1182,11 @@ impl Flusher {
                 .observe(started.elapsed().as_secs_f64());
             let count: usize = groups.iter().map(|g| g.commits.len()).sum();
             self.metrics.batch_commits.observe(count as f64);
+            if flushed.is_ok() {
+                if let Some(last) = groups.iter().map(|g| g.group).max() {
+                    self.journal_durable.fetch_max(last, Ordering::AcqRel);
+                }
+            }
             for group in groups {
                 let result = group.result.and(flushed.clone());
                 if let Err(err) = &result {
@@ -1162,6 +1236,11 @@ struct Writer {
     sync_file: Option<File>,
     fatal: CancellationToken,
     metrics: crate::metrics::StoreMetrics,
+    journal: journal::Journal,
+    /// The last group of several keys written (numbered from 1, across restarts).
+    seq: u64,
+    /// Every group up to this one is durable in sled (set by the flusher).
+    journal_durable: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -1178,6 +1257,7 @@ impl Writer {
             fatal: self.fatal.clone(),
             metrics: self.metrics.clone(),
             rx: applied_rx,
+            journal_durable: self.journal_durable.clone(),
         };
         let flusher = match std::thread::Builder::new()
             .name("hive-store-flush".into())
@@ -1205,7 +1285,15 @@ impl Writer {
             if let Err(err) = &result {
                 failed.get_or_insert_with(|| err.clone());
             }
-            if applied_tx.send(Applied { commits, result }).is_err() {
+            let group = self.seq;
+            if applied_tx
+                .send(Applied {
+                    commits,
+                    result,
+                    group,
+                })
+                .is_err()
+            {
                 break;
             }
         }
@@ -1213,82 +1301,79 @@ impl Writer {
         let _ = flusher.join();
     }
 
-    /// One sled batch for a group of commits (not yet durable).
-    fn apply_all(&self, commits: &mut [Commit]) -> Result<(), CommitError> {
-        // The group's final value per key (a later write to a key replaces an earlier one,
-        // as in a sled batch), in key order.
+    /// Applies a group of commits to sled, atomically (not yet durable).
+    fn apply_all(&mut self, commits: &mut [Commit]) -> Result<(), CommitError> {
+        // The group's final value per key (a later write to a key replaces an earlier
+        // one), in key order.
         let mut writes = KeyWrites::new();
-        // Idempotency keys set or dropped earlier in this batch (sled's batch cannot be
-        // read), so a conditional delete sees them as PostgreSQL's fold does.
-        let mut idem = std::collections::HashMap::new();
         let mut ops = 0;
         for commit in commits.iter_mut() {
             for m in commit.mutations.drain(..) {
                 ops += self
-                    .apply(&mut writes, &mut idem, m)
+                    .apply(&mut writes, m)
                     .map_err(|e| CommitError(e.to_string()))?;
             }
         }
-        let applied = if writes.len() == 1 {
-            // One key: sled writes it atomically on its own. A batch would first write
-            // and sync a batch manifest of its own (sled's `pin_log` seals a log buffer
-            // holding only that), so the flush would wait for two syncs instead of one;
-            // a lone submit (whose grant, if any, rewrites the same key) is the common
-            // case at low load, and this halves its syncs.
-            match writes.pop_first() {
-                Some((k, Some(v))) => self.tree.insert(k, v).map(drop),
-                Some((k, None)) => self.tree.remove(k).map(drop),
-                None => Ok(()),
-            }
-        } else {
-            let mut batch = sled::Batch::default();
-            for (k, v) in writes {
-                match v {
-                    Some(v) => batch.insert(k, v),
-                    None => batch.remove(k),
-                }
-            }
-            self.tree.apply_batch(batch)
-        }
-        .map_err(|e| CommitError(e.to_string()));
+        let (applied, extra) = self.write(writes);
+        ops += extra;
         reclaim(ops);
         applied
     }
 
-    fn apply(
-        &self,
-        writes: &mut KeyWrites,
-        idem: &mut std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>,
-        m: Mutation,
-    ) -> Result<usize, sled::Error> {
+    /// Writes a group's final values, atomically under a crash: one key is atomic by itself;
+    /// several go through the group journal ([`journal`]: the record, the writes, then
+    /// `m/group`), never through `apply_batch`, whose process-wide lock would wait for every
+    /// flush in progress. Returns the result and the key operations beyond the writes.
+    fn write(&mut self, mut writes: KeyWrites) -> (Result<(), CommitError>, usize) {
+        let tree = &self.tree;
+        let put = |k: Vec<u8>, v: Option<Vec<u8>>| match v {
+            Some(v) => tree.insert(k, v).map(drop),
+            None => tree.remove(k).map(drop),
+        };
+        if writes.len() <= 1 {
+            let result = match writes.pop_first() {
+                Some((k, v)) => put(k, v),
+                None => Ok(()),
+            };
+            return (result.map_err(|e| CommitError(e.to_string())), 0);
+        }
+        let seq = self.seq + 1;
+        let durable = self.journal_durable.load(Ordering::Acquire);
+        if let Err(e) = self.journal.append(seq, &writes, durable) {
+            return (Err(CommitError(format!("group journal: {e}"))), 0);
+        }
+        self.seq = seq;
+        let result = (|| {
+            for (k, v) in writes {
+                put(k, v)?;
+            }
+            tree.insert(GROUP_KEY, &seq.to_be_bytes()).map(drop)
+        })();
+        (result.map_err(|e| CommitError(e.to_string())), 1)
+    }
+
+    fn apply(&self, writes: &mut KeyWrites, m: Mutation) -> Result<usize, sled::Error> {
         let mut failed = None;
         let mut count = 0;
         ops(m, |op| match op {
             Op::Put(k, v) => {
                 count += 1;
-                if k.starts_with(IDEM) {
-                    idem.insert(k.clone(), Some(v.clone()));
-                }
                 writes.insert(k, Some(v));
             }
             Op::Del(k) => {
                 count += 1;
-                if k.starts_with(IDEM) {
-                    idem.insert(k.clone(), None);
-                }
                 writes.insert(k, None);
             }
             Op::DelIfEq(k, expected) => {
                 count += 1;
-                // The value as of this point in the batch; else the stored one (safe to
-                // read here: this thread is the only writer).
-                let current = match idem.get(&k) {
+                // The value as of this point in the group (as PostgreSQL's fold sees it);
+                // else the stored one (safe to read here: this thread is the only writer).
+                let current = match writes.get(&k) {
                     Some(pending) => Ok(pending.clone()),
                     None => self.tree.get(&k).map(|v| v.map(|v| v.to_vec())),
                 };
                 match current {
                     Ok(Some(v)) if v == expected => {
-                        idem.insert(k.clone(), None);
                         writes.insert(k, None);
                     }
                     Ok(_) => {}

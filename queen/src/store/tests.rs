@@ -493,3 +493,107 @@ async fn a_group_of_one_key_keeps_its_last_value_and_survives_reopen() {
     assert_eq!(store.reader.finished(gone.id).expect("read"), Some(gone));
     close(store, w);
 }
+
+/// The group's writes as the writer builds them.
+fn group_writes(mutations: Vec<Mutation>) -> KeyWrites {
+    let mut writes = KeyWrites::new();
+    for m in mutations {
+        ops(m, |op| match op {
+            Op::Put(k, v) => drop(writes.insert(k, Some(v))),
+            Op::Del(k) => drop(writes.insert(k, None)),
+            Op::DelIfEq(..) => unreachable!("not used by these mutations"),
+        });
+    }
+    writes
+}
+
+/// A crash in the middle of a group of several keys (here a finish: the active record
+/// removed, the finished record, its retention entry and the count not yet written) leaves
+/// the group in the journal; the next open completes it before reading anything.
+#[tokio::test]
+async fn a_group_cut_short_by_a_crash_is_completed_from_the_journal_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut done, other) = (task(), task());
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    commit(&w, vec![Mutation::save(&done), Mutation::save(&other)])
+        .await
+        .expect("durable");
+    close(store, w);
+
+    // What the writer does for the next group, cut after its first write.
+    done.state = TaskState::Succeeded;
+    done.finished_at = Some(Utc::now());
+    let writes = group_writes(vec![Mutation::finish(&done, 1)]);
+    assert!(writes.len() >= 3, "a finish writes several keys");
+    {
+        let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
+        let tree = db.open_tree("hive").expect("tree");
+        let before = last_group(&tree, dir.path()).expect("m/group");
+        let mut journal = journal::Journal::start(dir.path(), false, before).expect("journal");
+        journal.append(before + 1, &writes, before).expect("append");
+        let (k, v) = writes.iter().next().expect("a write");
+        match v {
+            Some(v) => drop(tree.insert(k.clone(), v.clone()).expect("insert")),
+            None => drop(tree.remove(k.clone()).expect("remove")),
+        }
+        db.flush().expect("flush");
+    }
+
+    let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
+    assert_eq!(
+        rec.active.collect().expect("scan"),
+        vec![other],
+        "the finished task left the active ones"
+    );
+    assert_eq!(store.reader.finished(done.id).expect("read"), Some(done));
+    assert_eq!(
+        rec.finished_counts,
+        vec![(("default".to_string(), TaskState::Succeeded), 1)]
+    );
+    assert!(
+        journal::read(dir.path()).expect("journal").is_empty(),
+        "the replayed journal is gone"
+    );
+    close(store, w);
+}
+
+/// A journal record of a group that is already whole in sled is not applied again: a
+/// later write of one of its keys (a single-key group, which has no record) would be
+/// undone.
+#[tokio::test]
+async fn a_group_already_whole_is_not_replayed_over_later_writes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut first, second) = (task(), task());
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    close(store, w);
+
+    first.attempts = 0;
+    let writes = group_writes(vec![Mutation::save(&first), Mutation::save(&second)]);
+    let mut later = first.clone();
+    later.priority = 7;
+    {
+        let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
+        let tree = db.open_tree("hive").expect("tree");
+        let mut journal = journal::Journal::start(dir.path(), false, 0).expect("journal");
+        journal.append(1, &writes, 0).expect("append");
+        for (k, v) in writes.clone() {
+            tree.insert(k, v.expect("puts")).expect("insert");
+        }
+        tree.insert(GROUP_KEY, &1u64.to_be_bytes())
+            .expect("m/group");
+        // The next group: one key, so no journal record.
+        let (k, v) = group_writes(vec![Mutation::save(&later)])
+            .pop_first()
+            .expect("one write");
+        tree.insert(k, v.expect("a put")).expect("insert");
+        db.flush().expect("flush");
+    }
+
+    let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
+    let mut active = rec.active.collect().expect("scan");
+    active.sort_by_key(|t| t.id);
+    let mut want = vec![later, second];
+    want.sort_by_key(|t| t.id);
+    assert_eq!(active, want, "the later write stands");
+    close(store, w);
+}
