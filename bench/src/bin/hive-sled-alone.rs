@@ -51,6 +51,11 @@ struct Args {
     /// `high-throughput`.
     #[arg(long, default_value = "low-space")]
     mode: String,
+    /// Write each batch's keys as plain inserts and removes instead of one
+    /// `apply_batch` (the queen's store since schema 4, which keeps groups atomic with a
+    /// journal of its own).
+    #[arg(long)]
+    plain: bool,
 }
 
 fn main() -> Result<()> {
@@ -79,23 +84,28 @@ fn main() -> Result<()> {
         while done < a.records || !submitted.is_empty() || !granted.is_empty() {
             let n = a.batch.max(1).min(a.records - done);
             let mut batch = sled::Batch::default();
+            let mut plain: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
             let mut new = Vec::with_capacity(n);
             for _ in 0..n {
                 let id = uuid::Uuid::now_v7();
                 let mut key = b"a/".to_vec();
                 key.extend_from_slice(id.as_bytes());
                 batch.insert(key.clone(), value.clone());
+                plain.push((key.clone(), Some(value.clone())));
                 new.push(key);
             }
             if a.lifecycle {
                 for key in &submitted {
                     batch.insert(key.clone(), value.clone());
+                    plain.push((key.clone(), Some(value.clone())));
                 }
                 for (i, key) in granted.iter().enumerate() {
                     batch.remove(key.clone());
+                    plain.push((key.clone(), None));
                     let mut finished = b"f/".to_vec();
                     finished.extend_from_slice(&key[2..]);
-                    batch.insert(finished, value.clone());
+                    batch.insert(finished.clone(), value.clone());
+                    plain.push((finished, Some(value.clone())));
                     let mut retention = b"t/".to_vec();
                     retention.extend_from_slice(&(done as u64 + i as u64).to_be_bytes());
                     retention.extend_from_slice(&key[2..]);
@@ -106,7 +116,16 @@ fn main() -> Result<()> {
                 }
                 granted = std::mem::replace(&mut submitted, new);
             }
-            tree.apply_batch(batch)?;
+            if a.plain {
+                for (k, v) in plain {
+                    match v {
+                        Some(v) => drop(tree.insert(k, v)?),
+                        None => drop(tree.remove(k)?),
+                    }
+                }
+            } else {
+                tree.apply_batch(batch)?;
+            }
             for _ in 0..a.reclaim_flushes {
                 crossbeam_epoch::pin().flush();
             }
@@ -119,6 +138,7 @@ fn main() -> Result<()> {
             }
         }
         let took = start.elapsed();
+        let file_mib = std::fs::metadata(dir.path().join("db").join("db"))?.len() >> 20;
         let filled = memory()?;
         // SAFETY: only returns free memory to the OS; takes no pointers.
         unsafe { libmimalloc_sys::mi_collect(true) };
@@ -126,7 +146,7 @@ fn main() -> Result<()> {
         println!(
             "{}",
             json!({"bench": "sled_alone", "trial": trial, "records": a.records,
-                   "batch": a.batch, "batches_per_flush": a.batches_per_flush, "reclaim_flushes": a.reclaim_flushes, "value_bytes": a.value_bytes, "cache_mb": a.cache_mb, "lifecycle": a.lifecycle, "mode": a.mode,
+                   "batch": a.batch, "batches_per_flush": a.batches_per_flush, "reclaim_flushes": a.reclaim_flushes, "value_bytes": a.value_bytes, "cache_mb": a.cache_mb, "lifecycle": a.lifecycle, "mode": a.mode, "plain": a.plain, "file_mib": file_mib,
                    "records_per_s": (a.records as f64 / took.as_secs_f64()).round(),
                    "rss_filled_mib": filled.0, "hwm_filled_mib": filled.1,
                    "rss_collected_mib": collected.0})
