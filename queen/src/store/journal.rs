@@ -12,25 +12,37 @@
 //! neither.
 //!
 //! **How.** A group of several keys is written as: one record appended to the journal
-//! file (the group's sequence number and its final writes, checksummed), then each write
-//! as a plain sled insert or remove, then `m/group` = the sequence number. sled recovers a
-//! prefix of its log (it stops at the first missing or torn message), and one thread
-//! issues these operations in this order, so after a crash the recovered `m/group` names
-//! the last group whose writes are all there, and a group after it may be partly there,
-//! with nothing written after that. [`replay`] applies every journal record newer than
-//! `m/group`, in order, which completes the partial group; a group after it was not in
-//! sled at all, and applying it is as if the queen had crashed just after its flush
-//! (it was never acknowledged: the flush comes later). A group of one key needs no
-//! journal (a single insert is atomic).
+//! file (the group's sequence number and its final writes, checksummed); `m/group` =
+//! (number, begun); each write as a plain sled insert or remove; `m/group` = (number,
+//! done). One thread issues these in this order, and sled recovers a prefix of its log (it
+//! stops at the first missing or torn message), so after a crash the recovered `m/group`
+//! tells which case holds:
+//!
+//! * (N, done), or no marker: every group up to N is whole and nothing of a later one is
+//!   in sled; a journal record of a later group (the file write survives a killed process
+//!   even when sled's buffer holding the group's first writes did not) is ignored: that
+//!   group never reached sled and was never acknowledged;
+//! * (N, begun): group N's writes may be partly there and nothing after them is. The
+//!   record of N (written before the marker, so present) is applied again, each write
+//!   setting its key to its final value in the group, and N marked done.
+//!
+//! A group of one key needs no journal: a single insert is atomic.
 //!
 //! **Durability is unchanged:** nothing is acknowledged before the flusher's sled flush,
 //! as before; the journal only makes a group all-or-nothing. With `[storage] sync =
 //! false` a record is written but not synced (a killed process cannot lose what it
 //! wrote); with `sync = true` it is synced before the group touches sled, so a group
-//! stays whole through power loss as well.
+//! stays whole through power loss as well. A commit answered with a store error (the
+//! queen then stops) may be found applied after the restart: it was never acknowledged.
+//!
+//! **Readers** on the same tree may see a group half-written, as they could see one
+//! applied but not yet durable before: the core never decides on such a read (a task it
+//! reads back is one whose last change is durable, and it keeps recent changes in memory
+//! until they are).
 //!
 //! **Files.** `data_dir/journal/<first sequence>.log`, a new one every [`ROTATE_BYTES`];
-//! a file is deleted once a flush has made every group in it durable in sled. After
+//! a file is deleted once a flush has made every group in it durable in sled (a file that
+//! cannot be deleted is left: only the record of a begun group is ever read). After
 //! replaying, the start removes them all.
 
 use std::fs::{File, OpenOptions};
@@ -95,10 +107,11 @@ impl Journal {
     ) -> std::io::Result<()> {
         let mut kept = Vec::with_capacity(self.older.len());
         for (path, last) in std::mem::take(&mut self.older) {
-            if last <= durable {
-                std::fs::remove_file(&path)?;
-            } else {
+            if last > durable {
                 kept.push((path, last));
+            } else if let Err(e) = std::fs::remove_file(&path) {
+                // Harmless to leave (see the module docs); the next start removes it.
+                tracing::warn!(file = %path.display(), error = %e, "cannot delete a group journal file whose groups are durable; left in place");
             }
         }
         self.older = kept;

@@ -9,7 +9,7 @@
 //! | key                               | value                                  |
 //! |-----------------------------------|----------------------------------------|
 //! | `m/schema`                        | schema version, u32 big-endian         |
-//! | `m/group`                         | last journaled group whole in sled, u64 |
+//! | `m/group`                         | last journaled group, begun or done     |
 //! | `a/<task id>`                     | active (non-terminal) task record      |
 //! | `f/<task id>`                     | finished task record                   |
 //! | `t/<finished ms BE><task id>`     | retention index entry (JSON)           |
@@ -61,7 +61,7 @@ type Decoded = Result<Vec<record::Recovered>, StoreError>;
 pub const MAX_COMMITS_PER_BATCH: usize = 8_192;
 
 const SCHEMA_KEY: &[u8] = b"m/schema";
-/// The last group commit whose writes are all in sled (see [`journal`]).
+/// The last group commit of several keys, begun or done (see [`journal`] and [`Marker`]).
 const GROUP_KEY: &[u8] = b"m/group";
 const ACTIVE: &[u8] = b"a/";
 const FINISHED: &[u8] = b"f/";
@@ -328,7 +328,7 @@ impl Store {
         })?;
         let tree = db.open_tree("hive")?;
         check_schema(&tree, &db_path, &dir.join(MARKER))?;
-        let last_group = finish_interrupted_group(&tree, dir)?;
+        let last_group = finish_interrupted_group(&tree, dir, opts.sync)?;
         let journal = journal::Journal::start(dir, opts.sync, last_group).map_err(io)?;
         let opened = opening.elapsed();
         let recovered = recover(&tree, &db_path)?;
@@ -468,7 +468,7 @@ pub fn migrate_to_postgres(
     let db = open_sled(&db_path, 64 * 1024 * 1024)?;
     let tree = db.open_tree("hive")?;
     check_schema_key(&tree, &db_path, true)?;
-    finish_interrupted_group(&tree, data_dir)?;
+    finish_interrupted_group(&tree, data_dir, false)?;
     pg::prepare(settings)?;
     let sources: Vec<(&'static [u8], &'static str)> = pg::TABLES.to_vec();
     pg::import(settings, &sources, |prefix, take| {
@@ -650,54 +650,102 @@ fn check_schema_key(tree: &sled::Tree, db_path: &Path, marked: bool) -> Result<(
     }
 }
 
-/// Completes the group commit a crash interrupted: applies every journal record newer
-/// than `m/group` (see [`journal`]), records the last one there and flushes. Returns the
-/// last group number, after which new groups are numbered. The journal files are left for
-/// [`journal::Journal::start`], which deletes them once this is durable.
-fn finish_interrupted_group(tree: &sled::Tree, data_dir: &Path) -> Result<u64, StoreError> {
-    let done = last_group(tree, data_dir)?;
-    let groups = journal::read(data_dir).map_err(|source| StoreError::Io {
-        path: data_dir.join(journal::DIR),
-        source,
-    })?;
-    let mut last = done;
-    let mut writes = 0;
-    for (seq, group) in groups {
-        if seq <= last {
-            continue;
-        }
-        for (k, v) in group {
+/// Completes the group commit a crash interrupted (see [`journal`]): if `m/group` says a
+/// group was begun and not done, its journal record is applied again and the group marked
+/// done. Then sled is flushed (and, with `sync`, the file system synced), so that
+/// [`journal::Journal::start`] may delete the journal. Returns the last group's number,
+/// after which new groups are numbered.
+fn finish_interrupted_group(
+    tree: &sled::Tree,
+    data_dir: &Path,
+    sync: bool,
+) -> Result<u64, StoreError> {
+    let marker = group_marker(tree, data_dir)?;
+    if let Some(Marker::Begun(seq)) = marker {
+        let group = journal::read(data_dir)
+            .map_err(|source| StoreError::Io {
+                path: data_dir.join(journal::DIR),
+                source,
+            })?
+            .into_iter()
+            .find(|(s, _)| *s == seq)
+            .ok_or_else(|| StoreError::Corrupt {
+                path: data_dir.join(journal::DIR),
+                detail: format!(
+                    "group commit {seq} was begun but the group journal has no record of it"
+                ),
+            })?;
+        let writes = group.1.len();
+        for (k, v) in group.1 {
             match v {
                 Some(v) => tree.insert(k, v).map(drop),
                 None => tree.remove(k).map(drop),
             }?;
-            writes += 1;
         }
-        last = seq;
-    }
-    if last > done {
-        tree.insert(GROUP_KEY, &last.to_be_bytes())?;
-        tree.flush()?;
+        tree.insert(GROUP_KEY, &Marker::Done(seq).encode())?;
         tracing::warn!(
-            groups = last - done,
+            group = seq,
             writes,
-            "completed group commits a crash interrupted (none had been acknowledged)"
+            "completed a group commit a crash interrupted (it had not been acknowledged)"
         );
     }
-    Ok(last)
+    tree.flush()?;
+    if sync {
+        let db = data_dir.join("db").join("db");
+        let io = |source| StoreError::Io {
+            path: db.clone(),
+            source,
+        };
+        let file = File::open(&db).map_err(io)?;
+        // SAFETY: syncfs on a descriptor we own.
+        if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(marker.map_or(0, |m| m.seq()))
 }
 
-/// `m/group`: 0 if no group of several keys was ever written.
-fn last_group(tree: &sled::Tree, data_dir: &Path) -> Result<u64, StoreError> {
-    match tree.get(GROUP_KEY)? {
-        None => Ok(0),
-        Some(raw) => {
-            let bytes: [u8; 8] = raw.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-                path: data_dir.join("db"),
-                detail: "m/group is not 8 bytes".into(),
-            })?;
-            Ok(u64::from_be_bytes(bytes))
+/// `m/group`: the last group commit of several keys, begun (its writes may be partly in
+/// sled) or done (all of them are). Written before and after the group's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    Begun(u64),
+    Done(u64),
+}
+
+impl Marker {
+    fn seq(self) -> u64 {
+        match self {
+            Marker::Begun(s) | Marker::Done(s) => s,
         }
+    }
+
+    /// The group's number (u64 big-endian), then 0 (begun) or 1 (done).
+    fn encode(self) -> [u8; 9] {
+        let mut out = [0u8; 9];
+        out[..8].copy_from_slice(&self.seq().to_be_bytes());
+        out[8] = u8::from(matches!(self, Marker::Done(_)));
+        out
+    }
+}
+
+/// `m/group`, if a group of several keys was ever written.
+fn group_marker(tree: &sled::Tree, data_dir: &Path) -> Result<Option<Marker>, StoreError> {
+    let Some(raw) = tree.get(GROUP_KEY)? else {
+        return Ok(None);
+    };
+    let corrupt = || StoreError::Corrupt {
+        path: data_dir.join("db"),
+        detail: format!("m/group is not a group marker: {:?}", raw.as_ref()),
+    };
+    let bytes: [u8; 9] = raw.as_ref().try_into().map_err(|_| corrupt())?;
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&bytes[..8]);
+    let seq = u64::from_be_bytes(seq);
+    match bytes[8] {
+        0 => Ok(Some(Marker::Begun(seq))),
+        1 => Ok(Some(Marker::Done(seq))),
+        _ => Err(corrupt()),
     }
 }
 
@@ -1321,8 +1369,8 @@ impl Writer {
     }
 
     /// Writes a group's final values, atomically under a crash: one key is atomic by itself;
-    /// several go through the group journal ([`journal`]: the record, the writes, then
-    /// `m/group`), never through `apply_batch`, whose process-wide lock would wait for every
+    /// several go through the group journal ([`journal`]: the record, `m/group` begun, the
+    /// writes, `m/group` done), never through `apply_batch`, whose process-wide lock would wait for every
     /// flush in progress. Returns the result and the key operations beyond the writes.
     fn write(&mut self, mut writes: KeyWrites) -> (Result<(), CommitError>, usize) {
         let tree = &self.tree;
@@ -1344,12 +1392,14 @@ impl Writer {
         }
         self.seq = seq;
         let result = (|| {
+            tree.insert(GROUP_KEY, &Marker::Begun(seq).encode())?;
             for (k, v) in writes {
                 put(k, v)?;
             }
-            tree.insert(GROUP_KEY, &seq.to_be_bytes()).map(drop)
+            tree.insert(GROUP_KEY, &Marker::Done(seq).encode())
+                .map(drop)
         })();
-        (result.map_err(|e| CommitError(e.to_string())), 1)
+        (result.map_err(|e| CommitError(e.to_string())), 2)
     }
 
     fn apply(&self, writes: &mut KeyWrites, m: Mutation) -> Result<usize, sled::Error> {

@@ -139,7 +139,7 @@ async fn a_schema_2_database_is_upgraded_and_takes_v3_records() {
         .get(SCHEMA_KEY)
         .expect("get")
         .expect("set");
-    assert_eq!(schema.as_ref(), &3u32.to_be_bytes());
+    assert_eq!(schema.as_ref(), &SCHEMA_VERSION.to_be_bytes());
     t.lost = 1;
     t.suspicion = Some(Box::new(shared::api::Suspicion {
         suspect_since: None,
@@ -509,7 +509,8 @@ fn group_writes(mutations: Vec<Mutation>) -> KeyWrites {
 
 /// A crash in the middle of a group of several keys (here a finish: the active record
 /// removed, the finished record, its retention entry and the count not yet written) leaves
-/// the group in the journal; the next open completes it before reading anything.
+/// `m/group` begun; the next open applies the group's journal record before reading
+/// anything.
 #[tokio::test]
 async fn a_group_cut_short_by_a_crash_is_completed_from_the_journal_at_open() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -528,9 +529,12 @@ async fn a_group_cut_short_by_a_crash_is_completed_from_the_journal_at_open() {
     {
         let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
         let tree = db.open_tree("hive").expect("tree");
-        let before = last_group(&tree, dir.path()).expect("m/group");
-        let mut journal = journal::Journal::start(dir.path(), false, before).expect("journal");
-        journal.append(before + 1, &writes, before).expect("append");
+        let before = group_marker(&tree, dir.path()).expect("m/group");
+        assert_eq!(before, Some(Marker::Done(1)), "the first group is done");
+        let mut journal = journal::Journal::start(dir.path(), false, 1).expect("journal");
+        journal.append(2, &writes, 1).expect("append");
+        tree.insert(GROUP_KEY, &Marker::Begun(2).encode())
+            .expect("begun");
         let (k, v) = writes.iter().next().expect("a write");
         match v {
             Some(v) => drop(tree.insert(k.clone(), v.clone()).expect("insert")),
@@ -550,24 +554,36 @@ async fn a_group_cut_short_by_a_crash_is_completed_from_the_journal_at_open() {
         rec.finished_counts,
         vec![(("default".to_string(), TaskState::Succeeded), 1)]
     );
+    let tree = store.reader.tree().clone();
+    assert_eq!(
+        group_marker(&tree, dir.path()).expect("m/group"),
+        Some(Marker::Done(2))
+    );
     assert!(
         journal::read(dir.path()).expect("journal").is_empty(),
         "the replayed journal is gone"
     );
+    // New groups are numbered on from there.
+    let third = task();
+    commit(&w, vec![Mutation::save(&third), Mutation::save(&task())])
+        .await
+        .expect("durable");
+    assert_eq!(
+        group_marker(&tree, dir.path()).expect("m/group"),
+        Some(Marker::Done(3))
+    );
     close(store, w);
 }
 
-/// A journal record of a group that is already whole in sled is not applied again: a
-/// later write of one of its keys (a single-key group, which has no record) would be
-/// undone.
+/// The journal record of a group that is done is not applied again: a later write of one
+/// of its keys (a single-key group, which has no record) would be undone.
 #[tokio::test]
 async fn a_group_already_whole_is_not_replayed_over_later_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut first, second) = (task(), task());
+    let (first, second) = (task(), task());
     let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
     close(store, w);
 
-    first.attempts = 0;
     let writes = group_writes(vec![Mutation::save(&first), Mutation::save(&second)]);
     let mut later = first.clone();
     later.priority = 7;
@@ -576,11 +592,13 @@ async fn a_group_already_whole_is_not_replayed_over_later_writes() {
         let tree = db.open_tree("hive").expect("tree");
         let mut journal = journal::Journal::start(dir.path(), false, 0).expect("journal");
         journal.append(1, &writes, 0).expect("append");
+        tree.insert(GROUP_KEY, &Marker::Begun(1).encode())
+            .expect("begun");
         for (k, v) in writes.clone() {
             tree.insert(k, v.expect("puts")).expect("insert");
         }
-        tree.insert(GROUP_KEY, &1u64.to_be_bytes())
-            .expect("m/group");
+        tree.insert(GROUP_KEY, &Marker::Done(1).encode())
+            .expect("done");
         // The next group: one key, so no journal record.
         let (k, v) = group_writes(vec![Mutation::save(&later)])
             .pop_first()
@@ -595,5 +613,48 @@ async fn a_group_already_whole_is_not_replayed_over_later_writes() {
     let mut want = vec![later, second];
     want.sort_by_key(|t| t.id);
     assert_eq!(active, want, "the later write stands");
+    close(store, w);
+}
+
+/// A killed queen's journal file can be ahead of sled: the record of a group whose first
+/// writes were still in sled's memory survives the kill. That group never reached sled
+/// (nor was it acknowledged), and what came before it may be missing too: it is not
+/// applied.
+#[tokio::test]
+async fn a_journal_record_of_a_group_sled_never_saw_is_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kept = task();
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    commit(&w, vec![Mutation::save(&kept), Mutation::save(&task())])
+        .await
+        .expect("durable");
+    close(store, w);
+
+    let mut gone = kept.clone();
+    gone.state = TaskState::Cancelled;
+    gone.finished_at = Some(Utc::now());
+    {
+        let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
+        let tree = db.open_tree("hive").expect("tree");
+        assert_eq!(
+            group_marker(&tree, dir.path()).expect("m/group"),
+            Some(Marker::Done(1))
+        );
+        let mut journal = journal::Journal::start(dir.path(), false, 1).expect("journal");
+        journal
+            .append(2, &group_writes(vec![Mutation::finish(&gone, 1)]), 1)
+            .expect("append");
+    }
+
+    let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
+    assert!(
+        rec.active
+            .collect()
+            .expect("scan")
+            .iter()
+            .any(|t| t == &kept),
+        "the task is as sled last had it"
+    );
+    assert_eq!(store.reader.finished(kept.id).expect("read"), None);
     close(store, w);
 }
