@@ -1230,6 +1230,8 @@ impl Flusher {
                 .observe(started.elapsed().as_secs_f64());
             let count: usize = groups.iter().map(|g| g.commits.len()).sum();
             self.metrics.batch_commits.observe(count as f64);
+            // Even a group that failed counts: after a failure the writer writes (and so
+            // deletes journal files) no more, and the queen stops.
             if flushed.is_ok() {
                 if let Some(last) = groups.iter().map(|g| g.group).max() {
                     self.journal_durable.fetch_max(last, Ordering::AcqRel);
@@ -1368,10 +1370,11 @@ impl Writer {
         applied
     }
 
-    /// Writes a group's final values, atomically under a crash: one key is atomic by itself;
-    /// several go through the group journal ([`journal`]: the record, `m/group` begun, the
-    /// writes, `m/group` done), never through `apply_batch`, whose process-wide lock would wait for every
-    /// flush in progress. Returns the result and the key operations beyond the writes.
+    /// Writes a group's final values, atomically under a crash: one key is atomic by
+    /// itself; several go through the group journal ([`journal`]: the record, `m/group`
+    /// begun, the writes, `m/group` done), never through `apply_batch`, whose
+    /// process-wide lock would wait for every flush in progress. Returns the result and
+    /// the key operations beyond the writes.
     fn write(&mut self, mut writes: KeyWrites) -> (Result<(), CommitError>, usize) {
         let tree = &self.tree;
         let put = |k: Vec<u8>, v: Option<Vec<u8>>| match v {
@@ -1441,16 +1444,15 @@ type KeyWrites = std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 /// Key operations per extra pin of sled's garbage collector in [`reclaim`].
 const OPS_PER_RECLAIM: usize = 10;
 
-/// Frees the garbage a sled batch left behind. sled 0.34 applies a whole batch under one
-/// epoch guard of `crossbeam-epoch`, and every insert copies the leaf it changes; the old
-/// copies can only be freed once that guard is gone, and the collector frees only a few
-/// bags of them per later pin. After a burst of large batches (a fill with 5,000-task
-/// submits) the garbage outgrew what was freed and stayed resident: sled alone
-/// (`hive-sled-alone`, 1M records in 5,000-record batches) held 800–1,050 MiB, and 220 MiB
-/// with one extra pin and flush per 50 operations, which also made it faster; the queen
-/// after a 1M burst went from 594–1,555 MiB to 464–550 MiB (docs/performance.md). Each
-/// pin and flush collects some of the global garbage; with nothing to collect it costs
-/// well under a microsecond.
+/// Frees garbage sled's copy-on-write left behind. Every insert copies the leaf it changes,
+/// and the old copies are freed by `crossbeam-epoch`'s collector, a few bags per later
+/// pin. When the store applied groups as sled batches (schema 3), a whole batch ran under
+/// one guard and after a burst the garbage outgrew what was freed: sled alone
+/// (`hive-sled-alone`, 1M records in 5,000-record batches) held 800–1,050 MiB, 220 MiB
+/// with these extra pins. With plain inserts (schema 4) each insert pins on its own and
+/// sled alone holds ~190 MiB either way (`--plain`), but the pins still pay a little
+/// (161,654 → 175,684 records/s). Each pin and flush collects some of the global garbage;
+/// with nothing to collect it costs well under a microsecond.
 fn reclaim(ops: usize) {
     for _ in 0..=ops / OPS_PER_RECLAIM {
         crossbeam_epoch::pin().flush();
