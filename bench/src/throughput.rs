@@ -119,16 +119,14 @@ fn submit_all(queen: &crate::hive::Queen, a: &Args) -> Result<()> {
                     let mut left = share;
                     while left > 0 {
                         let n = left.min(batch);
-                        let specs: Vec<Value> = (0..n)
-                            .map(|i| match a.exec {
-                                true => json!({"kind": "exec", "payload": {"cmd": ["/bin/true"]}}),
-                                false => json!({"kind": "echo", "payload": i}),
-                            })
-                            .collect();
+                        let spec = |i: usize| match a.exec {
+                            true => json!({"kind": "exec", "payload": {"cmd": ["/bin/true"]}}),
+                            false => json!({"kind": "echo", "payload": i}),
+                        };
                         if batch == 1 {
-                            let spec = specs.into_iter().next().unwrap_or(Value::Null);
-                            post_raw(&agent, &queen.url("/v1/tasks"), &spec.to_string())?;
+                            post_raw(&agent, &queen.url("/v1/tasks"), &spec(0).to_string())?;
                         } else {
+                            let specs: Vec<Value> = (0..n).map(spec).collect();
                             let body = json!({ "tasks": specs }).to_string();
                             post_raw(&agent, &queen.url("/v1/tasks/batch"), &body)?;
                         }

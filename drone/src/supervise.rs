@@ -647,6 +647,15 @@ impl Prepared {
     }
 }
 
+/// The pointers of `strings` followed by a null, as `execve` takes them.
+fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
 fn errno() -> i32 {
     io::Error::last_os_error()
         .raw_os_error()
@@ -673,18 +682,8 @@ fn exec_child(
             libc::_exit(127)
         }
     };
-    let argv: Vec<*const libc::c_char> = prepared
-        .argv
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
-    let envp: Vec<*const libc::c_char> = prepared
-        .env
-        .iter()
-        .map(|v| v.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
+    let argv = null_terminated(&prepared.argv);
+    let envp = null_terminated(&prepared.env);
     // SAFETY: plain system calls on valid arguments; the pointers in `argv` and `envp`
     // point into `prepared`, alive until exec replaces the process.
     unsafe {

@@ -677,10 +677,7 @@ fn finish_interrupted_group(
             })?;
         let writes = group.1.len();
         for (k, v) in group.1 {
-            match v {
-                Some(v) => tree.insert(k, v).map(drop),
-                None => tree.remove(k).map(drop),
-            }?;
+            write_key(tree, k, v)?;
         }
         tree.insert(GROUP_KEY, &Marker::Done(seq).encode())?;
         tracing::warn!(
@@ -1377,13 +1374,9 @@ impl Writer {
     /// the key operations beyond the writes.
     fn write(&mut self, mut writes: KeyWrites) -> (Result<(), CommitError>, usize) {
         let tree = &self.tree;
-        let put = |k: Vec<u8>, v: Option<Vec<u8>>| match v {
-            Some(v) => tree.insert(k, v).map(drop),
-            None => tree.remove(k).map(drop),
-        };
         if writes.len() <= 1 {
             let result = match writes.pop_first() {
-                Some((k, v)) => put(k, v),
+                Some((k, v)) => write_key(tree, k, v),
                 None => Ok(()),
             };
             return (result.map_err(|e| CommitError(e.to_string())), 0);
@@ -1397,7 +1390,7 @@ impl Writer {
         let result = (|| {
             tree.insert(GROUP_KEY, &Marker::Begun(seq).encode())?;
             for (k, v) in writes {
-                put(k, v)?;
+                write_key(tree, k, v)?;
             }
             tree.insert(GROUP_KEY, &Marker::Done(seq).encode())
                 .map(drop)
@@ -1440,6 +1433,14 @@ impl Writer {
 
 /// A group commit's writes: each key's final value (`None`: deleted), in key order.
 type KeyWrites = std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Sets `k` to its final value in a group: a put, or a removal for `None`.
+fn write_key(tree: &sled::Tree, k: Vec<u8>, v: Option<Vec<u8>>) -> Result<(), sled::Error> {
+    match v {
+        Some(v) => tree.insert(k, v).map(drop),
+        None => tree.remove(k).map(drop),
+    }
+}
 
 /// Key operations per extra pin of sled's garbage collector in [`reclaim`].
 const OPS_PER_RECLAIM: usize = 10;

@@ -536,10 +536,7 @@ async fn a_group_cut_short_by_a_crash_is_completed_from_the_journal_at_open() {
         tree.insert(GROUP_KEY, &Marker::Begun(2).encode())
             .expect("begun");
         let (k, v) = writes.iter().next().expect("a write");
-        match v {
-            Some(v) => drop(tree.insert(k.clone(), v.clone()).expect("insert")),
-            None => drop(tree.remove(k.clone()).expect("remove")),
-        }
+        write_key(&tree, k.clone(), v.clone()).expect("the first write");
         db.flush().expect("flush");
     }
 
