@@ -3,13 +3,12 @@
 //! without touching the scheduler.
 //!
 //! Layout: one sled tree, `hive`, with key prefixes. Every group commit, however many
-//! tasks it touches, is atomic: one key is one insert, several go through the group
-//! journal ([`journal`]):
+//! tasks it touches, is durable and atomic through the write-ahead journal ([`journal`]):
 //!
 //! | key                               | value                                  |
 //! |-----------------------------------|----------------------------------------|
 //! | `m/schema`                        | schema version, u32 big-endian         |
-//! | `m/group`                         | last journaled group, begun or done     |
+//! | `m/ckpt`                          | last journal group checkpointed in sled |
 //! | `a/<task id>`                     | active (non-terminal) task record      |
 //! | `f/<task id>`                     | finished task record                   |
 //! | `t/<finished ms BE><task id>`     | retention index entry (JSON)           |
@@ -21,10 +20,11 @@
 //! Active and finished tasks live apart, so a restart reads only active ones.
 //!
 //! Writes go through a two-stage writer (group commit). The writer thread drains every
-//! commit waiting in its channel and writes them to sled as one atomic group; the flusher thread
-//! flushes everything applied so far (plus `syncfs` with `[storage] sync`), then runs those
-//! commits' continuations in order. The next batch is applied while the last one flushes.
-//! Nothing is acknowledged or sent to a drone before the write it depends on is durable.
+//! commit waiting in its channel, appends the group's record to the journal and writes it
+//! to sled; the flusher thread syncs the journal up to there, then runs those commits'
+//! continuations in order. The next group is written while the last one syncs, and a
+//! checkpoint thread flushes sled now and then so the journal can be deleted. Nothing is
+//! acknowledged or sent to a drone before the write it depends on is durable.
 
 mod journal;
 pub mod pg;
@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::task::Task;
 
 /// The storage schema this build writes. See `migrations-notes/`.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Commits queued for the writer before submitters wait: enough to keep a batch full
 /// while the previous one flushes, small enough to bound memory.
@@ -61,7 +61,10 @@ type Decoded = Result<Vec<record::Recovered>, StoreError>;
 pub const MAX_COMMITS_PER_BATCH: usize = 8_192;
 
 const SCHEMA_KEY: &[u8] = b"m/schema";
-/// The last group commit of several keys, begun or done (see [`journal`] and [`Marker`]).
+/// Every journal group up to this one (u64 big-endian) is in sled (see [`journal`]).
+const CKPT_KEY: &[u8] = b"m/ckpt";
+/// Schema 4's marker: the last group commit of several keys, begun or done ([`Marker`]).
+/// Read only to upgrade a schema-4 database.
 const GROUP_KEY: &[u8] = b"m/group";
 const ACTIVE: &[u8] = b"a/";
 const FINISHED: &[u8] = b"f/";
@@ -328,7 +331,7 @@ impl Store {
         })?;
         let tree = db.open_tree("hive")?;
         check_schema(&tree, &db_path, &dir.join(MARKER))?;
-        let last_group = finish_interrupted_group(&tree, dir, opts.sync)?;
+        let last_group = replay_journal(&tree, dir, opts.sync)?;
         let journal = journal::Journal::start(dir, opts.sync, last_group).map_err(io)?;
         let opened = opening.elapsed();
         let recovered = recover(&tree, &db_path)?;
@@ -360,7 +363,8 @@ impl Store {
             metrics: opts.metrics.clone(),
             journal,
             seq: last_group,
-            journal_durable: Arc::new(AtomicU64::new(last_group)),
+            applied: Arc::new(AtomicU64::new(last_group)),
+            checkpointed: Arc::new(AtomicU64::new(last_group)),
         };
         let writer_thread = std::thread::Builder::new()
             .name("hive-store-writer".into())
@@ -468,7 +472,7 @@ pub fn migrate_to_postgres(
     let db = open_sled(&db_path, 64 * 1024 * 1024)?;
     let tree = db.open_tree("hive")?;
     check_schema_key(&tree, &db_path, true)?;
-    finish_interrupted_group(&tree, data_dir, false)?;
+    replay_journal(&tree, data_dir, false)?;
     pg::prepare(settings)?;
     let sources: Vec<(&'static [u8], &'static str)> = pg::TABLES.to_vec();
     pg::import(settings, &sources, |prefix, take| {
@@ -489,9 +493,12 @@ const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 fn open_sled(db_path: &Path, cache_capacity: u64) -> Result<sled::Db, sled::Error> {
     let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
     loop {
+        // No periodic flush of sled's own: the checkpoint thread flushes it (every
+        // `journal::CHECKPOINT_EVERY`), and durability comes from the journal.
         let result = sled::Config::new()
             .path(db_path)
             .cache_capacity(cache_capacity)
+            .flush_every_ms(None)
             .open();
         match result {
             Err(sled::Error::Io(e))
@@ -634,9 +641,11 @@ fn check_schema_key(tree: &sled::Tree, db_path: &Path, marked: bool) -> Result<(
                 // change. 2 → 3: a task with lost-lease evidence is written as a v3
                 // record (v2 plus `suspicion`); nothing existing is rewritten. 3 → 4:
                 // groups of several keys go through the group journal (`journal`) instead
-                // of sled batches; nothing is rewritten. Marking the database keeps an
-                // older queen, which cannot read v3 or would not replay the journal after
-                // a crash, from opening it.
+                // of sled batches; nothing is rewritten. 4 → 5: every group commit is a
+                // journal record, acknowledged once the journal is synced, and sled is
+                // flushed at checkpoints (`m/ckpt`; `replay_journal` upgrades the
+                // markers). Marking the database keeps an older queen, which cannot read
+                // v3 or would not replay the journal after a crash, from opening it.
                 tracing::info!(
                     from = found,
                     to = SCHEMA_VERSION,
@@ -650,11 +659,101 @@ fn check_schema_key(tree: &sled::Tree, db_path: &Path, marked: bool) -> Result<(
     }
 }
 
-/// Completes the group commit a crash interrupted (see [`journal`]): if `m/group` says a
-/// group was begun and not done, its journal record is applied again and the group marked
-/// done. Then sled is flushed (and, with `sync`, the file system synced), so that
-/// [`journal::Journal::start`] may delete the journal. Returns the last group's number,
-/// after which new groups are numbered.
+/// Makes sled whole and current from the journal before anything reads it (see
+/// [`journal`]): every record after the recovered `m/ckpt` is applied again, in order;
+/// then `m/ckpt` names the last one, sled is flushed (and with `sync` the file system
+/// synced), so that [`journal::Journal::start`] may delete the journal. A database
+/// without `m/ckpt` (new, or written by schema 4) is upgraded first. Returns the last
+/// group's number, after which new groups are numbered.
+fn replay_journal(tree: &sled::Tree, data_dir: &Path, sync: bool) -> Result<u64, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: data_dir.join("db"),
+        detail,
+    };
+    let journal_err = |e| journal_error(data_dir, e);
+    let Some(raw) = tree.get(CKPT_KEY)? else {
+        // Schema 4 (or a new database): complete its interrupted group, if any. Its
+        // journal held only groups of several keys, and a record past `m/group` was never
+        // applied (a single-key write before it may be missing from sled): none may be
+        // replayed by this schema's rule, so the journal goes before `m/ckpt` is set.
+        let last = finish_interrupted_group(tree, data_dir, sync)?;
+        journal::clear(data_dir).map_err(journal_err)?;
+        tree.insert(CKPT_KEY, &last.to_be_bytes())?;
+        tree.remove(GROUP_KEY)?;
+        flush_tree(tree, data_dir, sync)?;
+        return Ok(last);
+    };
+    let bytes: [u8; 8] = raw
+        .as_ref()
+        .try_into()
+        .map_err(|_| corrupt(format!("m/ckpt is not a group number: {:?}", raw.as_ref())))?;
+    let checkpointed = u64::from_be_bytes(bytes);
+    let groups = journal::read(data_dir, checkpointed).map_err(journal_err)?;
+    let last = groups.last().map_or(checkpointed, |g| g.0);
+    let (count, mut writes) = (groups.len(), 0);
+    for (_, group) in groups {
+        writes += group.len();
+        for (k, v) in group {
+            write_key(tree, k, v)?;
+        }
+    }
+    if count > 0 {
+        tracing::info!(
+            groups = count,
+            writes,
+            after = checkpointed,
+            "replayed the journal's groups after the last checkpoint"
+        );
+    }
+    tree.insert(CKPT_KEY, &last.to_be_bytes())?;
+    flush_tree(tree, data_dir, sync)?;
+    Ok(last)
+}
+
+/// A journal that cannot be read, or reads as corrupt (a missing group).
+fn journal_error(data_dir: &Path, source: std::io::Error) -> StoreError {
+    let path = data_dir.join(journal::DIR);
+    if source.kind() == std::io::ErrorKind::InvalidData {
+        StoreError::Corrupt {
+            path,
+            detail: source.to_string(),
+        }
+    } else {
+        StoreError::Io { path, source }
+    }
+}
+
+/// Flushes sled, and with `sync` the file system it lives on (sled's flush issues
+/// `sync_file_range`, which survives a killed process but not power loss).
+fn flush_tree(tree: &sled::Tree, data_dir: &Path, sync: bool) -> Result<(), StoreError> {
+    tree.flush()?;
+    if sync {
+        let db = data_dir.join("db").join("db");
+        let io = |source| StoreError::Io {
+            path: db.clone(),
+            source,
+        };
+        let file = File::open(&db).map_err(io)?;
+        syncfs(&file).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// `syncfs` of the file system holding `file`.
+fn syncfs(file: &File) -> std::io::Result<()> {
+    // SAFETY: syncfs on a descriptor we own; it takes no pointers.
+    if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Schema 4: completes the group commit a crash interrupted. Under schema 4 a group of
+/// several keys was its journal record, `m/group` = (N, begun), plain writes, `m/group` =
+/// (N, done), and a group of one key a plain write with no record; if `m/group` says a
+/// group was begun and not done, its record is applied again and the group marked done.
+/// Then sled is flushed (and, with `sync`, the file system synced). Returns the last
+/// group's number.
 fn finish_interrupted_group(
     tree: &sled::Tree,
     data_dir: &Path,
@@ -662,11 +761,8 @@ fn finish_interrupted_group(
 ) -> Result<u64, StoreError> {
     let marker = group_marker(tree, data_dir)?;
     if let Some(Marker::Begun(seq)) = marker {
-        let group = journal::read(data_dir)
-            .map_err(|source| StoreError::Io {
-                path: data_dir.join(journal::DIR),
-                source,
-            })?
+        let group = journal::read(data_dir, seq.saturating_sub(1))
+            .map_err(|e| journal_error(data_dir, e))?
             .into_iter()
             .find(|(s, _)| *s == seq)
             .ok_or_else(|| StoreError::Corrupt {
@@ -686,19 +782,7 @@ fn finish_interrupted_group(
             "completed a group commit a crash interrupted (it had not been acknowledged)"
         );
     }
-    tree.flush()?;
-    if sync {
-        let db = data_dir.join("db").join("db");
-        let io = |source| StoreError::Io {
-            path: db.clone(),
-            source,
-        };
-        let file = File::open(&db).map_err(io)?;
-        // SAFETY: syncfs on a descriptor we own.
-        if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
-            return Err(io(std::io::Error::last_os_error()));
-        }
-    }
+    flush_tree(tree, data_dir, sync)?;
     Ok(marker.map_or(0, |m| m.seq()))
 }
 
@@ -1188,31 +1272,32 @@ impl StoreWriter {
     }
 }
 
-/// A group of commits applied to sled, waiting for a flush.
+/// A group of commits written to the journal and to sled, waiting for the journal sync.
 struct Applied {
     commits: Vec<Commit>,
     result: Result<(), CommitError>,
-    /// The last journaled group applied by then.
-    group: u64,
+    /// Where the journal ended once the group was written.
+    end: journal::End,
 }
 
-/// The second stage of the writer: makes applied commits durable and answers them.
+/// The second stage of the writer: makes written commits durable (the journal synced up
+/// to them) and answers them.
 struct Flusher {
-    db: sled::Db,
-    sync_file: Option<File>,
+    /// `[storage] sync`: the writer already synced each record.
+    sync: bool,
     durable: Arc<AtomicU64>,
     fatal: CancellationToken,
     metrics: crate::metrics::StoreMetrics,
     rx: std::sync::mpsc::Receiver<Applied>,
-    /// Told the last journaled group each flush made durable.
-    journal_durable: Arc<AtomicU64>,
 }
 
 impl Flusher {
     fn run(self) {
         let mut failed: Option<CommitError> = None;
+        // The journal file last synced, and up to where.
+        let mut synced: Option<journal::End> = None;
         while let Ok(first) = self.rx.recv() {
-            // Everything applied so far: one flush makes all of it durable.
+            // Everything written so far: one sync makes all of it durable.
             let mut groups = vec![first];
             while let Ok(more) = self.rx.try_recv() {
                 groups.push(more);
@@ -1220,20 +1305,13 @@ impl Flusher {
             let started = std::time::Instant::now();
             let flushed = match &failed {
                 Some(err) => Err(err.clone()),
-                None => self.flush(),
+                None => self.sync_to(&mut synced, groups.last().map(|g| &g.end)),
             };
             self.metrics
                 .flush_seconds
                 .observe(started.elapsed().as_secs_f64());
             let count: usize = groups.iter().map(|g| g.commits.len()).sum();
             self.metrics.batch_commits.observe(count as f64);
-            // Even a group that failed counts: after a failure the writer writes (and so
-            // deletes journal files) no more, and the queen stops.
-            if flushed.is_ok() {
-                if let Some(last) = groups.iter().map(|g| g.group).max() {
-                    self.journal_durable.fetch_max(last, Ordering::AcqRel);
-                }
-            }
             for group in groups {
                 let result = group.result.and(flushed.clone());
                 if let Err(err) = &result {
@@ -1253,24 +1331,77 @@ impl Flusher {
                 }
             }
         }
-        if let Err(e) = self.db.flush() {
-            tracing::error!(error = %e, "final flush failed");
+    }
+
+    /// Syncs the journal up to `end` (the file the writer appends to: it syncs a full file
+    /// itself before starting the next).
+    fn sync_to(
+        &self,
+        synced: &mut Option<journal::End>,
+        end: Option<&journal::End>,
+    ) -> Result<(), CommitError> {
+        let Some(end) = end else { return Ok(()) };
+        if self.sync {
+            return Ok(());
+        }
+        let from = match synced {
+            Some(s) if Arc::ptr_eq(&s.file, &end.file) => s.len,
+            _ => 0,
+        };
+        journal::sync_range(&end.file, from, end.len)
+            .map_err(|e| CommitError(format!("journal sync: {e}")))?;
+        *synced = Some(end.clone());
+        Ok(())
+    }
+}
+
+/// Flushes sled every [`journal::CHECKPOINT_EVERY`] (and once more when the writer stops)
+/// so that journal files can go: `m/ckpt` = the last group written to sled, then a sled
+/// flush (and `syncfs` with `[storage] sync`), then the writer is told it may delete files
+/// holding nothing later.
+struct Checkpointer {
+    db: sled::Db,
+    tree: sled::Tree,
+    sync_file: Option<File>,
+    applied: Arc<AtomicU64>,
+    checkpointed: Arc<AtomicU64>,
+    fatal: CancellationToken,
+    /// Closed when the writer stops.
+    stop: std::sync::mpsc::Receiver<()>,
+}
+
+impl Checkpointer {
+    fn run(self) {
+        loop {
+            let last = match self.stop.recv_timeout(journal::CHECKPOINT_EVERY) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
+            };
+            if let Err(e) = self.checkpoint() {
+                // The journal could then only grow: stop while it is still whole.
+                tracing::error!(error = %e, "store checkpoint failed; the queen must stop");
+                self.fatal.cancel();
+                return;
+            }
+            if last {
+                return;
+            }
         }
     }
 
-    fn flush(&self) -> Result<(), CommitError> {
-        self.db.flush().map_err(|e| CommitError(e.to_string()))?;
-        if let Some(file) = &self.sync_file {
-            // sled's flush uses sync_file_range, which survives a killed process but not
-            // power loss. syncfs covers the db file and any blob files sled wrote.
-            // SAFETY: syncfs on a descriptor we own.
-            if unsafe { libc::syncfs(file.as_raw_fd()) } != 0 {
-                return Err(CommitError(format!(
-                    "syncfs: {}",
-                    std::io::Error::last_os_error()
-                )));
-            }
+    fn checkpoint(&self) -> Result<(), sled::Error> {
+        let applied = self.applied.load(Ordering::Acquire);
+        if applied <= self.checkpointed.load(Ordering::Acquire) {
+            return Ok(());
         }
+        // Every group up to `applied` is in sled; this insert comes after their writes in
+        // sled's log, so a recovered `m/ckpt` vouches for them.
+        self.tree.insert(CKPT_KEY, &applied.to_be_bytes())?;
+        self.db.flush()?;
+        if let Some(file) = &self.sync_file {
+            syncfs(file)?;
+        }
+        self.checkpointed.fetch_max(applied, Ordering::AcqRel);
         Ok(())
     }
 }
@@ -1284,40 +1415,56 @@ struct Writer {
     fatal: CancellationToken,
     metrics: crate::metrics::StoreMetrics,
     journal: journal::Journal,
-    /// The last group of several keys written (numbered from 1, across restarts).
+    /// The last group written (numbered from 1, across restarts).
     seq: u64,
-    /// Every group up to this one is durable in sled (set by the flusher).
-    journal_durable: Arc<AtomicU64>,
+    /// Every group up to this one is in sled (set here, read by the checkpointer).
+    applied: Arc<AtomicU64>,
+    /// Every group up to this one is durable in sled (set by the checkpointer).
+    checkpointed: Arc<AtomicU64>,
 }
 
 impl Writer {
-    /// Two stages, so that writing the next batch overlaps flushing the last one: this
-    /// thread applies each group of waiting commits to sled as it arrives; the flusher
-    /// thread flushes whatever has been applied (sled's flush covers every write made
-    /// before it starts) and only then runs those commits' continuations, in order.
+    /// Two stages, so that writing the next group overlaps syncing the last one: this
+    /// thread appends each group of waiting commits to the journal and writes it to sled;
+    /// the flusher thread syncs the journal up to there and only then runs those commits'
+    /// continuations, in order. A third thread checkpoints sled.
     fn run(mut self) {
         let (applied_tx, applied_rx) = std::sync::mpsc::channel::<Applied>();
         let flusher = Flusher {
-            db: self.db.clone(),
-            sync_file: self.sync_file.take(),
+            sync: self.sync_file.is_some(),
             durable: self.durable.clone(),
             fatal: self.fatal.clone(),
             metrics: self.metrics.clone(),
             rx: applied_rx,
-            journal_durable: self.journal_durable.clone(),
         };
-        let flusher = match std::thread::Builder::new()
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let checkpointer = Checkpointer {
+            db: self.db.clone(),
+            tree: self.tree.clone(),
+            sync_file: self.sync_file.take(),
+            applied: self.applied.clone(),
+            checkpointed: self.checkpointed.clone(),
+            fatal: self.fatal.clone(),
+            stop: stop_rx,
+        };
+        let threads = std::thread::Builder::new()
             .name("hive-store-flush".into())
             .spawn(move || flusher.run())
-        {
-            Ok(handle) => handle,
+            .and_then(|flusher| {
+                std::thread::Builder::new()
+                    .name("hive-store-ckpt".into())
+                    .spawn(move || checkpointer.run())
+                    .map(|checkpointer| (flusher, checkpointer))
+            });
+        let (flusher, checkpointer) = match threads {
+            Ok(handles) => handles,
             Err(e) => {
-                // Without a flusher nothing can become durable: refuse every commit.
-                tracing::error!(error = %e, "cannot start the store flusher; the queen must stop");
+                // Without them nothing can become durable: refuse every commit.
+                tracing::error!(error = %e, "cannot start the store's threads; the queen must stop");
                 self.fatal.cancel();
                 while let Some(commit) = self.rx.blocking_recv() {
                     if let Some(after) = commit.after {
-                        after(Err(CommitError("the store flusher did not start".into())));
+                        after(Err(CommitError("the store's threads did not start".into())));
                     }
                 }
                 return;
@@ -1332,12 +1479,12 @@ impl Writer {
             if let Err(err) = &result {
                 failed.get_or_insert_with(|| err.clone());
             }
-            let group = self.seq;
+            let end = self.journal.end();
             if applied_tx
                 .send(Applied {
                     commits,
                     result,
-                    group,
+                    end,
                 })
                 .is_err()
             {
@@ -1346,9 +1493,13 @@ impl Writer {
         }
         drop(applied_tx);
         let _ = flusher.join();
+        // A last checkpoint, so the next start has nothing to replay.
+        drop(stop_tx);
+        let _ = checkpointer.join();
     }
 
-    /// Applies a group of commits to sled, atomically (not yet durable).
+    /// Writes a group of commits: its record to the journal, then its writes to sled
+    /// (durable once the flusher has synced the journal).
     fn apply_all(&mut self, commits: &mut [Commit]) -> Result<(), CommitError> {
         // The group's final value per key (a later write to a key replaces an earlier
         // one), in key order.
@@ -1361,41 +1512,29 @@ impl Writer {
                     .map_err(|e| CommitError(e.to_string()))?;
             }
         }
-        let (applied, extra) = self.write(writes);
-        ops += extra;
+        let applied = self.write(writes);
         reclaim(ops);
         applied
     }
 
-    /// Writes a group's final values, atomically under a crash: one key is atomic by
-    /// itself; several go through the group journal ([`journal`]: the record, `m/group`
-    /// begun, the writes, `m/group` done), never through `apply_batch`, whose
-    /// process-wide lock would wait for every flush in progress. Returns the result and
-    /// the key operations beyond the writes.
-    fn write(&mut self, mut writes: KeyWrites) -> (Result<(), CommitError>, usize) {
-        let tree = &self.tree;
-        if writes.len() <= 1 {
-            let result = match writes.pop_first() {
-                Some((k, v)) => write_key(tree, k, v),
-                None => Ok(()),
-            };
-            return (result.map_err(|e| CommitError(e.to_string())), 0);
+    /// Writes a group's final values: the journal record first (see [`journal`]), then
+    /// each as a plain sled insert or remove, never through `apply_batch`, whose
+    /// process-wide lock would wait for every sled flush in progress.
+    fn write(&mut self, writes: KeyWrites) -> Result<(), CommitError> {
+        if writes.is_empty() {
+            return Ok(());
         }
         let seq = self.seq + 1;
-        let durable = self.journal_durable.load(Ordering::Acquire);
-        if let Err(e) = self.journal.append(seq, &writes, durable) {
-            return (Err(CommitError(format!("group journal: {e}"))), 0);
-        }
+        let checkpointed = self.checkpointed.load(Ordering::Acquire);
+        self.journal
+            .append(seq, &writes, checkpointed)
+            .map_err(|e| CommitError(format!("journal: {e}")))?;
         self.seq = seq;
-        let result = (|| {
-            tree.insert(GROUP_KEY, &Marker::Begun(seq).encode())?;
-            for (k, v) in writes {
-                write_key(tree, k, v)?;
-            }
-            tree.insert(GROUP_KEY, &Marker::Done(seq).encode())
-                .map(drop)
-        })();
-        (result.map_err(|e| CommitError(e.to_string())), 2)
+        for (k, v) in writes {
+            write_key(&self.tree, k, v).map_err(|e| CommitError(e.to_string()))?;
+        }
+        self.applied.store(seq, Ordering::Release);
+        Ok(())
     }
 
     fn apply(&self, writes: &mut KeyWrites, m: Mutation) -> Result<usize, sled::Error> {

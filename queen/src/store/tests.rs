@@ -507,12 +507,18 @@ fn group_writes(mutations: Vec<Mutation>) -> KeyWrites {
     writes
 }
 
-/// A crash in the middle of a group of several keys (here a finish: the active record
-/// removed, the finished record, its retention entry and the count not yet written) leaves
-/// `m/group` begun; the next open applies the group's journal record before reading
-/// anything.
+/// `m/ckpt`, as the store left it.
+fn checkpoint_of(tree: &sled::Tree) -> u64 {
+    let raw = tree.get(CKPT_KEY).expect("read").expect("m/ckpt is set");
+    u64::from_be_bytes(raw.as_ref().try_into().expect("8 bytes"))
+}
+
+/// A crash in the middle of a group (here a finish: the active record removed, the
+/// finished record, its retention entry and the count not yet written) after its journal
+/// record was written; the next open applies every record after `m/ckpt` again before
+/// reading anything, and numbers new groups on from the last.
 #[tokio::test]
-async fn a_group_cut_short_by_a_crash_is_completed_from_the_journal_at_open() {
+async fn groups_after_the_checkpoint_are_replayed_at_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut done, other) = (task(), task());
     let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
@@ -521,7 +527,7 @@ async fn a_group_cut_short_by_a_crash_is_completed_from_the_journal_at_open() {
         .expect("durable");
     close(store, w);
 
-    // What the writer does for the next group, cut after its first write.
+    // What the writer does for the next group, cut after its first write to sled.
     done.state = TaskState::Succeeded;
     done.finished_at = Some(Utc::now());
     let writes = group_writes(vec![Mutation::finish(&done, 1)]);
@@ -529,12 +535,13 @@ async fn a_group_cut_short_by_a_crash_is_completed_from_the_journal_at_open() {
     {
         let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
         let tree = db.open_tree("hive").expect("tree");
-        let before = group_marker(&tree, dir.path()).expect("m/group");
-        assert_eq!(before, Some(Marker::Done(1)), "the first group is done");
+        assert_eq!(
+            checkpoint_of(&tree),
+            1,
+            "the close checkpointed the first group"
+        );
         let mut journal = journal::Journal::start(dir.path(), false, 1).expect("journal");
         journal.append(2, &writes, 1).expect("append");
-        tree.insert(GROUP_KEY, &Marker::Begun(2).encode())
-            .expect("begun");
         let (k, v) = writes.iter().next().expect("a write");
         write_key(&tree, k.clone(), v.clone()).expect("the first write");
         db.flush().expect("flush");
@@ -551,31 +558,33 @@ async fn a_group_cut_short_by_a_crash_is_completed_from_the_journal_at_open() {
         rec.finished_counts,
         vec![(("default".to_string(), TaskState::Succeeded), 1)]
     );
-    let tree = store.reader.tree().clone();
-    assert_eq!(
-        group_marker(&tree, dir.path()).expect("m/group"),
-        Some(Marker::Done(2))
-    );
+    assert_eq!(checkpoint_of(store.reader.tree()), 2);
     assert!(
-        journal::read(dir.path()).expect("journal").is_empty(),
+        journal::read(dir.path(), 0).expect("journal").is_empty(),
         "the replayed journal is gone"
     );
     // New groups are numbered on from there.
-    let third = task();
-    commit(&w, vec![Mutation::save(&third), Mutation::save(&task())])
+    commit(&w, vec![Mutation::save(&task())])
         .await
         .expect("durable");
     assert_eq!(
-        group_marker(&tree, dir.path()).expect("m/group"),
-        Some(Marker::Done(3))
+        journal::read(dir.path(), 2)
+            .expect("journal")
+            .iter()
+            .map(|g| g.0)
+            .collect::<Vec<_>>(),
+        vec![3]
     );
+    close(store, w);
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
+    assert_eq!(checkpoint_of(store.reader.tree()), 3);
     close(store, w);
 }
 
-/// The journal record of a group that is done is not applied again: a later write of one
-/// of its keys (a single-key group, which has no record) would be undone.
+/// A journal file left behind (its deletion failed) holds groups sled had checkpointed;
+/// applying them again would undo what later groups wrote.
 #[tokio::test]
-async fn a_group_already_whole_is_not_replayed_over_later_writes() {
+async fn records_up_to_the_checkpoint_are_not_replayed_over_later_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (first, second) = (task(), task());
     let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
@@ -589,18 +598,14 @@ async fn a_group_already_whole_is_not_replayed_over_later_writes() {
         let tree = db.open_tree("hive").expect("tree");
         let mut journal = journal::Journal::start(dir.path(), false, 0).expect("journal");
         journal.append(1, &writes, 0).expect("append");
-        tree.insert(GROUP_KEY, &Marker::Begun(1).encode())
-            .expect("begun");
         for (k, v) in writes.clone() {
-            tree.insert(k, v.expect("puts")).expect("insert");
+            write_key(&tree, k, v).expect("write");
         }
-        tree.insert(GROUP_KEY, &Marker::Done(1).encode())
-            .expect("done");
-        // The next group: one key, so no journal record.
-        let (k, v) = group_writes(vec![Mutation::save(&later)])
-            .pop_first()
-            .expect("one write");
-        tree.insert(k, v.expect("a put")).expect("insert");
+        // Group 2, whose file was deleted once checkpointed.
+        for (k, v) in group_writes(vec![Mutation::save(&later)]) {
+            write_key(&tree, k, v).expect("write");
+        }
+        tree.insert(CKPT_KEY, &2u64.to_be_bytes()).expect("m/ckpt");
         db.flush().expect("flush");
     }
 
@@ -610,48 +615,91 @@ async fn a_group_already_whole_is_not_replayed_over_later_writes() {
     let mut want = vec![later, second];
     want.sort_by_key(|t| t.id);
     assert_eq!(active, want, "the later write stands");
+    assert_eq!(checkpoint_of(store.reader.tree()), 2);
     close(store, w);
 }
 
-/// A killed queen's journal file can be ahead of sled: the record of a group whose first
-/// writes were still in sled's memory survives the kill. That group never reached sled
-/// (nor was it acknowledged), and what came before it may be missing too: it is not
-/// applied.
+/// A group missing between the checkpoint and the records that follow is corruption: the
+/// queen refuses to start (and changes nothing) rather than replay past the hole.
 #[tokio::test]
-async fn a_journal_record_of_a_group_sled_never_saw_is_ignored() {
+async fn a_group_missing_after_the_checkpoint_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let kept = task();
     let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
-    commit(&w, vec![Mutation::save(&kept), Mutation::save(&task())])
+    close(store, w);
+    let t = task();
+    {
+        let mut journal = journal::Journal::start(dir.path(), false, 2).expect("journal");
+        journal
+            .append(3, &group_writes(vec![Mutation::save(&t)]), 0)
+            .expect("append");
+    }
+    let err = Store::open(&opts(dir.path()), CancellationToken::new()).expect_err("refused");
+    assert!(
+        matches!(&err, StoreError::Corrupt { detail, .. } if detail.contains("group 1 is missing")),
+        "{err}"
+    );
+    assert_eq!(
+        journal::read(dir.path(), 2).expect("journal").len(),
+        1,
+        "the journal is left as it was"
+    );
+}
+
+/// Guards the 4 → 5 upgrade after a crash: schema 4 journaled only groups of several keys
+/// and marked them begun and done in `m/group`. A begun group is completed from its
+/// record; a record past it (sled never saw that group, and a single-key write before it
+/// may be missing) is not applied; the database then carries `m/ckpt` and no `m/group`.
+#[tokio::test]
+async fn a_schema_4_database_completes_its_begun_group_and_drops_later_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut done, other, never) = (task(), task(), task());
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    commit(&w, vec![Mutation::save(&done), Mutation::save(&other)])
         .await
         .expect("durable");
     close(store, w);
 
-    let mut gone = kept.clone();
-    gone.state = TaskState::Cancelled;
-    gone.finished_at = Some(Utc::now());
+    done.state = TaskState::Succeeded;
+    done.finished_at = Some(Utc::now());
+    let finish = group_writes(vec![Mutation::finish(&done, 1)]);
     {
         let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
         let tree = db.open_tree("hive").expect("tree");
-        assert_eq!(
-            group_marker(&tree, dir.path()).expect("m/group"),
-            Some(Marker::Done(1))
-        );
+        tree.insert(SCHEMA_KEY, &4u32.to_be_bytes())
+            .expect("schema");
+        tree.remove(CKPT_KEY).expect("no m/ckpt in schema 4");
         let mut journal = journal::Journal::start(dir.path(), false, 1).expect("journal");
+        journal.append(2, &finish, 0).expect("append");
         journal
-            .append(2, &group_writes(vec![Mutation::finish(&gone, 1)]), 1)
+            .append(
+                3,
+                &group_writes(vec![Mutation::save(&never), Mutation::save(&task())]),
+                0,
+            )
             .expect("append");
+        tree.insert(GROUP_KEY, &Marker::Begun(2).encode())
+            .expect("begun");
+        let (k, v) = finish.iter().next().expect("a write");
+        write_key(&tree, k.clone(), v.clone()).expect("the first write");
+        db.flush().expect("flush");
+        // The open's first step, as if it stopped there: once `m/ckpt` is set, the
+        // journal must hold nothing the schema-5 rule would replay.
+        assert_eq!(
+            replay_journal(&tree, dir.path(), false).expect("upgrade"),
+            2
+        );
+        assert!(journal::read(dir.path(), 0).expect("journal").is_empty());
     }
 
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
-    assert!(
-        rec.active
-            .collect()
-            .expect("scan")
-            .iter()
-            .any(|t| t == &kept),
-        "the task is as sled last had it"
+    assert_eq!(rec.active.collect().expect("scan"), vec![other]);
+    assert_eq!(store.reader.finished(done.id).expect("read"), Some(done));
+    let tree = store.reader.tree().clone();
+    assert_eq!(checkpoint_of(&tree), 2);
+    assert_eq!(tree.get(GROUP_KEY).expect("read"), None);
+    assert_eq!(
+        tree.get(SCHEMA_KEY).expect("read").as_deref(),
+        Some(&SCHEMA_VERSION.to_be_bytes()[..])
     );
-    assert_eq!(store.reader.finished(kept.id).expect("read"), None);
     close(store, w);
 }
