@@ -25,11 +25,14 @@
 //! again, in order, leaves each key as the last group that wrote it left it: the state
 //! after the last whole record. A record is written before its group's first sled write
 //! and a killed process loses nothing it wrote to a file, so every group sled holds any
-//! part of has a whole record. The journal ends at its first record that is cut short or
-//! fails its checksum (a write the crash interrupted, never acknowledged); a record
-//! missing after N (the numbers must follow on) is corruption, and the queen refuses to
-//! start rather than guess. After replaying, the open inserts `m/ckpt`, flushes sled (and
-//! with `sync` syncs the file system) and deletes the journal.
+//! part of has a whole record. The journal ends at the last file's first record that is
+//! cut short or fails its checksum (a write the crash interrupted, never acknowledged); a
+//! record missing after N (the numbers must follow on) or a cut in an earlier file is
+//! corruption, and the queen refuses to start rather than guess. So is a recovered
+//! `m/seq` (written before each group's writes) past the last whole record: sled holds
+//! part of a group whose record was lost, which only an unsynced journal and an OS crash
+//! can do. After replaying, the open inserts `m/ckpt`, flushes sled (and with `sync`
+//! syncs the file system) and deletes the journal.
 //!
 //! **Readers** on the same tree may see a group half-written, or written and not yet
 //! durable: the core never decides on such a read (a task it reads back is one whose last
@@ -93,6 +96,10 @@ impl Journal {
     pub(crate) fn start(data_dir: &Path, sync: bool, after: u64) -> std::io::Result<Journal> {
         let dir = data_dir.join(DIR);
         std::fs::create_dir_all(&dir)?;
+        if sync {
+            // The directory's own entry, on a new data dir.
+            File::open(data_dir)?.sync_all()?;
+        }
         for path in files(&dir)? {
             std::fs::remove_file(path)?;
         }
@@ -128,8 +135,11 @@ impl Journal {
         }
         self.older = kept;
         if self.size >= ROTATE_BYTES {
-            // The flusher syncs only the current file: the full one is made durable now.
-            self.file.sync_data()?;
+            // The flusher syncs only the current file: the full one is made durable now
+            // (with `sync`, every record already is).
+            if !self.sync {
+                sync_range(&self.file, 0, self.size)?;
+            }
             let (file, path) = create(&self.dir, seq, self.sync)?;
             self.file = Arc::new(file);
             let closed = std::mem::replace(&mut self.path, path);
@@ -138,6 +148,16 @@ impl Journal {
         }
         self.buf.clear();
         encode(seq, writes, &mut self.buf);
+        if self.buf.len() - HEADER > u32::MAX as usize {
+            // Its length would not fit the header: it could not be read back.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "group {seq} is {} bytes, over a record's 4 GiB",
+                    self.buf.len()
+                ),
+            ));
+        }
         (&*self.file).write_all(&self.buf)?;
         if self.sync {
             self.file.sync_data()?;
@@ -264,18 +284,25 @@ fn len32(n: usize) -> u32 {
 /// One group read back.
 pub(crate) type Group = (u64, Vec<(Vec<u8>, Option<Vec<u8>>)>);
 
-/// The groups after `after` in `data_dir/journal`, in order. The journal ends at its
-/// first record that is cut short or fails its checksum (a write the crash interrupted:
-/// never acknowledged); records at or before `after` (a file left behind) are skipped. A
-/// group missing after `after` is an `InvalidData` error: replaying past a hole would
-/// leave keys as no group left them.
+/// The groups after `after` in `data_dir/journal`, in order. The journal ends at the
+/// last file's first record that is cut short or fails its checksum (a write the crash
+/// interrupted: never acknowledged); records at or before `after` (a file left behind)
+/// are skipped. A cut record in an earlier file (each is synced whole before the next
+/// starts) or a group missing after `after` is an `InvalidData` error: replaying past a
+/// hole would leave keys as no group left them.
 pub(crate) fn read(data_dir: &Path, after: u64) -> std::io::Result<Vec<Group>> {
     let mut groups: Vec<Group> = Vec::new();
     let mut ended: Option<PathBuf> = None;
     for path in files(&data_dir.join(DIR))? {
         if let Some(cut) = &ended {
-            tracing::warn!(file = %path.display(), cut = %cut.display(), "journal file after a cut record ignored");
-            continue;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} ends in a cut or damaged record, yet {} follows it",
+                    cut.display(),
+                    path.display()
+                ),
+            ));
         }
         let mut bytes = Vec::new();
         File::open(&path)?.read_to_end(&mut bytes)?;
@@ -435,7 +462,7 @@ mod tests {
         assert!(read(dir.path(), 0).expect("read").is_empty());
     }
     #[test]
-    fn reading_skips_checkpointed_groups_and_ends_at_a_cut_record_across_files() {
+    fn reading_skips_checkpointed_groups_ends_at_a_cut_last_record_and_refuses_an_earlier_cut() {
         let seqs = |groups: Vec<Group>| groups.iter().map(|g| g.0).collect::<Vec<_>>();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut j = Journal::start(dir.path(), false, 0).expect("start");
@@ -458,10 +485,18 @@ mod tests {
             vec![1, 2, 3, 4, 5]
         );
         assert_eq!(seqs(read(dir.path(), 2).expect("read")), vec![3, 4, 5]);
-        // The first file's last record cut short: nothing after it is read, in any file.
+        // The last file's last record cut short (a crash in the middle of a write): the
+        // journal ends before it.
+        let last = files(&dir.path().join(DIR)).expect("files").remove(1);
+        let whole = std::fs::read(&last).expect("read");
+        std::fs::write(&last, &whole[..whole.len() - 1]).expect("write");
+        assert_eq!(seqs(read(dir.path(), 0).expect("read")), vec![1, 2, 3, 4]);
+        // A cut in an earlier file, which was whole before the next one started, is
+        // damage: refused rather than replayed past.
         let first = files(&dir.path().join(DIR)).expect("files").remove(0);
         let whole = std::fs::read(&first).expect("read");
         std::fs::write(&first, &whole[..whole.len() - 1]).expect("write");
-        assert_eq!(seqs(read(dir.path(), 0).expect("read")), vec![1, 2]);
+        let err = read(dir.path(), 0).expect_err("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     }
 }

@@ -3,12 +3,14 @@
 //! without touching the scheduler.
 //!
 //! Layout: one sled tree, `hive`, with key prefixes. Every group commit, however many
-//! tasks it touches, is durable and atomic through the write-ahead journal ([`journal`]):
+//! tasks it touches, is durable and atomic through the write-ahead journal ([`journal`];
+//! through a killed queen, and with `[storage] sync` through power loss too):
 //!
 //! | key                               | value                                  |
 //! |-----------------------------------|----------------------------------------|
 //! | `m/schema`                        | schema version, u32 big-endian         |
 //! | `m/ckpt`                          | last journal group checkpointed in sled |
+//! | `m/seq`                           | last journal group begun in sled        |
 //! | `a/<task id>`                     | active (non-terminal) task record      |
 //! | `f/<task id>`                     | finished task record                   |
 //! | `t/<finished ms BE><task id>`     | retention index entry (JSON)           |
@@ -63,6 +65,10 @@ pub const MAX_COMMITS_PER_BATCH: usize = 8_192;
 const SCHEMA_KEY: &[u8] = b"m/schema";
 /// Every journal group up to this one (u64 big-endian) is in sled (see [`journal`]).
 const CKPT_KEY: &[u8] = b"m/ckpt";
+/// The last journal group whose writes were begun in sled (u64 big-endian), written before
+/// them: a recovered one past the journal's last whole record means sled holds part of a
+/// group the journal lost, which only an unsynced journal and an OS crash can do.
+const SEQ_KEY: &[u8] = b"m/seq";
 /// Schema 4's marker: the last group commit of several keys, begun or done ([`Marker`]).
 /// Read only to upgrade a schema-4 database.
 const GROUP_KEY: &[u8] = b"m/group";
@@ -362,6 +368,7 @@ impl Store {
             fatal,
             metrics: opts.metrics.clone(),
             journal,
+            sync: opts.sync,
             seq: last_group,
             applied: Arc::new(AtomicU64::new(last_group)),
             checkpointed: Arc::new(AtomicU64::new(last_group)),
@@ -704,6 +711,21 @@ fn replay_journal(tree: &sled::Tree, data_dir: &Path, sync: bool) -> Result<u64,
             after = checkpointed,
             "replayed the journal's groups after the last checkpoint"
         );
+    }
+    if let Some(raw) = tree.get(SEQ_KEY)? {
+        let bytes: [u8; 8] = raw
+            .as_ref()
+            .try_into()
+            .map_err(|_| corrupt(format!("m/seq is not a group number: {:?}", raw.as_ref())))?;
+        let begun = u64::from_be_bytes(bytes);
+        if begun > last {
+            return Err(corrupt(format!(
+                "sled holds writes of journal group {begun}, but the journal ends at group \
+                 {last}: part of a group may be applied without its record (the journal was \
+                 not synced before an OS crash or power loss; `[storage] sync = true` \
+                 prevents this); restore data_dir from a backup"
+            )));
+        }
     }
     tree.insert(CKPT_KEY, &last.to_be_bytes())?;
     flush_tree(tree, data_dir, sync)?;
@@ -1307,9 +1329,12 @@ impl Flusher {
                 Some(err) => Err(err.clone()),
                 None => self.sync_to(&mut synced, groups.last().map(|g| &g.end)),
             };
-            self.metrics
-                .flush_seconds
-                .observe(started.elapsed().as_secs_f64());
+            if !self.sync {
+                // (With `sync` the writer timed each record's fdatasync.)
+                self.metrics
+                    .flush_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
             let count: usize = groups.iter().map(|g| g.commits.len()).sum();
             self.metrics.batch_commits.observe(count as f64);
             for group in groups {
@@ -1366,6 +1391,7 @@ struct Checkpointer {
     applied: Arc<AtomicU64>,
     checkpointed: Arc<AtomicU64>,
     fatal: CancellationToken,
+    metrics: crate::metrics::StoreMetrics,
     /// Closed when the writer stops.
     stop: std::sync::mpsc::Receiver<()>,
 }
@@ -1396,11 +1422,15 @@ impl Checkpointer {
         }
         // Every group up to `applied` is in sled; this insert comes after their writes in
         // sled's log, so a recovered `m/ckpt` vouches for them.
+        let started = std::time::Instant::now();
         self.tree.insert(CKPT_KEY, &applied.to_be_bytes())?;
         self.db.flush()?;
         if let Some(file) = &self.sync_file {
             syncfs(file)?;
         }
+        self.metrics
+            .checkpoint_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.checkpointed.fetch_max(applied, Ordering::AcqRel);
         Ok(())
     }
@@ -1415,6 +1445,8 @@ struct Writer {
     fatal: CancellationToken,
     metrics: crate::metrics::StoreMetrics,
     journal: journal::Journal,
+    /// `[storage] sync`.
+    sync: bool,
     /// The last group written (numbered from 1, across restarts).
     seq: u64,
     /// Every group up to this one is in sled (set here, read by the checkpointer).
@@ -1431,7 +1463,7 @@ impl Writer {
     fn run(mut self) {
         let (applied_tx, applied_rx) = std::sync::mpsc::channel::<Applied>();
         let flusher = Flusher {
-            sync: self.sync_file.is_some(),
+            sync: self.sync,
             durable: self.durable.clone(),
             fatal: self.fatal.clone(),
             metrics: self.metrics.clone(),
@@ -1445,6 +1477,7 @@ impl Writer {
             applied: self.applied.clone(),
             checkpointed: self.checkpointed.clone(),
             fatal: self.fatal.clone(),
+            metrics: self.metrics.clone(),
             stop: stop_rx,
         };
         let threads = std::thread::Builder::new()
@@ -1524,15 +1557,33 @@ impl Writer {
         if writes.is_empty() {
             return Ok(());
         }
+        if self.fatal.is_cancelled() {
+            // A sync or a checkpoint failed: nothing more may be written after it.
+            return Err(CommitError(
+                "the store failed; the queen is stopping".into(),
+            ));
+        }
         let seq = self.seq + 1;
         let checkpointed = self.checkpointed.load(Ordering::Acquire);
+        let started = std::time::Instant::now();
         self.journal
             .append(seq, &writes, checkpointed)
             .map_err(|e| CommitError(format!("journal: {e}")))?;
-        self.seq = seq;
-        for (k, v) in writes {
-            write_key(&self.tree, k, v).map_err(|e| CommitError(e.to_string()))?;
+        if self.sync {
+            // The record's fdatasync happened in the append: this is the group's sync.
+            self.metrics
+                .flush_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
+        self.seq = seq;
+        let result = (|| {
+            self.tree.insert(SEQ_KEY, &seq.to_be_bytes())?;
+            for (k, v) in writes {
+                write_key(&self.tree, k, v)?;
+            }
+            Ok::<(), sled::Error>(())
+        })();
+        result.map_err(|e| CommitError(e.to_string()))?;
         self.applied.store(seq, Ordering::Release);
         Ok(())
     }

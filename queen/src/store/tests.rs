@@ -703,3 +703,40 @@ async fn a_schema_4_database_completes_its_begun_group_and_drops_later_records()
     );
     close(store, w);
 }
+
+/// sled holding writes of a group the journal lost (only an unsynced journal and an OS
+/// crash can do that) is refused: the group may be there in part.
+#[tokio::test]
+async fn a_group_begun_in_sled_without_its_journal_record_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    commit(&w, vec![Mutation::save(&task()), Mutation::save(&task())])
+        .await
+        .expect("durable");
+    close(store, w);
+    {
+        let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
+        let tree = db.open_tree("hive").expect("tree");
+        assert_eq!(
+            tree.get(SEQ_KEY).expect("read").as_deref(),
+            Some(&1u64.to_be_bytes()[..]),
+            "the writer marks each group begun"
+        );
+        tree.insert(SEQ_KEY, &2u64.to_be_bytes()).expect("m/seq");
+        write_key(
+            &tree,
+            group_writes(vec![Mutation::save(&task())])
+                .pop_first()
+                .expect("a write")
+                .0,
+            None,
+        )
+        .expect("part of group 2");
+        db.flush().expect("flush");
+    }
+    let err = Store::open(&opts(dir.path()), CancellationToken::new()).expect_err("refused");
+    assert!(
+        matches!(&err, StoreError::Corrupt { detail, .. } if detail.contains("journal group 2")),
+        "{err}"
+    );
+}
