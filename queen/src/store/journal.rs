@@ -2,14 +2,15 @@
 //!
 //! **Every group commit is one record** appended to `data_dir/journal/` (its sequence
 //! number and each key's final value in the group, checksummed) before any of its writes
-//! reach sled, which then takes them as plain inserts and removes. A commit is
+//! reach sled, which takes them as plain inserts and removes at the next checkpoint (until
+//! then they wait, readable, in the store's pending writes: `super::pending`). A commit is
 //! acknowledged once its record is on disk: the flusher syncs the journal
 //! (`sync_file_range`, what sled's own flush issues for its log; with `[storage] sync` the
 //! writer `fdatasync`s each record before the group touches sled, so a group stays whole
-//! through power loss too). sled itself is flushed only at a **checkpoint**, every
-//! [`CHECKPOINT_EVERY`] and at shutdown, from a thread of its own: `m/ckpt` = N is
-//! inserted once every group up to N is in sled, then sled is flushed, and only then may
-//! journal files holding nothing after N be deleted.
+//! through power loss too). sled is written and flushed only at a **checkpoint**, every
+//! [`CHECKPOINT_EVERY`] (sooner under load) and at shutdown, from a thread of its own:
+//! the pending writes of every group up to N, then `m/ckpt` = N, then a sled flush, and
+//! only then may journal files holding nothing after N be deleted.
 //!
 //! **Why.** Schema 4 flushed sled for every group commit. A sled flush seals and writes a
 //! log buffer through sled's IO threads: ~250 µs before an acknowledgement at low load

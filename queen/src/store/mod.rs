@@ -22,13 +22,16 @@
 //! Active and finished tasks live apart, so a restart reads only active ones.
 //!
 //! Writes go through a two-stage writer (group commit). The writer thread drains every
-//! commit waiting in its channel, appends the group's record to the journal and writes it
-//! to sled; the flusher thread syncs the journal up to there, then runs those commits'
-//! continuations in order. The next group is written while the last one syncs, and a
-//! checkpoint thread flushes sled now and then so the journal can be deleted. Nothing is
-//! acknowledged or sent to a drone before the write it depends on is durable.
+//! commit waiting in its channel, appends the group's record to the journal and folds its
+//! writes into the [`pending`] ones (which readers see before sled); the flusher thread
+//! syncs the journal up to there, then runs those commits' continuations in order. The
+//! next group is written while the last one syncs. A checkpoint thread writes what is
+//! pending to sled and flushes it, four times a second or sooner under load, so the
+//! journal can be deleted. Nothing is acknowledged or sent to a drone before the write it
+//! depends on is durable.
 
 mod journal;
+mod pending;
 pub mod pg;
 pub mod record;
 
@@ -258,8 +261,51 @@ pub struct StoreReader {
 
 #[derive(Clone, Debug)]
 enum ReadEngine {
-    Sled(sled::Tree),
+    Sled(SledRead),
     Postgres(pg::Reader),
+}
+
+/// Reads on sled: the writes still [`pending`] first, then the tree.
+#[derive(Clone)]
+struct SledRead {
+    tree: sled::Tree,
+    pending: Arc<pending::Pending>,
+}
+
+impl std::fmt::Debug for SledRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledRead").finish_non_exhaustive()
+    }
+}
+
+impl SledRead {
+    fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
+        match self.pending.get(k) {
+            Some(pending) => Ok(pending),
+            None => Ok(self.tree.get(k)?.map(|v| v.to_vec())),
+        }
+    }
+
+    /// Up to `limit` rows with keys in `start..end`, ascending (descending with `rev`).
+    fn range(
+        &self,
+        start: Vec<u8>,
+        end: Vec<u8>,
+        rev: bool,
+        limit: usize,
+    ) -> Result<Vec<pending::Row>, sled::Error> {
+        // Pending writes first: one that reaches sled meanwhile is read twice, alike.
+        let over = self.pending.range(&start, &end);
+        let rows = self
+            .tree
+            .range(start..end)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())));
+        if rev {
+            pending::merge(rows.rev(), over, true, limit)
+        } else {
+            pending::merge(rows, over, false, limit)
+        }
+    }
 }
 
 /// The write side: owned by the scheduler core. Dropping it stops the writer thread after
@@ -359,9 +405,13 @@ impl Store {
         };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let durable = Arc::new(AtomicU64::new(0));
+        let read = SledRead {
+            tree: tree.clone(),
+            pending: Arc::default(),
+        };
         let writer = Writer {
             db,
-            tree: tree.clone(),
+            read: read.clone(),
             rx,
             durable: durable.clone(),
             sync_file,
@@ -370,7 +420,6 @@ impl Store {
             journal,
             sync: opts.sync,
             seq: last_group,
-            applied: Arc::new(AtomicU64::new(last_group)),
             checkpointed: Arc::new(AtomicU64::new(last_group)),
         };
         let writer_thread = std::thread::Builder::new()
@@ -380,10 +429,10 @@ impl Store {
         Ok((
             Store {
                 reader: StoreReader {
-                    engine: ReadEngine::Sled(tree.clone()),
+                    engine: ReadEngine::Sled(read.clone()),
                 },
                 core_reader: StoreReader {
-                    engine: ReadEngine::Sled(tree),
+                    engine: ReadEngine::Sled(read),
                 },
                 writer_thread,
                 _lock: Some(lock),
@@ -1141,7 +1190,7 @@ impl StoreReader {
     #[cfg(test)]
     pub(crate) fn tree(&self) -> &sled::Tree {
         match &self.engine {
-            ReadEngine::Sled(tree) => tree,
+            ReadEngine::Sled(read) => &read.tree,
             ReadEngine::Postgres(_) => panic!("not a sled store"),
         }
     }
@@ -1159,7 +1208,7 @@ impl StoreReader {
 
     fn get(&self, k: Vec<u8>) -> Result<Option<Vec<u8>>, StoreError> {
         match &self.engine {
-            ReadEngine::Sled(tree) => Ok(tree.get(k)?.map(|v| v.to_vec())),
+            ReadEngine::Sled(read) => Ok(read.get(&k)?),
             ReadEngine::Postgres(reader) => reader.get(k),
         }
     }
@@ -1210,9 +1259,8 @@ impl StoreReader {
             Ok(out.len() < limit)
         };
         match &self.engine {
-            ReadEngine::Sled(tree) => {
-                for item in tree.range(start..end).rev().take(scan_limit) {
-                    let (_, raw) = item?;
+            ReadEngine::Sled(read) => {
+                for (_, raw) in read.range(start, end, true, scan_limit)? {
                     if !take(&raw)? {
                         break;
                     }
@@ -1229,14 +1277,7 @@ impl StoreReader {
     pub fn expired(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<Expired>, StoreError> {
         let end = key(RETENTION, &(cutoff_ms.max(0) as u64).to_be_bytes());
         let rows = match &self.engine {
-            ReadEngine::Sled(tree) => {
-                let mut rows = Vec::new();
-                for item in tree.range(RETENTION.to_vec()..end).take(limit) {
-                    let (k, v) = item?;
-                    rows.push((k.to_vec(), v.to_vec()));
-                }
-                rows
-            }
+            ReadEngine::Sled(read) => read.range(RETENTION.to_vec(), end, false, limit)?,
             ReadEngine::Postgres(reader) => reader.range(RETENTION.to_vec(), end, limit)?,
         };
         let mut out = Vec::new();
@@ -1380,34 +1421,38 @@ impl Flusher {
     }
 }
 
-/// Flushes sled every [`journal::CHECKPOINT_EVERY`] (and once more when the writer stops)
-/// so that journal files can go: `m/ckpt` = the last group written to sled, then a sled
-/// flush (and `syncfs` with `[storage] sync`), then the writer is told it may delete files
-/// holding nothing later.
+/// Writes what is [`pending`] to sled every [`journal::CHECKPOINT_EVERY`] (sooner when
+/// much is waiting, and once more when the writer stops) so that journal files can go:
+/// `m/seq`, the writes, `m/ckpt` = the last group they hold, a sled flush (and `syncfs`
+/// with `[storage] sync`), then the writer is told it may delete files holding nothing
+/// later.
 struct Checkpointer {
     db: sled::Db,
-    tree: sled::Tree,
+    read: SledRead,
     sync_file: Option<File>,
-    applied: Arc<AtomicU64>,
     checkpointed: Arc<AtomicU64>,
     fatal: CancellationToken,
     metrics: crate::metrics::StoreMetrics,
-    /// Closed when the writer stops.
-    stop: std::sync::mpsc::Receiver<()>,
 }
 
 impl Checkpointer {
     fn run(self) {
         loop {
-            let last = match self.stop.recv_timeout(journal::CHECKPOINT_EVERY) {
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
-                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
-            };
-            if let Err(e) = self.checkpoint() {
-                // The journal could then only grow: stop while it is still whole.
-                tracing::error!(error = %e, "store checkpoint failed; the queen must stop");
-                self.fatal.cancel();
-                return;
+            let last = self.read.pending.wait(journal::CHECKPOINT_EVERY);
+            // After the writer stopped, until everything is in sled.
+            loop {
+                match self.checkpoint() {
+                    Ok(true) if last => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        // The journal could then only grow: stop while it is still whole.
+                        tracing::error!(error = %e, "store checkpoint failed; the queen must stop");
+                        self.fatal.cancel();
+                        // Frees a writer waiting for room; it writes nothing more.
+                        self.read.pending.stop();
+                        return;
+                    }
+                }
             }
             if last {
                 return;
@@ -1415,30 +1460,43 @@ impl Checkpointer {
         }
     }
 
-    fn checkpoint(&self) -> Result<(), sled::Error> {
-        let applied = self.applied.load(Ordering::Acquire);
-        if applied <= self.checkpointed.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        // Every group up to `applied` is in sled; this insert comes after their writes in
-        // sled's log, so a recovered `m/ckpt` vouches for them.
+    /// Writes what is pending to sled and flushes; whether there was anything.
+    fn checkpoint(&self) -> Result<bool, sled::Error> {
+        let Some((writes, last)) = self.read.pending.take() else {
+            return Ok(false);
+        };
         let started = std::time::Instant::now();
-        self.tree.insert(CKPT_KEY, &applied.to_be_bytes())?;
+        let tree = &self.read.tree;
+        // Before the writes (see `SEQ_KEY`): a crash may leave them partly in sled.
+        tree.insert(SEQ_KEY, &last.to_be_bytes())?;
+        for (i, (k, v)) in writes.iter().enumerate() {
+            if i % OPS_PER_RECLAIM == 0 {
+                crossbeam_epoch::pin().flush();
+            }
+            match v {
+                Some(v) => drop(tree.insert(k.as_slice(), v.as_slice())?),
+                None => drop(tree.remove(k.as_slice())?),
+            }
+        }
+        // After them in sled's log, so a recovered `m/ckpt` vouches for them.
+        tree.insert(CKPT_KEY, &last.to_be_bytes())?;
         self.db.flush()?;
         if let Some(file) = &self.sync_file {
             syncfs(file)?;
         }
+        self.read.pending.applied();
         self.metrics
             .checkpoint_seconds
             .observe(started.elapsed().as_secs_f64());
-        self.checkpointed.fetch_max(applied, Ordering::AcqRel);
-        Ok(())
+        self.checkpointed.fetch_max(last, Ordering::AcqRel);
+        Ok(true)
     }
 }
 
 struct Writer {
     db: sled::Db,
-    tree: sled::Tree,
+    /// The tree and the writes still pending for it.
+    read: SledRead,
     rx: mpsc::Receiver<Commit>,
     durable: Arc<AtomicU64>,
     sync_file: Option<File>,
@@ -1449,17 +1507,16 @@ struct Writer {
     sync: bool,
     /// The last group written (numbered from 1, across restarts).
     seq: u64,
-    /// Every group up to this one is in sled (set here, read by the checkpointer).
-    applied: Arc<AtomicU64>,
     /// Every group up to this one is durable in sled (set by the checkpointer).
     checkpointed: Arc<AtomicU64>,
 }
 
 impl Writer {
     /// Two stages, so that writing the next group overlaps syncing the last one: this
-    /// thread appends each group of waiting commits to the journal and writes it to sled;
-    /// the flusher thread syncs the journal up to there and only then runs those commits'
-    /// continuations, in order. A third thread checkpoints sled.
+    /// thread appends each group of waiting commits to the journal and folds it into the
+    /// [`pending`] writes; the flusher thread syncs the journal up to there and only then
+    /// runs those commits' continuations, in order. A third thread writes what is pending
+    /// to sled at checkpoints.
     fn run(mut self) {
         let (applied_tx, applied_rx) = std::sync::mpsc::channel::<Applied>();
         let flusher = Flusher {
@@ -1469,16 +1526,13 @@ impl Writer {
             metrics: self.metrics.clone(),
             rx: applied_rx,
         };
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let checkpointer = Checkpointer {
             db: self.db.clone(),
-            tree: self.tree.clone(),
+            read: self.read.clone(),
             sync_file: self.sync_file.take(),
-            applied: self.applied.clone(),
             checkpointed: self.checkpointed.clone(),
             fatal: self.fatal.clone(),
             metrics: self.metrics.clone(),
-            stop: stop_rx,
         };
         let threads = std::thread::Builder::new()
             .name("hive-store-flush".into())
@@ -1527,32 +1581,29 @@ impl Writer {
         drop(applied_tx);
         let _ = flusher.join();
         // A last checkpoint, so the next start has nothing to replay.
-        drop(stop_tx);
+        self.read.pending.stop();
         let _ = checkpointer.join();
     }
 
-    /// Writes a group of commits: its record to the journal, then its writes to sled
-    /// (durable once the flusher has synced the journal).
+    /// Writes a group of commits: its record to the journal, then its writes to the
+    /// pending ones (durable once the flusher has synced the journal).
     fn apply_all(&mut self, commits: &mut [Commit]) -> Result<(), CommitError> {
         // The group's final value per key (a later write to a key replaces an earlier
         // one), in key order.
         let mut writes = KeyWrites::new();
-        let mut ops = 0;
         for commit in commits.iter_mut() {
             for m in commit.mutations.drain(..) {
-                ops += self
-                    .apply(&mut writes, m)
+                self.apply(&mut writes, m)
                     .map_err(|e| CommitError(e.to_string()))?;
             }
         }
-        let applied = self.write(writes);
-        reclaim(ops);
-        applied
+        self.write(writes)
     }
 
     /// Writes a group's final values: the journal record first (see [`journal`]), then
-    /// each as a plain sled insert or remove, never through `apply_batch`, whose
-    /// process-wide lock would wait for every sled flush in progress.
+    /// into the [`pending`] writes, which the checkpointer writes to sled as plain inserts
+    /// and removes, never through `apply_batch`, whose process-wide lock would wait for
+    /// every sled flush in progress.
     fn write(&mut self, writes: KeyWrites) -> Result<(), CommitError> {
         if writes.is_empty() {
             return Ok(());
@@ -1576,37 +1627,25 @@ impl Writer {
                 .observe(started.elapsed().as_secs_f64());
         }
         self.seq = seq;
-        let result = (|| {
-            self.tree.insert(SEQ_KEY, &seq.to_be_bytes())?;
-            for (k, v) in writes {
-                write_key(&self.tree, k, v)?;
-            }
-            Ok::<(), sled::Error>(())
-        })();
-        result.map_err(|e| CommitError(e.to_string()))?;
-        self.applied.store(seq, Ordering::Release);
+        self.read.pending.add(seq, writes);
         Ok(())
     }
 
-    fn apply(&self, writes: &mut KeyWrites, m: Mutation) -> Result<usize, sled::Error> {
+    fn apply(&self, writes: &mut KeyWrites, m: Mutation) -> Result<(), sled::Error> {
         let mut failed = None;
-        let mut count = 0;
         ops(m, |op| match op {
             Op::Put(k, v) => {
-                count += 1;
                 writes.insert(k, Some(v));
             }
             Op::Del(k) => {
-                count += 1;
                 writes.insert(k, None);
             }
             Op::DelIfEq(k, expected) => {
-                count += 1;
                 // The value as of this point in the group (as PostgreSQL's fold sees it);
                 // else the stored one (safe to read here: this thread is the only writer).
                 let current = match writes.get(&k) {
                     Some(pending) => Ok(pending.clone()),
-                    None => self.tree.get(&k).map(|v| v.map(|v| v.to_vec())),
+                    None => self.read.get(&k),
                 };
                 match current {
                     Ok(Some(v)) if v == expected => {
@@ -1617,7 +1656,7 @@ impl Writer {
                 }
             }
         });
-        failed.map_or(Ok(count), Err)
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -1632,23 +1671,17 @@ fn write_key(tree: &sled::Tree, k: Vec<u8>, v: Option<Vec<u8>>) -> Result<(), sl
     }
 }
 
-/// Key operations per extra pin of sled's garbage collector in [`reclaim`].
+/// Key operations per extra pin of sled's garbage collector when the checkpoint writes
+/// to sled. Every insert copies the leaf it changes, and the old copies are freed by
+/// `crossbeam-epoch`'s collector, a few bags per later pin. When the store applied groups
+/// as sled batches (schema 3), a whole batch ran under one guard and after a burst the
+/// garbage outgrew what was freed: sled alone (`hive-sled-alone`, 1M records in
+/// 5,000-record batches) held 800–1,050 MiB, 220 MiB with these extra pins. With plain
+/// inserts (schema 4 on) each insert pins on its own and sled alone holds ~190 MiB either
+/// way (`--plain`), but the pins still pay a little (161,654 → 175,684 records/s). Each
+/// pin and flush collects some of the global garbage; with nothing to collect it costs
+/// well under a microsecond.
 const OPS_PER_RECLAIM: usize = 10;
-
-/// Frees garbage sled's copy-on-write left behind. Every insert copies the leaf it changes,
-/// and the old copies are freed by `crossbeam-epoch`'s collector, a few bags per later
-/// pin. When the store applied groups as sled batches (schema 3), a whole batch ran under
-/// one guard and after a burst the garbage outgrew what was freed: sled alone
-/// (`hive-sled-alone`, 1M records in 5,000-record batches) held 800–1,050 MiB, 220 MiB
-/// with these extra pins. With plain inserts (schema 4) each insert pins on its own and
-/// sled alone holds ~190 MiB either way (`--plain`), but the pins still pay a little
-/// (161,654 → 175,684 records/s). Each pin and flush collects some of the global garbage;
-/// with nothing to collect it costs well under a microsecond.
-fn reclaim(ops: usize) {
-    for _ in 0..=ops / OPS_PER_RECLAIM {
-        crossbeam_epoch::pin().flush();
-    }
-}
 
 /// The next group commit, for either engine's writer: waits for one commit, then takes
 /// every commit already waiting, up to [`MAX_COMMITS_PER_BATCH`]. `None` once the channel

@@ -740,3 +740,45 @@ async fn a_group_begun_in_sled_without_its_journal_record_is_refused() {
         "{err}"
     );
 }
+
+/// Reads on sled look at the writes still pending (durable in the journal, not yet in
+/// sled) before the tree: a pending write replaces the stored row, a pending removal
+/// hides it, in point reads and in ranges either way.
+#[test]
+fn reads_see_the_pending_writes_before_the_tree() {
+    let db = sled::Config::new().temporary(true).open().expect("sled");
+    let tree = db.open_tree("hive").expect("tree");
+    let k = |n: u8| key(FINISHED, &[n]);
+    tree.insert(k(1), b"one".to_vec()).expect("insert");
+    tree.insert(k(2), b"two".to_vec()).expect("insert");
+    let read = SledRead {
+        tree,
+        pending: Arc::default(),
+    };
+    read.pending.add(
+        1,
+        [(k(2), None), (k(3), Some(b"three".to_vec()))]
+            .into_iter()
+            .collect(),
+    );
+    assert_eq!(read.get(&k(1)).expect("get"), Some(b"one".to_vec()));
+    assert_eq!(
+        read.get(&k(2)).expect("get"),
+        None,
+        "removed, though sled has it"
+    );
+    assert_eq!(read.get(&k(3)).expect("get"), Some(b"three".to_vec()));
+    let keys = |rows: Vec<pending::Row>| rows.into_iter().map(|r| r.0).collect::<Vec<_>>();
+    let (start, end) = (FINISHED.to_vec(), key(FINISHED, &[0xff]));
+    assert_eq!(
+        keys(
+            read.range(start.clone(), end.clone(), false, 10)
+                .expect("range")
+        ),
+        vec![k(1), k(3)]
+    );
+    assert_eq!(
+        keys(read.range(start, end, true, 1).expect("range")),
+        vec![k(3)]
+    );
+}
