@@ -111,7 +111,7 @@ fn store_checkpoint_histogram() -> Histogram {
     Histogram::with_opts(
         HistogramOpts::new(
             "hive_store_checkpoint_duration_seconds",
-            "Time to flush sled at a checkpoint (with syncfs under [storage] sync), after which journal files can go.",
+            "Time of a checkpoint: writing the pending writes to sled and flushing it (with syncfs under [storage] sync), after which journal files can go.",
         )
         .buckets(FLUSH_BUCKETS.to_vec()),
     )

@@ -30,7 +30,7 @@ struct Args {
     batches_per_flush: usize,
     /// After each batch, pin and flush sled's epoch-based garbage collector this many
     /// times (0: leave reclamation to sled; the queen's store does one per 10 operations,
-    /// `store::reclaim`).
+    /// `store::OPS_PER_RECLAIM`).
     #[arg(long, default_value_t = 0)]
     reclaim_flushes: usize,
     /// Bytes per value (a pending task's record is ~150).

@@ -286,25 +286,17 @@ impl SledRead {
         }
     }
 
-    /// Up to `limit` rows with keys in `start..end`, ascending (descending with `rev`).
-    fn range(
+    /// Calls `f` with each row in `start..end`, ascending (descending with `rev`), the
+    /// pending writes over sled's, until it returns `false`; at most `limit` rows.
+    fn scan(
         &self,
-        start: Vec<u8>,
-        end: Vec<u8>,
+        start: &[u8],
+        end: &[u8],
         rev: bool,
         limit: usize,
-    ) -> Result<Vec<pending::Row>, sled::Error> {
-        // Pending writes first: one that reaches sled meanwhile is read twice, alike.
-        let over = self.pending.range(&start, &end);
-        let rows = self
-            .tree
-            .range(start..end)
-            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())));
-        if rev {
-            pending::merge(rows.rev(), over, true, limit)
-        } else {
-            pending::merge(rows, over, false, limit)
-        }
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        pending::scan(&self.tree, &self.pending, start, end, rev, limit, f)
     }
 }
 
@@ -1128,7 +1120,9 @@ pub(crate) type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 pub(crate) type Raw = Vec<(sled::IVec, sled::IVec)>;
 
 /// Reads sled's active records in key order, a chunk at a time; `send` returning false
-/// stops the read.
+/// stops the read. Straight from the tree, not through [`SledRead`]: it runs at start,
+/// after the journal's replay, and the core writes nothing (it defers requests and holds
+/// its timers) until the scan is done, so nothing is pending for these keys.
 fn scan_sled(tree: &sled::Tree, send: &mut dyn FnMut(Raw) -> bool) -> Result<(), StoreError> {
     let mut chunk = Vec::with_capacity(RECOVERY_CHUNK);
     for item in tree.scan_prefix(ACTIVE) {
@@ -1260,11 +1254,7 @@ impl StoreReader {
         };
         match &self.engine {
             ReadEngine::Sled(read) => {
-                for (_, raw) in read.range(start, end, true, scan_limit)? {
-                    if !take(&raw)? {
-                        break;
-                    }
-                }
+                read.scan(&start, &end, true, scan_limit, |_, raw| take(raw))?;
             }
             ReadEngine::Postgres(reader) => {
                 reader.range_rev(start, end, scan_limit, |_, raw| take(raw))?;
@@ -1277,7 +1267,14 @@ impl StoreReader {
     pub fn expired(&self, cutoff_ms: i64, limit: usize) -> Result<Vec<Expired>, StoreError> {
         let end = key(RETENTION, &(cutoff_ms.max(0) as u64).to_be_bytes());
         let rows = match &self.engine {
-            ReadEngine::Sled(read) => read.range(RETENTION.to_vec(), end, false, limit)?,
+            ReadEngine::Sled(read) => {
+                let mut rows = Vec::new();
+                read.scan(RETENTION, &end, false, limit, |k, v| {
+                    rows.push((k.to_vec(), v.to_vec()));
+                    Ok(true)
+                })?;
+                rows
+            }
             ReadEngine::Postgres(reader) => reader.range(RETENTION.to_vec(), end, limit)?,
         };
         let mut out = Vec::new();
@@ -1335,7 +1332,8 @@ impl StoreWriter {
     }
 }
 
-/// A group of commits written to the journal and to sled, waiting for the journal sync.
+/// A group of commits written to the journal (and folded into the pending writes), waiting
+/// for the journal sync.
 struct Applied {
     commits: Vec<Commit>,
     result: Result<(), CommitError>,
@@ -1435,8 +1433,29 @@ struct Checkpointer {
     metrics: crate::metrics::StoreMetrics,
 }
 
+/// Ends a checkpoint thread however it ends: a panic stops the queen as a failed
+/// checkpoint does, and a writer waiting for room is never left waiting.
+struct CheckpointerExit<'a> {
+    pending: &'a pending::Pending,
+    fatal: &'a CancellationToken,
+}
+
+impl Drop for CheckpointerExit<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("store checkpoint thread panicked; the queen must stop");
+            self.fatal.cancel();
+        }
+        self.pending.stop();
+    }
+}
+
 impl Checkpointer {
     fn run(self) {
+        let _exit = CheckpointerExit {
+            pending: &self.read.pending,
+            fatal: &self.fatal,
+        };
         loop {
             let last = self.read.pending.wait(journal::CHECKPOINT_EVERY);
             // After the writer stopped, until everything is in sled.
