@@ -1001,6 +1001,75 @@ async fn a_503_without_a_leader_ends_a_write_but_not_a_read() {
     q.stop().await;
 }
 
+/// Guards `task --wait`: it answers once the task has ended (the queen holds the request),
+/// exits 0 for a success and 1 for a failure, and with `--timeout` gives up with 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_wait_returns_when_the_task_ends_and_gives_up_at_its_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let q = TestQueen::start(fast_config(&dir.path().join("db"))).await;
+    let mut drone = FakeDrone::connect(q.drones, hello(DroneId::generate(), 2, vec![])).await;
+
+    let id = cli(&q, &["submit", "echo", "--payload", "\"ok\""])
+        .await
+        .expect(0)
+        .ids()[0];
+    let a = drone.expect_assign().await;
+    assert_eq!(a.task_id, id);
+    let waiting = tokio::spawn(Run::at(&q, &["task", &id.to_string(), "--wait"]).run());
+    drone
+        .send(DroneMessage::TaskComplete(TaskComplete {
+            task_id: a.task_id,
+            fence: a.fence,
+            result: json!({"echo": "ok"}),
+        }))
+        .await;
+    let out = waiting.await.expect("join").expect(0);
+    assert!(out.stdout.contains("succeeded"), "{out:#?}");
+
+    let id = cli(
+        &q,
+        &[
+            "submit",
+            "echo",
+            "--payload",
+            "\"bad\"",
+            "--max-attempts",
+            "1",
+        ],
+    )
+    .await
+    .expect(0)
+    .ids()[0];
+    let a = drone.expect_assign().await;
+    let waiting = tokio::spawn(Run::at(&q, &["--json", "task", &id.to_string(), "--wait"]).run());
+    drone
+        .send(DroneMessage::TaskFailed(TaskFailed {
+            task_id: a.task_id,
+            fence: a.fence,
+            error: "boom".into(),
+            result: None,
+            retryable: false,
+        }))
+        .await;
+    let out = waiting.await.expect("join").expect(1);
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(doc["state"], "failed", "{out:#?}");
+
+    // Assigned and never answered: --timeout gives up.
+    let id = cli(&q, &["submit", "echo", "--payload", "\"slow\""])
+        .await
+        .expect(0)
+        .ids()[0];
+    let _slow = drone.expect_assign().await;
+    let out = Run::at(&q, &["task", &id.to_string(), "--wait", "--timeout", "1"])
+        .run()
+        .await
+        .expect(1);
+    assert!(out.stderr.contains("has not ended after 1 s"), "{out:#?}");
+    assert!(out.stdout.contains("running"), "{out:#?}");
+    q.stop().await;
+}
+
 /// Guards `submit --wait`: it waits for every task, exits 0 when all succeeded and 1 when
 /// one failed, naming it; `task` then shows the error of each attempt and the result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,10 +14,22 @@ const MAX_PAGE: usize = 1_000;
 
 /// Show one task: state, attempts, lease, times, every attempt's error, result, checkpoint.
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Examples:
+  queen task 0192f0c5-2d3e-7c41-9a55-6f1c2b3a4d5e
+  queen task 0192f0c5-2d3e-7c41-9a55-6f1c2b3a4d5e --wait --timeout 60")]
 pub struct TaskArgs {
     /// The task id (a UUID, as `submit` printed it).
     #[arg(value_parser = parse_id)]
     id: TaskId,
+    /// Wait until the task has ended (the queen holds each request until it does, up to
+    /// 10 s at a time: `GET /v1/tasks/{id}?wait_ms=`); exit 1 if it failed or was
+    /// cancelled.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this many seconds, show the task as it is and exit 1.
+    #[arg(long, value_name = "SECS", requires = "wait")]
+    timeout: Option<u64>,
 }
 
 /// List tasks, newest first, as a table (id, queue, kind, state, attempts, created).
@@ -67,14 +79,56 @@ pub struct RetryArgs {
 }
 
 pub fn show(ctx: &Ctx, out: &mut impl Write, args: TaskArgs) -> Result<Exit, CliError> {
-    let doc = ctx.client.get(&format!("/v1/tasks/{}", args.id))?;
+    let path = format!("/v1/tasks/{}", args.id);
+    let mut doc = ctx.client.get(&path)?;
+    let mut exit = Exit::Ok;
+    if args.wait {
+        let deadline = args
+            .timeout
+            .map(|s| std::time::Instant::now() + std::time::Duration::from_secs(s));
+        loop {
+            let view: TaskView = ctx.client.decode(doc.clone())?;
+            if view.state.is_terminal() {
+                if view.state != TaskState::Succeeded {
+                    exit = Exit::TaskFailed;
+                }
+                break;
+            }
+            let hold = match deadline {
+                None => super::submit::WAIT_HOLD_MS,
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        eprintln!(
+                            "queen: task {} has not ended after {} s (it is {})",
+                            args.id,
+                            args.timeout.unwrap_or_default(),
+                            view.state
+                        );
+                        exit = Exit::TaskFailed;
+                        break;
+                    }
+                    (left.as_millis() as u64).clamp(1, super::submit::WAIT_HOLD_MS)
+                }
+            };
+            let asked = std::time::Instant::now();
+            doc = ctx.client.get(&format!("{path}?wait_ms={hold}"))?;
+            // A queen from before `wait_ms` answers at once: never ask faster than this.
+            if let Some(left) = super::submit::WAIT_POLL_INTERVAL.checked_sub(asked.elapsed()) {
+                let view: TaskView = ctx.client.decode(doc.clone())?;
+                if !view.state.is_terminal() {
+                    std::thread::sleep(left);
+                }
+            }
+        }
+    }
     if ctx.json {
         ctx.print_json(out, &doc)?;
-        return Ok(Exit::Ok);
+        return Ok(exit);
     }
     let t: TaskView = ctx.client.decode(doc)?;
     write_detail(out, &t)?;
-    Ok(Exit::Ok)
+    Ok(exit)
 }
 
 fn pretty(v: &Value) -> String {
