@@ -114,7 +114,18 @@ fn the_node_sdk_suite_passes_against_a_real_queen_and_drone() {
         major >= 18,
         "the Node SDK needs Node.js 18 or later, found {version:?}"
     );
+    // The test files by name: `node --test test/` reads a directory on Node 18 and 20 but
+    // takes it as a file pattern from Node 21 on, where it finds nothing and fails.
+    let dir = repo().join("sdk/node");
+    let mut files: Vec<String> = std::fs::read_dir(dir.join("test"))
+        .expect("sdk/node/test is readable")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".test.js"))
+        .map(|name| format!("test/{name}"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no *.test.js in sdk/node/test");
     let mut command = Command::new(node);
-    command.args(["--test", "test/"]);
-    run_suite("Node SDK", command, &repo().join("sdk/node"));
+    command.arg("--test").args(&files);
+    run_suite("Node SDK", command, &dir);
 }
