@@ -26,7 +26,7 @@
 //! writes into the [`pending`] ones (which readers see before sled); the flusher thread
 //! syncs the journal up to there, then runs those commits' continuations in order. The
 //! next group is written while the last one syncs. A checkpoint thread writes what is
-//! pending to sled and flushes it, four times a second or sooner under load, so the
+//! pending to sled and flushes it, once a second or sooner under load, so the
 //! journal can be deleted. Nothing is acknowledged or sent to a drone before the write it
 //! depends on is durable.
 

@@ -5,7 +5,7 @@
 //! the writer thread most of its time, and a task's life is five sled writes (the submit's
 //! `a/` put, the grant's `a/` put, the finish's `a/` removal, `f/` and `t/`), the `a/` ones
 //! on the busiest leaves (new ids append at one end, finished ones leave the other, so
-//! sled splits and merges leaves all the time). Held here for a fraction of a second, a
+//! sled splits and merges leaves all the time). Held here for up to a second, a
 //! key's writes fold into its last one: a task that starts and finishes within the window
 //! never touches `a/` in sled at all (its removal finds nothing and writes nothing), and a
 //! grant followed by its finish is one removal.
