@@ -217,8 +217,9 @@ pub struct StorageSection {
     /// Which engine holds the tasks: `sled` (embedded, one queen, the default) or
     /// `postgres` (`[postgres] url`; several queens share it, one leads).
     pub backend: Backend,
-    /// `false`: each group commit is flushed with sled's flush (survives a killed
-    /// process, not power loss). `true`: also a real `syncfs` per group commit.
+    /// `false`: each group commit's journal record is synced with `sync_file_range`
+    /// before the answer (survives a killed process, not power loss). `true`: each record
+    /// is `fdatasync`ed before its group goes further, and each checkpoint runs `syncfs`.
     pub sync: bool,
     pub cache_capacity_mb: u64,
     /// Active tasks held whole in memory; pending, scheduled and blocked tasks beyond this

@@ -107,13 +107,18 @@ fn store_flush_histogram() -> Histogram {
     .expect("static histogram options are valid")
 }
 
+/// A checkpoint writes up to 16 MiB to sled and flushes it: milliseconds to seconds.
+const CHECKPOINT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 fn store_checkpoint_histogram() -> Histogram {
     Histogram::with_opts(
         HistogramOpts::new(
             "hive_store_checkpoint_duration_seconds",
             "Time of a checkpoint: writing the pending writes to sled and flushing it (with syncfs under [storage] sync), after which journal files can go.",
         )
-        .buckets(FLUSH_BUCKETS.to_vec()),
+        .buckets(CHECKPOINT_BUCKETS.to_vec()),
     )
     .expect("static histogram options are valid")
 }

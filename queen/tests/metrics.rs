@@ -75,6 +75,12 @@ async fn counters_and_histograms_move_as_tasks_run() {
     let commits_before = observations(&s, "hive_store_group_commit_size");
     assert!(commits_before >= 1, "submits went through group commits");
     assert!(observations(&s, "hive_store_flush_duration_seconds") >= 1);
+    assert!(
+        s.samples
+            .iter()
+            .any(|x| x.metric == "hive_store_checkpoint_duration_seconds"),
+        "the checkpoint histogram is exported"
+    );
 
     // A drone takes both: dispatch latency observed twice, the gauge moves to running.
     let mut d = FakeDrone::connect(q.drones, hello(DroneId::generate(), 2, vec![])).await;

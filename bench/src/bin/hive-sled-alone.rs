@@ -24,8 +24,8 @@ struct Args {
     /// Records per batch (the queen's fill writes 5,000-task batches).
     #[arg(long, default_value_t = 5_000)]
     batch: usize,
-    /// Batches applied between two flushes (the queen flushes once per group commit,
-    /// which may hold several commits).
+    /// Batches applied between two flushes (a schema-4 queen flushed once per group
+    /// commit; since schema 5 the queen flushes at checkpoints, about every 100th).
     #[arg(long, default_value_t = 1)]
     batches_per_flush: usize,
     /// After each batch, pin and flush sled's epoch-based garbage collector this many

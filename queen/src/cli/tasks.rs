@@ -81,44 +81,45 @@ pub struct RetryArgs {
 pub fn show(ctx: &Ctx, out: &mut impl Write, args: TaskArgs) -> Result<Exit, CliError> {
     let path = format!("/v1/tasks/{}", args.id);
     let mut doc = ctx.client.get(&path)?;
+    let mut view: TaskView = ctx.client.decode(doc.clone())?;
     let mut exit = Exit::Ok;
     if args.wait {
+        // A deadline too far to represent is no deadline.
         let deadline = args
             .timeout
-            .map(|s| std::time::Instant::now() + std::time::Duration::from_secs(s));
+            .and_then(|s| std::time::Instant::now().checked_add(std::time::Duration::from_secs(s)));
         loop {
-            let view: TaskView = ctx.client.decode(doc.clone())?;
             if view.state.is_terminal() {
                 if view.state != TaskState::Succeeded {
                     exit = Exit::TaskFailed;
                 }
                 break;
             }
-            let hold = match deadline {
-                None => super::submit::WAIT_HOLD_MS,
-                Some(d) => {
-                    let left = d.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
-                        eprintln!(
-                            "queen: task {} has not ended after {} s (it is {})",
-                            args.id,
-                            args.timeout.unwrap_or_default(),
-                            view.state
-                        );
-                        exit = Exit::TaskFailed;
-                        break;
-                    }
-                    (left.as_millis() as u64).clamp(1, super::submit::WAIT_HOLD_MS)
-                }
-            };
+            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                eprintln!(
+                    "queen: task {} has not ended after {} s (it is {})",
+                    args.id,
+                    args.timeout.unwrap_or_default(),
+                    view.state
+                );
+                exit = Exit::TaskFailed;
+                break;
+            }
+            let hold = left.map_or(super::submit::WAIT_HOLD_MS, |l| {
+                (l.as_millis() as u64).clamp(1, super::submit::WAIT_HOLD_MS)
+            });
             let asked = std::time::Instant::now();
             doc = ctx.client.get(&format!("{path}?wait_ms={hold}"))?;
-            // A queen from before `wait_ms` answers at once: never ask faster than this.
-            if let Some(left) = super::submit::WAIT_POLL_INTERVAL.checked_sub(asked.elapsed()) {
-                let view: TaskView = ctx.client.decode(doc.clone())?;
-                if !view.state.is_terminal() {
-                    std::thread::sleep(left);
+            view = ctx.client.decode(doc.clone())?;
+            // A queen from before `wait_ms` answers at once: never ask faster than the
+            // poll interval, nor past the deadline.
+            if !view.state.is_terminal() {
+                let mut pause = super::submit::WAIT_POLL_INTERVAL.saturating_sub(asked.elapsed());
+                if let Some(d) = deadline {
+                    pause = pause.min(d.saturating_duration_since(std::time::Instant::now()));
                 }
+                std::thread::sleep(pause);
             }
         }
     }
@@ -126,8 +127,7 @@ pub fn show(ctx: &Ctx, out: &mut impl Write, args: TaskArgs) -> Result<Exit, Cli
         ctx.print_json(out, &doc)?;
         return Ok(exit);
     }
-    let t: TaskView = ctx.client.decode(doc)?;
-    write_detail(out, &t)?;
+    write_detail(out, &view)?;
     Ok(exit)
 }
 

@@ -719,7 +719,7 @@ fn replay_journal(tree: &sled::Tree, data_dir: &Path, sync: bool) -> Result<u64,
         detail,
     };
     let journal_err = |e| journal_error(data_dir, e);
-    let Some(raw) = tree.get(CKPT_KEY)? else {
+    let Some(checkpointed) = group_number(tree, CKPT_KEY, data_dir)? else {
         // Schema 4 (or a new database): complete its interrupted group, if any. Its
         // journal held only groups of several keys, and a record past `m/group` was never
         // applied (a single-key write before it may be missing from sled): none may be
@@ -731,11 +731,6 @@ fn replay_journal(tree: &sled::Tree, data_dir: &Path, sync: bool) -> Result<u64,
         flush_tree(tree, data_dir, sync)?;
         return Ok(last);
     };
-    let bytes: [u8; 8] = raw
-        .as_ref()
-        .try_into()
-        .map_err(|_| corrupt(format!("m/ckpt is not a group number: {:?}", raw.as_ref())))?;
-    let checkpointed = u64::from_be_bytes(bytes);
     let groups = journal::read(data_dir, checkpointed).map_err(journal_err)?;
     let last = groups.last().map_or(checkpointed, |g| g.0);
     let (count, mut writes) = (groups.len(), 0);
@@ -753,12 +748,7 @@ fn replay_journal(tree: &sled::Tree, data_dir: &Path, sync: bool) -> Result<u64,
             "replayed the journal's groups after the last checkpoint"
         );
     }
-    if let Some(raw) = tree.get(SEQ_KEY)? {
-        let bytes: [u8; 8] = raw
-            .as_ref()
-            .try_into()
-            .map_err(|_| corrupt(format!("m/seq is not a group number: {:?}", raw.as_ref())))?;
-        let begun = u64::from_be_bytes(bytes);
+    if let Some(begun) = group_number(tree, SEQ_KEY, data_dir)? {
         if begun > last {
             return Err(corrupt(format!(
                 "sled holds writes of journal group {begun}, but the journal ends at group \
@@ -771,6 +761,22 @@ fn replay_journal(tree: &sled::Tree, data_dir: &Path, sync: bool) -> Result<u64,
     tree.insert(CKPT_KEY, &last.to_be_bytes())?;
     flush_tree(tree, data_dir, sync)?;
     Ok(last)
+}
+
+/// `m/ckpt` or `m/seq`: a journal group's number (u64 big-endian), if set.
+fn group_number(tree: &sled::Tree, k: &[u8], data_dir: &Path) -> Result<Option<u64>, StoreError> {
+    let Some(raw) = tree.get(k)? else {
+        return Ok(None);
+    };
+    let bytes: [u8; 8] = raw.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+        path: data_dir.join("db"),
+        detail: format!(
+            "{} is not a group number: {:?}",
+            String::from_utf8_lossy(k),
+            raw.as_ref()
+        ),
+    })?;
+    Ok(Some(u64::from_be_bytes(bytes)))
 }
 
 /// A journal that cannot be read, or reads as corrupt (a missing group).
@@ -1628,7 +1634,8 @@ impl Writer {
             return Ok(());
         }
         if self.fatal.is_cancelled() {
-            // A sync or a checkpoint failed: nothing more may be written after it.
+            // The queen is stopping (a sync, a checkpoint or a read failed): nothing more
+            // may be written.
             return Err(CommitError(
                 "the store failed; the queen is stopping".into(),
             ));

@@ -128,12 +128,7 @@ impl Pending {
         rev: bool,
         n: usize,
     ) -> (Vec<Write>, u64) {
-        use std::ops::Bound::{Excluded, Included};
-        let bounds = match (after, rev) {
-            (None, _) => (Included(start), Excluded(end)),
-            (Some(a), false) => (Excluded(a), Excluded(end)),
-            (Some(a), true) => (Included(start), Excluded(a)),
-        };
+        let bounds = bounds(start, end, after, rev);
         if start >= end || after.is_some_and(|a| (rev && a <= start) || (!rev && a >= end)) {
             return (Vec::new(), self.read().epoch);
         }
@@ -258,6 +253,22 @@ impl Pending {
     }
 }
 
+/// The keys in `start..end` still to walk past `after` (the last key looked at), going up
+/// or, with `rev`, down.
+fn bounds<'k>(
+    start: &'k [u8],
+    end: &'k [u8],
+    after: Option<&'k [u8]>,
+    rev: bool,
+) -> (std::ops::Bound<&'k [u8]>, std::ops::Bound<&'k [u8]>) {
+    use std::ops::Bound::{Excluded, Included};
+    match (after, rev) {
+        (None, _) => (Included(start), Excluded(end)),
+        (Some(a), false) => (Excluded(a), Excluded(end)),
+        (Some(a), true) => (Included(start), Excluded(a)),
+    }
+}
+
 /// Walks the rows with keys in `start..end` (descending with `rev`) as readers see them:
 /// a pending write over sled's row, a pending removal hiding it. Calls `f` with each row
 /// until it returns `false`, and gives at most `limit` rows. The pending writes are read
@@ -273,19 +284,13 @@ pub(crate) fn scan<E: From<sled::Error>>(
     limit: usize,
     mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, E>,
 ) -> Result<(), E> {
-    use std::ops::Bound::{Excluded, Included};
     if start >= end {
         return Ok(());
     }
     type Walk<'t> =
         std::iter::Peekable<Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + 't>>;
     let walk_from = |after: Option<&[u8]>| -> Walk<'_> {
-        let bounds: (std::ops::Bound<&[u8]>, std::ops::Bound<&[u8]>) = match (after, rev) {
-            (None, _) => (Included(start), Excluded(end)),
-            (Some(a), false) => (Excluded(a), Excluded(end)),
-            (Some(a), true) => (Included(start), Excluded(a)),
-        };
-        let range = tree.range::<&[u8], _>(bounds);
+        let range = tree.range::<&[u8], _>(bounds(start, end, after, rev));
         let walk: Box<dyn Iterator<Item = _>> = if rev {
             Box::new(range.rev())
         } else {
@@ -565,9 +570,12 @@ mod tests {
         let big = vec![b'x'; APPLY_AT_BYTES];
         p.add(3, [(b"big".to_vec(), Some(big))].into_iter().collect());
         assert!(p.signals().full, "bytes alone fill it");
+        let asked = std::time::Instant::now();
+        assert!(!p.wait(Duration::from_secs(60)), "not stopped");
         assert!(
-            !p.wait(Duration::from_secs(60)),
-            "returns at once, not stopped"
+            asked.elapsed() < Duration::from_secs(30),
+            "a full `fresh` wakes the checkpoint thread at once"
         );
+        assert!(!p.signals().full, "the wake is taken");
     }
 }

@@ -509,8 +509,9 @@ fn group_writes(mutations: Vec<Mutation>) -> KeyWrites {
 
 /// `m/ckpt`, as the store left it.
 fn checkpoint_of(tree: &sled::Tree) -> u64 {
-    let raw = tree.get(CKPT_KEY).expect("read").expect("m/ckpt is set");
-    u64::from_be_bytes(raw.as_ref().try_into().expect("8 bytes"))
+    group_number(tree, CKPT_KEY, Path::new("test"))
+        .expect("read")
+        .expect("m/ckpt is set")
 }
 
 /// A crash in the middle of a group (here a finish: the active record removed, the
@@ -720,7 +721,7 @@ async fn a_group_begun_in_sled_without_its_journal_record_is_refused() {
         assert_eq!(
             tree.get(SEQ_KEY).expect("read").as_deref(),
             Some(&1u64.to_be_bytes()[..]),
-            "the writer marks each group begun"
+            "the checkpoint marks the groups it writes"
         );
         tree.insert(SEQ_KEY, &2u64.to_be_bytes()).expect("m/seq");
         write_key(
