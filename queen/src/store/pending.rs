@@ -396,6 +396,40 @@ mod tests {
         out
     }
 
+    /// `k00000`-style keys, in order.
+    fn key(i: usize) -> String {
+        format!("k{i:05}")
+    }
+
+    /// The number in a [`key`].
+    fn index(k: &[u8]) -> usize {
+        std::str::from_utf8(&k[1..])
+            .expect("utf8")
+            .parse()
+            .expect("a number")
+    }
+
+    /// A tree holding the even keys below 1,000, each "sled".
+    fn even_rows() -> sled::Tree {
+        let rows: Vec<(String, String)> = (0..1_000)
+            .step_by(2)
+            .map(|i| (key(i), "sled".to_string()))
+            .collect();
+        let rows: Vec<(&str, &str)> = rows.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        tree(&rows)
+    }
+
+    /// What a checkpoint does: sled takes every pending write (all puts here), which
+    /// leave the pending ones.
+    fn checkpoint(p: &Pending, t: &sled::Tree) {
+        let (taken, _) = p.take().expect("pending");
+        for (k, v) in taken.iter() {
+            t.insert(k.as_slice(), v.clone().expect("puts"))
+                .expect("insert");
+        }
+        p.applied();
+    }
+
     #[test]
     fn pending_writes_replace_add_to_and_remove_sled_rows_in_either_order() {
         let t = tree(&[("b", "old"), ("c", "gone"), ("e", "kept")]);
@@ -435,16 +469,7 @@ mod tests {
     /// taken by sled in the middle of the walk: every row once, in order.
     #[test]
     fn a_walk_across_chunks_and_a_checkpoint_misses_and_repeats_nothing() {
-        let key = |i: usize| format!("k{i:05}");
-        let sled_rows: Vec<(String, String)> = (0..1_000)
-            .step_by(2)
-            .map(|i| (key(i), "sled".to_string()))
-            .collect();
-        let rows: Vec<(&str, &str)> = sled_rows
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let t = tree(&rows);
+        let t = even_rows();
         for rev in [false, true] {
             let p = Pending::default();
             // Odd keys pending, and every tenth even key overwritten.
@@ -462,20 +487,11 @@ mod tests {
             let mut got = Vec::new();
             scan::<sled::Error>(&t, &p, b"", b"\xff", rev, usize::MAX, |k, v| {
                 got.push(String::from_utf8(k.to_vec()).expect("utf8"));
-                let i: usize = std::str::from_utf8(&k[1..])
-                    .expect("utf8")
-                    .parse()
-                    .expect("n");
+                let i = index(k);
                 let pending = matches!(i % 10, 0 | 1 | 3 | 5 | 7 | 9);
                 assert_eq!(v == b"pending", pending, "{i}");
                 if got.len() == 300 {
-                    // A checkpoint now: sled takes every pending write, which leave.
-                    let (taken, _) = p.take().expect("pending");
-                    for (k, v) in taken.iter() {
-                        t.insert(k.as_slice(), v.clone().expect("puts"))
-                            .expect("insert");
-                    }
-                    p.applied();
+                    checkpoint(&p, &t);
                 }
                 Ok(true)
             })
@@ -483,11 +499,7 @@ mod tests {
             assert_eq!(got, want, "rev {rev}");
             // Put the tree back for the other direction.
             for (k, _) in w {
-                let i: usize = std::str::from_utf8(&k[1..])
-                    .expect("utf8")
-                    .parse()
-                    .expect("n");
-                if i % 2 == 1 {
+                if index(&k) % 2 == 1 {
                     t.remove(&k).expect("remove");
                 } else {
                     t.insert(&k, b"sled").expect("insert");
@@ -501,13 +513,7 @@ mod tests {
     /// read, is seen only because the walk starts again.
     #[test]
     fn a_write_that_moves_to_sled_just_past_a_chunk_is_seen() {
-        let key = |i: usize| format!("k{i:05}");
-        let rows: Vec<(String, String)> = (0..1_000)
-            .step_by(2)
-            .map(|i| (key(i), "sled".to_string()))
-            .collect();
-        let rows: Vec<(&str, &str)> = rows.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let t = tree(&rows);
+        let t = even_rows();
         let p = Pending::default();
         // 256 odd keys, one chunk, then the 257th.
         let w: KeyWrites = (1..=2 * CHUNK + 1)
@@ -520,12 +526,7 @@ mod tests {
         scan::<sled::Error>(&t, &p, b"", b"\xff", false, usize::MAX, |k, _| {
             got.push(String::from_utf8(k.to_vec()).expect("utf8"));
             if k == key(2 * CHUNK - 2).as_bytes() {
-                let (taken, _) = p.take().expect("pending");
-                for (k, v) in taken.iter() {
-                    t.insert(k.as_slice(), v.clone().expect("puts"))
-                        .expect("insert");
-                }
-                p.applied();
+                checkpoint(&p, &t);
             }
             Ok(true)
         })
