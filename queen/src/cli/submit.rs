@@ -20,12 +20,12 @@ pub const BATCH_CHUNK: usize = 1_000;
 /// Largest `--file` read. The whole file is read and every spec checked before the first
 /// chunk is sent, so a typo on line 90,000 does not leave 89 chunks submitted.
 pub const MAX_FILE_BYTES: u64 = 256 * 1024 * 1024;
-/// How often `--wait` looks at unfinished tasks at most: quick enough to feel live, a few
-/// requests per second per task at most.
+/// The fastest `--wait` asks about one task: only a queen that ignores `wait_ms` (older than
+/// the long poll) answers faster, and it is then polled at this pace.
 pub const WAIT_POLL_INTERVAL: Duration = Duration::from_millis(250);
-/// How long `--wait` lets the queen hold a request for the last unfinished task
-/// (`?wait_ms=`): the answer comes when the task ends, not at the next poll. Well inside
-/// the client's request timeout.
+/// How long `--wait` lets the queen hold a request for an unfinished task (`?wait_ms=`):
+/// the answer comes when the task ends, not at the next poll. Well inside the client's
+/// request timeout.
 pub const WAIT_HOLD_MS: u64 = 10_000;
 /// Width of the `--wait` progress bar, in characters.
 const BAR_WIDTH: usize = 24;
@@ -372,49 +372,20 @@ fn submit_batch(
     Ok(exit)
 }
 
-/// Polls the tasks until all have ended, drawing progress on stderr. Returns their final
-/// documents (in order) and `TaskFailed` if any failed or was cancelled.
+/// Waits until every task has ended, drawing progress on stderr, without polling: each task
+/// in turn through the server's long poll ([`wait_until_ended`]), so a task that ended while
+/// an earlier one ran costs one request when its turn comes. Returns their final documents
+/// (in order) and `TaskFailed` if any failed or was cancelled.
 fn wait_for(ctx: &Ctx, ids: &[TaskId]) -> Result<(Vec<Value>, Exit), CliError> {
     let mut views: Vec<Option<(TaskView, Value)>> = vec![None; ids.len()];
-    let mut open: Vec<usize> = (0..ids.len()).collect();
     let mut progress = Progress::new(ids.len());
-    loop {
-        let mut still_open = Vec::with_capacity(open.len());
-        for &i in &open {
-            let Some(id) = ids.get(i) else { continue };
-            let doc = ctx.client.get(&format!("/v1/tasks/{id}"))?;
-            let view: TaskView = ctx.client.decode(doc.clone())?;
-            if !view.state.is_terminal() {
-                still_open.push(i);
-            }
-            if let Some(slot) = views.get_mut(i) {
-                *slot = Some((view, doc));
-            }
-        }
-        open = still_open;
-        let mut counts: HashMap<TaskState, usize> = HashMap::new();
-        for (v, _) in views.iter().flatten() {
-            *counts.entry(v.state).or_default() += 1;
-        }
+    let mut counts: HashMap<TaskState, usize> = HashMap::new();
+    progress.draw(&counts);
+    for (id, slot) in ids.iter().zip(views.iter_mut()) {
+        let (view, doc, _) = wait_until_ended(ctx, *id, None)?;
+        *counts.entry(view.state).or_default() += 1;
         progress.draw(&counts);
-        if open.is_empty() {
-            break;
-        }
-        // Wait on the first unfinished task server-side: with only one left the answer
-        // comes as it ends; with more, the progress line is redrawn every poll interval.
-        let hold = if open.len() == 1 {
-            WAIT_HOLD_MS
-        } else {
-            WAIT_POLL_INTERVAL.as_millis() as u64
-        };
-        let asked = std::time::Instant::now();
-        if let Some(id) = open.first().and_then(|&i| ids.get(i)) {
-            ctx.client.get(&format!("/v1/tasks/{id}?wait_ms={hold}"))?;
-        }
-        // A queen from before `wait_ms` answers at once: never ask faster than the poll.
-        if let Some(left) = WAIT_POLL_INTERVAL.checked_sub(asked.elapsed()) {
-            std::thread::sleep(left);
-        }
+        *slot = Some((view, doc));
     }
     progress.finish();
     let mut failed = 0;
@@ -447,6 +418,40 @@ fn wait_for(ctx: &Ctx, ids: &[TaskId]) -> Result<(Vec<Value>, Exit), CliError> {
     Ok((docs, exit))
 }
 
+/// Waits for one task to end through the server's long poll: the queen holds each request
+/// until the task ends, [`WAIT_HOLD_MS`] at a time (never past `deadline`). Returns its
+/// last view and document, and whether it ended (`false`: the deadline passed first).
+pub(super) fn wait_until_ended(
+    ctx: &Ctx,
+    id: TaskId,
+    deadline: Option<std::time::Instant>,
+) -> Result<(TaskView, Value, bool), CliError> {
+    let path = format!("/v1/tasks/{id}");
+    let left = || deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+    loop {
+        let hold = left().map_or(WAIT_HOLD_MS, |l| {
+            (l.as_millis() as u64).clamp(1, WAIT_HOLD_MS)
+        });
+        let asked = std::time::Instant::now();
+        let doc = ctx.client.get(&format!("{path}?wait_ms={hold}"))?;
+        let view: TaskView = ctx.client.decode(doc.clone())?;
+        if view.state.is_terminal() {
+            return Ok((view, doc, true));
+        }
+        let left = left();
+        if left.is_some_and(|l| l.is_zero()) {
+            return Ok((view, doc, false));
+        }
+        // A queen from before `wait_ms` answers at once: never ask faster than the poll
+        // interval, nor sleep past the deadline.
+        let mut pause = WAIT_POLL_INTERVAL.saturating_sub(asked.elapsed());
+        if let Some(l) = left {
+            pause = pause.min(l);
+        }
+        std::thread::sleep(pause);
+    }
+}
+
 /// The `--wait` progress line on stderr: redrawn in place on a terminal, one line per
 /// change otherwise (logs, CI).
 #[derive(Debug)]
@@ -468,14 +473,12 @@ impl Progress {
     fn draw(&mut self, counts: &HashMap<TaskState, usize>) {
         let n = |s: TaskState| counts.get(&s).copied().unwrap_or(0);
         let done = n(TaskState::Succeeded) + n(TaskState::Failed) + n(TaskState::Cancelled);
-        let waiting = n(TaskState::Pending) + n(TaskState::Scheduled) + n(TaskState::Blocked);
         let mut line = format!(
-            "{done}/{} done: {} succeeded, {} failed, {} cancelled; {} running, {waiting} waiting",
+            "{done}/{} done: {} succeeded, {} failed, {} cancelled",
             self.total,
             n(TaskState::Succeeded),
             n(TaskState::Failed),
             n(TaskState::Cancelled),
-            n(TaskState::Running),
         );
         if line == self.last {
             return;

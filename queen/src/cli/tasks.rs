@@ -79,50 +79,31 @@ pub struct RetryArgs {
 }
 
 pub fn show(ctx: &Ctx, out: &mut impl Write, args: TaskArgs) -> Result<Exit, CliError> {
-    let path = format!("/v1/tasks/{}", args.id);
-    let mut doc = ctx.client.get(&path)?;
-    let mut view: TaskView = ctx.client.decode(doc.clone())?;
-    let mut exit = Exit::Ok;
-    if args.wait {
+    let (view, doc, exit) = if args.wait {
         // A deadline too far to represent is no deadline.
         let deadline = args
             .timeout
             .and_then(|s| std::time::Instant::now().checked_add(std::time::Duration::from_secs(s)));
-        loop {
-            if view.state.is_terminal() {
-                if view.state != TaskState::Succeeded {
-                    exit = Exit::TaskFailed;
-                }
-                break;
-            }
-            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-            if left.is_some_and(|l| l.is_zero()) {
-                eprintln!(
-                    "queen: task {} has not ended after {} s (it is {})",
-                    args.id,
-                    args.timeout.unwrap_or_default(),
-                    view.state
-                );
-                exit = Exit::TaskFailed;
-                break;
-            }
-            let hold = left.map_or(super::submit::WAIT_HOLD_MS, |l| {
-                (l.as_millis() as u64).clamp(1, super::submit::WAIT_HOLD_MS)
-            });
-            let asked = std::time::Instant::now();
-            doc = ctx.client.get(&format!("{path}?wait_ms={hold}"))?;
-            view = ctx.client.decode(doc.clone())?;
-            // A queen from before `wait_ms` answers at once: never ask faster than the
-            // poll interval, nor past the deadline.
-            if !view.state.is_terminal() {
-                let mut pause = super::submit::WAIT_POLL_INTERVAL.saturating_sub(asked.elapsed());
-                if let Some(d) = deadline {
-                    pause = pause.min(d.saturating_duration_since(std::time::Instant::now()));
-                }
-                std::thread::sleep(pause);
-            }
+        let (view, doc, ended) = super::submit::wait_until_ended(ctx, args.id, deadline)?;
+        if !ended {
+            eprintln!(
+                "queen: task {} has not ended after {} s (it is {})",
+                args.id,
+                args.timeout.unwrap_or_default(),
+                view.state
+            );
         }
-    }
+        let exit = if view.state == TaskState::Succeeded {
+            Exit::Ok
+        } else {
+            Exit::TaskFailed
+        };
+        (view, doc, exit)
+    } else {
+        let doc = ctx.client.get(&format!("/v1/tasks/{}", args.id))?;
+        let view: TaskView = ctx.client.decode(doc.clone())?;
+        (view, doc, Exit::Ok)
+    };
     if ctx.json {
         ctx.print_json(out, &doc)?;
         return Ok(exit);
