@@ -737,7 +737,7 @@ fn replay_journal(tree: &sled::Tree, data_dir: &Path, sync: bool) -> Result<u64,
     for (_, group) in groups {
         writes += group.len();
         for (k, v) in group {
-            write_key(tree, k, v)?;
+            write_key(tree, &k, v.as_deref())?;
         }
     }
     if count > 0 {
@@ -842,7 +842,7 @@ fn finish_interrupted_group(
             })?;
         let writes = group.1.len();
         for (k, v) in group.1 {
-            write_key(tree, k, v)?;
+            write_key(tree, &k, v.as_deref())?;
         }
         tree.insert(GROUP_KEY, &Marker::Done(seq).encode())?;
         tracing::warn!(
@@ -1472,9 +1472,9 @@ impl Checkpointer {
                     Err(e) => {
                         // The journal could then only grow: stop while it is still whole.
                         tracing::error!(error = %e, "store checkpoint failed; the queen must stop");
+                        // (`CheckpointerExit` then frees a writer waiting for room; it
+                        // writes nothing more.)
                         self.fatal.cancel();
-                        // Frees a writer waiting for room; it writes nothing more.
-                        self.read.pending.stop();
                         return;
                     }
                 }
@@ -1498,10 +1498,7 @@ impl Checkpointer {
             if i % OPS_PER_RECLAIM == 0 {
                 crossbeam_epoch::pin().flush();
             }
-            match v {
-                Some(v) => drop(tree.insert(k.as_slice(), v.as_slice())?),
-                None => drop(tree.remove(k.as_slice())?),
-            }
+            write_key(tree, k, v.as_deref())?;
         }
         // After them in sled's log, so a recovered `m/ckpt` vouches for them.
         tree.insert(CKPT_KEY, &last.to_be_bytes())?;
@@ -1690,7 +1687,7 @@ impl Writer {
 type KeyWrites = std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
 /// Sets `k` to its final value in a group: a put, or a removal for `None`.
-fn write_key(tree: &sled::Tree, k: Vec<u8>, v: Option<Vec<u8>>) -> Result<(), sled::Error> {
+fn write_key(tree: &sled::Tree, k: &[u8], v: Option<&[u8]>) -> Result<(), sled::Error> {
     match v {
         Some(v) => tree.insert(k, v).map(drop),
         None => tree.remove(k).map(drop),

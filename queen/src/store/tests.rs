@@ -507,6 +507,14 @@ fn group_writes(mutations: Vec<Mutation>) -> KeyWrites {
     writes
 }
 
+/// Works on a closed store's sled tree directly, as a crash may leave it, then flushes it.
+fn with_tree(dir: &Path, f: impl FnOnce(&sled::Tree)) {
+    let db = open_sled(&dir.join("db"), 8 << 20).expect("sled");
+    let tree = db.open_tree("hive").expect("tree");
+    f(&tree);
+    db.flush().expect("flush");
+}
+
 /// `m/ckpt`, as the store left it.
 fn checkpoint_of(tree: &sled::Tree) -> u64 {
     group_number(tree, CKPT_KEY, Path::new("test"))
@@ -533,20 +541,17 @@ async fn groups_after_the_checkpoint_are_replayed_at_open() {
     done.finished_at = Some(Utc::now());
     let writes = group_writes(vec![Mutation::finish(&done, 1)]);
     assert!(writes.len() >= 3, "a finish writes several keys");
-    {
-        let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
-        let tree = db.open_tree("hive").expect("tree");
+    with_tree(dir.path(), |tree| {
         assert_eq!(
-            checkpoint_of(&tree),
+            checkpoint_of(tree),
             1,
             "the close checkpointed the first group"
         );
         let mut journal = journal::Journal::start(dir.path(), false, 1).expect("journal");
         journal.append(2, &writes, 1).expect("append");
         let (k, v) = writes.iter().next().expect("a write");
-        write_key(&tree, k.clone(), v.clone()).expect("the first write");
-        db.flush().expect("flush");
-    }
+        write_key(tree, k, v.as_deref()).expect("the first write");
+    });
 
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
     assert_eq!(
@@ -594,21 +599,18 @@ async fn records_up_to_the_checkpoint_are_not_replayed_over_later_writes() {
     let writes = group_writes(vec![Mutation::save(&first), Mutation::save(&second)]);
     let mut later = first.clone();
     later.priority = 7;
-    {
-        let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
-        let tree = db.open_tree("hive").expect("tree");
+    with_tree(dir.path(), |tree| {
         let mut journal = journal::Journal::start(dir.path(), false, 0).expect("journal");
         journal.append(1, &writes, 0).expect("append");
         for (k, v) in writes.clone() {
-            write_key(&tree, k, v).expect("write");
+            write_key(tree, &k, v.as_deref()).expect("write");
         }
         // Group 2, whose file was deleted once checkpointed.
         for (k, v) in group_writes(vec![Mutation::save(&later)]) {
-            write_key(&tree, k, v).expect("write");
+            write_key(tree, &k, v.as_deref()).expect("write");
         }
         tree.insert(CKPT_KEY, &2u64.to_be_bytes()).expect("m/ckpt");
-        db.flush().expect("flush");
-    }
+    });
 
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
     let mut active = rec.active.collect().expect("scan");
@@ -663,9 +665,7 @@ async fn a_schema_4_database_completes_its_begun_group_and_drops_later_records()
     done.state = TaskState::Succeeded;
     done.finished_at = Some(Utc::now());
     let finish = group_writes(vec![Mutation::finish(&done, 1)]);
-    {
-        let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
-        let tree = db.open_tree("hive").expect("tree");
+    with_tree(dir.path(), |tree| {
         tree.insert(SCHEMA_KEY, &4u32.to_be_bytes())
             .expect("schema");
         tree.remove(CKPT_KEY).expect("no m/ckpt in schema 4");
@@ -681,16 +681,12 @@ async fn a_schema_4_database_completes_its_begun_group_and_drops_later_records()
         tree.insert(GROUP_KEY, &Marker::Begun(2).encode())
             .expect("begun");
         let (k, v) = finish.iter().next().expect("a write");
-        write_key(&tree, k.clone(), v.clone()).expect("the first write");
-        db.flush().expect("flush");
+        write_key(tree, k, v.as_deref()).expect("the first write");
         // The open's first step, as if it stopped there: once `m/ckpt` is set, the
         // journal must hold nothing the schema-5 rule would replay.
-        assert_eq!(
-            replay_journal(&tree, dir.path(), false).expect("upgrade"),
-            2
-        );
+        assert_eq!(replay_journal(tree, dir.path(), false).expect("upgrade"), 2);
         assert!(journal::read(dir.path(), 0).expect("journal").is_empty());
-    }
+    });
 
     let (store, w, rec) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("reopen");
     assert_eq!(rec.active.collect().expect("scan"), vec![other]);
@@ -715,26 +711,18 @@ async fn a_group_begun_in_sled_without_its_journal_record_is_refused() {
         .await
         .expect("durable");
     close(store, w);
-    {
-        let db = open_sled(&dir.path().join("db"), 8 << 20).expect("sled");
-        let tree = db.open_tree("hive").expect("tree");
+    with_tree(dir.path(), |tree| {
         assert_eq!(
             tree.get(SEQ_KEY).expect("read").as_deref(),
             Some(&1u64.to_be_bytes()[..]),
             "the checkpoint marks the groups it writes"
         );
         tree.insert(SEQ_KEY, &2u64.to_be_bytes()).expect("m/seq");
-        write_key(
-            &tree,
-            group_writes(vec![Mutation::save(&task())])
-                .pop_first()
-                .expect("a write")
-                .0,
-            None,
-        )
-        .expect("part of group 2");
-        db.flush().expect("flush");
-    }
+        let (k, _) = group_writes(vec![Mutation::save(&task())])
+            .pop_first()
+            .expect("a write");
+        write_key(tree, &k, None).expect("part of group 2");
+    });
     let err = Store::open(&opts(dir.path()), CancellationToken::new()).expect_err("refused");
     assert!(
         matches!(&err, StoreError::Corrupt { detail, .. } if detail.contains("journal group 2")),
