@@ -1462,6 +1462,7 @@ impl Checkpointer {
             pending: &self.read.pending,
             fatal: &self.fatal,
         };
+        lower_priority();
         loop {
             let last = self.read.pending.wait(journal::CHECKPOINT_EVERY);
             // After the writer stopped, until everything is in sled.
@@ -1512,6 +1513,33 @@ impl Checkpointer {
             .observe(started.elapsed().as_secs_f64());
         self.checkpointed.fetch_max(last, Ordering::AcqRel);
         Ok(true)
+    }
+}
+
+/// How much lower than the queen's other threads the checkpoint thread runs (nice
+/// levels). Its work (sled's inserts, leaf splits, flushes) is background, like an LSM
+/// store's compactions, which RocksDB runs at a lower CPU priority for the same reason:
+/// under a burst, acknowledgements, grants and outcomes get the cores first and the
+/// checkpoint catches up after. It cannot fall behind without bound: past
+/// [`pending::MAX_KEYS`] or [`pending::MAX_BYTES`] the writer waits for it, so a long
+/// overload runs at the checkpoint's pace with memory bounded.
+const CHECKPOINT_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's CPU priority by [`CHECKPOINT_NICE`] (on Linux the nice
+/// value is per thread). Failing to is harmless: the thread then runs at the usual one.
+fn lower_priority() {
+    // SAFETY: reads and sets the nice value of the calling thread (`who` 0); no memory
+    // is passed. A -1 from `getpriority` may be nice -1 or an error: either way the new
+    // value is lower than the current priority or refused.
+    let rc = unsafe {
+        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+        libc::setpriority(libc::PRIO_PROCESS, 0, current + CHECKPOINT_NICE)
+    };
+    if rc != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not lower the checkpoint thread's priority"
+        );
     }
 }
 

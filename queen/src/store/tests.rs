@@ -770,3 +770,59 @@ fn reads_see_the_pending_writes_before_the_tree() {
     assert_eq!(keys(&start, &end, false, 10), vec![k(1), k(3)]);
     assert_eq!(keys(&start, &end, true, 1), vec![k(3)]);
 }
+
+/// The nice value of each of this process's threads named `name` (Linux `/proc`).
+fn nice_of_threads(name: &str) -> Vec<i64> {
+    let mut found = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return found;
+    };
+    for entry in tasks.flatten() {
+        let path = entry.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        // Fields after the `)` closing the command: state is the 3rd, nice the 19th.
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        if let Some(nice) = after
+            .split_whitespace()
+            .nth(16)
+            .and_then(|n| n.parse().ok())
+        {
+            found.push(nice);
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_checkpoint_thread_runs_below_the_threads_that_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    // SAFETY: reads this thread's nice value; the store's threads started from a thread
+    // of this test process, whose nice they inherited.
+    let ours = i64::from(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) });
+    let expected = (ours + i64::from(CHECKPOINT_NICE)).min(19);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let checkpoint = nice_of_threads("hive-store-ckpt");
+        let writers = nice_of_threads("hive-store-writ");
+        // Other tests' stores may be starting too: every checkpoint thread is lowered,
+        // no writer is.
+        if !checkpoint.is_empty()
+            && checkpoint.iter().all(|n| *n == expected)
+            && !writers.is_empty()
+            && writers.iter().all(|n| *n == ours)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "checkpoint threads at nice {checkpoint:?}, writers at {writers:?}; expected {expected} and {ours}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    close(store, w);
+}
