@@ -15,6 +15,8 @@
 //!                                       # a no-op Python (or node) handler on a drone's
 //!                                       # worker pool, end to end (sdk/)
 //! $B pool-rtt --lang python             # drone↔worker round trip p50/p99, start → ready
+//! $B floor --dir DATA_DIR_PARENT        # no queen: a journal sync, an fdatasync, a thread
+//!                                       # hand-off, a loopback round trip (p50, p99)
 //! $B --json-only latency ...            # only the JSON lines
 //! $B --sync throughput ...              # queen with [storage] sync = true
 //! $B --postgres throughput ...          # queen on a fresh PostgreSQL primary per trial
@@ -41,6 +43,7 @@
 
 mod drones;
 mod failover;
+mod floor;
 mod hive;
 mod latency;
 mod pool;
@@ -104,10 +107,17 @@ enum What {
     /// The pool's own cost: `run` → `done` round trips with one SDK worker process
     /// (p50, p99) and a process start → `ready`.
     PoolRtt(pool::RttArgs),
+    /// What this machine charges for each step a durable submit → start cannot skip, with
+    /// no queen: a journal sync, an fdatasync, a hand-off between threads, a TCP round trip.
+    Floor(floor::Args),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let What::Floor(a) = &cli.what {
+        // No queen, no drones: only this machine's disk, threads and loopback.
+        return floor::run(cli.json_only, &report::Machine::detect(), a);
+    }
     let bin_dir = match cli.bin_dir {
         Some(d) => d,
         None => std::env::current_exe()?
@@ -153,6 +163,7 @@ fn main() -> Result<()> {
         What::Drones(a) => drones::run(&bin_dir, sync, json_only, &machine, &runtime()?, a),
         What::Pool(a) => pool::run(&bin_dir, sync, json_only, &machine, a),
         What::PoolRtt(a) => pool::run_rtt(json_only, &machine, a),
+        What::Floor(a) => floor::run(json_only, &machine, a),
     }
 }
 
