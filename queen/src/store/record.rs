@@ -287,6 +287,163 @@ pub mod v3 {
     }
 }
 
+/// What [`encode`] writes: a v2 record (and v3's first fields), serialized straight from
+/// a borrowed task instead of a copy of its strings, payload, result and checkpoint, with
+/// timestamps formatted by [`Ts`]. The same field names, order and omissions as
+/// [`v2::TaskRecord`], so the bytes are the same; a test holds them equal.
+mod write {
+    use super::*;
+
+    fn is_zero(n: &u32) -> bool {
+        *n == 0
+    }
+
+    fn is_zero64(n: &u64) -> bool {
+        *n == 0
+    }
+
+    fn is_zero_i32(n: &i32) -> bool {
+        *n == 0
+    }
+
+    fn is_empty<T>(s: &&[T]) -> bool {
+        s.is_empty()
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct LeaseRef<'a> {
+        pub drone: DroneId,
+        pub drone_name: &'a str,
+    }
+
+    #[derive(Serialize)]
+    pub(super) struct TaskRecordRef<'a> {
+        pub id: TaskId,
+        pub queue: &'a str,
+        pub kind: &'a str,
+        pub payload: &'a crate::task::Payload,
+        #[serde(skip_serializing_if = "is_zero_i32")]
+        pub priority: i32,
+        #[serde(skip_serializing_if = "is_empty")]
+        pub labels: &'a [String],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub idempotency_key: Option<&'a str>,
+        #[serde(skip_serializing_if = "is_empty")]
+        pub depends_on: &'a [TaskId],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub retry: Option<v1::RetryRec>,
+        pub max_attempts: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub timeout_ms: Option<u64>,
+        pub state: v1::State,
+        #[serde(skip_serializing_if = "is_zero")]
+        pub attempts: u32,
+        #[serde(skip_serializing_if = "is_zero")]
+        pub lost: u32,
+        #[serde(skip_serializing_if = "is_zero64")]
+        pub fence: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub lease: Option<LeaseRef<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub result: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        pub errors: Vec<ErrRef<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub checkpoint: Option<&'a Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub cancel_reason: Option<&'a str>,
+        pub created_at: Ts,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub run_at: Option<Ts>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub started_at: Option<Ts>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub finished_at: Option<Ts>,
+    }
+
+    /// [`v1::AttemptErr`], borrowed.
+    #[derive(Serialize)]
+    pub(super) struct ErrRef<'a> {
+        pub attempt: u32,
+        pub fence: u64,
+        pub drone: Option<DroneId>,
+        pub error: &'a str,
+        pub at: Ts,
+    }
+}
+
+/// A timestamp serialized as chrono serializes a `DateTime<Utc>` (RFC 3339, `Z`, the
+/// fraction in 0, 3, 6 or 9 digits, whichever holds it exactly), written into a stack
+/// buffer instead of through `fmt::Write` a character at a time; outside years 0–9999
+/// and for leap seconds it hands over to chrono.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ts(pub DateTime<Utc>);
+
+/// A timestamp's text, built in place (at most 30 bytes: `9999-12-31T23:59:59.999999999Z`).
+#[derive(Default)]
+struct Digits {
+    bytes: [u8; 30],
+    len: usize,
+}
+
+impl Digits {
+    fn byte(&mut self, b: u8) {
+        if let Some(slot) = self.bytes.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
+    /// `value` in exactly `count` decimal digits, zero-padded.
+    fn put(&mut self, value: u32, count: u32) {
+        let mut div = 10u32.pow(count - 1);
+        for _ in 0..count {
+            self.byte(b'0' + ((value / div) % 10) as u8);
+            div /= 10;
+        }
+    }
+}
+
+impl Serialize for Ts {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use chrono::{Datelike, Timelike};
+        let t = self.0;
+        let (year, nanos) = (t.year(), t.nanosecond());
+        if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
+            return self.0.serialize(serializer);
+        }
+        let mut out = Digits::default();
+        out.put(year as u32, 4);
+        let tail: [(u8, u32); 5] = [
+            (b'-', t.month()),
+            (b'-', t.day()),
+            (b'T', t.hour()),
+            (b':', t.minute()),
+            (b':', t.second()),
+        ];
+        for (sep, value) in tail {
+            out.byte(sep);
+            out.put(value, 2);
+        }
+        if nanos != 0 {
+            out.byte(b'.');
+            if nanos % 1_000_000 == 0 {
+                out.put(nanos / 1_000_000, 3);
+            } else if nanos % 1_000 == 0 {
+                out.put(nanos / 1_000, 6);
+            } else {
+                out.put(nanos, 9);
+            }
+        }
+        out.byte(b'Z');
+        match std::str::from_utf8(&out.bytes[..out.len]) {
+            Ok(text) => serializer.serialize_str(text),
+            // Only ASCII digits and separators were written.
+            Err(_) => self.0.serialize(serializer),
+        }
+    }
+}
+
 /// The version byte written before every record.
 pub const RECORD_V1: u8 = 1;
 /// The version byte of task records written since schema 2.
@@ -320,15 +477,15 @@ fn state_from_v1(s: v1::State) -> TaskState {
 
 /// Encodes a task as the current record version.
 pub fn encode(task: &Task) -> Vec<u8> {
-    let rec = v2::TaskRecord {
+    let rec = write::TaskRecordRef {
         id: task.id,
-        queue: task.queue.clone(),
-        kind: task.kind.clone(),
-        payload: task.payload.clone(),
+        queue: &task.queue,
+        kind: &task.kind,
+        payload: &task.payload,
         priority: task.priority,
-        labels: task.labels.clone(),
-        idempotency_key: task.idempotency_key.clone(),
-        depends_on: task.depends_on.clone(),
+        labels: &task.labels,
+        idempotency_key: task.idempotency_key.as_deref(),
+        depends_on: &task.depends_on,
         retry: task.retry.as_ref().map(|r| v1::RetryRec {
             initial_ms: r.initial_ms,
             factor: r.factor,
@@ -341,28 +498,28 @@ pub fn encode(task: &Task) -> Vec<u8> {
         attempts: task.attempts,
         lost: task.lost,
         fence: task.fence.0,
-        lease: task.lease.as_ref().map(|l| v1::LeaseRec {
+        lease: task.lease.as_ref().map(|l| write::LeaseRef {
             drone: l.drone,
-            drone_name: l.drone_name.clone(),
+            drone_name: &l.drone_name,
         }),
-        result: task.result.as_deref().cloned(),
+        result: task.result.as_deref(),
         errors: task
             .errors
             .iter()
-            .map(|e| v1::AttemptErr {
+            .map(|e| write::ErrRef {
                 attempt: e.attempt,
                 fence: e.fence.0,
                 drone: e.drone,
-                error: e.error.clone(),
-                at: e.at,
+                error: &e.error,
+                at: Ts(e.at),
             })
             .collect(),
-        checkpoint: task.checkpoint.as_deref().cloned(),
-        cancel_reason: task.cancel_reason.clone(),
-        created_at: task.created_at,
-        run_at: task.run_at,
-        started_at: task.started_at,
-        finished_at: task.finished_at,
+        checkpoint: task.checkpoint.as_deref(),
+        cancel_reason: task.cancel_reason.as_deref(),
+        created_at: Ts(task.created_at),
+        run_at: task.run_at.map(Ts),
+        started_at: task.started_at.map(Ts),
+        finished_at: task.finished_at.map(Ts),
     };
     let Some(suspicion) = task.suspicion.as_deref() else {
         return versioned(RECORD_V2, &rec);
@@ -695,6 +852,144 @@ mod tests {
             at: Utc::now(),
         });
         assert_eq!(decode(&encode(&t)), Ok(t));
+    }
+
+    /// The record as [`v2::TaskRecord`] holds it: what `encode` wrote before it borrowed.
+    fn owned(task: &Task) -> v2::TaskRecord {
+        v2::TaskRecord {
+            id: task.id,
+            queue: task.queue.clone(),
+            kind: task.kind.clone(),
+            payload: task.payload.clone(),
+            priority: task.priority,
+            labels: task.labels.clone(),
+            idempotency_key: task.idempotency_key.clone(),
+            depends_on: task.depends_on.clone(),
+            retry: task.retry.as_ref().map(|r| v1::RetryRec {
+                initial_ms: r.initial_ms,
+                factor: r.factor,
+                max_ms: r.max_ms,
+                jitter: r.jitter,
+            }),
+            max_attempts: task.max_attempts,
+            timeout_ms: task.timeout_ms,
+            state: state_to_v1(task.state),
+            attempts: task.attempts,
+            lost: task.lost,
+            fence: task.fence.0,
+            lease: task.lease.as_ref().map(|l| v1::LeaseRec {
+                drone: l.drone,
+                drone_name: l.drone_name.clone(),
+            }),
+            result: task.result.as_deref().cloned(),
+            errors: task
+                .errors
+                .iter()
+                .map(|e| v1::AttemptErr {
+                    attempt: e.attempt,
+                    fence: e.fence.0,
+                    drone: e.drone,
+                    error: e.error.clone(),
+                    at: e.at,
+                })
+                .collect(),
+            checkpoint: task.checkpoint.as_deref().cloned(),
+            cancel_reason: task.cancel_reason.clone(),
+            created_at: task.created_at,
+            run_at: task.run_at,
+            started_at: task.started_at,
+            finished_at: task.finished_at,
+        }
+    }
+
+    #[test]
+    fn the_borrowed_encoding_writes_the_v2_records_bytes() {
+        use chrono::{NaiveDate, TimeZone};
+        let at = |y: i32, nanos: u32| {
+            let naive = NaiveDate::from_ymd_opt(y, 2, 3)
+                .and_then(|d| d.and_hms_nano_opt(4, 5, 59, nanos))
+                .expect("a valid time");
+            Utc.from_utc_datetime(&naive)
+        };
+        let spec = TaskSpec {
+            kind: "render.v2:x".into(),
+            queue: Some("q-1".into()),
+            payload: serde_json::json!({"a": [1, 2.5, "x"], "b": null}),
+            priority: Some(-3),
+            labels: vec!["l1".into(), "l2".into()],
+            idempotency_key: Some("k\u{1}".into()),
+            timeout_ms: Some(9_000),
+            ..Default::default()
+        };
+        let mut t = Task::from_spec(spec, TaskId::generate(), Utc::now(), &Default::default())
+            .expect("valid spec");
+        let plain = t.clone();
+        t.depends_on = vec![TaskId::generate(), TaskId::generate()];
+        t.retry = Some(Box::new(shared::api::RetrySpec {
+            initial_ms: Some(10),
+            factor: Some(1.5),
+            max_ms: None,
+            jitter: Some(0.25),
+        }));
+        t.state = TaskState::Failed;
+        t.attempts = 3;
+        t.lost = 1;
+        t.fence = Fence(42);
+        t.lease = Some(Box::new(Lease {
+            drone: DroneId::generate(),
+            drone_name: "d\"1".into(),
+        }));
+        t.result = Some(Box::new(serde_json::json!({"out": "ok", "n": 1e300})));
+        t.checkpoint = Some(Box::new(serde_json::json!([true, {"c": 1}])));
+        t.cancel_reason = Some("why".into());
+        t.errors = vec![
+            AttemptError {
+                attempt: 1,
+                fence: Fence(41),
+                drone: Some(DroneId::generate()),
+                error: "boom\t".into(),
+                at: at(2026, 0),
+            },
+            AttemptError {
+                attempt: 2,
+                fence: Fence(42),
+                drone: None,
+                error: String::new(),
+                at: at(1, 7),
+            },
+        ];
+        // Every precision chrono picks between (none, 3, 6, 9 digits), the edges of the
+        // years written as four digits, and the cases handed to chrono (a leap second,
+        // a five-digit year).
+        let times = [
+            at(2026, 0),
+            at(2026, 123_000_000),
+            at(2026, 123_456_000),
+            at(2026, 123_456_789),
+            at(2026, 1),
+            at(0, 999_999_999),
+            at(9999, 10_000),
+            at(2026, 1_500_000_000),
+            at(10_000, 5_000_000),
+            at(-1, 0),
+        ];
+        for (i, time) in times.iter().enumerate() {
+            t.created_at = *time;
+            t.run_at = Some(times[(i + 1) % times.len()]);
+            t.started_at = Some(times[(i + 2) % times.len()]);
+            t.finished_at = (i % 2 == 0).then(|| times[(i + 3) % times.len()]);
+            for task in [&t, &plain] {
+                let expected = serde_json::to_vec(&owned(task)).expect("serializes");
+                let written = encode(task);
+                assert_eq!(written.first(), Some(&RECORD_V2));
+                assert_eq!(
+                    String::from_utf8_lossy(&written[1..]),
+                    String::from_utf8_lossy(&expected),
+                    "created_at {time:?}"
+                );
+                assert_eq!(decode(&written).as_ref(), Ok(task));
+            }
+        }
     }
 
     #[test]
