@@ -114,10 +114,6 @@ enum What {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let What::Floor(a) = &cli.what {
-        // No queen, no drones: only this machine's disk, threads and loopback.
-        return floor::run(cli.json_only, &report::Machine::detect(), a);
-    }
     let bin_dir = match cli.bin_dir {
         Some(d) => d,
         None => std::env::current_exe()?
@@ -125,8 +121,10 @@ fn main() -> Result<()> {
             .context("the bench binary has no parent dir")?
             .to_path_buf(),
     };
+    // `floor` runs no queen and no drones: only this machine's disk, threads and loopback.
+    let needs_binaries = !matches!(cli.what, What::Floor(_));
     for b in ["queen", "drone"] {
-        if !bin_dir.join(b).exists() {
+        if needs_binaries && !bin_dir.join(b).exists() {
             bail!(
                 "{} not found; build with `cargo build --release -p queen -p drone -p hive-bench`",
                 bin_dir.join(b).display()

@@ -62,8 +62,8 @@ pub(crate) const ROTATE_BYTES: u64 = 16 << 20;
 
 /// How often the checkpoint thread writes the pending writes to sled and flushes it, so
 /// journal files can go; under load the pending writes' own limits start it sooner
-/// (`super::pending::APPLY_AT`: ~0.1 s at 40k tasks/s), so the journal holds a file or two
-/// and a restart replays at most a second of work. Not more often: a checkpoint's sled
+/// (`super::pending::APPLY_AT_BYTES`, 16 MiB: ~0.5 s of a 50,000 tasks/s burst), so the
+/// journal holds a file or two and a restart replays at most a second of work. Not more often: a checkpoint's sled
 /// writes share the disk with the journal's syncs, and at 250 ms they showed in the low-load
 /// p99 (`bench/scripts/latency-vs-beanstalkd 3`: 0.74 ms; 0.46 and 0.53 ms at 1 s).
 pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(1000);

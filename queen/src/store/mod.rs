@@ -1456,18 +1456,55 @@ impl Drop for CheckpointerExit<'_> {
     }
 }
 
+/// The checkpoint's sled thread, as the checkpoint thread sees it: writes to apply go
+/// in, each one's result comes back.
+struct SledThread {
+    work: std::sync::mpsc::SyncSender<(Arc<KeyWrites>, u64)>,
+    done: std::sync::mpsc::Receiver<Result<(), sled::Error>>,
+}
+
 impl Checkpointer {
+    /// The checkpoint thread, at the queen's usual priority, takes the pending writes and
+    /// marks them applied; a thread of its own, `hive-store-sled`, lowered by
+    /// [`CHECKPOINT_NICE`], writes them to sled and flushes. The split keeps the
+    /// low-priority thread away from the pending writes' lock, which the writer and every
+    /// read share: waiting for it, or preempted while holding it, a low-priority thread
+    /// would hold them all up (priority inversion).
     fn run(self) {
         let _exit = CheckpointerExit {
             pending: &self.read.pending,
             fatal: &self.fatal,
         };
-        lower_priority();
+        let this = &self;
+        std::thread::scope(|scope| {
+            let (work, work_rx) = std::sync::mpsc::sync_channel::<(Arc<KeyWrites>, u64)>(0);
+            let (done_tx, done) = std::sync::mpsc::sync_channel(0);
+            let spawned = std::thread::Builder::new()
+                .name("hive-store-sled".into())
+                .spawn_scoped(scope, move || {
+                    lower_priority();
+                    while let Ok((writes, last)) = work_rx.recv() {
+                        if done_tx.send(this.write_sled(&writes, last)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the store's sled thread; the queen must stop");
+                this.fatal.cancel();
+                return;
+            }
+            this.checkpoints(&SledThread { work, done });
+            // Dropping the sender ends the sled thread; the scope joins it.
+        });
+    }
+
+    fn checkpoints(&self, sled: &SledThread) {
         loop {
             let last = self.read.pending.wait(journal::CHECKPOINT_EVERY);
             // After the writer stopped, until everything is in sled.
             loop {
-                match self.checkpoint() {
+                match self.checkpoint(sled) {
                     Ok(true) if last => continue,
                     Ok(_) => break,
                     Err(e) => {
@@ -1486,12 +1523,30 @@ impl Checkpointer {
         }
     }
 
-    /// Writes what is pending to sled and flushes; whether there was anything.
-    fn checkpoint(&self) -> Result<bool, sled::Error> {
+    /// Has the sled thread write what is pending to sled and flush; whether there was
+    /// anything.
+    fn checkpoint(&self, sled: &SledThread) -> Result<bool, String> {
         let Some((writes, last)) = self.read.pending.take() else {
             return Ok(false);
         };
         let started = std::time::Instant::now();
+        let gone = || "the store's sled thread stopped".to_string();
+        sled.work.send((writes, last)).map_err(|_| gone())?;
+        sled.done
+            .recv()
+            .map_err(|_| gone())?
+            .map_err(|e| e.to_string())?;
+        self.read.pending.applied();
+        self.metrics
+            .checkpoint_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.checkpointed.fetch_max(last, Ordering::AcqRel);
+        Ok(true)
+    }
+
+    /// Writes a checkpoint's writes to sled (on the sled thread): `m/seq`, the writes,
+    /// `m/ckpt`, a flush (and `syncfs` with `[storage] sync`).
+    fn write_sled(&self, writes: &KeyWrites, last: u64) -> Result<(), sled::Error> {
         let tree = &self.read.tree;
         // Before the writes (see `SEQ_KEY`): a crash may leave them partly in sled.
         tree.insert(SEQ_KEY, &last.to_be_bytes())?;
@@ -1507,26 +1562,23 @@ impl Checkpointer {
         if let Some(file) = &self.sync_file {
             syncfs(file)?;
         }
-        self.read.pending.applied();
-        self.metrics
-            .checkpoint_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.checkpointed.fetch_max(last, Ordering::AcqRel);
-        Ok(true)
+        Ok(())
     }
 }
 
-/// How much lower than the queen's other threads the checkpoint thread runs (nice
+/// How much lower than the queen's other threads the checkpoint's sled thread runs (nice
 /// levels). Its work (sled's inserts, leaf splits, flushes) is background, like an LSM
 /// store's compactions, which RocksDB runs at a lower CPU priority for the same reason:
 /// under a burst, acknowledgements, grants and outcomes get the cores first and the
-/// checkpoint catches up after. It cannot fall behind without bound: past
+/// checkpoint catches up after. Only that thread is lowered, never one that takes the
+/// pending writes' lock (see [`Checkpointer::run`]). It cannot fall behind without bound: past
 /// [`pending::MAX_KEYS`] or [`pending::MAX_BYTES`] the writer waits for it, so a long
 /// overload runs at the checkpoint's pace with memory bounded.
 const CHECKPOINT_NICE: libc::c_int = 10;
 
 /// Lowers the calling thread's CPU priority by [`CHECKPOINT_NICE`] (on Linux the nice
 /// value is per thread). Failing to is harmless: the thread then runs at the usual one.
+#[cfg(target_os = "linux")]
 fn lower_priority() {
     // SAFETY: reads and sets the nice value of the calling thread (`who` 0); no memory
     // is passed. A -1 from `getpriority` may be nice -1 or an error: either way the new
@@ -1542,6 +1594,10 @@ fn lower_priority() {
         );
     }
 }
+
+/// Elsewhere the nice value may be the whole process's: the thread keeps the usual one.
+#[cfg(not(target_os = "linux"))]
+fn lower_priority() {}
 
 struct Writer {
     db: sled::Db,

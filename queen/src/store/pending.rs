@@ -30,8 +30,9 @@ use super::KeyWrites;
 /// that a burst of short-lived tasks is submitted, run and finished within one
 /// checkpoint: its `a/` puts and their removals then fold away and never reach sled.
 /// At 16,384 (schema 5's first cut) a 50,000-task burst split every task's put from its
-/// removal, four sled writes a task instead of two (`a/` put, `a/` removal, `f/`, `t/`);
-/// memory is bounded by the byte limits, not by this.
+/// removal, four sled writes a task instead of two (`a/` put, `a/` removal, `f/`, `t/`).
+/// The byte limits bound the memory; keys add the maps' own overhead (~100 bytes a key,
+/// at most ~25 MiB a map at [`MAX_KEYS`]).
 pub(crate) const APPLY_AT: usize = 131_072;
 
 /// Bytes (keys and values) waiting in `fresh` that make the checkpoint thread start.
