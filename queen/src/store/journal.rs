@@ -60,12 +60,12 @@ pub(crate) const DIR: &str = "journal";
 /// A new file once the current one holds this much.
 pub(crate) const ROTATE_BYTES: u64 = 16 << 20;
 
-/// How often the checkpoint thread writes the pending writes to sled and flushes it, so
-/// journal files can go; under load the pending writes' own limits start it sooner
-/// (`super::pending::APPLY_AT_BYTES`, 16 MiB: ~0.5 s of a 50,000 tasks/s burst), so the
-/// journal holds a file or two and a restart replays at most a second of work. Not more often: a checkpoint's sled
-/// writes share the disk with the journal's syncs, and at 250 ms they showed in the low-load
-/// p99 (`bench/scripts/latency-vs-beanstalkd 3`: 0.74 ms; 0.46 and 0.53 ms at 1 s).
+/// How often the checkpoint writes the pending writes to sled and flushes it, so journal
+/// files can go; under load the pending writes' own limits (`super::pending::APPLY_AT`,
+/// `APPLY_AT_BYTES`) start it sooner, so the journal holds a file or two and a restart
+/// replays at most a second of work. Not more often: a checkpoint's sled writes share the
+/// disk with the journal's syncs, and at 250 ms they showed in the low-load p99
+/// (`bench/scripts/latency-vs-beanstalkd 3`: 0.74 ms; 0.46 and 0.53 ms at 1 s).
 pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(1000);
 
 /// Record header: body length (u32), CRC-32 of the body (u32).

@@ -25,9 +25,9 @@
 //! commit waiting in its channel, appends the group's record to the journal and folds its
 //! writes into the [`pending`] ones (which readers see before sled); the flusher thread
 //! syncs the journal up to there, then runs those commits' continuations in order. The
-//! next group is written while the last one syncs. A checkpoint thread writes what is
-//! pending to sled and flushes it, once a second or sooner under load, so the
-//! journal can be deleted. Nothing is acknowledged or sent to a drone before the write it
+//! next group is written while the last one syncs. A checkpoint thread takes what is
+//! pending, once a second or sooner under load, and its sled thread (at a lower priority)
+//! writes it to sled and flushes it, so the journal can be deleted. Nothing is acknowledged or sent to a drone before the write it
 //! depends on is durable.
 
 mod journal;
@@ -1590,7 +1590,7 @@ fn lower_priority() {
     if rc != 0 {
         tracing::debug!(
             error = %std::io::Error::last_os_error(),
-            "could not lower the checkpoint thread's priority"
+            "could not lower the store's sled thread's priority"
         );
     }
 }
@@ -1621,8 +1621,8 @@ impl Writer {
     /// Two stages, so that writing the next group overlaps syncing the last one: this
     /// thread appends each group of waiting commits to the journal and folds it into the
     /// [`pending`] writes; the flusher thread syncs the journal up to there and only then
-    /// runs those commits' continuations, in order. A third thread writes what is pending
-    /// to sled at checkpoints.
+    /// runs those commits' continuations, in order. A third thread takes what is pending at
+    /// checkpoints and a fourth, at a lower priority, writes it to sled.
     fn run(mut self) {
         let (applied_tx, applied_rx) = std::sync::mpsc::channel::<Applied>();
         let flusher = Flusher {

@@ -475,6 +475,16 @@ fn state_from_v1(s: v1::State) -> TaskState {
     }
 }
 
+/// A task's own retry settings as records hold them.
+fn retry_rec(r: &shared::api::RetrySpec) -> v1::RetryRec {
+    v1::RetryRec {
+        initial_ms: r.initial_ms,
+        factor: r.factor,
+        max_ms: r.max_ms,
+        jitter: r.jitter,
+    }
+}
+
 /// Encodes a task as the current record version.
 pub fn encode(task: &Task) -> Vec<u8> {
     let rec = write::TaskRecordRef {
@@ -486,12 +496,7 @@ pub fn encode(task: &Task) -> Vec<u8> {
         labels: &task.labels,
         idempotency_key: task.idempotency_key.as_deref(),
         depends_on: &task.depends_on,
-        retry: task.retry.as_ref().map(|r| v1::RetryRec {
-            initial_ms: r.initial_ms,
-            factor: r.factor,
-            max_ms: r.max_ms,
-            jitter: r.jitter,
-        }),
+        retry: task.retry.as_deref().map(retry_rec),
         max_attempts: task.max_attempts,
         timeout_ms: task.timeout_ms,
         state: state_to_v1(task.state),
@@ -865,12 +870,7 @@ mod tests {
             labels: task.labels.clone(),
             idempotency_key: task.idempotency_key.clone(),
             depends_on: task.depends_on.clone(),
-            retry: task.retry.as_ref().map(|r| v1::RetryRec {
-                initial_ms: r.initial_ms,
-                factor: r.factor,
-                max_ms: r.max_ms,
-                jitter: r.jitter,
-            }),
+            retry: task.retry.as_deref().map(retry_rec),
             max_attempts: task.max_attempts,
             timeout_ms: task.timeout_ms,
             state: state_to_v1(task.state),
