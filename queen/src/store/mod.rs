@@ -27,8 +27,8 @@
 //! syncs the journal up to there, then runs those commits' continuations in order. The
 //! next group is written while the last one syncs. A checkpoint thread takes what is
 //! pending, once a second or sooner under load, and its sled thread (at a lower priority)
-//! writes it to sled and flushes it, so the journal can be deleted. Nothing is acknowledged or sent to a drone before the write it
-//! depends on is durable.
+//! writes it to sled and flushes it, so the journal can be deleted. Nothing is
+//! acknowledged or sent to a drone before the write it depends on is durable.
 
 mod journal;
 mod pending;
@@ -1571,9 +1571,9 @@ impl Checkpointer {
 /// store's compactions, which RocksDB runs at a lower CPU priority for the same reason:
 /// under a burst, acknowledgements, grants and outcomes get the cores first and the
 /// checkpoint catches up after. Only that thread is lowered, never one that takes the
-/// pending writes' lock (see [`Checkpointer::run`]). It cannot fall behind without bound: past
-/// [`pending::MAX_KEYS`] or [`pending::MAX_BYTES`] the writer waits for it, so a long
-/// overload runs at the checkpoint's pace with memory bounded.
+/// pending writes' lock (see [`Checkpointer::run`]). It cannot fall behind without
+/// bound: past [`pending::MAX_KEYS`] or [`pending::MAX_BYTES`] the writer waits for it,
+/// so a long overload runs at the checkpoint's pace with memory bounded.
 const CHECKPOINT_NICE: libc::c_int = 10;
 
 /// Lowers the calling thread's CPU priority by [`CHECKPOINT_NICE`] (on Linux the nice

@@ -377,7 +377,7 @@ mod write {
 /// buffer instead of through `fmt::Write` a character at a time; outside years 0–9999
 /// and for leap seconds it hands over to chrono.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Ts(pub DateTime<Utc>);
+struct Ts(DateTime<Utc>);
 
 /// A timestamp's text, built in place (at most 30 bytes: `9999-12-31T23:59:59.999999999Z`).
 #[derive(Default)]
