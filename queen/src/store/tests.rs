@@ -830,3 +830,52 @@ async fn sleds_checkpoint_work_runs_below_the_threads_that_answer() {
     }
     close(store, w);
 }
+
+/// The writer syncs a group itself when nothing waits behind it and hands groups to the
+/// flusher under load; either way commits are answered in the order they were sent, each
+/// once it and everything before it counts as durable. Bursts of commits sent back to
+/// back (the flusher's case) alternate with lone ones awaited one at a time (the
+/// writer's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_answered_in_order_whichever_thread_syncs_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let mut sent = 0u64;
+    for wave in 0..300u64 {
+        let burst = if wave % 2 == 0 { 1 } else { 1 + wave % 23 };
+        let mut last = None;
+        for _ in 0..burst {
+            let (tx, rx) = oneshot::channel();
+            let (answers, durable, n) = (answers.clone(), w.durable.clone(), sent);
+            w.send(Commit {
+                mutations: vec![Mutation::save(&task())],
+                after: Some(Box::new(move |r| {
+                    let seen = durable.load(Ordering::Acquire);
+                    answers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((n, seen, r.is_ok()));
+                    let _ = tx.send(());
+                })),
+            })
+            .await;
+            sent += 1;
+            last = Some(rx);
+        }
+        if let Some(rx) = last {
+            rx.await.expect("answered");
+        }
+    }
+    close(store, w);
+    let answers = answers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(answers.len() as u64, sent, "every commit answered once");
+    for (i, (n, durable, ok)) in answers.into_iter().enumerate() {
+        assert_eq!(n, i as u64, "commit {n} answered in place of commit {i}");
+        assert!(ok, "commit {n} failed");
+        assert!(
+            durable > n,
+            "commit {n} answered when only {durable} were durable"
+        );
+    }
+}
