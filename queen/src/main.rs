@@ -148,7 +148,11 @@ fn migrate(mut cfg: Config, args: MigrateArgs) -> ExitCode {
 /// The queen itself, or with `dev` a local hive around it.
 fn server(cfg: Config, dev: Option<dev::DevArgs>) -> ExitCode {
     init_tracing(&cfg);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = cfg.runtime_workers(cpus);
+    tracing::info!(workers, cpus, "starting the runtime");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
