@@ -423,14 +423,14 @@ impl Default for RetentionSection {
 impl Config {
     /// The async runtime's worker threads for a machine of `cpus` CPUs: `[queen]
     /// worker_threads`, or with 0: with sled one per CPU but one (at least one), with
-    /// PostgreSQL one per CPU. With sled the
-    /// store's own threads (the writer, its flusher, the checkpoint and its sled thread)
-    /// do the disk work, and under load they take about a core: a worker per CPU only
-    /// competes with them, and on 2 CPUs the second worker cost more in wake-ups and
-    /// stolen tasks than it ran (one worker: queen CPU 23 -> 20 µs a task, 10 % more
-    /// throughput, latency p50 0.28 -> 0.24 ms; docs/performance.md). With PostgreSQL the
-    /// core reads tasks it had demoted from memory over the network, blocking its worker
-    /// for a round trip, and the other workers keep the connections served meanwhile.
+    /// PostgreSQL one per CPU. With sled the store's own threads (the writer, its flusher,
+    /// the checkpoint and its sled thread) do the disk work, and under load they take
+    /// about a core: a worker per CPU only competes with them. On 2 CPUs the second worker
+    /// cost more in wake-ups and stolen tasks than it ran (one worker: queen CPU 23 -> 20
+    /// µs a task, ~10 % more throughput, latency p50 0.30 -> 0.24 ms; docs/performance.md);
+    /// the rule for more CPUs is extrapolated from there. With PostgreSQL the core reads
+    /// tasks it had demoted from memory over the network, blocking its worker for a round
+    /// trip, and the other workers keep the connections served meanwhile.
     pub fn runtime_workers(&self, cpus: usize) -> usize {
         match (self.queen.worker_threads, self.storage.backend) {
             (0, Backend::Sled) => cpus.saturating_sub(1).max(1),

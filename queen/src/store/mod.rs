@@ -26,8 +26,9 @@
 //! writes into the [`pending`] ones (which readers see before sled); the flusher thread
 //! syncs the journal up to there, then runs those commits' continuations in order. The
 //! next group is written while the last one syncs; when nothing waits behind a group and
-//! the flusher is idle, the writer syncs and answers it itself. A checkpoint thread takes what is
-//! pending, once a second or sooner under load, and its sled thread (at a lower priority)
+//! the flusher is idle, the writer syncs and answers it itself. A checkpoint thread takes
+//! what is pending, once a second or sooner under load, and its sled thread (at a lower
+//! priority)
 //! writes it to sled and flushes it, so the journal can be deleted. Nothing is
 //! acknowledged or sent to a drone before the write it depends on is durable.
 
@@ -227,6 +228,9 @@ pub struct Expired {
 }
 
 /// Runs once the commit is durable (or failed): sends an ack, an assign, an HTTP reply.
+/// It runs on the store's writer or flusher thread, so it must not block, and above all
+/// not wait on the store's writer (`StoreWriter::send`): that thread may be the one
+/// running it.
 pub type AfterCommit = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
 
 /// Mutations applied atomically, and what to do once they are durable.
@@ -1395,7 +1399,16 @@ impl Syncer {
             }
             for commit in group.commits {
                 if let Some(after) = commit.after {
-                    after(result.clone());
+                    let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        after(result.clone())
+                    }));
+                    if answered.is_err() {
+                        // A bug in a continuation: the rest of the group is still answered
+                        // and the store's threads go on, but the queen stops, as it does for
+                        // any store failure (what the continuation left undone is unknown).
+                        tracing::error!("a commit's continuation panicked; the queen must stop");
+                        self.fatal.cancel();
+                    }
                 }
             }
         }
@@ -1419,9 +1432,9 @@ impl Syncer {
     }
 }
 
-/// Locks the [`Syncer`]. What it guards (the first failure, the end last synced) is whole
-/// between any two of its steps, so a lock poisoned by a panicking continuation is taken
-/// as it is.
+/// Locks the [`Syncer`]. Continuations run under it, but a panicking one is caught in
+/// [`Syncer::finish`]; should the lock be poisoned anyway, what it guards (the first
+/// failure, the end last synced) is whole between any two of its steps.
 fn lock_syncer(syncer: &Mutex<Syncer>) -> std::sync::MutexGuard<'_, Syncer> {
     syncer
         .lock()
@@ -1655,8 +1668,9 @@ impl Writer {
     /// before it, this thread syncs and answers the group itself: there is nothing to
     /// overlap, and waking the flusher is a hand-off to another CPU, ~30 µs when that CPU
     /// is idle on a VM (`perf sched timehist` of a low-load run: 33 µs from the writer's
-    /// wake-up to the flusher running). Commits arriving meanwhile wait for the sync, as
-    /// they would behind the flusher's, and form the next group.
+    /// wake-up to the flusher running). Commits arriving meanwhile wait for the sync and
+    /// the answers (behind the flusher they would wait for its sync too, only their
+    /// journal append would not), and form the next group.
     fn run(mut self) {
         let (applied_tx, applied_rx) = std::sync::mpsc::channel::<Applied>();
         let syncer = Arc::new(Mutex::new(Syncer {

@@ -831,37 +831,86 @@ async fn sleds_checkpoint_work_runs_below_the_threads_that_answer() {
     close(store, w);
 }
 
+/// Each answer: the commit's number, how many commits were durable then, whether it
+/// succeeded, and the thread that answered.
+type Answers = Arc<Mutex<Vec<(u64, u64, bool, Option<String>)>>>;
+
+/// What a held answer says when it starts holding, and what it waits for.
+type Hold = (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
+
+/// Sends commit number `n`; its answer goes to `answers`, then, given a `hold`, it says so
+/// and waits for the release (at most 30 s), then it says so on the returned receiver.
+async fn numbered_commit(
+    w: &StoreWriter,
+    answers: &Answers,
+    n: u64,
+    hold: Option<Hold>,
+) -> oneshot::Receiver<()> {
+    let (tx, rx) = oneshot::channel();
+    let (answers, durable) = (answers.clone(), w.durable.clone());
+    w.send(Commit {
+        mutations: vec![Mutation::save(&task())],
+        after: Some(Box::new(move |r| {
+            let seen = durable.load(Ordering::Acquire);
+            let by = std::thread::current().name().map(str::to_owned);
+            answers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((n, seen, r.is_ok(), by));
+            if let Some((holding, release)) = hold {
+                let _ = holding.send(());
+                let _ = release.recv_timeout(std::time::Duration::from_secs(30));
+            }
+            let _ = tx.send(());
+        })),
+    })
+    .await;
+    rx
+}
+
 /// The writer syncs a group itself when nothing waits behind it and hands groups to the
-/// flusher under load; either way commits are answered in the order they were sent, each
-/// once it and everything before it counts as durable. Bursts of commits sent back to
-/// back (the flusher's case) alternate with lone ones awaited one at a time (the
-/// writer's).
+/// flusher otherwise; either way commits are answered in the order they were sent, each
+/// once it and everything before it counts as durable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_are_answered_in_order_whichever_thread_syncs_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
-    let answers = Arc::new(Mutex::new(Vec::new()));
+    let answers: Answers = Arc::default();
     let mut sent = 0u64;
+    // Lone commits, each awaited: nothing waits behind them, the writer answers them.
+    for _ in 0..50 {
+        numbered_commit(&w, &answers, sent, None)
+            .await
+            .await
+            .expect("answered");
+        sent += 1;
+    }
+    // A lone commit (answered by the writer) whose answer holds the writer while more
+    // than a group's worth of commits queue behind it: the first group of those is full
+    // and more wait behind it, so it goes to the flusher.
+    let (holding_tx, holding) = std::sync::mpsc::channel();
+    let (release, hold) = std::sync::mpsc::channel();
+    let held = numbered_commit(&w, &answers, sent, Some((holding_tx, hold))).await;
+    sent += 1;
+    tokio::task::spawn_blocking(move || holding.recv_timeout(std::time::Duration::from_secs(30)))
+        .await
+        .expect("joined")
+        .expect("the answer holds");
+    let mut last = None;
+    for _ in 0..MAX_COMMITS_PER_BATCH + 100 {
+        last = Some(numbered_commit(&w, &answers, sent, None).await);
+        sent += 1;
+    }
+    release.send(()).expect("the held answer waits");
+    held.await.expect("answered");
+    last.expect("sent").await.expect("answered");
+    // Bursts sent back to back and lone commits, mixed.
     for wave in 0..300u64 {
         let burst = if wave % 2 == 0 { 1 } else { 1 + wave % 23 };
         let mut last = None;
         for _ in 0..burst {
-            let (tx, rx) = oneshot::channel();
-            let (answers, durable, n) = (answers.clone(), w.durable.clone(), sent);
-            w.send(Commit {
-                mutations: vec![Mutation::save(&task())],
-                after: Some(Box::new(move |r| {
-                    let seen = durable.load(Ordering::Acquire);
-                    answers
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((n, seen, r.is_ok()));
-                    let _ = tx.send(());
-                })),
-            })
-            .await;
+            last = Some(numbered_commit(&w, &answers, sent, None).await);
             sent += 1;
-            last = Some(rx);
         }
         if let Some(rx) = last {
             rx.await.expect("answered");
@@ -870,12 +919,20 @@ async fn commits_are_answered_in_order_whichever_thread_syncs_them() {
     close(store, w);
     let answers = answers.lock().unwrap_or_else(|p| p.into_inner()).clone();
     assert_eq!(answers.len() as u64, sent, "every commit answered once");
-    for (i, (n, durable, ok)) in answers.into_iter().enumerate() {
+    let mut by_thread = std::collections::BTreeMap::<String, usize>::new();
+    for (i, (n, durable, ok, by)) in answers.into_iter().enumerate() {
         assert_eq!(n, i as u64, "commit {n} answered in place of commit {i}");
         assert!(ok, "commit {n} failed");
         assert!(
             durable > n,
             "commit {n} answered when only {durable} were durable"
+        );
+        *by_thread.entry(by.unwrap_or_default()).or_default() += 1;
+    }
+    for thread in ["hive-store-writer", "hive-store-flush"] {
+        assert!(
+            by_thread.get(thread).is_some_and(|&n| n > 0),
+            "no commit answered by {thread}: {by_thread:?}"
         );
     }
 }
