@@ -255,9 +255,14 @@ impl Pending {
 
     /// Sled holds everything in `applying` now (flushed).
     pub(crate) fn applied(&self) {
-        let mut maps = self.write();
-        maps.applying = Arc::new(KeyWrites::new());
-        maps.epoch += 1;
+        let done = {
+            let mut maps = self.write();
+            maps.epoch += 1;
+            std::mem::replace(&mut maps.applying, Arc::new(KeyWrites::new()))
+        };
+        // Freed outside the lock: a checkpoint's map holds every key it wrote, and
+        // freeing them one by one would hold up every read and the writer meanwhile.
+        drop(done);
     }
 }
 
