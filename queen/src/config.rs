@@ -427,7 +427,7 @@ impl Config {
     /// the checkpoint and its sled thread) do the disk work, and under load they take
     /// about a core: a worker per CPU only competes with them. On 2 CPUs the second worker
     /// cost more in wake-ups and stolen tasks than it ran (one worker: queen CPU 23 -> 20
-    /// µs a task, ~10 % more throughput, latency p50 0.30 -> 0.24 ms; docs/performance.md);
+    /// µs a task, ~10 % more throughput, latency p50 0.295 -> 0.244 ms; docs/performance.md);
     /// the rule for more CPUs is extrapolated from there. With PostgreSQL the core reads
     /// tasks it had demoted from memory over the network, blocking its worker for a round
     /// trip, and the other workers keep the connections served meanwhile.

@@ -28,8 +28,7 @@
 //! next group is written while the last one syncs; when nothing waits behind a group and
 //! the flusher is idle, the writer syncs and answers it itself. A checkpoint thread takes
 //! what is pending, once a second or sooner under load, and its sled thread (at a lower
-//! priority)
-//! writes it to sled and flushes it, so the journal can be deleted. Nothing is
+//! priority) writes it to sled and flushes it, so the journal can be deleted. Nothing is
 //! acknowledged or sent to a drone before the write it depends on is durable.
 
 mod journal;
@@ -228,7 +227,8 @@ pub struct Expired {
 }
 
 /// Runs once the commit is durable (or failed): sends an ack, an assign, an HTTP reply.
-/// It runs on the store's writer or flusher thread, so it must not block, and above all
+/// It runs on a store thread (sled's writer or flusher, PostgreSQL's writer), or in
+/// `StoreWriter::send` once the store is shut down, so it must not block, and above all
 /// not wait on the store's writer (`StoreWriter::send`): that thread may be the one
 /// running it.
 pub type AfterCommit = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
