@@ -1735,7 +1735,9 @@ impl Writer {
                 end: self.journal.end(),
             };
             // Answered in order: inline only once the flusher has answered everything
-            // handed to it (it is sent nothing more meanwhile).
+            // handed to it (it is sent nothing more meanwhile). (`is_empty` needs tokio
+            // 1.38: 1.37's could say "not empty" of an empty channel, which only sent the
+            // group to the flusher.)
             if self.rx.is_empty() && answered.load(Ordering::Acquire) == handed {
                 lock_syncer(&syncer).finish(vec![group]);
                 continue;
