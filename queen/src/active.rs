@@ -522,6 +522,7 @@ mod tests {
                 cache_capacity_bytes: 8 << 20,
                 sync: false,
                 metrics: Default::default(),
+                idle_poll: std::time::Duration::from_micros(crate::config::DEFAULT_IDLE_POLL_US),
             };
             let (store, writer, _) = Store::open(&opts, CancellationToken::new()).expect("open");
             let backing = Backing {

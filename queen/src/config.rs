@@ -70,6 +70,13 @@ pub const DEFAULT_HTTP_HEADER_TIMEOUT_MS: u64 = 10_000;
 /// answer is 408. Only the body read is timed: the headers have their own timeout, and
 /// the time the queen takes to answer is not bounded by either.
 pub const DEFAULT_HTTP_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// `[queen] idle_poll_us` by default: a little longer than the gaps between the steps of
+/// one task at low load on the 2-CPU machine (docs/performance.md).
+pub const DEFAULT_IDLE_POLL_US: u64 = 300;
+/// The longest `[queen] idle_poll_us` may be: beyond a few milliseconds a wake-up costs
+/// nothing next to the gap, and polling would only burn CPU.
+pub const MAX_IDLE_POLL_US: u64 = 10_000;
+
 /// The most runtime worker threads `[queen] worker_threads` may ask for.
 pub const MAX_WORKER_THREADS: usize = 1_024;
 /// sled page cache. sled may use up to ~10x this in the worst case, so keep it modest.
@@ -134,6 +141,10 @@ pub struct QueenSection {
     /// Threads running the queen's async tasks (the scheduler core, HTTP and drone
     /// connections). 0: [`Config::runtime_workers`] picks.
     pub worker_threads: usize,
+    /// Longest a thread on a task's path (the runtime's worker, the sled store's writer)
+    /// polls for more work before it sleeps, in microseconds; adaptive, see
+    /// [`crate::idle`]. 0: never poll.
+    pub idle_poll_us: u64,
 }
 
 impl Default for QueenSection {
@@ -149,6 +160,7 @@ impl Default for QueenSection {
             http_header_timeout_ms: DEFAULT_HTTP_HEADER_TIMEOUT_MS,
             http_request_timeout_ms: DEFAULT_HTTP_REQUEST_TIMEOUT_MS,
             worker_threads: 0,
+            idle_poll_us: DEFAULT_IDLE_POLL_US,
         }
     }
 }
@@ -583,6 +595,12 @@ impl Config {
                 format!("must be at most {MAX_WORKER_THREADS} (0 picks for this machine)"),
             ));
         }
+        if self.queen.idle_poll_us > MAX_IDLE_POLL_US {
+            return Err(invalid(
+                "queen.idle_poll_us",
+                format!("must be at most {MAX_IDLE_POLL_US} (0 turns idle polling off)"),
+            ));
+        }
         if self.queen.max_http_connections == 0 {
             return Err(invalid("queen.max_http_connections", "must be at least 1"));
         }
@@ -706,6 +724,20 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("worker_threads"), "{e}");
+    }
+
+    #[test]
+    fn idle_polling_is_bounded_and_can_be_turned_off() {
+        assert_eq!(Config::default().queen.idle_poll_us, DEFAULT_IDLE_POLL_US);
+        let cfg = load_str("", &[("HIVE_QUEEN__IDLE_POLL_US", "0")]).expect("loads");
+        assert_eq!(cfg.queen.idle_poll_us, 0);
+        let cfg = load_str("[queen]\nidle_poll_us = 10000\n", &[]).expect("loads");
+        assert_eq!(cfg.queen.idle_poll_us, MAX_IDLE_POLL_US);
+        let e = load_str("[queen]\nidle_poll_us = 10001\n", &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("queen.idle_poll_us"), "{e}");
     }
 
     #[test]

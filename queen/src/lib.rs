@@ -12,6 +12,7 @@ pub mod config;
 pub mod core;
 pub mod ha;
 pub mod http;
+pub mod idle;
 pub mod metrics;
 pub mod net;
 pub mod queues;
@@ -91,6 +92,7 @@ impl Queen {
             cache_capacity_bytes: cfg.storage.cache_capacity_mb * 1024 * 1024,
             sync: cfg.storage.sync,
             metrics: metrics.store.clone(),
+            idle_poll: std::time::Duration::from_micros(cfg.queen.idle_poll_us),
         };
         let started = std::time::Instant::now();
         let opened = Store::open(&opts, fatal.clone())?;

@@ -129,3 +129,71 @@ fn three_drones_run_300_echo_and_20_exec_tasks_and_the_stats_agree() {
     assert!(execs.iter().all(|t| t.state == TaskState::Succeeded));
     hive.check(ALL_DONE);
 }
+
+/// The queen's CPU time so far (user + system, all threads), from `/proc/<pid>/stat`, in
+/// seconds (USER_HZ is 100 on Linux).
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the queen runs");
+    // `pid (comm) state ppid ...`: utime and stime are fields 14 and 15, the 12th and 13th
+    // after the parenthesis that closes comm.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| -> u64 {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("field {} of /proc/{pid}/stat: {stat}", i + 3))
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// Idle polling (`[queen] idle_poll_us`, on by default) keeps the runtime's worker and the
+/// store's writer busy for a moment after work, so the next request finds them running. A
+/// poller that never gave up, or a writer that never went back to sleep, would hold a CPU
+/// at 100 % forever. After a burst of single submits through a drone, with the drone
+/// still connected and heartbeating, the queen must come down to a few percent of one
+/// CPU. (That the window closes on an idle queen is `queen::idle`'s unit tests' to show: a
+/// window stuck open costs ~1 % of a CPU here, below what this can tell from noise.)
+#[test]
+fn an_idle_queen_does_not_spin() {
+    let mut hive = Hive::start();
+    hive.start_drone("d1", 8);
+    let api = hive.api().clone();
+    let ids: Vec<TaskId> = (0..100)
+        .map(|i| api.submit(&echo(json!({"i": i}))).id)
+        .collect();
+    hive.wait_all_succeeded(ALL_DONE, &ids);
+    let pid = hive.queen_at(0).pid().expect("the queen runs");
+
+    // Over a two-second window, measured again every half second until one is quiet
+    // enough: a loaded CI machine may delay the queen's own background work, but a queen
+    // that spins never gets there.
+    const WINDOW: Duration = Duration::from_secs(2);
+    const QUIET: f64 = 0.10;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut samples = std::collections::VecDeque::new();
+    loop {
+        samples.push_back((std::time::Instant::now(), cpu_seconds(pid)));
+        let (newest_at, newest) = samples[samples.len() - 1];
+        while samples.len() > 1 && newest_at - samples[1].0 >= WINDOW {
+            samples.pop_front();
+        }
+        let (oldest_at, oldest) = samples[0];
+        let span = (newest_at - oldest_at).as_secs_f64();
+        if span >= WINDOW.as_secs_f64() {
+            let share = (newest - oldest) / span;
+            if share <= QUIET {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an idle queen kept using {:.0} % of a CPU",
+                share * 100.0
+            );
+        }
+        // The sampling interval of a measurement, not a wait for an event.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -50,6 +50,7 @@ pub use lookup::Lookup;
 
 use crate::active::{ActiveTasks, Backing};
 use crate::config::Config;
+use crate::idle::RuntimePoll;
 use crate::metrics::Metrics;
 use crate::queues::QueueState;
 use crate::store::{StoreError, StoreWriter};
@@ -122,6 +123,9 @@ pub struct Core {
     metrics: Metrics,
     /// The leader's term on a shared database (sent in every welcome), `None` on sled.
     epoch: Option<u64>,
+    /// Keeps the runtime's worker polling for a short while after each pass (see
+    /// [`crate::idle`]).
+    idle_poll: Arc<RuntimePoll>,
 }
 
 impl std::fmt::Debug for Core {
@@ -203,6 +207,7 @@ impl Core {
             recovered_flag: Arc::new(AtomicBool::new(false)),
             disk: Arc::new(DiskState::default()),
             fatal,
+            idle_poll: RuntimePoll::new(Duration::from_micros(cfg.queen.idle_poll_us)),
             cfg,
             metrics,
             epoch: None,
@@ -268,6 +273,12 @@ impl Core {
             self.finish_recovery(Now::read());
         }
         let mut failed = None;
+        // The idle poller runs beside the core for as long as it serves, on a runtime of
+        // one worker only (see `crate::idle`); aborted when this returns or unwinds.
+        let one_worker = tokio::runtime::Handle::current().metrics().num_workers() == 1;
+        let _poller = (self.cfg.queen.idle_poll_us > 0 && one_worker).then(|| {
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(self.idle_poll.clone().run()))
+        });
         loop {
             let wake = self.next_wake(Now::read());
             // While recovering, stop taking requests once many wait: the bounded request
@@ -277,8 +288,7 @@ impl Core {
                 biased;
                 _ = shutdown.cancelled() => break,
                 loaded = recovery::next_chunk(&mut chunks) => {
-                    let now = Now::read();
-                    self.notice_stall(now);
+                    let now = self.woke();
                     let failure = match loaded {
                         Some(Loaded::Chunk(tasks)) => {
                             self.recover_chunk(tasks, now);
@@ -305,8 +315,7 @@ impl Core {
                 }
                 req = rx.recv(), if accepting => {
                     let Some(req) = req else { break };
-                    let now = Now::read();
-                    self.notice_stall(now);
+                    let now = self.woke();
                     self.handle(req, now);
                     for _ in 1..REQUESTS_PER_PASS {
                         match rx.try_recv() {
@@ -319,19 +328,28 @@ impl Core {
                 }
                 // Timers wait for recovery (the tick would be due at once, every pass).
                 _ = tokio::time::sleep_until(wake), if self.recovery.is_none() => {
-                    let now = Now::read();
-                    self.notice_stall(now);
+                    let now = self.woke();
                     self.pass(now);
                     self.last_pass = Some(Instant::now());
                 }
             }
             self.flush_commits().await;
+            self.idle_poll.idle();
         }
         // Close every drone connection; their tasks stay `running` on disk and are
         // re-attached when the drones reconnect to the next queen.
         self.fleet.close_all();
         self.flush_commits().await;
         failed.map_or(Ok(()), Err)
+    }
+
+    /// The start of a pass: reads the clocks, notices a stall of the core's own, and ends
+    /// the idle poller's spell.
+    fn woke(&mut self) -> Now {
+        let now = Now::read();
+        self.notice_stall(now);
+        self.idle_poll.busy();
+        now
     }
 
     /// The rest of a pass, after its requests: timers, dispatch, then seal and demote.

@@ -335,6 +335,9 @@ pub struct OpenOptionsHive {
     pub sync: bool,
     /// Where the writer reports its group-commit sizes and flush times.
     pub metrics: crate::metrics::StoreMetrics,
+    /// The longest the writer polls for the next commit before it sleeps
+    /// (`[queen] idle_poll_us`, [`crate::idle`]).
+    pub idle_poll: std::time::Duration,
 }
 
 impl Store {
@@ -418,6 +421,7 @@ impl Store {
             sync: opts.sync,
             seq: last_group,
             checkpointed: Arc::new(AtomicU64::new(last_group)),
+            idle: crate::idle::Window::new(opts.idle_poll),
         };
         let writer_thread = std::thread::Builder::new()
             .name("hive-store-writer".into())
@@ -1655,6 +1659,8 @@ struct Writer {
     seq: u64,
     /// Every group up to this one is durable in sled (set by the checkpointer).
     checkpointed: Arc<AtomicU64>,
+    /// How long to poll for the next commit before sleeping.
+    idle: crate::idle::Window,
 }
 
 impl Writer {
@@ -1721,7 +1727,7 @@ impl Writer {
         let mut failed: Option<CommitError> = None;
         // Groups handed to the flusher.
         let mut handed: u64 = 0;
-        while let Some(mut commits) = next_batch(&mut self.rx) {
+        while let Some(mut commits) = next_batch(&mut self.rx, &self.idle) {
             let result = match &failed {
                 Some(err) => Err(err.clone()),
                 None => self.apply_all(&mut commits),
@@ -1853,11 +1859,33 @@ fn write_key(tree: &sled::Tree, k: &[u8], v: Option<&[u8]>) -> Result<(), sled::
 /// well under a microsecond.
 const OPS_PER_RECLAIM: usize = 10;
 
-/// The next group commit, for either engine's writer: waits for one commit, then takes
+/// The next group commit, for either engine's writer: waits for one commit (polling for it
+/// for up to `idle`'s window first, which adapts to how long the writer waited), then takes
 /// every commit already waiting, up to [`MAX_COMMITS_PER_BATCH`]. `None` once the channel
 /// is closed and empty.
-pub(crate) fn next_batch(rx: &mut mpsc::Receiver<Commit>) -> Option<Vec<Commit>> {
-    let first = rx.blocking_recv()?;
+pub(crate) fn next_batch(
+    rx: &mut mpsc::Receiver<Commit>,
+    idle: &crate::idle::Window,
+) -> Option<Vec<Commit>> {
+    use mpsc::error::TryRecvError;
+    let first = match rx.try_recv() {
+        Ok(commit) => commit,
+        Err(TryRecvError::Disconnected) => return None,
+        Err(TryRecvError::Empty) => {
+            let waiting = std::time::Instant::now();
+            let polled = idle.poll(|| match rx.try_recv() {
+                Ok(commit) => Some(Some(commit)),
+                Err(TryRecvError::Disconnected) => Some(None),
+                Err(TryRecvError::Empty) => None,
+            });
+            let commit = match polled {
+                Some(found) => found?,
+                None => rx.blocking_recv()?,
+            };
+            idle.adapt(waiting.elapsed());
+            commit
+        }
+    };
     let mut commits = vec![first];
     while commits.len() < MAX_COMMITS_PER_BATCH {
         match rx.try_recv() {

@@ -448,7 +448,10 @@ impl Writer {
 
     pub fn run(mut self, mut client: Client, statements: Statements, cancelled: Arc<AtomicBool>) {
         let mut failed: Option<CommitError> = None;
-        while let Some(mut commits) = super::next_batch(&mut self.rx) {
+        // No idle polling: a commit here waits for a network round trip to PostgreSQL
+        // anyway, and a standby's queen should not poll for a writer it does not run.
+        let idle = crate::idle::Window::new(std::time::Duration::ZERO);
+        while let Some(mut commits) = super::next_batch(&mut self.rx, &idle) {
             let started = Instant::now();
             let lapsed = self
                 .trust

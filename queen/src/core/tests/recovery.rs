@@ -25,6 +25,7 @@ fn opts(dir: &std::path::Path) -> OpenOptionsHive {
         cache_capacity_bytes: 8 << 20,
         sync: false,
         metrics: Default::default(),
+        idle_poll: std::time::Duration::from_micros(crate::config::DEFAULT_IDLE_POLL_US),
     }
 }
 
