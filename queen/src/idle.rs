@@ -11,17 +11,19 @@
 //! `[queen] idle_poll_us` before sleeping takes those wake-ups off the path
 //! (docs/performance.md, "Issue 16, sixth session").
 //!
-//! The window adapts after the rule of Linux's `cpuidle-haltpoll` governor
-//! (`drivers/cpuidle/governors/haltpoll.c`, `adjust_poll_limit`), applied to the whole
-//! idle spell: if work came later than the window but within the maximum, the window
-//! doubles (from at least [`GROW_START`]); if it came later than the maximum, polling
-//! would not have caught it and the window halves, to nothing once below [`GROW_START`].
-//! An idle queen's spells are its 50 ms timer tick and longer, so its window closes within
-//! three ticks and it polls not at all; a busy one's spells are short and it keeps
-//! polling.
+//! The window adapts after the rules of Linux's halt polling, applied to the whole idle
+//! spell: if work came later than the window but within the maximum, the window doubles
+//! (from at least [`GROW_START`]), as the guest's `cpuidle-haltpoll` governor does
+//! (`drivers/cpuidle/governors/haltpoll.c`, `adjust_poll_limit`); work caught within the
+//! window changes nothing; if it came later than the maximum, polling would not have
+//! caught it and the window halves, to nothing once below [`GROW_START`], as KVM's host
+//! side does (`shrink_halt_poll_ns`). An idle queen's spells are its 50 ms timer tick and
+//! longer, so with the default maximum its window closes within three ticks (nine with
+//! the largest allowed) and it polls not at all; a busy one's spells are short and it
+//! keeps polling. `hive_idle_poll_seconds_total` counts the time spent polling, by thread.
 //!
-//! While it polls, a thread gives its CPU to any other runnable thread every round
-//! (`sched_yield`), so on an otherwise idle CPU it delays no one. It is not free, though:
+//! While it polls, a thread offers its CPU to any other thread waiting for that CPU every
+//! round (`sched_yield`), so on an otherwise idle CPU it delays no one. It is not free, though:
 //! the polling counts as the queen's CPU time, against a cgroup's CPU quota too (a
 //! container with a CPU limit may be throttled for it), it competes with a hyperthread
 //! sibling, and the scheduler sees the CPU as busy when it places woken threads. `0` turns
@@ -39,6 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use prometheus::Counter;
 use tokio::sync::Notify;
 
 /// The smallest window a growing one starts from (the kernel's `guest_halt_poll_grow_start`
@@ -51,6 +54,8 @@ pub const GROW_START: Duration = Duration::from_micros(50);
 pub struct Window {
     max_ns: u64,
     ns: AtomicU64,
+    /// Where the time spent polling is counted (`hive_idle_poll_seconds_total`).
+    spent: Option<Counter>,
 }
 
 impl Window {
@@ -60,7 +65,14 @@ impl Window {
         Window {
             max_ns: u64::try_from(max.as_nanos()).unwrap_or(u64::MAX),
             ns: AtomicU64::new(0),
+            spent: None,
         }
+    }
+
+    /// Counts the time spent polling in `spent`.
+    pub fn counting(mut self, spent: Counter) -> Window {
+        self.spent = Some(spent);
+        self
     }
 
     /// How long to poll now.
@@ -102,16 +114,21 @@ impl Window {
         if window.is_zero() {
             return None;
         }
-        let until = Instant::now() + window;
-        loop {
+        let started = Instant::now();
+        let until = started + window;
+        let found = loop {
             if let Some(found) = ready() {
-                return Some(found);
+                break Some(found);
             }
             if Instant::now() >= until {
-                return None;
+                break None;
             }
             std::thread::yield_now();
+        };
+        if let Some(spent) = &self.spent {
+            spent.inc_by(started.elapsed().as_secs_f64());
         }
+        found
     }
 }
 
@@ -135,9 +152,10 @@ pub struct RuntimePoll {
 }
 
 impl RuntimePoll {
-    pub fn new(max: Duration) -> Arc<RuntimePoll> {
+    /// A poller that polls up to `max` at a time and counts the time it polls in `spent`.
+    pub fn new(max: Duration, spent: Counter) -> Arc<RuntimePoll> {
         Arc::new(RuntimePoll {
-            window: Window::new(max),
+            window: Window::new(max).counting(spent),
             epoch: Instant::now(),
             idle_since: AtomicU64::new(0),
             wake: Notify::new(),
@@ -166,7 +184,7 @@ impl RuntimePoll {
         }
     }
 
-    /// The window, for tests and metrics.
+    /// The window now.
     pub fn window(&self) -> Duration {
         self.window.current()
     }
@@ -177,6 +195,7 @@ impl RuntimePoll {
         loop {
             self.wake.notified().await;
             self.polling.store(true, Ordering::SeqCst);
+            let started = Instant::now();
             loop {
                 self.rounds.fetch_add(1, Ordering::SeqCst);
                 let idle = self
@@ -185,8 +204,16 @@ impl RuntimePoll {
                 if Duration::from_nanos(idle) >= self.window.current() {
                     break;
                 }
+                // Let the worker run every task that is ready (tokio polls its I/O driver
+                // before it comes back to this one), then the CPU any other thread that
+                // waits for it. (Resumed, this task can be ahead of tasks woken by the
+                // same poll of the driver, by one round; putting the `sched_yield` first
+                // measured no different.)
                 tokio::task::yield_now().await;
                 std::thread::yield_now();
+            }
+            if let Some(spent) = &self.window.spent {
+                spent.inc_by(started.elapsed().as_secs_f64());
             }
             self.polling.store(false, Ordering::SeqCst);
         }
@@ -274,7 +301,7 @@ mod tests {
     async fn the_runtime_poller_polls_after_work_then_sleeps() {
         // A window long enough that no preemption of this test can outlast it.
         let max = Duration::from_millis(200);
-        let poll = RuntimePoll::new(max);
+        let poll = RuntimePoll::new(max, Counter::new("t", "t").expect("a valid counter"));
         let poller = tokio::spawn(poll.clone().run());
         // Idle spells a little shorter than the maximum open the window all the way.
         for _ in 0..20 {
@@ -286,7 +313,7 @@ mod tests {
         // The poller wakes, keeps the runtime round after round for the whole window and,
         // once it has passed with no new work, sleeps again.
         let deadline = idle_at + Duration::from_secs(30);
-        while poll.rounds.load(Ordering::SeqCst) < 2 || poll.polling.load(Ordering::SeqCst) {
+        while poll.rounds.load(Ordering::SeqCst) == 0 || poll.polling.load(Ordering::SeqCst) {
             assert!(
                 Instant::now() < deadline,
                 "the poller did not poll and then sleep: {} rounds, polling {}",

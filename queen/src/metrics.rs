@@ -8,8 +8,8 @@
 //! scrape time, so they can never drift from what `/v1/stats` says.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use shared::api::{DroneView, Stats};
@@ -47,6 +47,9 @@ pub struct Metrics {
     pub stale_completions: IntCounter,
     /// Times the queen noticed it had stalled (see `core::Core::notice_stall`).
     pub stalls: IntCounter,
+    /// Time spent idle polling (`crate::idle`), by thread: `runtime` (the poller beside
+    /// the core) and `writer` (the sled store's writer, also in `store`).
+    pub idle_poll_seconds: CounterVec,
     pub dispatch_latency: Histogram,
     pub run_duration: HistogramVec,
     tasks: IntGaugeVec,
@@ -72,6 +75,8 @@ pub struct StoreMetrics {
     pub batch_commits: Histogram,
     pub flush_seconds: Histogram,
     pub checkpoint_seconds: Histogram,
+    /// The writer's share of `hive_idle_poll_seconds_total`.
+    pub idle_poll_seconds: Counter,
 }
 
 impl Default for StoreMetrics {
@@ -81,8 +86,20 @@ impl Default for StoreMetrics {
             batch_commits: store_batch_histogram(),
             flush_seconds: store_flush_histogram(),
             checkpoint_seconds: store_checkpoint_histogram(),
+            idle_poll_seconds: idle_poll_counter().with_label_values(&["writer"]),
         }
     }
+}
+
+fn idle_poll_counter() -> CounterVec {
+    CounterVec::new(
+        Opts::new(
+            "hive_idle_poll_seconds_total",
+            "Time spent polling for more work before sleeping ([queen] idle_poll_us), by thread: runtime or writer. CPU time, though it yields to any other thread.",
+        ),
+        &["thread"],
+    )
+    .expect("static counter options are valid")
 }
 
 fn store_batch_histogram() -> Histogram {
@@ -135,6 +152,8 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        let idle_poll = idle_poll_counter();
+        let writer_poll = idle_poll.with_label_values(&["writer"]);
         let m = Metrics {
             registry: Registry::new(),
             submitted: counter_by_queue("hive_tasks_submitted_total", "Tasks accepted."),
@@ -234,10 +253,12 @@ impl Metrics {
                 "1 while free space is below [storage] min_free_mb and new work is refused (507).",
             )
             .expect("static gauge options are valid"),
+            idle_poll_seconds: idle_poll,
             store: StoreMetrics {
                 batch_commits: store_batch_histogram(),
                 flush_seconds: store_flush_histogram(),
                 checkpoint_seconds: store_checkpoint_histogram(),
+                idle_poll_seconds: writer_poll,
             },
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -252,6 +273,7 @@ impl Metrics {
             Box::new(m.lease_expirations.clone()),
             Box::new(m.stale_completions.clone()),
             Box::new(m.stalls.clone()),
+            Box::new(m.idle_poll_seconds.clone()),
             Box::new(m.dispatch_latency.clone()),
             Box::new(m.run_duration.clone()),
             Box::new(m.tasks.clone()),

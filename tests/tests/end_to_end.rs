@@ -149,48 +149,75 @@ fn cpu_seconds(pid: i32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
-/// Idle polling (`[queen] idle_poll_us`, on by default) keeps the runtime's worker and the
-/// store's writer busy for a moment after work, so the next request finds them running. A
-/// poller that never gave up, or a writer that never went back to sleep, would hold a CPU
-/// at 100 % forever. After a burst of single submits through a drone, with the drone
-/// still connected and heartbeating, the queen must come down to a few percent of one
-/// CPU. (That the window closes on an idle queen is `queen::idle`'s unit tests' to show: a
-/// window stuck open costs ~1 % of a CPU here, below what this can tell from noise.)
+/// Seconds the queen has spent idle polling, by thread (`runtime`, `writer`), from its
+/// `hive_idle_poll_seconds_total` counter.
+fn idle_poll_seconds(api: &hive_tests::Api, thread: &str) -> f64 {
+    let (status, text) = api.get_raw("/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{text}");
+    let series = format!("hive_idle_poll_seconds_total{{thread=\"{thread}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(series.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+/// Idle polling (`[queen] idle_poll_us`) keeps the runtime's worker and the store's writer
+/// busy for a moment after work, so the next request finds them running. Both must poll
+/// while work keeps coming, and stop once it does not: a poller that never gave up, a
+/// writer that never went back to sleep or a window that never closed would burn CPU on a
+/// quiet queen. The queen runs one runtime worker (where the runtime's poller runs) and
+/// the largest window (10 ms, so that one stuck open costs a fifth of a CPU against the
+/// 50 ms tick). After a burst of single submits through a drone, with the drone still
+/// connected and heartbeating, both threads must have polled, and then, over a
+/// two-second window, the queen must stay under 10 % of a CPU and poll under 2 %.
 #[test]
-fn an_idle_queen_does_not_spin() {
-    let mut hive = Hive::start();
+fn a_queen_polls_while_busy_and_stops_when_idle() {
+    let mut hive = Hive::builder()
+        .env("HIVE_QUEEN__WORKER_THREADS", "1")
+        .env("HIVE_QUEEN__IDLE_POLL_US", "10000")
+        .start();
     hive.start_drone("d1", 8);
     let api = hive.api().clone();
     let ids: Vec<TaskId> = (0..100)
         .map(|i| api.submit(&echo(json!({"i": i}))).id)
         .collect();
     hive.wait_all_succeeded(ALL_DONE, &ids);
+    for thread in ["runtime", "writer"] {
+        assert!(
+            idle_poll_seconds(&api, thread) > 0.0,
+            "the {thread} never polled during the burst"
+        );
+    }
     let pid = hive.queen_at(0).pid().expect("the queen runs");
+    let polled = || idle_poll_seconds(&api, "runtime") + idle_poll_seconds(&api, "writer");
 
-    // Over a two-second window, measured again every half second until one is quiet
-    // enough: a loaded CI machine may delay the queen's own background work, but a queen
-    // that spins never gets there.
+    // Measured over a sliding two-second window, again every half second until one is
+    // quiet: a loaded CI machine may delay the queen's own background work, but a queen
+    // that keeps polling never gets there.
     const WINDOW: Duration = Duration::from_secs(2);
-    const QUIET: f64 = 0.10;
+    const QUIET_CPU: f64 = 0.10;
+    const QUIET_POLL: f64 = 0.02;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut samples = std::collections::VecDeque::new();
     loop {
-        samples.push_back((std::time::Instant::now(), cpu_seconds(pid)));
-        let (newest_at, newest) = samples[samples.len() - 1];
+        samples.push_back((std::time::Instant::now(), cpu_seconds(pid), polled()));
+        let (newest_at, newest_cpu, newest_poll) = samples[samples.len() - 1];
         while samples.len() > 1 && newest_at - samples[1].0 >= WINDOW {
             samples.pop_front();
         }
-        let (oldest_at, oldest) = samples[0];
+        let (oldest_at, oldest_cpu, oldest_poll) = samples[0];
         let span = (newest_at - oldest_at).as_secs_f64();
         if span >= WINDOW.as_secs_f64() {
-            let share = (newest - oldest) / span;
-            if share <= QUIET {
+            let cpu = (newest_cpu - oldest_cpu) / span;
+            let poll = (newest_poll - oldest_poll) / span;
+            if cpu <= QUIET_CPU && poll <= QUIET_POLL {
                 break;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "an idle queen kept using {:.0} % of a CPU",
-                share * 100.0
+                "an idle queen kept using {:.0} % of a CPU, {:.1} % polling",
+                cpu * 100.0,
+                poll * 100.0
             );
         }
         // The sampling interval of a measurement, not a wait for an event.

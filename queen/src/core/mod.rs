@@ -207,7 +207,10 @@ impl Core {
             recovered_flag: Arc::new(AtomicBool::new(false)),
             disk: Arc::new(DiskState::default()),
             fatal,
-            idle_poll: RuntimePoll::new(Duration::from_micros(cfg.queen.idle_poll_us)),
+            idle_poll: RuntimePoll::new(
+                Duration::from_micros(cfg.queen.idle_poll_us),
+                metrics.idle_poll_seconds.with_label_values(&["runtime"]),
+            ),
             cfg,
             metrics,
             epoch: None,

@@ -421,7 +421,8 @@ impl Store {
             sync: opts.sync,
             seq: last_group,
             checkpointed: Arc::new(AtomicU64::new(last_group)),
-            idle: crate::idle::Window::new(opts.idle_poll),
+            idle: crate::idle::Window::new(opts.idle_poll)
+                .counting(opts.metrics.idle_poll_seconds.clone()),
         };
         let writer_thread = std::thread::Builder::new()
             .name("hive-store-writer".into())

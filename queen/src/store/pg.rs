@@ -448,8 +448,9 @@ impl Writer {
 
     pub fn run(mut self, mut client: Client, statements: Statements, cancelled: Arc<AtomicBool>) {
         let mut failed: Option<CommitError> = None;
-        // No idle polling: a commit here waits for a network round trip to PostgreSQL
-        // anyway, and a standby's queen should not poll for a writer it does not run.
+        // No idle polling in this writer: each of its commits waits for a network round
+        // trip to PostgreSQL anyway, next to which a wake-up is small. (The runtime's
+        // poller still runs on a one-worker runtime.)
         let idle = crate::idle::Window::new(std::time::Duration::ZERO);
         while let Some(mut commits) = super::next_batch(&mut self.rx, &idle) {
             let started = Instant::now();
