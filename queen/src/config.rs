@@ -701,6 +701,14 @@ mod tests {
         )
     }
 
+    /// The error `load_str` gives, as text ("" if it loads).
+    fn load_err(toml: &str, env: &[(&str, &str)]) -> String {
+        load_str(toml, env)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     #[test]
     fn runtime_workers_leave_sled_a_cpu_unless_told() {
         let mut cfg = Config::default();
@@ -714,15 +722,9 @@ mod tests {
         assert_eq!(cfg.runtime_workers(2), 3);
         let cfg = load_str("", &[("HIVE_QUEEN__WORKER_THREADS", "2")]).expect("loads");
         assert_eq!(cfg.runtime_workers(8), 2);
-        let e = load_str("[queen]\nworker_threads = 5000\n", &[])
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = load_err("[queen]\nworker_threads = 5000\n", &[]);
         assert!(e.contains("queen.worker_threads"), "{e}");
-        let e = load_str("[queen]\nworker_threads = -1\n", &[])
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = load_err("[queen]\nworker_threads = -1\n", &[]);
         assert!(e.contains("worker_threads"), "{e}");
     }
 
@@ -733,10 +735,7 @@ mod tests {
         assert_eq!(cfg.queen.idle_poll_us, 0);
         let cfg = load_str("[queen]\nidle_poll_us = 10000\n", &[]).expect("loads");
         assert_eq!(cfg.queen.idle_poll_us, MAX_IDLE_POLL_US);
-        let e = load_str("[queen]\nidle_poll_us = 10001\n", &[])
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = load_err("[queen]\nidle_poll_us = 10001\n", &[]);
         assert!(e.contains("queen.idle_poll_us"), "{e}");
     }
 
@@ -751,12 +750,7 @@ mod tests {
 
     #[test]
     fn the_postgres_backend_needs_a_url_and_sane_lease_settings() {
-        let err = |toml: &str, env: &[(&str, &str)]| {
-            load_str(toml, env)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default()
-        };
+        let err = load_err;
         let e = err("[storage]\nbackend = \"postgres\"\n", &[]);
         assert!(e.contains("postgres.url"), "{e}");
         let e = err(

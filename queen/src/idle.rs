@@ -125,10 +125,15 @@ impl Window {
             }
             std::thread::yield_now();
         };
+        self.count_since(started);
+        found
+    }
+
+    /// Counts the time polled since `started`.
+    fn count_since(&self, started: Instant) {
         if let Some(spent) = &self.spent {
             spent.inc_by(started.elapsed().as_secs_f64());
         }
-        found
     }
 }
 
@@ -184,11 +189,6 @@ impl RuntimePoll {
         }
     }
 
-    /// The window now.
-    pub fn window(&self) -> Duration {
-        self.window.current()
-    }
-
     /// The poller: spawn it once on the runtime; it sleeps while the window is closed
     /// and stops when its task is aborted.
     pub async fn run(self: Arc<Self>) {
@@ -212,9 +212,7 @@ impl RuntimePoll {
                 tokio::task::yield_now().await;
                 std::thread::yield_now();
             }
-            if let Some(spent) = &self.window.spent {
-                spent.inc_by(started.elapsed().as_secs_f64());
-            }
+            self.window.count_since(started);
             self.polling.store(false, Ordering::SeqCst);
         }
     }
@@ -307,7 +305,7 @@ mod tests {
         for _ in 0..20 {
             poll.window.adapt(max - Duration::from_millis(1));
         }
-        assert_eq!(poll.window(), max);
+        assert_eq!(poll.window.current(), max);
         let idle_at = Instant::now();
         poll.idle();
         // The poller wakes, keeps the runtime round after round for the whole window and,
@@ -332,7 +330,7 @@ mod tests {
             poll.busy();
             poll.window.adapt(Duration::from_secs(1));
         }
-        assert_eq!(poll.window(), Duration::ZERO);
+        assert_eq!(poll.window.current(), Duration::ZERO);
         poller.abort();
     }
 }
