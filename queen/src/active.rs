@@ -511,6 +511,7 @@ mod tests {
                 .send(Commit {
                     mutations: vec![Mutation::save(task)],
                     after: Some(Box::new(move |r| drop(tx.send(r)))),
+                    first: false,
                 })
                 .await;
             rx.await.expect("answered").expect("durable");

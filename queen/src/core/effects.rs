@@ -29,11 +29,19 @@ impl Effects {
     /// become durable in the order they are made, so `after` may rely on every commit
     /// before it). Returns the commit's number.
     pub fn commit(&mut self, mutations: Vec<Mutation>, after: Option<AfterCommit>) -> u64 {
+        self.push(mutations, after, false)
+    }
+
+    fn push(&mut self, mutations: Vec<Mutation>, after: Option<AfterCommit>, first: bool) -> u64 {
         let after = match &self.ended {
             Some(tx) => announce_ends(tx, &mutations, after),
             None => after,
         };
-        self.outgoing.push(Commit { mutations, after });
+        self.outgoing.push(Commit {
+            mutations,
+            after,
+            first,
+        });
         self.made += 1;
         self.made
     }
@@ -65,16 +73,19 @@ impl Effects {
     }
 
     /// Sends `msg` to a drone once `mutations`, and everything decided before them, are
-    /// durable; never if they are not (the next queen decides again from the disk).
+    /// durable; never if they are not (the next queen decides again from the disk). It
+    /// goes out before the answers to clients that the same sync makes durable
+    /// ([`Commit::first`]): a drone's work starts sooner, a client's answer waits a write.
     pub fn send_when_durable(&mut self, mutations: Vec<Mutation>, conn: &Conn, msg: QueenMessage) {
         let conn = conn.clone();
-        self.commit(
+        self.push(
             mutations,
             Some(Box::new(move |r: Result<(), CommitError>| {
                 if r.is_ok() {
                     conn.send(msg);
                 }
             })),
+            true,
         );
     }
 
@@ -117,4 +128,30 @@ fn announce_ends(
             after(r);
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+
+    /// What the store runs first: messages to drones, never a client's answer or a write
+    /// nobody waits for.
+    #[test]
+    fn messages_to_drones_are_marked_to_go_before_answers() {
+        let mut fx = Effects::default();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let conn = Conn {
+            id: 1,
+            tx,
+            close: CancellationToken::new(),
+        };
+        let (reply, _answer) = oneshot::channel::<Result<(), CoreError>>();
+        fx.reply_when_durable(Vec::new(), reply, Ok(()));
+        fx.send_when_durable(Vec::new(), &conn, QueenMessage::Pong);
+        fx.write(Vec::new());
+        let first: Vec<bool> = fx.take().iter().map(|c| c.first).collect();
+        assert_eq!(first, [false, true, false]);
+    }
 }

@@ -24,7 +24,8 @@
 //! Writes go through a two-stage writer (group commit). The writer thread drains every
 //! commit waiting in its channel, appends the group's record to the journal and folds its
 //! writes into the [`pending`] ones (which readers see before sled); the flusher thread
-//! syncs the journal up to there, then runs those commits' continuations in order. The
+//! syncs the journal up to there, then runs those commits' continuations in order (the
+//! messages to drones before the answers to clients: [`Commit::first`]). The
 //! next group is written while the last one syncs; when nothing waits behind a group and
 //! the flusher is idle, the writer syncs and answers it itself. A checkpoint thread takes
 //! what is pending, once a second or sooner under load, and its sled thread (at a lower
@@ -234,9 +235,16 @@ pub struct Expired {
 pub type AfterCommit = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
 
 /// Mutations applied atomically, and what to do once they are durable.
+#[derive(Default)]
 pub struct Commit {
     pub mutations: Vec<Mutation>,
     pub after: Option<AfterCommit>,
+    /// `after` goes before the continuations of commits that are not `first` among those
+    /// one sync makes durable (they are all durable by then, so the order among them is
+    /// free): the core marks the messages to drones, so an `assign` is on its way before
+    /// the submit it shares a sync with is answered, as beanstalkd hands a waiting worker
+    /// its job before it answers the put. Each kind keeps commit order.
+    pub first: bool,
 }
 
 impl std::fmt::Debug for Commit {
@@ -1390,6 +1398,7 @@ impl Syncer {
         }
         let count: usize = groups.iter().map(|g| g.commits.len()).sum();
         self.metrics.batch_commits.observe(count as f64);
+        let mut answers = Answers::default();
         for group in groups {
             let result = group.result.and(flushed.clone());
             if let Err(err) = &result {
@@ -1403,20 +1412,10 @@ impl Syncer {
                     .fetch_add(group.commits.len() as u64, Ordering::AcqRel);
             }
             for commit in group.commits {
-                if let Some(after) = commit.after {
-                    let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        after(result.clone())
-                    }));
-                    if answered.is_err() {
-                        // A bug in a continuation: the rest of the group is still answered
-                        // and the store's threads go on, but the queen stops, as it does for
-                        // any store failure (what the continuation left undone is unknown).
-                        tracing::error!("a commit's continuation panicked; the queen must stop");
-                        self.fatal.cancel();
-                    }
-                }
+                answers.push(commit, &result);
             }
         }
+        answers.run(&self.fatal);
     }
 
     /// Syncs the journal up to `end` (the file the writer appends to: it syncs a full file
@@ -1434,6 +1433,40 @@ impl Syncer {
             .map_err(|e| CommitError(format!("journal sync: {e}")))?;
         self.synced = Some(end.clone());
         Ok(())
+    }
+}
+
+/// The continuations of the commits one sync made durable (or failed): those of
+/// [`Commit::first`] commits run first, then the rest, each in commit order.
+#[derive(Default)]
+pub(crate) struct Answers {
+    first: Vec<(AfterCommit, Result<(), CommitError>)>,
+    rest: Vec<(AfterCommit, Result<(), CommitError>)>,
+}
+
+impl Answers {
+    pub(crate) fn push(&mut self, commit: Commit, result: &Result<(), CommitError>) {
+        if let Some(after) = commit.after {
+            let to = if commit.first {
+                &mut self.first
+            } else {
+                &mut self.rest
+            };
+            to.push((after, result.clone()));
+        }
+    }
+
+    /// Runs them. A panicking one (a bug) stops the queen, as any store failure does
+    /// (what it left undone is unknown), but the others still run and the store's threads
+    /// go on.
+    pub(crate) fn run(self, fatal: &CancellationToken) {
+        for (after, result) in self.first.into_iter().chain(self.rest) {
+            let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| after(result)));
+            if answered.is_err() {
+                tracing::error!("a commit's continuation panicked; the queen must stop");
+                fatal.cancel();
+            }
+        }
     }
 }
 

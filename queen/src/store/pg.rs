@@ -487,11 +487,11 @@ impl Writer {
                         .fetch_add(commits.len() as u64, Ordering::AcqRel);
                 }
             }
+            let mut answers = super::Answers::default();
             for commit in commits {
-                if let Some(after) = commit.after {
-                    after(result.clone());
-                }
+                answers.push(commit, &result);
             }
+            answers.run(&self.fatal);
         }
     }
 
@@ -1299,6 +1299,7 @@ mod tests {
         Commit {
             mutations,
             after: None,
+            first: false,
         }
     }
 

@@ -27,6 +27,7 @@ async fn commit(writer: &StoreWriter, mutations: Vec<Mutation>) -> Result<(), Co
         .send(Commit {
             mutations,
             after: Some(Box::new(move |r| drop(tx.send(r)))),
+            first: false,
         })
         .await;
     rx.await
@@ -839,13 +840,15 @@ type Answers = Arc<Mutex<Vec<(u64, u64, bool, Option<String>)>>>;
 /// What a held answer says when it starts holding, and what it waits for.
 type Hold = (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
 
-/// Sends commit number `n`; its answer goes to `answers`, then, given a `hold`, it says so
-/// and waits for the release (at most 30 s), then it says so on the returned receiver.
+/// Sends commit number `n` ([`Commit::first`] as `first`); its answer goes to `answers`,
+/// then, given a `hold`, it says so and waits for the release (at most 30 s), then it says
+/// so on the returned receiver.
 async fn numbered_commit(
     w: &StoreWriter,
     answers: &Answers,
     n: u64,
     hold: Option<Hold>,
+    first: bool,
 ) -> oneshot::Receiver<()> {
     let (tx, rx) = oneshot::channel();
     let (answers, durable) = (answers.clone(), w.durable.clone());
@@ -864,6 +867,7 @@ async fn numbered_commit(
             }
             let _ = tx.send(());
         })),
+        first,
     })
     .await;
     rx
@@ -880,7 +884,7 @@ async fn commits_are_answered_in_order_whichever_thread_syncs_them() {
     let mut sent = 0u64;
     // Lone commits, each awaited: nothing waits behind them, the writer answers them.
     for _ in 0..50 {
-        numbered_commit(&w, &answers, sent, None)
+        numbered_commit(&w, &answers, sent, None, false)
             .await
             .await
             .expect("answered");
@@ -891,7 +895,7 @@ async fn commits_are_answered_in_order_whichever_thread_syncs_them() {
     // and more wait behind it, so it goes to the flusher.
     let (holding_tx, holding) = std::sync::mpsc::channel();
     let (release, hold) = std::sync::mpsc::channel();
-    let held = numbered_commit(&w, &answers, sent, Some((holding_tx, hold))).await;
+    let held = numbered_commit(&w, &answers, sent, Some((holding_tx, hold)), false).await;
     sent += 1;
     tokio::task::spawn_blocking(move || holding.recv_timeout(std::time::Duration::from_secs(30)))
         .await
@@ -899,7 +903,7 @@ async fn commits_are_answered_in_order_whichever_thread_syncs_them() {
         .expect("the answer holds");
     let mut last = None;
     for _ in 0..MAX_COMMITS_PER_BATCH + 100 {
-        last = Some(numbered_commit(&w, &answers, sent, None).await);
+        last = Some(numbered_commit(&w, &answers, sent, None, false).await);
         sent += 1;
     }
     release.send(()).expect("the held answer waits");
@@ -910,7 +914,7 @@ async fn commits_are_answered_in_order_whichever_thread_syncs_them() {
         let burst = if wave % 2 == 0 { 1 } else { 1 + wave % 23 };
         let mut last = None;
         for _ in 0..burst {
-            last = Some(numbered_commit(&w, &answers, sent, None).await);
+            last = Some(numbered_commit(&w, &answers, sent, None, false).await);
             sent += 1;
         }
         if let Some(rx) = last {
@@ -935,5 +939,40 @@ async fn commits_are_answered_in_order_whichever_thread_syncs_them() {
             by_thread.get(thread).is_some_and(|&n| n > 0),
             "no commit answered by {thread}: {by_thread:?}"
         );
+    }
+}
+
+/// The commits one sync makes durable are answered `first` ones first (the core's messages
+/// to drones), then the others, each kind in the order sent, and every one only once
+/// all of them are durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_drones_go_before_the_answers_a_sync_makes_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (store, w, _) = Store::open(&opts(dir.path()), CancellationToken::new()).expect("open");
+    let answers: Answers = Arc::default();
+    // Commit 0's answer holds the writer, so commits 1-6 queue and become one group.
+    let (holding_tx, holding) = std::sync::mpsc::channel();
+    let (release, hold) = std::sync::mpsc::channel();
+    let held = numbered_commit(&w, &answers, 0, Some((holding_tx, hold)), false).await;
+    tokio::task::spawn_blocking(move || holding.recv_timeout(std::time::Duration::from_secs(30)))
+        .await
+        .expect("joined")
+        .expect("the answer holds");
+    let mut last = Vec::new();
+    for n in 1..=6 {
+        last.push(numbered_commit(&w, &answers, n, None, n % 2 == 0).await);
+    }
+    release.send(()).expect("the held answer waits");
+    held.await.expect("answered");
+    for rx in last {
+        rx.await.expect("answered");
+    }
+    close(store, w);
+    let answers = answers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let order: Vec<u64> = answers.iter().map(|a| a.0).collect();
+    assert_eq!(order, [0, 2, 4, 6, 1, 3, 5]);
+    for (n, durable, ok, _) in answers {
+        assert!(ok, "commit {n} failed");
+        assert_eq!(durable, if n == 0 { 1 } else { 7 }, "commit {n}");
     }
 }

@@ -51,6 +51,7 @@ async fn core_on(
             .send(Commit {
                 mutations: tasks.iter().map(Mutation::save).collect(),
                 after: Some(Box::new(move |r| drop(tx.send(r)))),
+                first: false,
             })
             .await;
         rx.await.expect("answered").expect("durable");
