@@ -27,7 +27,8 @@ pub const ENDED_BUFFER: usize = 4_096;
 impl Effects {
     /// Queues mutations as one atomic commit; `after` runs once they are durable (commits
     /// become durable in the order they are made, so `after` may rely on every commit
-    /// before it). Returns the commit's number.
+    /// before it being durable, not on its continuation having run: see
+    /// [`Commit::first`]). Returns the commit's number.
     pub fn commit(&mut self, mutations: Vec<Mutation>, after: Option<AfterCommit>) -> u64 {
         self.push(mutations, after, false)
     }

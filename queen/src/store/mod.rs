@@ -24,8 +24,8 @@
 //! Writes go through a two-stage writer (group commit). The writer thread drains every
 //! commit waiting in its channel, appends the group's record to the journal and folds its
 //! writes into the [`pending`] ones (which readers see before sled); the flusher thread
-//! syncs the journal up to there, then runs those commits' continuations in order (the
-//! messages to drones before the answers to clients: [`Commit::first`]). The
+//! syncs the journal up to there, then runs those commits' continuations: the messages
+//! to drones first ([`Commit::first`]), then the rest, each in commit order. The
 //! next group is written while the last one syncs; when nothing waits behind a group and
 //! the flusher is idle, the writer syncs and answers it itself. A checkpoint thread takes
 //! what is pending, once a second or sooner under load, and its sled thread (at a lower
@@ -235,7 +235,6 @@ pub struct Expired {
 pub type AfterCommit = Box<dyn FnOnce(Result<(), CommitError>) + Send>;
 
 /// Mutations applied atomically, and what to do once they are durable.
-#[derive(Default)]
 pub struct Commit {
     pub mutations: Vec<Mutation>,
     pub after: Option<AfterCommit>,
@@ -1366,7 +1365,7 @@ struct Applied {
 }
 
 /// Makes written groups durable (the journal synced up to them) and answers their
-/// commits, in order. The flusher thread does it under load; the writer itself when
+/// commits, sync after sync ([`Answers`] orders those of one sync). The flusher thread does it under load; the writer itself when
 /// nothing else is waiting (see [`Writer::run`]). Shared by the two, never contended: the
 /// writer syncs only while the flusher has nothing to do.
 struct Syncer {
@@ -1383,7 +1382,8 @@ struct Syncer {
 
 impl Syncer {
     /// Syncs the journal up to the last of `groups` (one sync makes all of them durable)
-    /// and answers their commits, in order.
+    /// and answers their commits ([`Answers`]: messages to drones first, each kind in
+    /// commit order).
     fn finish(&mut self, groups: Vec<Applied>) {
         let started = std::time::Instant::now();
         let flushed = match &self.failed {
@@ -1399,13 +1399,14 @@ impl Syncer {
         let count: usize = groups.iter().map(|g| g.commits.len()).sum();
         self.metrics.batch_commits.observe(count as f64);
         let mut answers = Answers::default();
+        let mut stop = false;
         for group in groups {
             let result = group.result.and(flushed.clone());
             if let Err(err) = &result {
                 if self.failed.is_none() {
                     tracing::error!(error = %err, "store write failed; the queen must stop");
-                    self.fatal.cancel();
                     self.failed = Some(err.clone());
+                    stop = true;
                 }
             } else {
                 self.durable
@@ -1416,6 +1417,11 @@ impl Syncer {
             }
         }
         answers.run(&self.fatal);
+        // After the groups before the failure were answered: they are durable, and a
+        // queen that has begun to stop may no longer deliver their answers.
+        if stop {
+            self.fatal.cancel();
+        }
     }
 
     /// Syncs the journal up to `end` (the file the writer appends to: it syncs a full file
@@ -1701,7 +1707,7 @@ impl Writer {
     /// Two stages, so that writing the next group overlaps syncing the last one: this
     /// thread appends each group of waiting commits to the journal and folds it into the
     /// [`pending`] writes; the flusher thread syncs the journal up to there and only then
-    /// runs those commits' continuations, in order. A third thread takes what is pending at
+    /// runs those commits' continuations ([`Answers`]). A third thread takes what is pending at
     /// checkpoints and a fourth, at a lower priority, writes it to sled.
     ///
     /// When no commit waits behind a group and the flusher has answered every group
@@ -1774,7 +1780,7 @@ impl Writer {
                 result,
                 end: self.journal.end(),
             };
-            // Answered in order: inline only once the flusher has answered everything
+            // Answered sync after sync: inline only once the flusher has answered everything
             // handed to it (it is sent nothing more meanwhile). (`is_empty` needs tokio
             // 1.38: 1.37's could say "not empty" of an empty channel, which only sent the
             // group to the flusher.)

@@ -487,11 +487,7 @@ impl Writer {
                         .fetch_add(commits.len() as u64, Ordering::AcqRel);
                 }
             }
-            let mut answers = super::Answers::default();
-            for commit in commits {
-                answers.push(commit, &result);
-            }
-            answers.run(&self.fatal);
+            answer(commits, &result, &self.fatal, &mut failed);
         }
     }
 
@@ -1288,6 +1284,25 @@ impl Campaign {
     }
 }
 
+/// Runs the continuations of a batch `COMMIT` made durable (or failed) as sled's writer
+/// does ([`super::Answers`]: messages to drones first). Should one panic (a bug), the
+/// queen stops and, like sled's writer, this one writes and acknowledges nothing more.
+fn answer(
+    commits: Vec<Commit>,
+    result: &Result<(), CommitError>,
+    fatal: &CancellationToken,
+    failed: &mut Option<CommitError>,
+) {
+    let mut answers = super::Answers::default();
+    for commit in commits {
+        answers.push(commit, result);
+    }
+    answers.run(fatal);
+    if fatal.is_cancelled() && failed.is_none() {
+        *failed = Some(CommitError("the queen is stopping".into()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1404,5 +1419,36 @@ mod tests {
         .expect("fold");
         assert_eq!(tables[idem].del, vec![b"k".to_vec()]);
         assert!(tables[idem].put_k.is_empty());
+    }
+
+    /// A batch is answered drones first, and a continuation that panics leaves every
+    /// other one answered but the writer refusing what comes next.
+    #[test]
+    fn a_batch_answers_drones_first_and_a_panic_stops_the_writing() {
+        let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let commit = |n: u32, first: bool| {
+            let answered = answered.clone();
+            Commit {
+                mutations: Vec::new(),
+                after: Some(Box::new(move |r: Result<(), CommitError>| {
+                    assert!(n != 3, "a bug in continuation 3");
+                    let mut answered = answered.lock().unwrap_or_else(|p| p.into_inner());
+                    answered.push((n, r.is_ok()));
+                })),
+                first,
+            }
+        };
+        let (fatal, mut failed) = (CancellationToken::new(), None);
+        let batch = vec![
+            commit(1, false),
+            commit(2, true),
+            commit(3, false),
+            commit(4, true),
+        ];
+        answer(batch, &Ok(()), &fatal, &mut failed);
+        let answered = answered.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(answered, [(2, true), (4, true), (1, true)]);
+        assert!(fatal.is_cancelled(), "the queen stops");
+        assert!(failed.is_some(), "and this writer writes nothing more");
     }
 }

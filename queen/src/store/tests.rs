@@ -976,3 +976,65 @@ async fn messages_to_drones_go_before_the_answers_a_sync_makes_durable() {
         assert_eq!(durable, if n == 0 { 1 } else { 7 }, "commit {n}");
     }
 }
+
+/// Across the groups one sync makes durable too (the flusher takes every group written
+/// meanwhile): the `first` commits of all of them are answered before the others, each
+/// with its group's result, and a failed group stops the queen only once every answer
+/// went out.
+#[test]
+fn messages_to_drones_go_first_across_the_groups_of_one_sync() {
+    let file = Arc::new(tempfile::tempfile().expect("tempfile"));
+    let fatal = CancellationToken::new();
+    let durable = Arc::new(AtomicU64::new(0));
+    let mut syncer = Syncer {
+        sync: false,
+        durable: durable.clone(),
+        fatal: fatal.clone(),
+        metrics: Default::default(),
+        failed: None,
+        synced: None,
+    };
+    // Each answer: its number, whether it succeeded, and whether the queen was stopping.
+    let answers = Arc::new(Mutex::new(Vec::new()));
+    let commit = |n: u64, first: bool| {
+        let (answers, fatal) = (answers.clone(), fatal.clone());
+        Commit {
+            mutations: Vec::new(),
+            after: Some(Box::new(move |r: Result<(), CommitError>| {
+                let mut answers = answers.lock().unwrap_or_else(|p| p.into_inner());
+                answers.push((n, r.is_ok(), fatal.is_cancelled()));
+            })),
+            first,
+        }
+    };
+    let group = |commits: Vec<Commit>, result: Result<(), CommitError>| Applied {
+        commits,
+        result,
+        end: journal::End {
+            file: file.clone(),
+            len: 0,
+        },
+    };
+    syncer.finish(vec![
+        group(vec![commit(1, false), commit(2, true)], Ok(())),
+        group(vec![commit(3, false), commit(4, true)], Ok(())),
+        group(
+            vec![commit(5, true), commit(6, false)],
+            Err(CommitError("disk full".into())),
+        ),
+    ]);
+    let answers = answers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(
+        answers,
+        [
+            (2, true, false),
+            (4, true, false),
+            (5, false, false),
+            (1, true, false),
+            (3, true, false),
+            (6, false, false),
+        ]
+    );
+    assert_eq!(durable.load(Ordering::Acquire), 4, "the two whole groups");
+    assert!(fatal.is_cancelled(), "the failed group stops the queen");
+}

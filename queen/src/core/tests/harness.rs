@@ -288,11 +288,14 @@ impl Hive {
         }
         self.durable
             .fetch_add(commits.len() as u64, Ordering::AcqRel);
+        // Answered as the store answers the commits one sync made durable.
+        let mut answers = crate::store::Answers::default();
         for c in commits {
-            if let Some(after) = c.after {
-                after(Ok(()));
-            }
+            answers.push(c, &Ok(()));
         }
+        let panicked = CancellationToken::new();
+        answers.run(&panicked);
+        assert!(!panicked.is_cancelled(), "a continuation panicked");
     }
 
     /// A pass, then everything durable.
