@@ -10,6 +10,10 @@
 //!   `fdatasync`: no metadata changes, the least an `fdatasync` costs here (beanstalkd's
 //!   binlog is sized with `ftruncate`, sparse, so its `-f 0` pays between this and
 //!   `fdatasync_append` per put).
+//! * `direct_append`: the same 300-byte append written with `O_DIRECT` (the 4 KiB block
+//!   that ends at it, rewritten in place) into a file written out beforehand: a durable
+//!   append in one syscall, the device write without the page cache (no cache flush, as
+//!   `journal_sync`), what a journal on `O_DIRECT` would pay instead.
 //! * `thread_wake`: one thread handing a message to another that is blocked waiting, and
 //!   the answer coming back, halved: one hand-off between threads (the queen's core,
 //!   writer, flusher and connection tasks are such hand-offs).
@@ -66,7 +70,7 @@ pub fn run(json_only: bool, machine: &Machine, a: &Args) -> Result<()> {
         json_only,
     );
     report.note("each step alone, no queen: p50 and p99 of one step, in ms");
-    let steps: [(&str, Vec<f64>); 7] = [
+    let steps: [(&str, Vec<f64>); 8] = [
         (
             "journal_sync",
             append_and_sync(&dir.path().join("sfr"), a.samples, Sync::Range)?,
@@ -78,6 +82,10 @@ pub fn run(json_only: bool, machine: &Machine, a: &Args) -> Result<()> {
         (
             "fdatasync_overwrite",
             overwrite_and_sync(&dir.path().join("overwrite"), a.samples)?,
+        ),
+        (
+            "direct_append",
+            direct_append(&dir.path().join("direct"), a.samples)?,
         ),
         ("thread_wake_busy", thread_wake(a.samples, false)?),
         ("thread_wake_idle", thread_wake(a.samples, true)?),
@@ -152,6 +160,52 @@ fn overwrite_and_sync(path: &std::path::Path, samples: usize) -> Result<Vec<f64>
         let started = Instant::now();
         file.write_all_at(&record, (i * RECORD) as u64)?;
         file.sync_data()?;
+        out.push(micros(started));
+    }
+    Ok(out)
+}
+
+/// The block size `O_DIRECT` writes are aligned to.
+const BLOCK: usize = 4096;
+
+/// Appends records with `O_DIRECT` into a file written out and synced beforehand (so no
+/// write changes its metadata): each rewrites, in place, the aligned block that ends at
+/// the record, `samples` times; the time of each, in µs.
+fn direct_append(path: &std::path::Path, samples: usize) -> Result<Vec<f64>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let size = samples
+        .checked_mul(RECORD)
+        .and_then(|n| n.checked_add(BLOCK))
+        .context("--samples is too large")?;
+    {
+        let mut file =
+            File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(zeros.len());
+            file.write_all(&zeros[..n])?;
+            left -= n;
+        }
+        file.sync_all()?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
+    // An aligned block inside a buffer twice its size.
+    let mut buf = vec![0x5au8; 2 * BLOCK];
+    let skip = buf.as_ptr().align_offset(BLOCK);
+    let block = &mut buf[skip..skip + BLOCK];
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let end = (i + 1) * RECORD;
+        let start = (end - 1) / BLOCK * BLOCK;
+        block[0] = i as u8;
+        let started = Instant::now();
+        file.write_all_at(block, start as u64)
+            .context("an O_DIRECT write")?;
         out.push(micros(started));
     }
     Ok(out)
