@@ -1463,15 +1463,20 @@ impl Answers {
     }
 
     /// Runs them. A panicking one (a bug) stops the queen, as any store failure does
-    /// (what it left undone is unknown), but the others still run and the store's threads
-    /// go on.
+    /// (what it left undone is unknown), but only once the others ran (their commits are
+    /// durable, and a queen that has begun to stop may no longer deliver their answers);
+    /// the store's threads go on.
     pub(crate) fn run(self, fatal: &CancellationToken) {
+        let mut panicked = false;
         for (after, result) in self.first.into_iter().chain(self.rest) {
             let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| after(result)));
             if answered.is_err() {
                 tracing::error!("a commit's continuation panicked; the queen must stop");
-                fatal.cancel();
+                panicked = true;
             }
+        }
+        if panicked {
+            fatal.cancel();
         }
     }
 }

@@ -1422,23 +1422,24 @@ mod tests {
     }
 
     /// A batch is answered drones first, and a continuation that panics leaves every
-    /// other one answered but the writer refusing what comes next.
+    /// other one answered (those after it too) but the writer refusing what comes next.
     #[test]
     fn a_batch_answers_drones_first_and_a_panic_stops_the_writing() {
         let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (fatal, mut failed) = (CancellationToken::new(), None);
+        // Each answer: its number, whether it succeeded, whether the queen was stopping.
         let commit = |n: u32, first: bool| {
-            let answered = answered.clone();
+            let (answered, fatal) = (answered.clone(), fatal.clone());
             Commit {
                 mutations: Vec::new(),
                 after: Some(Box::new(move |r: Result<(), CommitError>| {
-                    assert!(n != 3, "a bug in continuation 3");
+                    assert!(n != 2, "a bug in continuation 2");
                     let mut answered = answered.lock().unwrap_or_else(|p| p.into_inner());
-                    answered.push((n, r.is_ok()));
+                    answered.push((n, r.is_ok(), fatal.is_cancelled()));
                 })),
                 first,
             }
         };
-        let (fatal, mut failed) = (CancellationToken::new(), None);
         let batch = vec![
             commit(1, false),
             commit(2, true),
@@ -1447,7 +1448,11 @@ mod tests {
         ];
         answer(batch, &Ok(()), &fatal, &mut failed);
         let answered = answered.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        assert_eq!(answered, [(2, true), (4, true), (1, true)]);
+        // 2 panicked; the others ran after it, drones first, before the queen stopped.
+        assert_eq!(
+            answered,
+            [(4, true, false), (1, true, false), (3, true, false)]
+        );
         assert!(fatal.is_cancelled(), "the queen stops");
         assert!(failed.is_some(), "and this writer writes nothing more");
     }
