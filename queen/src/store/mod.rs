@@ -1365,9 +1365,10 @@ struct Applied {
 }
 
 /// Makes written groups durable (the journal synced up to them) and answers their
-/// commits, sync after sync ([`Answers`] orders those of one sync). The flusher thread does it under load; the writer itself when
-/// nothing else is waiting (see [`Writer::run`]). Shared by the two, never contended: the
-/// writer syncs only while the flusher has nothing to do.
+/// commits, sync after sync ([`Answers`] orders those of one sync). The flusher thread
+/// does it under load; the writer itself when nothing else is waiting (see
+/// [`Writer::run`]). Shared by the two, never contended: the writer syncs only while the
+/// flusher has nothing to do.
 struct Syncer {
     /// `[storage] sync`: the writer already synced each record.
     sync: bool,
@@ -1712,8 +1713,8 @@ impl Writer {
     /// Two stages, so that writing the next group overlaps syncing the last one: this
     /// thread appends each group of waiting commits to the journal and folds it into the
     /// [`pending`] writes; the flusher thread syncs the journal up to there and only then
-    /// runs those commits' continuations ([`Answers`]). A third thread takes what is pending at
-    /// checkpoints and a fourth, at a lower priority, writes it to sled.
+    /// runs those commits' continuations ([`Answers`]). A third thread takes what is
+    /// pending at checkpoints and a fourth, at a lower priority, writes it to sled.
     ///
     /// When no commit waits behind a group and the flusher has answered every group
     /// before it, this thread syncs and answers the group itself: there is nothing to
@@ -1785,10 +1786,10 @@ impl Writer {
                 result,
                 end: self.journal.end(),
             };
-            // Answered sync after sync: inline only once the flusher has answered everything
-            // handed to it (it is sent nothing more meanwhile). (`is_empty` needs tokio
-            // 1.38: 1.37's could say "not empty" of an empty channel, which only sent the
-            // group to the flusher.)
+            // Answered sync after sync: inline only once the flusher has answered
+            // everything handed to it (it is sent nothing more meanwhile). (`is_empty`
+            // needs tokio 1.38: 1.37's could say "not empty" of an empty channel, which
+            // only sent the group to the flusher.)
             if self.rx.is_empty() && answered.load(Ordering::Acquire) == handed {
                 lock_syncer(&syncer).finish(vec![group]);
                 continue;
