@@ -341,6 +341,83 @@ pub fn post_raw(agent: &ureq::Agent, url: &str, body: &str) -> Result<()> {
     Ok(())
 }
 
+/// One keep-alive HTTP/1.1 connection to the queen for the measured submits: hyper's
+/// client connection, driven by a runtime of this thread's own.
+///
+/// Not ureq: ureq 2 sends each request's head and body in two `sendto`s and sets the
+/// socket's timeouts and checks the pooled connection (`FIONBIO`, a `MSG_PEEK`) on every
+/// request, ~15 system calls of the client's per submit on the two CPUs the queen runs
+/// on, and the queen, having read the head, waits for the body in another pass of its
+/// event loop. hyper writes the head and the body in one `writev`, as
+/// `../shared/peers/beanstalk-bench` writes each `put` in one `write`, so both systems are
+/// measured with clients of the same kind (docs/performance.md, "Issue 16, eighth
+/// session").
+pub struct Submitter {
+    rt: tokio::runtime::Runtime,
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    host: String,
+}
+
+impl Submitter {
+    /// Connects to the queen's HTTP address `http` (`host:port`).
+    pub fn connect(http: &str) -> Result<Submitter> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("a runtime for a submitter")?;
+        let sender = rt.block_on(async {
+            let stream = tokio::net::TcpStream::connect(http)
+                .await
+                .with_context(|| format!("connecting to the queen at {http}"))?;
+            stream.set_nodelay(true)?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            // The connection's task runs whenever this thread waits for an answer.
+            tokio::spawn(conn);
+            anyhow::Ok(sender)
+        })?;
+        Ok(Submitter {
+            rt,
+            sender,
+            host: http.to_string(),
+        })
+    }
+
+    /// `POST path` with a JSON body that is already serialized; fails unless the answer is
+    /// a success, which is read to the end and dropped (a 5,000-task batch answers with
+    /// megabytes of task records).
+    pub fn post(&mut self, path: &str, body: String) -> Result<()> {
+        use http_body_util::BodyExt;
+        let request = hyper::Request::post(path)
+            .header(hyper::header::HOST, &self.host)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+        let sender = &mut self.sender;
+        self.rt.block_on(async move {
+            sender.ready().await?;
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            let mut body = response.into_body();
+            let mut text = Vec::new();
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame?.into_data() {
+                    // The answer's text only matters in an error.
+                    if !status.is_success() && text.len() < 1024 {
+                        text.extend_from_slice(&data);
+                    }
+                }
+            }
+            if !status.is_success() {
+                bail!(
+                    "POST {path}: {status}: {}",
+                    String::from_utf8_lossy(&text).trim()
+                );
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Where the queen stores: sled in its data dir (the default), or PostgreSQL.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Engine {
@@ -580,4 +657,90 @@ pub fn poll(limit: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<(
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Reads one request of `conn` (head and a `content-length` body); `None` at its end.
+    fn read_request(conn: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+        loop {
+            let text = String::from_utf8_lossy(buf).to_string();
+            if let Some(head_end) = text.find("\r\n\r\n") {
+                let length = text[..head_end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_string())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if buf.len() >= head_end + 4 + length {
+                    let request =
+                        String::from_utf8_lossy(&buf[..head_end + 4 + length]).to_string();
+                    buf.drain(..head_end + 4 + length);
+                    return Some(request);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    #[test]
+    fn a_submitter_keeps_one_connection_and_fails_on_an_error_status() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        let addr = listener.local_addr().expect("an address").to_string();
+        // One connection only: a second connect would never be accepted.
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accepts");
+            let mut buf = Vec::new();
+            let mut seen = Vec::new();
+            while let Some(request) = read_request(&mut conn, &mut buf) {
+                let answer = if request.ends_with("bad") {
+                    "HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\nno such kind"
+                } else {
+                    "HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}"
+                };
+                conn.write_all(answer.as_bytes()).expect("answers");
+                seen.push(request);
+            }
+            seen
+        });
+        let mut submitter = Submitter::connect(&addr).expect("connects");
+        submitter
+            .post("/v1/tasks", r#"{"kind":"echo"}"#.into())
+            .expect("201 is a success");
+        let err = submitter
+            .post("/v1/tasks/batch", "bad".into())
+            .expect_err("400 is an error");
+        let err = err.to_string();
+        assert!(err.contains("400") && err.contains("no such kind"), "{err}");
+        submitter
+            .post("/v1/tasks", r#"{"kind":"echo"}"#.into())
+            .expect("the connection still serves after an error status");
+        drop(submitter);
+        let seen = server.join().expect("the server ran");
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(
+            seen[0].starts_with("POST /v1/tasks HTTP/1.1\r\n"),
+            "{}",
+            seen[0]
+        );
+        assert!(
+            seen[0]
+                .to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{}",
+            seen[0]
+        );
+        assert!(seen[0].ends_with(r#"{"kind":"echo"}"#), "{}", seen[0]);
+        assert!(seen[1].starts_with("POST /v1/tasks/batch "), "{}", seen[1]);
+    }
 }

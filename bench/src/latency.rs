@@ -24,7 +24,7 @@ use shared::api::TaskView;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-use crate::hive::{post_raw, Hive, Storage};
+use crate::hive::{Hive, Storage, Submitter};
 use crate::report::{merge, quantile, Machine, Reporter};
 use crate::sim::{self, Behavior, Counters, Event};
 
@@ -271,8 +271,7 @@ fn low_load(
     show_record: bool,
 ) -> Result<Series> {
     let queen = &hive.queen;
-    let agent = queen.agent();
-    let url = queen.url("/v1/tasks");
+    let mut submitter = Submitter::connect(&queen.http)?;
     let mut timed = Vec::with_capacity(a.tasks);
     let mut sample_id = None;
     for i in 0..(a.warmup + a.tasks) {
@@ -290,7 +289,7 @@ fn low_load(
             )?)?;
             sample_id = Some(view.id);
         } else {
-            post_raw(&agent, &url, &body)?;
+            submitter.post("/v1/tasks", body)?;
         }
         t.response = Some(Instant::now());
         while t.recorded.is_none() {
@@ -337,13 +336,12 @@ fn high_load(
     let next = Arc::new(AtomicUsize::new(0));
     // The schedule starts shortly after every submitter thread is up.
     let start = Instant::now() + Duration::from_millis(50);
-    let url = hive.queen.url("/v1/tasks");
     let submitters: Vec<_> = (0..a.submitters.max(1))
         .map(|_| {
             let next = next.clone();
-            let agent = hive.queen.agent();
-            let url = url.clone();
+            let http = hive.queen.http.clone();
             std::thread::spawn(move || -> Result<Vec<(u64, Instant, Timeline)>> {
+                let mut submitter = Submitter::connect(&http)?;
                 let mut sent = Vec::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -358,7 +356,7 @@ fn high_load(
                     let seq = first_seq + i as u64;
                     let body = format!(r#"{{"kind":"echo","payload":{{"seq":{seq}}}}}"#);
                     let submit = Instant::now();
-                    post_raw(&agent, &url, &body)?;
+                    submitter.post("/v1/tasks", body)?;
                     let response = Instant::now();
                     sent.push((
                         seq,

@@ -28,7 +28,7 @@ use shared::api::Stats;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
-use crate::hive::{disk_usage, post_raw, Hive, Queen};
+use crate::hive::{disk_usage, Hive, Queen, Submitter};
 use crate::report::{mib, Machine, Reporter};
 use crate::sim::{self, Behavior, Counters};
 
@@ -265,15 +265,14 @@ fn fill(queen: &Queen, a: &Args, json_only: bool) -> Result<Duration> {
     let batch = a.batch.max(1);
     let batches = a.tasks.div_ceil(batch);
     let next = Arc::new(AtomicUsize::new(0));
-    let url = queen.url("/v1/tasks/batch");
     let start = Instant::now();
     let threads: Vec<_> = (0..a.submitters.max(1))
         .map(|_| {
             let next = next.clone();
-            let agent = queen.agent();
-            let url = url.clone();
+            let http = queen.http.clone();
             let tasks = a.tasks;
             std::thread::spawn(move || -> Result<()> {
+                let mut submitter = Submitter::connect(&http)?;
                 loop {
                     let b = next.fetch_add(1, Ordering::Relaxed);
                     if b >= batches {
@@ -290,7 +289,8 @@ fn fill(queen: &Queen, a: &Args, json_only: bool) -> Result<Duration> {
                         body.push_str(&format!(r#"{{"kind":"echo","payload":{{"seq":{i}}}}}"#));
                     }
                     body.push_str("]}");
-                    post_raw(&agent, &url, &body)
+                    submitter
+                        .post("/v1/tasks/batch", body)
                         .with_context(|| format!("submitting batch {b} of {batches}"))?;
                     if !json_only && b > 0 && (b * batch) % 100_000 < batch {
                         eprintln!(

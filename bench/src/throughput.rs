@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::hive::{poll, post_raw, Hive, Proc, Storage};
+use crate::hive::{poll, Hive, Proc, Storage, Submitter};
 use crate::report::{merge, Machine, Reporter};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -112,10 +112,9 @@ fn submit_all(queen: &crate::hive::Queen, a: &Args) -> Result<()> {
             .map(|s| {
                 // This submitter's share: an even split, the remainder to the first ones.
                 let share = a.tasks / submitters + usize::from(s < a.tasks % submitters);
-                let agent = ureq::AgentBuilder::new()
-                    .timeout(Duration::from_secs(300))
-                    .build();
+                let http = &queen.http;
                 scope.spawn(move || -> Result<()> {
+                    let mut submitter = Submitter::connect(http)?;
                     let mut left = share;
                     while left > 0 {
                         let n = left.min(batch);
@@ -124,11 +123,11 @@ fn submit_all(queen: &crate::hive::Queen, a: &Args) -> Result<()> {
                             false => json!({"kind": "echo", "payload": i}),
                         };
                         if batch == 1 {
-                            post_raw(&agent, &queen.url("/v1/tasks"), &spec(0).to_string())?;
+                            submitter.post("/v1/tasks", spec(0).to_string())?;
                         } else {
                             let specs: Vec<Value> = (0..n).map(spec).collect();
                             let body = json!({ "tasks": specs }).to_string();
-                            post_raw(&agent, &queen.url("/v1/tasks/batch"), &body)?;
+                            submitter.post("/v1/tasks/batch", body)?;
                         }
                         left -= n;
                     }
