@@ -83,8 +83,12 @@ pub fn run(json_only: bool, machine: &Machine, a: &Args) -> Result<()> {
             append_and_sync(&dir.path().join("append"), a.samples, Sync::Data)?,
         ),
         (
+            "journal_sync_overwrite",
+            overwrite_and_sync(&dir.path().join("sfr-overwrite"), a.samples, Sync::Range)?,
+        ),
+        (
             "fdatasync_overwrite",
-            overwrite_and_sync(&dir.path().join("overwrite"), a.samples)?,
+            overwrite_and_sync(&dir.path().join("overwrite"), a.samples, Sync::Data)?,
         ),
         ("thread_wake_busy", thread_wake(a.samples, false)?),
         ("thread_wake_idle", thread_wake(a.samples, true)?),
@@ -143,9 +147,9 @@ fn append_and_sync(path: &std::path::Path, samples: usize, sync: Sync) -> Result
     Ok(out)
 }
 
-/// Writes a record over a file already written and synced, then `fdatasync`s, `samples`
-/// times; the time of each, in µs.
-fn overwrite_and_sync(path: &std::path::Path, samples: usize) -> Result<Vec<f64>> {
+/// Writes a record over a file already written and synced (so no write allocates a block
+/// or moves the file's end), then syncs it, `samples` times; the time of each, in µs.
+fn overwrite_and_sync(path: &std::path::Path, samples: usize, sync: Sync) -> Result<Vec<f64>> {
     let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let block = vec![0u8; RECORD * 1024];
     let mut left = samples
@@ -161,8 +165,12 @@ fn overwrite_and_sync(path: &std::path::Path, samples: usize) -> Result<Vec<f64>
     let mut out = Vec::with_capacity(samples);
     for i in 0..samples {
         let started = Instant::now();
-        file.write_all_at(&record, (i * RECORD) as u64)?;
-        file.sync_data()?;
+        let at = (i * RECORD) as u64;
+        file.write_all_at(&record, at)?;
+        match sync {
+            Sync::Range => sync_range(&file, at, RECORD as u64)?,
+            Sync::Data => file.sync_data()?,
+        }
         out.push(micros(started));
     }
     Ok(out)
