@@ -4,6 +4,9 @@
 //! * `journal_sync`: appending a 300-byte record to a file and `sync_file_range` over it
 //!   (`WAIT_BEFORE | WRITE | WAIT_AFTER`): what the queen's flusher does for each group
 //!   commit under the default `[storage] sync = false`.
+//! * `journal_sync_overwrite`: the same record and sync over a file written out
+//!   beforehand: what a journal of pre-written (or recycled) files would pay, with no block
+//!   to allocate and no end of file to move per sync.
 //! * `fdatasync_append`: the same append, then `fdatasync` (the file grows, so its size is
 //!   journaled too), what `[storage] sync = true` adds per group.
 //! * `fdatasync_overwrite`: writing 300 bytes over a file already written out, then
@@ -96,7 +99,7 @@ pub fn run(json_only: bool, machine: &Machine, a: &Args) -> Result<()> {
         ("tcp_rtt_idle", tcp_rtt(a.samples, true)?),
     ];
     match direct_append(&dir.path().join("direct"), a.samples)? {
-        Some(us) => steps.insert(3, ("direct_append", us)),
+        Some(us) => steps.insert(4, ("direct_append", us)),
         None => report.note("direct_append: this file system refuses O_DIRECT; left out"),
     }
     for (name, mut us) in steps {

@@ -134,8 +134,9 @@ pub struct Queen {
     proc: Proc,
     pub drones_addr: String,
     pub http: String,
-    /// One keep-alive connection pool for every request, so a measured request does not
-    /// pay for a TCP handshake (ureq's free functions open a connection per call).
+    /// One keep-alive connection pool for the bench's own requests (stats, health, the
+    /// failover bench's submits), so none pays for a TCP handshake (ureq's free functions
+    /// open a connection per call). Measured submits go over a [`Submitter`] each.
     agent: ureq::Agent,
     /// When the process was spawned and when it printed its `ready` line.
     pub spawned_at: Instant,
@@ -208,8 +209,8 @@ impl Queen {
             http: field("http=")?,
             proc,
             // Keep one idle connection per concurrent caller: ureq keeps one per host by
-            // default, so threads sharing this agent (the latency bench's submitters)
-            // otherwise open a fresh TCP connection for most requests.
+            // default, so threads sharing this agent would otherwise open a fresh TCP
+            // connection for most requests.
             agent: ureq::AgentBuilder::new()
                 .timeout(Duration::from_secs(300))
                 .max_idle_connections_per_host(256)
@@ -354,9 +355,14 @@ pub fn post_raw(agent: &ureq::Agent, url: &str, body: &str) -> Result<()> {
 /// session").
 pub struct Submitter {
     rt: tokio::runtime::Runtime,
-    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    sender: Sender,
     host: String,
 }
+
+/// How long one submit (or connecting) may take before the bench gives up on the queen.
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+type Sender = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
 
 impl Submitter {
     /// Connects to the queen's HTTP address `http` (`host:port`).
@@ -365,17 +371,7 @@ impl Submitter {
             .enable_all()
             .build()
             .context("a runtime for a submitter")?;
-        let sender = rt.block_on(async {
-            let stream = tokio::net::TcpStream::connect(http)
-                .await
-                .with_context(|| format!("connecting to the queen at {http}"))?;
-            stream.set_nodelay(true)?;
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-            // The connection's task runs whenever this thread waits for an answer.
-            tokio::spawn(conn);
-            anyhow::Ok(sender)
-        })?;
+        let sender = rt.block_on(open(http))?;
         Ok(Submitter {
             rt,
             sender,
@@ -387,35 +383,70 @@ impl Submitter {
     /// a success, which is read to the end and dropped (a 5,000-task batch answers with
     /// megabytes of task records).
     pub fn post(&mut self, path: &str, body: String) -> Result<()> {
+        self.send(path, body, false).map(drop)
+    }
+
+    /// As [`Submitter::post`], and returns the answer's body.
+    pub fn post_answer(&mut self, path: &str, body: String) -> Result<Vec<u8>> {
+        self.send(path, body, true)
+    }
+
+    fn send(&mut self, path: &str, body: String, keep: bool) -> Result<Vec<u8>> {
         use http_body_util::BodyExt;
         let request = hyper::Request::post(path)
             .header(hyper::header::HOST, &self.host)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
-        let sender = &mut self.sender;
-        self.rt.block_on(async move {
-            sender.ready().await?;
+        let (host, sender) = (&self.host, &mut self.sender);
+        let sent = async move {
+            // The queen closes a keep-alive connection idle for its header timeout: open
+            // another before sending (never after: a POST sent may have been taken).
+            if sender.is_closed() || sender.ready().await.is_err() {
+                *sender = open(host).await?;
+                sender.ready().await?;
+            }
             let response = sender.send_request(request).await?;
             let status = response.status();
             let mut body = response.into_body();
             let mut text = Vec::new();
             while let Some(frame) = body.frame().await {
                 if let Ok(data) = frame?.into_data() {
-                    // The answer's text only matters in an error.
-                    if !status.is_success() && text.len() < 1024 {
+                    // Kept when asked for, and the start of an error's.
+                    if keep || (!status.is_success() && text.len() < 1024) {
                         text.extend_from_slice(&data);
                     }
                 }
             }
             if !status.is_success() {
-                bail!(
-                    "POST {path}: {status}: {}",
-                    String::from_utf8_lossy(&text).trim()
-                );
+                bail!("{status}: {}", String::from_utf8_lossy(&text).trim());
             }
-            Ok(())
-        })
+            Ok(text)
+        };
+        self.rt
+            .block_on(async { tokio::time::timeout(SUBMIT_TIMEOUT, sent).await })
+            .map_err(|_| anyhow::anyhow!("no answer within {SUBMIT_TIMEOUT:?}"))
+            .and_then(|answered| answered)
+            .with_context(|| format!("POST http://{}{path}", self.host))
     }
+}
+
+/// Opens a connection to the queen at `http` and starts its task on this thread's runtime
+/// (it runs whenever the thread waits for an answer).
+async fn open(http: &str) -> Result<Sender> {
+    let opened = async {
+        let stream = tokio::net::TcpStream::connect(http).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        // Its error, if any, is the next request's.
+        tokio::spawn(conn);
+        anyhow::Ok(sender)
+    };
+    tokio::time::timeout(SUBMIT_TIMEOUT, opened)
+        .await
+        .map_err(|_| anyhow::anyhow!("no connection within {SUBMIT_TIMEOUT:?}"))
+        .and_then(|opened| opened)
+        .with_context(|| format!("connecting to the queen at {http}"))
 }
 
 /// Where the queen stores: sled in its data dir (the default), or PostgreSQL.
@@ -694,53 +725,74 @@ mod tests {
     }
 
     #[test]
-    fn a_submitter_keeps_one_connection_and_fails_on_an_error_status() {
+    fn a_submitter_keeps_its_connection_through_an_error_and_opens_another_once_closed() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
         let addr = listener.local_addr().expect("an address").to_string();
-        // One connection only: a second connect would never be accepted.
+        // The first connection is closed after two requests (as the queen closes an idle
+        // one); the second serves until the client goes.
         let server = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().expect("accepts");
-            let mut buf = Vec::new();
             let mut seen = Vec::new();
-            while let Some(request) = read_request(&mut conn, &mut buf) {
-                let answer = if request.ends_with("bad") {
-                    "HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\nno such kind"
-                } else {
-                    "HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}"
-                };
-                conn.write_all(answer.as_bytes()).expect("answers");
-                seen.push(request);
+            for (connection, most) in [(1, 2), (2, usize::MAX)] {
+                let (mut conn, _) = listener.accept().expect("accepts");
+                let mut buf = Vec::new();
+                let mut served = 0;
+                while served < most {
+                    let Some(request) = read_request(&mut conn, &mut buf) else {
+                        break;
+                    };
+                    let answer = if request.ends_with("bad") {
+                        "HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\nno such kind"
+                    } else {
+                        "HTTP/1.1 201 Created\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+                    };
+                    conn.write_all(answer.as_bytes()).expect("answers");
+                    seen.push((connection, request));
+                    served += 1;
+                }
             }
             seen
         });
         let mut submitter = Submitter::connect(&addr).expect("connects");
-        submitter
-            .post("/v1/tasks", r#"{"kind":"echo"}"#.into())
+        let answer = submitter
+            .post_answer("/v1/tasks", r#"{"kind":"echo"}"#.into())
             .expect("201 is a success");
+        assert_eq!(answer, br#"{"a":1}"#);
         let err = submitter
             .post("/v1/tasks/batch", "bad".into())
             .expect_err("400 is an error");
-        let err = err.to_string();
-        assert!(err.contains("400") && err.contains("no such kind"), "{err}");
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("/v1/tasks/batch") && err.contains("400") && err.contains("no such kind"),
+            "{err}"
+        );
+        // Once the client has seen the close, the next submit goes over a new connection.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !submitter.sender.is_closed() {
+            assert!(Instant::now() < deadline, "the close was never seen");
+            submitter
+                .rt
+                .block_on(tokio::time::sleep(Duration::from_millis(1)));
+        }
         submitter
             .post("/v1/tasks", r#"{"kind":"echo"}"#.into())
-            .expect("the connection still serves after an error status");
+            .expect("a closed connection is replaced before sending");
         drop(submitter);
         let seen = server.join().expect("the server ran");
-        assert_eq!(seen.len(), 3, "{seen:?}");
+        let on: Vec<_> = seen.iter().map(|(connection, _)| *connection).collect();
+        assert_eq!(on, [1, 1, 2], "{seen:?}");
+        let first = &seen[0].1;
+        assert!(first.starts_with("POST /v1/tasks HTTP/1.1\r\n"), "{first}");
         assert!(
-            seen[0].starts_with("POST /v1/tasks HTTP/1.1\r\n"),
-            "{}",
-            seen[0]
-        );
-        assert!(
-            seen[0]
+            first
                 .to_ascii_lowercase()
                 .contains("content-type: application/json"),
-            "{}",
-            seen[0]
+            "{first}"
         );
-        assert!(seen[0].ends_with(r#"{"kind":"echo"}"#), "{}", seen[0]);
-        assert!(seen[1].starts_with("POST /v1/tasks/batch "), "{}", seen[1]);
+        assert!(first.ends_with(r#"{"kind":"echo"}"#), "{first}");
+        assert!(
+            seen[1].1.starts_with("POST /v1/tasks/batch "),
+            "{}",
+            seen[1].1
+        );
     }
 }
