@@ -17,8 +17,8 @@
 //! and, under load, most of the store's CPU (sled alone, the queen's write pattern in
 //! groups of 32 tasks: 14.3 µs a task flushing each group, 8.7 µs flushing every hundredth,
 //! `hive-sled-alone --lifecycle --plain --batches-per-flush`). Appending a record and
-//! syncing its range is one `write` and one `sync_file_range` (~70 µs), with none of the
-//! hand-offs.
+//! syncing its range is one `pwrite` and one `sync_file_range` (~70 µs), with none of the
+//! hand-offs (and, every half MiB, a `pwrite` of zeros ahead: **Files** below).
 //!
 //! **Recovery.** sled recovers a prefix of its log, so the recovered `m/ckpt` = N says
 //! every group up to N is in sled, and a later group may be in it partly, wholly or not
@@ -83,7 +83,8 @@ const HEADER: usize = 8;
 /// "Issue 16, eighth session").
 pub(crate) const AHEAD: u64 = 1 << 20;
 
-/// Where the journal ends: the file being appended to and its length. The flusher syncs
+/// Where the journal ends: the file being appended to and where its records end (zeros
+/// written out ahead follow). The flusher syncs
 /// up to here before acknowledging what was written before.
 #[derive(Clone)]
 pub(crate) struct End {
@@ -294,6 +295,12 @@ fn create(dir: &Path, first: u64, sync: bool) -> std::io::Result<(File, PathBuf)
     Ok((file, path))
 }
 
+/// The first group a journal file holds, from its name (`None` for a name that is not
+/// one: such a file is read all the same).
+fn first_group(path: &Path) -> Option<u64> {
+    path.file_stem()?.to_str()?.parse().ok()
+}
+
 /// The journal files in `dir`, oldest first.
 fn files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
@@ -348,13 +355,25 @@ pub(crate) type Group = (u64, Vec<(Vec<u8>, Option<Vec<u8>>)>);
 /// The groups after `after` in `data_dir/journal`, in order. The journal ends at the
 /// last file's first record that is cut short or fails its checksum (a write the crash
 /// interrupted: never acknowledged); records at or before `after` (a file left behind)
-/// are skipped. A cut record in an earlier file (each is synced whole before the next
-/// starts) or a group missing after `after` is an `InvalidData` error: replaying past a
-/// hole would leave keys as no group left them.
+/// are skipped; zeros after a file's last record are its written-out tail ([`AHEAD`]).
+/// A cut record in an earlier file (each is synced whole before the next starts), a
+/// group missing after `after`, or a file whose name (its first group) is past the next
+/// group expected (the records before it lost, read back as zeros or not at all) is an
+/// `InvalidData` error: replaying past a hole would leave keys as no group left them.
 pub(crate) fn read(data_dir: &Path, after: u64) -> std::io::Result<Vec<Group>> {
     let mut groups: Vec<Group> = Vec::new();
     let mut ended: Option<PathBuf> = None;
     for path in files(&data_dir.join(DIR))? {
+        let expected = groups.last().map_or(after, |g| g.0) + 1;
+        if let Some(first) = first_group(&path).filter(|first| *first > expected) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "journal group {expected} is missing ({} starts at group {first})",
+                    path.display()
+                ),
+            ));
+        }
         if let Some(cut) = &ended {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -387,8 +406,8 @@ pub(crate) fn read(data_dir: &Path, after: u64) -> std::io::Result<Vec<Group>> {
             groups.push(group);
         }
         // Zeros after the last record are the file written out ahead of its records
-        // (`AHEAD`), not a cut: no record starts with a zero header (its body holds at
-        // least the sequence number).
+        // (`AHEAD`), not a cut: no record reads as zeros (a zero header says a body of
+        // no bytes, which cannot hold the group's number).
         if bytes[at..].iter().any(|b| *b != 0) {
             ended = Some(path);
         }
@@ -562,10 +581,14 @@ mod tests {
             1,
             "a checksum mismatch ends it"
         );
-        // A fresh start deletes what was there.
+        // A fresh start deletes what was there; its file, named for group 3, holds nothing
+        // yet, which is whole after group 2 and a hole after anything earlier.
         drop(Journal::start(dir.path(), false, 2).expect("start"));
-        assert!(read(dir.path(), 0).expect("read").is_empty());
+        assert!(read(dir.path(), 2).expect("read").is_empty());
+        let err = read(dir.path(), 0).expect_err("groups 1 and 2 are not there");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
     }
+
     #[test]
     fn reading_skips_checkpointed_groups_ends_at_a_cut_last_record_and_refuses_an_earlier_cut() {
         let seqs = |groups: Vec<Group>| groups.iter().map(|g| g.0).collect::<Vec<_>>();
@@ -617,5 +640,23 @@ mod tests {
             let err = read(dir.path(), 0).expect_err("refused");
             assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
         }
+        // The earlier file's last record read back as zeros (its blocks never reached the
+        // disk): the file reads as ending cleanly after group 2, and the next one, named
+        // for group 4, shows the hole.
+        let last_start = {
+            let mut at = 0;
+            let mut start = 0;
+            while let Some((_, next)) = decode(&whole, at) {
+                start = at;
+                at = next;
+            }
+            start
+        };
+        let mut zeroed = whole.clone();
+        zeroed[last_start..end].fill(0);
+        std::fs::write(&first, &zeroed).expect("write");
+        let err = read(dir.path(), 0).expect_err("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("group 3 is missing"), "{err}");
     }
 }

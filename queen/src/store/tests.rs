@@ -567,10 +567,16 @@ async fn groups_after_the_checkpoint_are_replayed_at_open() {
         vec![(("default".to_string(), TaskState::Succeeded), 1)]
     );
     assert_eq!(checkpoint_of(store.reader.tree()), 2);
-    assert!(
-        journal::read(dir.path(), 0).expect("journal").is_empty(),
-        "the replayed journal is gone"
+    let names: Vec<String> = std::fs::read_dir(dir.path().join(journal::DIR))
+        .expect("journal dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec![format!("{:020}.log", 3)],
+        "the replayed journal is gone; a new one starts at the next group"
     );
+    assert!(journal::read(dir.path(), 2).expect("journal").is_empty());
     // New groups are numbered on from there.
     commit(&w, vec![Mutation::save(&task())])
         .await
