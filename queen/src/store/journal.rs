@@ -80,7 +80,9 @@ const HEADER: usize = 8;
 /// under its own journal handle) within the sync, and those are the syncs that stall when
 /// the disk is slow: `hive-bench floor`, seven runs, `journal_sync_overwrite` p99
 /// 0.09–0.87 ms against the appending `journal_sync`'s 0.21–2.47 (docs/performance.md,
-/// "Issue 16, eighth session").
+/// "Issue 16, eighth session"). With `[storage] sync` a record's `fdatasync` no longer
+/// carries the file's size either; the one after the zeros are written waits for them
+/// too, once per half MiB of records.
 pub(crate) const AHEAD: u64 = 1 << 20;
 
 /// Where the journal ends: the file being appended to and where its records end (zeros
