@@ -226,50 +226,32 @@ pub(crate) fn sync_range(file: &File, from: u64, to: u64) -> std::io::Result<()>
     if to <= from {
         return Ok(());
     }
-    let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to - from)) else {
-        return file.sync_data();
-    };
-    // SAFETY: a syscall on a descriptor `file` owns; it takes no pointers.
-    let ret = unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            offset,
-            len,
-            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-        )
-    };
-    if ret == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ENOSYS) {
-        return file.sync_data();
-    }
-    Err(err)
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    file_range(file, from, to, flags).unwrap_or_else(|| file.sync_data())
 }
 
 /// Starts writing `file`'s bytes `from..to` to the disk and returns (`sync_file_range`
 /// with `SYNC_FILE_RANGE_WRITE` alone); where that is not supported, does nothing (the
 /// kernel writes them in its own time).
 fn start_writeback(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    file_range(file, from, to, libc::SYNC_FILE_RANGE_WRITE).unwrap_or(Ok(()))
+}
+
+/// `sync_file_range` over `file`'s bytes `from..to` with `flags`; `None` where it cannot
+/// be used (a range past `i64`, a kernel without it), for the caller's fallback.
+fn file_range(file: &File, from: u64, to: u64, flags: libc::c_uint) -> Option<std::io::Result<()>> {
     let (Ok(offset), Ok(len)) = (i64::try_from(from), i64::try_from(to.saturating_sub(from)))
     else {
-        return Ok(());
+        return None;
     };
     // SAFETY: a syscall on a descriptor `file` owns; it takes no pointers.
-    let ret = unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
-    };
-    if ret == 0 {
-        return Ok(());
+    if unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) } == 0 {
+        return Some(Ok(()));
     }
     let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ENOSYS) {
-        return Ok(());
-    }
-    Err(err)
+    (err.raw_os_error() != Some(libc::ENOSYS)).then_some(Err(err))
 }
 
 /// Deletes every journal file (after a schema-4 database's interrupted group was
